@@ -1,0 +1,65 @@
+"""Atomic file writes: a killed process never leaves a half-written output behind."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+
+def _atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return _atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def atomic_write_image(path: str | os.PathLike, image: np.ndarray) -> Path:
+    """Write a PNG/JPEG/TIFF (chosen by the suffix); uint16 greyscale PNGs keep 16 bits."""
+    path = Path(path)
+    ok, buf = cv2.imencode(path.suffix or ".png", image)
+    if not ok:
+        raise OSError(f"{path}: could not encode image of shape {image.shape} and dtype {image.dtype}")
+    return _atomic_write_bytes(path, buf.tobytes())
+
+
+def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return _atomic_write_bytes(path, buf.getvalue())
+
+
+def _json_default(obj: Any):
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

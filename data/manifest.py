@@ -1,0 +1,233 @@
+"""Manifest and per-vertebra CSVs: loading, validation and patient-grouped splits.
+
+Formats are documented in ``docs/formats.md``. Validation collects *every* problem and
+raises one :class:`ManifestError` listing them all, so a user fixes a bad manifest in one
+pass instead of one training crash at a time.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from data.morphometry import EXTRA_LEVELS, LEVELS, MORPHOLOGIES
+
+REQUIRED_COLUMNS = ("image", "patient_id", "fracture", "acute")
+SPLITS = ("train", "val", "test")
+VERTEBRA_COLUMNS = ("image", "level", "genant_grade", "morphology", "acute",
+                    "x_min", "y_min", "x_max", "y_max") + tuple(
+    f"p{i}{c}" for i in range(1, 7) for c in "xy")
+
+
+class ManifestError(ValueError):
+    """A manifest with problems; ``problems`` lists each one."""
+
+    def __init__(self, path: str | Path, problems: list[str]):
+        self.path = str(path)
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{path}: {len(problems)} problem(s) found:\n{lines}")
+
+
+def _label(value, column: str, row: int, problems: list[str]) -> float:
+    """Parse a 1/0/empty label; unknown values are reported, and read as NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return float("nan")
+    text = str(value).strip()
+    if text == "":
+        return float("nan")
+    if text in ("1", "1.0", "true", "True"):
+        return 1.0
+    if text in ("0", "0.0", "false", "False"):
+        return 0.0
+    problems.append(f"row {row}: {column} has unknown value {text!r} (expected 1, 0 or empty)")
+    return float("nan")
+
+
+@dataclass
+class Manifest:
+    """A validated manifest: ``images`` has one row per image with absolute paths and float
+    labels (NaN = unknown); ``vertebrae`` one row per vertebra, or None."""
+
+    path: Path
+    images: pd.DataFrame
+    vertebrae: pd.DataFrame | None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def vertebrae_of(self, image: str) -> pd.DataFrame:
+        if self.vertebrae is None:
+            return pd.DataFrame(columns=VERTEBRA_COLUMNS)
+        return self.vertebrae[self.vertebrae["image"] == image]
+
+
+def load_manifest(path: str | Path, vertebrae: str | Path | None = "auto",
+                  check_files: bool = True) -> Manifest:
+    """Read and validate a manifest (and ``vertebrae.csv`` beside it when ``"auto"``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(path, ["manifest file not found"])
+    root = path.parent.resolve()
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as exc:  # pandas raises several types for malformed CSV
+        raise ManifestError(path, [f"cannot parse CSV: {exc}"]) from exc
+    problems: list[str] = []
+    missing = [c for c in REQUIRED_COLUMNS if c not in raw.columns]
+    if missing:
+        raise ManifestError(path, [f"missing required column(s): {', '.join(missing)}"
+                                   f" (have: {', '.join(raw.columns)})"])
+    if raw.empty:
+        raise ManifestError(path, ["manifest has no rows"])
+
+    rows = []
+    seen: dict[str, int] = {}
+    for i, r in raw.iterrows():
+        line = i + 2  # header is line 1
+        image = r["image"].strip()
+        if not image:
+            problems.append(f"row {line}: empty image path")
+            continue
+        abs_path = str((root / image).resolve()) if not Path(image).is_absolute() else str(Path(image))
+        if abs_path in seen:
+            problems.append(f"row {line}: duplicate of row {seen[abs_path]} (image {image})")
+            continue
+        seen[abs_path] = line
+        if check_files and not Path(abs_path).is_file():
+            problems.append(f"row {line}: image file not found: {image}")
+        patient = r["patient_id"].strip()
+        if not patient:
+            problems.append(f"row {line}: empty patient_id")
+        fracture = _label(r["fracture"], "fracture", line, problems)
+        acute = _label(r["acute"], "acute", line, problems)
+        if not math.isnan(acute) and fracture != 1.0:
+            problems.append(f"row {line}: acute is {int(acute)} but fracture is "
+                            f"{'unknown' if math.isnan(fracture) else int(fracture)} (acute needs fracture = 1)")
+        split = r.get("split", "").strip() if "split" in raw.columns else ""
+        if split and split not in SPLITS:
+            problems.append(f"row {line}: unknown split {split!r} (expected train, val, test or empty)")
+        mask = r.get("mask", "").strip() if "mask" in raw.columns else ""
+        mask_abs = ""
+        if mask:
+            mask_abs = str((root / mask).resolve()) if not Path(mask).is_absolute() else mask
+            if check_files and not Path(mask_abs).is_file():
+                problems.append(f"row {line}: mask file not found: {mask}")
+        rows.append({"image": abs_path, "image_rel": image, "patient_id": patient, "fracture": fracture,
+                     "acute": acute, "split": split, "view": r.get("view", "") if "view" in raw.columns else "",
+                     "mask": mask_abs})
+    images = pd.DataFrame(rows)
+    if not images.empty:
+        given = images[images["split"] != ""]
+        multi = given.groupby("patient_id")["split"].nunique()
+        for patient in multi[multi > 1].index:
+            problems.append(f"patient {patient} appears in more than one split: "
+                            f"{sorted(given[given.patient_id == patient].split.unique())}")
+
+    vert_df = None
+    vpath = path.parent / "vertebrae.csv" if vertebrae == "auto" else (Path(vertebrae) if vertebrae else None)
+    if vpath is not None and (vertebrae != "auto" or vpath.is_file()):
+        vert_df = _load_vertebrae(vpath, root, set(seen), problems)
+        if vert_df is not None and not images.empty:
+            _check_consistency(images, vert_df, problems)
+    if problems:
+        raise ManifestError(path, problems)
+    return Manifest(path=path, images=images.reset_index(drop=True), vertebrae=vert_df)
+
+
+def _load_vertebrae(path: Path, root: Path, images: set[str], problems: list[str]) -> pd.DataFrame | None:
+    if not path.is_file():
+        problems.append(f"{path}: vertebrae file not found")
+        return None
+    raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in VERTEBRA_COLUMNS if c not in raw.columns]
+    if missing:
+        problems.append(f"{path.name}: missing column(s): {', '.join(missing)}")
+        return None
+    out = []
+    valid_levels = set(LEVELS) | set(EXTRA_LEVELS)
+    seen = set()
+    for i, r in raw.iterrows():
+        line = i + 2
+        where = f"{path.name} row {line}"
+        image = r["image"].strip()
+        abs_path = str((root / image).resolve()) if not Path(image).is_absolute() else image
+        if abs_path not in images:
+            problems.append(f"{where}: image {image} is not in the manifest")
+        level = r["level"].strip()
+        if level not in valid_levels:
+            problems.append(f"{where}: unknown level {level!r}")
+        if (abs_path, level) in seen:
+            problems.append(f"{where}: duplicate vertebra {level} for image {image}")
+        seen.add((abs_path, level))
+        grade_text = r["genant_grade"].strip()
+        grade = float("nan")
+        if grade_text:
+            try:
+                grade = float(grade_text)
+                if grade not in (0, 1, 2, 3):
+                    raise ValueError
+            except ValueError:
+                problems.append(f"{where}: genant_grade {grade_text!r} is not 0, 1, 2, 3 or empty")
+                grade = float("nan")
+        morph = r["morphology"].strip()
+        if morph and morph not in MORPHOLOGIES:
+            problems.append(f"{where}: unknown morphology {morph!r} (expected {', '.join(MORPHOLOGIES)})")
+        acute = _label(r["acute"], "acute", line, problems)
+        if not math.isnan(acute) and not (grade > 0):
+            problems.append(f"{where}: acute given for a vertebra without a fracture (genant_grade {grade_text or 'empty'})")
+        coords = {}
+        for c in VERTEBRA_COLUMNS[5:]:
+            try:
+                coords[c] = float(r[c])
+            except ValueError:
+                problems.append(f"{where}: {c} is not a number ({r[c]!r})")
+                coords[c] = float("nan")
+        rec = {"image": abs_path, "level": level, "genant_grade": grade, "morphology": morph, "acute": acute, **coords}
+        if "mask_value" in raw.columns and r["mask_value"].strip():
+            rec["mask_value"] = int(float(r["mask_value"]))
+        out.append(rec)
+    return pd.DataFrame(out)
+
+
+def _check_consistency(images: pd.DataFrame, vert: pd.DataFrame, problems: list[str]) -> None:
+    """An image labelled normal must not carry a graded fracture, and vice versa."""
+    graded = vert.groupby("image")["genant_grade"].max()
+    for image, label in zip(images["image"], images["fracture"]):
+        if image not in graded.index or math.isnan(graded[image]) or math.isnan(label):
+            continue
+        if label == 0 and graded[image] > 0:
+            problems.append(f"image {image}: fracture = 0 but vertebrae.csv grades a vertebra {int(graded[image])}")
+        if label == 1 and graded[image] == 0 and (vert[vert.image == image]["genant_grade"] == 0).all():
+            problems.append(f"image {image}: fracture = 1 but every vertebra in vertebrae.csv is grade 0")
+
+
+def _patient_fraction(patient: str, seed: int) -> float:
+    digest = hashlib.sha256(f"{seed}:{patient}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def assign_splits(images: pd.DataFrame, val_fraction: float = 0.15, test_fraction: float = 0.0,
+                  seed: int = 0) -> pd.Series:
+    """Split by patient: rows with a ``split`` keep it; the rest go by a hash of the patient id,
+    so a patient never lands in two splits and adding patients does not reshuffle old ones."""
+    out = []
+    for patient, given in zip(images["patient_id"], images.get("split", pd.Series([""] * len(images)))):
+        if given:
+            out.append(given)
+            continue
+        f = _patient_fraction(str(patient), seed)
+        out.append("test" if f < test_fraction else "val" if f < test_fraction + val_fraction else "train")
+    return pd.Series(out, index=images.index, name="split")
+
+
+def label_arrays(images: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Targets for the two image heads: fracture, and acute given a fracture (NaN = masked)."""
+    fracture = images["fracture"].to_numpy(dtype=np.float32)
+    acute = images["acute"].to_numpy(dtype=np.float32)
+    acute_given = np.where(fracture == 1, acute, np.nan).astype(np.float32)
+    return fracture, acute_given

@@ -1,0 +1,546 @@
+"""Read spine radiographs (DICOM, PNG, JPEG, TIFF) into float32 arrays in [0, 1], bone bright.
+
+The format is chosen by the file's *content*, never by its suffix alone: a DICOM file named
+``.png`` or a PNG named ``.dcm`` reads correctly.
+
+Rules (see ``docs/formats.md``, section "Image readers"):
+
+Raster files (PNG / JPEG / TIFF)
+    * unsigned integers: ``value / dtype maximum`` (8-bit ``/255``, 16-bit ``/65535``);
+      signed integers: ``value / dtype maximum``, negatives clipped to 0; 1-bit: 0 or 1.
+    * floating point (TIFF): must be finite; used as is when already inside [0, 1], otherwise
+      min-max scaled to [0, 1] (a constant image becomes all zeros).
+    * RGB / RGBA (and palette) files are accepted only when the colour channels are equal
+      (grey saved as colour; lossy JPEG may differ by 2 grey levels per 8 bits); the alpha
+      channel is ignored. Anything else is refused as a colour image.
+    * multi-page TIFF: the first page is read and ``frames`` records the page count.
+    * EXIF orientation is not applied; pixel spacing is not read (``None``).
+
+DICOM (pydicom)
+    * refused: no pixel data, ``SamplesPerPixel != 1`` or a photometric interpretation other
+      than MONOCHROME1/2, a transfer syntax with no available decoder, undecodable data.
+      A missing PhotometricInterpretation with one sample per pixel is taken as MONOCHROME2.
+    * multi-frame: only the first frame is decoded; ``frames`` records the frame count.
+    * modality LUT (or rescale slope/intercept) always; then, only with ``voi_lut=True`` and
+      when the file has a VOI LUT or window, the VOI LUT / window, scaled to [0, 1] by the
+      window's output range. Otherwise the image is scaled by the range of values that
+      ``BitsStored`` / ``PixelRepresentation`` can represent, passed through the modality LUT;
+      if that range is degenerate (or the data are float pixel data), by the image's own
+      min / max.
+    * MONOCHROME1 is inverted (``1 - x``) after scaling, so bone is bright.
+
+Every result is clipped to [0, 1] and is float32. Any failure is raised as
+:class:`ImageReadError` with a one-line message ``"{path}: {reason}"``; no other exception
+escapes :func:`read_image`. Images with more than ``max_pixels`` pixels are refused from the
+header, before any pixel data are decoded.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
+DICOM_SUFFIXES = {".dcm", ".dicom", ""}
+
+# Non-identifying DICOM attributes copied to RadiographImage.info (never patient identifiers).
+INFO_KEYWORDS = (
+    "Modality",
+    "ViewPosition",
+    "BodyPartExamined",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "Rows",
+    "Columns",
+)
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+# Recognised only to give a clearer refusal.
+_OTHER_MAGICS = (
+    (b"BM", "BMP"),
+    (b"GIF8", "GIF"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"),
+    (b"\xff\x4f\xff\x51", "JPEG 2000 codestream"),
+)
+
+
+class ImageReadError(Exception):
+    """An image could not be read; ``str(err)`` is one line: ``"{path}: {reason}"``."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        self.reason = " ".join(str(reason).split())  # one line
+        super().__init__(f"{self.path}: {self.reason}")
+
+
+@dataclass
+class RadiographImage:
+    pixels: np.ndarray  # float32 (H, W) in [0, 1], bone bright
+    path: str
+    source_format: str  # "dicom", "png", "jpeg", "tiff"
+    bits_stored: int | None
+    pixel_spacing_mm: tuple[float, float] | None  # (row, col)
+    photometric: str | None
+    frames: int
+    info: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------
+# format detection
+# --------------------------------------------------------------------------------------
+def _head(path: str | os.PathLike, n: int = 132) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read(n)
+
+
+def is_dicom(path: str | os.PathLike) -> bool:
+    """True for a DICOM Part 10 file ('DICM' at offset 128).
+
+    Also true for a preamble-less dataset that starts with a group 0008 element and that
+    pydicom parses into a plausible dataset (old ACR-NEMA style files). Never raises.
+    """
+    try:
+        head = _head(path)
+    except OSError:
+        return False
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return True
+    if len(head) < 8 or head[:2] not in (b"\x08\x00", b"\x00\x08"):
+        return False
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+        return len(ds) >= 3 and ("SOPClassUID" in ds or "Modality" in ds)
+    except Exception:
+        return False
+
+
+def _raster_kind(head: bytes) -> str | None:
+    if head.startswith(_PNG_MAGIC):
+        return "png"
+    if head.startswith(_JPEG_MAGIC):
+        return "jpeg"
+    if head[:4] in _TIFF_MAGICS:
+        return "tiff"
+    return None
+
+
+def _other_kind(head: bytes) -> str | None:
+    for magic, name in _OTHER_MAGICS:
+        if head.startswith(magic):
+            return name
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return None
+
+
+def _check_limit(path, width: int, height: int, max_pixels: int | None) -> None:
+    n = int(width) * int(height)
+    if max_pixels is not None and n > max_pixels:
+        raise ImageReadError(
+            path, f"image of {width} x {height} = {n} pixels exceeds the limit of {max_pixels}"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# public entry point
+# --------------------------------------------------------------------------------------
+def read_image(
+    path: str | os.PathLike, voi_lut: bool = False, max_pixels: int | None = 50_000_000
+) -> RadiographImage:
+    """Read a radiograph; see the module docstring for the rules. Raises ImageReadError."""
+    try:
+        p = Path(path)
+        if not p.exists():
+            raise ImageReadError(path, "no such file")
+        if p.is_dir():
+            raise ImageReadError(path, "is a directory, not an image file")
+        if p.stat().st_size == 0:
+            raise ImageReadError(path, "empty file")
+        head = _head(p)
+        if is_dicom(p):
+            return _read_dicom(p, voi_lut=voi_lut, max_pixels=max_pixels)
+        kind = _raster_kind(head)
+        if kind is not None:
+            return _read_raster(p, kind, max_pixels=max_pixels)
+        other = _other_kind(head)
+        if other is not None:
+            raise ImageReadError(
+                path, f"unsupported image format ({other}); expected DICOM, PNG, JPEG or TIFF"
+            )
+        raise ImageReadError(path, "not a DICOM or image file")
+    except ImageReadError:
+        raise
+    except Exception as e:  # never let anything else escape
+        raise ImageReadError(path, f"{type(e).__name__}: {e}") from e
+
+
+# --------------------------------------------------------------------------------------
+# raster
+# --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _pil_without_bomb_check():
+    """Our own max_pixels check replaces Pillow's decompression-bomb guard."""
+    import warnings
+
+    from PIL import Image
+
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def _raster_header(path, kind: str, head: bytes) -> tuple[int, int, int]:
+    """(width, height, frames) from the header, without decoding pixels."""
+    if kind == "png":
+        # signature (8) + IHDR length (4) + b"IHDR" (4) + width (4) + height (4)
+        with open(path, "rb") as fh:
+            ihdr = fh.read(33)
+        if len(ihdr) < 24 or ihdr[12:16] != b"IHDR":
+            raise ImageReadError(path, "truncated or corrupt PNG: no IHDR header")
+        width, height = struct.unpack(">II", ihdr[16:24])
+        return width, height, 1
+    from PIL import Image
+
+    try:
+        with _pil_without_bomb_check(), Image.open(path) as im:
+            width, height = im.size
+            frames = int(getattr(im, "n_frames", 1) or 1) if kind == "tiff" else 1
+    except Exception as e:
+        raise ImageReadError(
+            path, f"truncated or corrupt {kind.upper()} header: {type(e).__name__}: {e}"
+        ) from e
+    return width, height, frames
+
+
+def _jpeg_truncated(data: bytes) -> bool:
+    # libjpeg only warns on a premature end and fills the rest with grey, so check that an
+    # end-of-image marker follows the last start-of-scan marker.
+    return data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda")
+
+
+def _decode_with_pil(path, data: bytes, kind: str) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with _pil_without_bomb_check(), Image.open(io.BytesIO(data)) as im:
+            im.seek(0)
+            im.load()
+            if im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+                im = im.convert("RGBA" if im.mode == "PA" else "RGB")
+            arr = np.asarray(im)
+    except Exception as e:
+        raise ImageReadError(
+            path, f"truncated or corrupt {kind.upper()} file: {type(e).__name__}: {e}"
+        ) from e
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    return arr
+
+
+def _to_grey(path, arr: np.ndarray, kind: str) -> np.ndarray:
+    if arr.ndim == 2:
+        return arr
+    if arr.ndim != 3:
+        raise ImageReadError(path, f"unexpected image array of shape {arr.shape}")
+    c = arr.shape[2]
+    if c == 1:
+        return arr[:, :, 0]
+    if c == 2:  # grey + alpha
+        return arr[:, :, 0]
+    if c in (3, 4):
+        colour = arr[:, :, :3]
+        if kind == "jpeg" and np.issubdtype(arr.dtype, np.integer):
+            tol = 2 * max(1, np.iinfo(arr.dtype).max // 255)
+            wide = colour.astype(np.int64)
+            spread = int((wide.max(axis=2) - wide.min(axis=2)).max())
+            if spread <= tol:
+                return np.rint(wide.mean(axis=2)).astype(arr.dtype)
+        elif (colour[:, :, 0] == colour[:, :, 1]).all() and (
+            colour[:, :, 1] == colour[:, :, 2]
+        ).all():
+            return colour[:, :, 0]
+        raise ImageReadError(path, f"colour image ({c} channels): not a greyscale radiograph")
+    raise ImageReadError(path, f"image with {c} channels: not a greyscale radiograph")
+
+
+def _scale_raster(path, arr: np.ndarray) -> tuple[np.ndarray, int | None]:
+    if arr.dtype == np.bool_:
+        return arr.astype(np.float32), 1
+    if np.issubdtype(arr.dtype, np.integer):
+        info = np.iinfo(arr.dtype)
+        out = arr.astype(np.float64) / float(info.max)
+        return np.clip(out, 0.0, 1.0).astype(np.float32), info.bits
+    if np.issubdtype(arr.dtype, np.floating):
+        out = arr.astype(np.float64)
+        if not np.isfinite(out).all():
+            raise ImageReadError(path, "floating-point image contains NaN or infinite values")
+        lo, hi = float(out.min()), float(out.max())
+        if lo < 0.0 or hi > 1.0:
+            out = (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
+        return np.clip(out, 0.0, 1.0).astype(np.float32), None
+    raise ImageReadError(path, f"unsupported pixel type {arr.dtype}")
+
+
+def _read_raster(path: Path, kind: str, max_pixels: int | None) -> RadiographImage:
+    head = _head(path, 64)
+    width, height, frames = _raster_header(path, kind, head)
+    _check_limit(path, width, height, max_pixels)
+    if width == 0 or height == 0:
+        raise ImageReadError(path, f"truncated or corrupt {kind.upper()}: image of size 0")
+    data = path.read_bytes()
+    if kind == "jpeg" and _jpeg_truncated(data):
+        raise ImageReadError(path, "truncated or corrupt JPEG: no end-of-image marker")
+    arr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None or arr.size == 0:
+        if kind != "tiff":
+            raise ImageReadError(path, f"truncated or corrupt {kind.upper()} file")
+        arr = _decode_with_pil(path, data, kind)
+    elif arr.ndim == 3 and arr.shape[2] in (3, 4):
+        arr = arr[:, :, [2, 1, 0] + ([3] if arr.shape[2] == 4 else [])]  # BGR(A) -> RGB(A)
+    arr = _to_grey(path, arr, kind)
+    if arr.shape != (height, width):
+        raise ImageReadError(
+            path, f"decoded size {arr.shape[1]} x {arr.shape[0]} differs from the header's "
+            f"{width} x {height}"
+        )
+    pixels, bits = _scale_raster(path, arr)
+    return RadiographImage(
+        pixels=np.ascontiguousarray(pixels),
+        path=str(path),
+        source_format=kind,
+        bits_stored=bits,
+        pixel_spacing_mm=None,
+        photometric="MONOCHROME2",
+        frames=frames,
+        info={"Rows": int(height), "Columns": int(width)},
+    )
+
+
+# --------------------------------------------------------------------------------------
+# DICOM
+# --------------------------------------------------------------------------------------
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+def _what(ds) -> str:
+    modality = str(ds.get("Modality", "") or "").strip()
+    if modality:
+        return modality
+    sop = ds.get("SOPClassUID", None)
+    if sop:
+        try:
+            return str(sop.name)
+        except Exception:
+            return str(sop)
+    return ""
+
+
+def _spacing(ds) -> tuple[float, float] | None:
+    for kw in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(kw, None)
+        if value is None:
+            continue
+        try:
+            values = [float(v) for v in value]
+        except (TypeError, ValueError):
+            continue
+        if len(values) == 2 and all(np.isfinite(v) and v > 0 for v in values):
+            return (values[0], values[1])
+    return None
+
+
+def _info(ds) -> dict[str, Any]:
+    info: dict[str, Any] = {}
+    for kw in INFO_KEYWORDS:
+        value = ds.get(kw, None)
+        if value is None or value == "":
+            continue
+        info[kw] = int(value) if kw in ("Rows", "Columns") else str(value)
+    return info
+
+
+def _stored_range(ds) -> tuple[float, float] | None:
+    """Min / max of the representable stored values, passed through the modality LUT."""
+    from pydicom.pixels import apply_modality_lut
+
+    bits = ds.get("BitsStored", None) or ds.get("BitsAllocated", None)
+    if not bits:
+        return None
+    bits = int(bits)
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1:
+        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    else:
+        lo, hi = 0, 2**bits - 1
+    if bits <= 16:  # exact even for a non-monotonic modality LUT
+        values = np.arange(lo, hi + 1, dtype=np.int64)
+    else:
+        values = np.array([lo, hi], dtype=np.int64)
+    out = np.asarray(apply_modality_lut(values, ds), dtype=np.float64)
+    lo_out, hi_out = float(out.min()), float(out.max())
+    if not (np.isfinite(lo_out) and np.isfinite(hi_out)) or hi_out <= lo_out:
+        return None
+    return lo_out, hi_out
+
+
+def _voi_range(ds) -> tuple[float, float] | None:
+    """Output range of the VOI LUT / window that apply_voi_lut(prefer_lut=True) uses."""
+    seq = ds.get("VOILUTSequence", None)
+    if seq:
+        item = seq[0]
+        if item.get("LUTDescriptor", None) is not None and item.get("LUTData", None) is not None:
+            return 0.0, float(2 ** int(item.LUTDescriptor[2]) - 1)
+    if ds.get("WindowCenter", None) is None or ds.get("WindowWidth", None) is None:
+        return None
+    # Same output range as pydicom.pixels.processing.apply_windowing.
+    if ds.get("ModalityLUTSequence", None):
+        lo, hi = 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
+    elif int(ds.get("PixelRepresentation", 0) or 0) == 0:
+        lo, hi = 0.0, float(2 ** int(ds.BitsStored) - 1)
+    else:
+        lo, hi = float(-(2 ** (int(ds.BitsStored) - 1))), float(2 ** (int(ds.BitsStored) - 1) - 1)
+    slope, intercept = ds.get("RescaleSlope", None), ds.get("RescaleIntercept", None)
+    if slope is not None and intercept is not None:
+        lo, hi = lo * float(slope) + float(intercept), hi * float(slope) + float(intercept)
+    lo, hi = min(lo, hi), max(lo, hi)
+    return (lo, hi) if hi > lo else None
+
+
+def _ensure_transfer_syntax(ds) -> None:
+    """Preamble-less files have no file meta: derive the transfer syntax from the encoding."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit:
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    elif little is False:
+        meta.TransferSyntaxUID = ExplicitVRBigEndian
+    else:
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+
+
+def _read_dicom(path: Path, voi_lut: bool, max_pixels: int | None) -> RadiographImage:
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        # Large elements (the pixel data) are read only when needed: after the size check.
+        ds = pydicom.dcmread(path, force=True, defer_size="4 MB")
+    except Exception as e:
+        raise ImageReadError(path, f"truncated or corrupt DICOM: {type(e).__name__}: {e}") from e
+
+    what = _what(ds)
+    if not any(kw in ds for kw in _PIXEL_KEYWORDS):
+        raise ImageReadError(path, f"{what}: no pixel data" if what else "no pixel data")
+
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    if not photometric and spp == 1:
+        photometric = "MONOCHROME2"
+        ds.PhotometricInterpretation = photometric
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ImageReadError(path, f"{photometric or 'no PhotometricInterpretation'}: "
+                                   "not a greyscale radiograph")
+    if spp != 1:
+        raise ImageReadError(path, f"{spp} samples per pixel: not a greyscale radiograph")
+
+    rows, cols = ds.get("Rows", None), ds.get("Columns", None)
+    if not rows or not cols:
+        raise ImageReadError(path, "missing or zero Rows / Columns")
+    rows, cols = int(rows), int(cols)
+    _check_limit(path, cols, rows, max_pixels)
+    try:
+        frames = max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        frames = 1
+
+    _ensure_transfer_syntax(ds)
+    ts = ds.file_meta.TransferSyntaxUID
+    ts_text = f"{ts.name} ({ts})" if ts.name != str(ts) else str(ts)
+    if "PixelData" in ds and ts.is_compressed:
+        from pydicom.pixels.decoders.base import get_decoder
+
+        try:
+            decoder = get_decoder(ts)
+        except NotImplementedError:
+            raise ImageReadError(path, f"no decoder for transfer syntax {ts_text}") from None
+        if not decoder.is_available:
+            missing = "; ".join(
+                f"{name}: {deps}" for name, deps in decoder.missing_dependencies.items()
+            ) if isinstance(decoder.missing_dependencies, dict) else "; ".join(
+                decoder.missing_dependencies
+            )
+            raise ImageReadError(
+                path, f"no installed codec for transfer syntax {ts_text} ({missing})"
+            )
+
+    try:
+        ds.pixel_array_options(index=0)  # decode only the first frame
+        arr = np.asarray(ds.pixel_array)
+    except Exception as e:
+        raise ImageReadError(
+            path,
+            f"truncated or corrupt pixel data ({ts_text}): {type(e).__name__}: {e}",
+        ) from e
+    if arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 2:
+        raise ImageReadError(path, f"unexpected pixel array of shape {arr.shape}")
+
+    is_float = "PixelData" not in ds
+    data = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    value_range = None
+    if voi_lut:
+        window = _voi_range(ds)
+        if window is not None:
+            data = np.asarray(apply_voi_lut(data, ds, index=0, prefer_lut=True), np.float64)
+            value_range = window
+    if value_range is None and not is_float:
+        value_range = _stored_range(ds)
+    if value_range is None:
+        finite = data[np.isfinite(data)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        value_range = (lo, hi)
+    lo, hi = value_range
+    if hi > lo:
+        pixels = (data - lo) / (hi - lo)
+    else:
+        pixels = np.zeros_like(data)
+    pixels = np.nan_to_num(pixels, nan=0.0, posinf=1.0, neginf=0.0)
+    pixels = np.clip(pixels, 0.0, 1.0)
+    if photometric == "MONOCHROME1":
+        pixels = 1.0 - pixels
+
+    bits = ds.get("BitsStored", None)
+    return RadiographImage(
+        pixels=np.ascontiguousarray(pixels, dtype=np.float32),
+        path=str(path),
+        source_format="dicom",
+        bits_stored=int(bits) if bits else None,
+        pixel_spacing_mm=_spacing(ds),
+        photometric=photometric,
+        frames=frames,
+        info=_info(ds),
+    )

@@ -1,0 +1,525 @@
+"""Evaluation of inference outputs against a labelled manifest.
+
+Everything here reads the formats of ``docs/formats.md``: the manifest CSV, ``vertebrae.csv``
+and the outputs of ``infer.py`` (``predictions.csv``, ``<name>.json``, ``<name>_heatmap.png``).
+
+Conventions
+-----------
+* Image paths in the manifest and ``vertebrae.csv`` are resolved against the CSV's folder and
+  returned as absolute, normalised strings. Tables are joined on a *key* that also resolves
+  symbolic links (``os.path.realpath``), so ``/tmp/x`` and ``/private/tmp/x`` still match.
+* Unknown labels (empty ``fracture`` / ``acute``) are NaN. They are left out of every metric
+  (never taken as negative) and counted.
+* An AUROC is NaN when the evaluated set has only one class (or is empty); ``summarise``
+  turns NaN into ``None`` so that its result is JSON-serialisable.
+
+These are research metrics. On the synthetic phantom films they say nothing about clinical
+performance.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score, roc_curve
+
+__all__ = [
+    "load_manifest_table",
+    "load_vertebrae_table",
+    "load_predictions_table",
+    "join_predictions",
+    "image_max_grade",
+    "binary_auroc",
+    "roc_points",
+    "auroc_fracture",
+    "auroc_acute",
+    "auroc_by_grade",
+    "pointing_game_table",
+    "pointing_game",
+    "summarise",
+    "plot_roc",
+    "plot_by_grade",
+    "heatmap_gallery",
+]
+
+GRADES = (1, 2, 3)
+_PRED_FLOAT_COLUMNS = ("p_fracture", "p_acute", "p_acute_given_fracture", "heatmap_peak_x", "heatmap_peak_y")
+
+
+# --------------------------------------------------------------------------- paths and tables
+def _abs_path(p: str, base: str | os.PathLike) -> str:
+    """Absolute, normalised form of ``p`` (relative paths are taken from ``base``)."""
+    p = os.path.expanduser(str(p).strip())
+    if not os.path.isabs(p):
+        p = os.path.join(os.fspath(base), p)
+    return os.path.normpath(os.path.abspath(p))
+
+
+def _path_key(p: str) -> str:
+    """Join key for an image path: symbolic links resolved, case-normalised where the OS is."""
+    return os.path.normcase(os.path.realpath(str(p)))
+
+
+def _read_csv_as_text(path: str | os.PathLike) -> pd.DataFrame:
+    # Every column as text, nothing turned into NaN implicitly: a patient called "NA" stays "NA".
+    df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+    df.columns = [str(c).strip() for c in df.columns]
+    return df
+
+
+def _require(df: pd.DataFrame, columns: Iterable[str], what: str) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{what}: missing column(s) {missing}; found {list(df.columns)}")
+
+
+def _binary_column(values: pd.Series, what: str) -> pd.Series:
+    """'1' / '0' / '' (also '1.0', '0.0') -> 1.0 / 0.0 / NaN; anything else is an error."""
+    text = values.astype(str).str.strip()
+    num = pd.to_numeric(text.where(text != "", None), errors="coerce").astype(float)
+    bad = (text != "") & ~num.isin([0.0, 1.0])
+    if bad.any():
+        examples = sorted(set(text[bad]))[:5]
+        raise ValueError(f"{what}: values must be 1, 0 or empty; found {examples}")
+    return num
+
+
+def _float_column(values: pd.Series) -> pd.Series:
+    text = values.astype(str).str.strip()
+    return pd.to_numeric(text.where(text != "", None), errors="coerce").astype(float)
+
+
+def load_manifest_table(manifest_csv: str | os.PathLike) -> pd.DataFrame:
+    """Read a manifest CSV (``docs/formats.md``).
+
+    Returns one row per image with ``image`` as an absolute path (relative entries are taken
+    from the CSV's folder), ``patient_id`` as text, and ``fracture`` / ``acute`` as float
+    (1.0, 0.0, NaN for empty = unknown). Other columns are kept as text; a ``mask`` column is
+    resolved like ``image``. Raises ``ValueError`` on missing columns, labels other than
+    1/0/empty, or an image listed twice.
+    """
+    manifest_csv = Path(manifest_csv)
+    df = _read_csv_as_text(manifest_csv)
+    _require(df, ("image", "patient_id", "fracture", "acute"), str(manifest_csv))
+    base = manifest_csv.resolve().parent
+    if (df["image"].str.strip() == "").any():
+        raise ValueError(f"{manifest_csv}: empty `image` entries")
+    df["image"] = [_abs_path(p, base) for p in df["image"]]
+    if "mask" in df.columns:
+        df["mask"] = [_abs_path(p, base) if str(p).strip() else "" for p in df["mask"]]
+    df["fracture"] = _binary_column(df["fracture"], f"{manifest_csv}: fracture")
+    df["acute"] = _binary_column(df["acute"], f"{manifest_csv}: acute")
+    dup = df["image"].map(_path_key).duplicated(keep=False)
+    if dup.any():
+        raise ValueError(f"{manifest_csv}: image(s) listed more than once: {sorted(set(df.loc[dup, 'image']))[:5]}")
+    return df.reset_index(drop=True)
+
+
+def load_vertebrae_table(vertebrae_csv: str | os.PathLike, manifest_csv: str | os.PathLike) -> pd.DataFrame:
+    """Read ``vertebrae.csv`` with ``image`` resolved like the manifest's (against the folder
+    of ``manifest_csv``, where the format puts ``vertebrae.csv``).
+
+    ``genant_grade``, ``acute``, the box and the point columns become float (NaN for empty);
+    ``level`` and ``morphology`` stay text.
+    """
+    vertebrae_csv = Path(vertebrae_csv)
+    df = _read_csv_as_text(vertebrae_csv)
+    _require(df, ("image", "genant_grade", "x_min", "y_min", "x_max", "y_max"), str(vertebrae_csv))
+    base = Path(manifest_csv).resolve().parent
+    df["image"] = [_abs_path(p, base) for p in df["image"]]
+    numeric = ["genant_grade", "acute", "x_min", "y_min", "x_max", "y_max", "mask_value"]
+    numeric += [f"p{k}{a}" for k in range(1, 7) for a in "xy"]
+    for col in numeric:
+        if col in df.columns:
+            df[col] = _float_column(df[col])
+    bad = df["genant_grade"].notna() & ~df["genant_grade"].isin([0.0, 1.0, 2.0, 3.0])
+    if bad.any():
+        raise ValueError(f"{vertebrae_csv}: genant_grade must be 0-3 or empty; found {sorted(set(df.loc[bad, 'genant_grade']))[:5]}")
+    return df.reset_index(drop=True)
+
+
+def load_predictions_table(predictions_csv: str | os.PathLike) -> pd.DataFrame:
+    """Read ``predictions.csv`` as written by ``infer.py`` (all rows, any status).
+
+    Probabilities and peak coordinates become float; relative ``image`` entries (not written by
+    ``infer.py``, which writes absolute paths) are taken from the CSV's folder.
+    """
+    predictions_csv = Path(predictions_csv)
+    df = _read_csv_as_text(predictions_csv)
+    _require(df, ("image", "p_fracture", "status"), str(predictions_csv))
+    base = predictions_csv.resolve().parent
+    df["image"] = [_abs_path(p, base) for p in df["image"]]
+    df["status"] = df["status"].str.strip()
+    for col in _PRED_FLOAT_COLUMNS:
+        if col in df.columns:
+            df[col] = _float_column(df[col])
+    if "name" not in df.columns:
+        df["name"] = [Path(p).stem for p in df["image"]]
+    if "error" not in df.columns:
+        df["error"] = ""
+    return df
+
+
+def join_predictions(predictions_csv: str | os.PathLike, manifest_csv: str | os.PathLike) -> pd.DataFrame:
+    """Predictions with ``status == "ok"`` joined to the manifest on the image path.
+
+    The result has the manifest's columns (``image`` as the manifest's absolute path, labels as
+    float) and the prediction columns (``name``, ``p_fracture``, ``p_acute``, ...). An image
+    predicted twice keeps its first ok row.
+
+    ``df.attrs`` holds the counts: ``n_predictions`` (rows in predictions.csv), ``n_error``
+    (status other than ok), ``n_unmatched`` (ok rows whose image is not in the manifest),
+    ``n_duplicate`` (repeated ok rows of one image), ``n_manifest``, ``n_missing_prediction``
+    (manifest images without an ok prediction) and ``n_joined``.
+    """
+    pred = load_predictions_table(predictions_csv)
+    man = load_manifest_table(manifest_csv)
+    ok = pred[pred["status"] == "ok"].copy()
+    ok["_key"] = ok["image"].map(_path_key)
+    n_dup = int(ok["_key"].duplicated().sum())
+    ok = ok.drop_duplicates("_key", keep="first")
+    man = man.copy()
+    man["_key"] = man["image"].map(_path_key)
+    # prediction columns that the manifest also has (other than the path) keep the manifest's values
+    ok = ok.rename(columns={"image": "image_prediction"})
+    pred_cols = [c for c in ok.columns if c == "_key" or c not in man.columns]
+    joined = man.merge(ok[pred_cols], on="_key", how="inner", validate="one_to_one")
+    n_unmatched = int((~ok["_key"].isin(man["_key"])).sum())
+    joined = joined.drop(columns="_key").reset_index(drop=True)
+    joined.attrs = {
+        "n_predictions": int(len(pred)),
+        "n_error": int((pred["status"] != "ok").sum()),
+        "n_unmatched": n_unmatched,
+        "n_duplicate": n_dup,
+        "n_manifest": int(len(man)),
+        "n_missing_prediction": int(len(man) - len(joined)),
+        "n_joined": int(len(joined)),
+    }
+    return joined
+
+
+def image_max_grade(vertebrae_df: pd.DataFrame) -> pd.Series:
+    """Highest ``genant_grade`` of each image (float; 0 when no vertebra is fractured).
+
+    Indexed by the absolute image path. Vertebrae with an empty grade are ignored; an image
+    whose grades are all empty gets NaN (unknown, not 0).
+    """
+    grades = vertebrae_df.groupby("image", sort=True)["genant_grade"].max()  # NaN-skipping
+    grades.name = "max_grade"
+    return grades.astype(float)
+
+
+# --------------------------------------------------------------------------- AUROC
+def _as_arrays(y_true, scores) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true, dtype=float).ravel()
+    s = np.asarray(scores, dtype=float).ravel()
+    if y.shape != s.shape:
+        raise ValueError(f"y_true and scores differ in length: {y.shape[0]} vs {s.shape[0]}")
+    if np.isnan(y).any() or np.isnan(s).any():
+        raise ValueError("y_true and scores must not contain NaN (leave unknown labels out first)")
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError("y_true must be 0 or 1")
+    return y.astype(int), s
+
+
+def binary_auroc(y_true, scores) -> float:
+    """Area under the ROC curve (scikit-learn's ``roc_auc_score``); NaN when fewer than two
+    classes are present. Labels must be 0/1 and nothing may be NaN."""
+    y, s = _as_arrays(y_true, scores)
+    if len(np.unique(y)) < 2:
+        return float("nan")
+    return float(roc_auc_score(y, s))
+
+
+def roc_points(y_true, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ROC curve as ``(fpr, tpr, thresholds)`` (scikit-learn's ``roc_curve``, all thresholds
+    kept). Three empty arrays when fewer than two classes are present."""
+    y, s = _as_arrays(y_true, scores)
+    if len(np.unique(y)) < 2:
+        empty = np.array([], dtype=float)
+        return empty, empty.copy(), empty.copy()
+    fpr, tpr, thr = roc_curve(y, s, drop_intermediate=False)
+    return fpr, tpr, thr
+
+
+def _task_frame(df: pd.DataFrame, task: str, score: str | None = None) -> tuple[pd.DataFrame, str, str]:
+    """Rows, label column and score column evaluated for ``task`` ("fracture" or "acute")."""
+    if task == "fracture":
+        score = score or "p_fracture"
+        rows = df[df["fracture"].notna()]
+        label = "fracture"
+    elif task == "acute":
+        score = score or "p_acute"
+        rows = df[(df["fracture"] == 1) & df["acute"].notna()]
+        label = "acute"
+    else:
+        raise ValueError(f"unknown task {task!r}: use 'fracture' or 'acute'")
+    if score not in rows.columns:
+        raise ValueError(f"no column {score!r} in the table")
+    rows = rows[rows[score].notna()]
+    return rows, label, score
+
+
+def auroc_fracture(df: pd.DataFrame, score: str = "p_fracture") -> float:
+    """AUROC of ``score`` for ``fracture`` 1 vs 0; images with unknown ``fracture`` (NaN) or a
+    missing score are left out."""
+    rows, label, score = _task_frame(df, "fracture", score)
+    return binary_auroc(rows[label], rows[score])
+
+
+def auroc_acute(df: pd.DataFrame, score: str = "p_acute") -> float:
+    """AUROC of ``score`` for acute vs chronic, among images with ``fracture == 1`` and a known
+    ``acute`` label."""
+    rows, label, score = _task_frame(df, "acute", score)
+    return binary_auroc(rows[label], rows[score])
+
+
+def _grade_lookup(df: pd.DataFrame, max_grade: pd.Series) -> pd.Series:
+    by_key = {_path_key(k): float(v) for k, v in max_grade.items()}
+    return pd.Series([by_key.get(_path_key(p), np.nan) for p in df["image"]], index=df.index, dtype=float)
+
+
+def auroc_by_grade(df: pd.DataFrame, max_grade: pd.Series, score: str = "p_fracture") -> dict[int, dict]:
+    """AUROC of ``score`` per Genant grade.
+
+    For each grade g in 1..3 the positives are the images whose highest vertebral grade
+    (``max_grade``, from :func:`image_max_grade`) is g, the negatives all images with
+    ``fracture == 0`` (an image labelled 0 whose vertebrae say otherwise is left out of the
+    negatives). Returns ``{g: {"auroc", "n_pos", "n_neg"}}``.
+    """
+    grade = _grade_lookup(df, max_grade)
+    has_score = df[score].notna()
+    neg = has_score & (df["fracture"] == 0) & ~(grade > 0)
+    out: dict[int, dict] = {}
+    for g in GRADES:
+        pos = has_score & (grade == g)
+        y = np.r_[np.ones(int(pos.sum())), np.zeros(int(neg.sum()))]
+        s = np.r_[df.loc[pos, score].to_numpy(float), df.loc[neg, score].to_numpy(float)]
+        out[g] = {"auroc": binary_auroc(y, s), "n_pos": int(pos.sum()), "n_neg": int(neg.sum())}
+    return out
+
+
+# --------------------------------------------------------------------------- pointing game
+def _read_prediction_jsons(predictions_json_dir: str | os.PathLike) -> list[dict]:
+    """Per-image JSONs of ``infer.py`` with a usable ``image`` and ``heatmap_peak``; other JSON
+    files in the folder (and error records) are skipped."""
+    records = []
+    for path in sorted(Path(predictions_json_dir).glob("*.json")):
+        try:
+            rec = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(rec, dict) or rec.get("status", "ok") != "ok":
+            continue
+        peak = rec.get("heatmap_peak")
+        if not rec.get("image") or not isinstance(peak, (list, tuple)) or len(peak) != 2:
+            continue
+        try:
+            x, y = float(peak[0]), float(peak[1])
+        except (TypeError, ValueError):
+            continue
+        if not (math.isfinite(x) and math.isfinite(y)):
+            continue
+        records.append({"json": str(path), "image": _abs_path(rec["image"], path.parent),
+                        "name": rec.get("name", path.stem), "x": x, "y": y})
+    return records
+
+
+def pointing_game_table(predictions_json_dir: str | os.PathLike, vertebrae_df: pd.DataFrame) -> pd.DataFrame:
+    """One row per fractured image (any vertebra with ``genant_grade > 0``) that has an ok
+    per-image JSON in ``predictions_json_dir``: ``image``, ``name``, ``peak_x``, ``peak_y``,
+    ``hit`` (peak inside the box of any fractured vertebra, edges included), ``levels``
+    (the fractured levels) and ``hit_level``."""
+    fractured = vertebrae_df[vertebrae_df["genant_grade"] > 0]
+    boxes: dict[str, list[tuple]] = {}
+    for row in fractured.itertuples(index=False):
+        boxes.setdefault(_path_key(row.image), []).append(
+            (getattr(row, "level", ""), row.x_min, row.y_min, row.x_max, row.y_max))
+    rows, seen = [], set()
+    for rec in _read_prediction_jsons(predictions_json_dir):
+        key = _path_key(rec["image"])
+        if key not in boxes or key in seen:
+            continue
+        seen.add(key)
+        hit_level = None
+        for level, x0, y0, x1, y1 in boxes[key]:
+            if x0 <= rec["x"] <= x1 and y0 <= rec["y"] <= y1:
+                hit_level = level
+                break
+        rows.append({"image": rec["image"], "name": rec["name"], "peak_x": rec["x"], "peak_y": rec["y"],
+                     "hit": hit_level is not None, "hit_level": hit_level,
+                     "levels": ",".join(str(b[0]) for b in boxes[key])})
+    cols = ["image", "name", "peak_x", "peak_y", "hit", "hit_level", "levels"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def pointing_game(predictions_json_dir: str | os.PathLike, vertebrae_df: pd.DataFrame) -> dict:
+    """Pointing game: share of fractured images whose heatmap peak lies in a fractured
+    vertebra's box. Returns ``{"hits", "n", "score"}`` (score NaN when n is 0).
+    See :func:`pointing_game_table` for the per-image rows."""
+    table = pointing_game_table(predictions_json_dir, vertebrae_df)
+    n = int(len(table))
+    hits = int(table["hit"].sum()) if n else 0
+    return {"hits": hits, "n": n, "score": hits / n if n else float("nan")}
+
+
+# --------------------------------------------------------------------------- summary
+def _clean(obj: Any) -> Any:
+    """JSON-friendly copy: numpy scalars -> Python, NaN/inf -> None, keys -> str."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(float(obj)) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def summarise(predictions_csv: str | os.PathLike, manifest_csv: str | os.PathLike,
+              vertebrae_csv: str | os.PathLike | None = None,
+              infer_dir: str | os.PathLike | None = None) -> dict:
+    """All metrics in one JSON-serialisable dict (NaN written as ``None``).
+
+    Keys: ``inputs``; ``counts`` (the join counts of :func:`join_predictions`, plus
+    ``n_fracture_pos/neg``, ``n_fracture_unknown`` = images left out of the fracture AUROC
+    for an unknown label, ``n_acute``, ``n_chronic``, ``n_acute_unknown`` = fractured images
+    left out of the acute AUROC for an unknown label); ``auroc_fracture``; ``auroc_acute``;
+    ``auroc_acute_given_fracture`` (when that column exists); ``by_grade`` and
+    ``pointing_game`` (``None`` without ``vertebrae_csv``, resp. ``infer_dir``).
+    """
+    df = join_predictions(predictions_csv, manifest_csv)
+    counts = dict(df.attrs)
+    counts.update({
+        "n_fracture_pos": int((df["fracture"] == 1).sum()),
+        "n_fracture_neg": int((df["fracture"] == 0).sum()),
+        "n_fracture_unknown": int(df["fracture"].isna().sum()),
+        "n_acute": int(((df["fracture"] == 1) & (df["acute"] == 1)).sum()),
+        "n_chronic": int(((df["fracture"] == 1) & (df["acute"] == 0)).sum()),
+        "n_acute_unknown": int(((df["fracture"] == 1) & df["acute"].isna()).sum()),
+        "n_missing_score": int(df["p_fracture"].isna().sum()),
+    })
+    out: dict[str, Any] = {
+        "inputs": {"predictions": str(predictions_csv), "manifest": str(manifest_csv),
+                   "vertebrae": str(vertebrae_csv) if vertebrae_csv else None,
+                   "infer_dir": str(infer_dir) if infer_dir else None},
+        "counts": counts,
+        "auroc_fracture": auroc_fracture(df),
+        "auroc_acute": auroc_acute(df) if "p_acute" in df.columns else float("nan"),
+    }
+    if "p_acute_given_fracture" in df.columns:
+        out["auroc_acute_given_fracture"] = auroc_acute(df, score="p_acute_given_fracture")
+    out["by_grade"] = None
+    out["pointing_game"] = None
+    if vertebrae_csv is not None:
+        vert = load_vertebrae_table(vertebrae_csv, manifest_csv)
+        out["by_grade"] = auroc_by_grade(df, image_max_grade(vert))
+        if infer_dir is not None:
+            out["pointing_game"] = pointing_game(infer_dir, vert)
+    return _clean(out)
+
+
+# --------------------------------------------------------------------------- plots
+_TASK_LABELS = {"fracture": "fracture vs none", "acute": "acute vs chronic"}
+
+
+def plot_roc(ax, df: pd.DataFrame, tasks: Sequence[str] = ("fracture", "acute")):
+    """Draw the ROC curve of each task ("fracture": ``p_fracture``; "acute": ``p_acute`` among
+    fractured images) on ``ax``, with AUROC and counts in the legend. Returns ``ax``."""
+    for task in tasks:
+        rows, label, score = _task_frame(df, task)
+        y = rows[label].to_numpy(float)
+        fpr, tpr, _ = roc_points(y, rows[score].to_numpy(float))
+        n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+        if len(fpr) == 0:
+            ax.plot([], [], label=f"{_TASK_LABELS[task]}: n/a (pos {n_pos}, neg {n_neg})")
+            continue
+        auc = binary_auroc(y, rows[score].to_numpy(float))
+        ax.plot(fpr, tpr, drawstyle="default", lw=2,
+                label=f"{_TASK_LABELS[task]}: AUROC {auc:.3f} (pos {n_pos}, neg {n_neg})")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_aspect("equal")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.legend(loc="lower right", fontsize="small")
+    return ax
+
+
+def plot_by_grade(ax, by_grade: dict):
+    """Bar chart of AUROC per Genant grade (from :func:`auroc_by_grade`, or the ``by_grade``
+    of :func:`summarise`, whose keys are strings and NaN ``None``). Returns ``ax``."""
+    grades = sorted(by_grade, key=lambda k: int(k))
+    vals = []
+    for g in grades:
+        v = by_grade[g].get("auroc")
+        vals.append(float("nan") if v is None else float(v))
+    x = np.arange(len(grades))
+    ax.bar(x, np.nan_to_num(vals, nan=0.0), color="tab:blue")
+    for xi, g, v in zip(x, grades, vals):
+        txt = "n/a" if math.isnan(v) else f"{v:.3f}"
+        ax.text(xi, (0 if math.isnan(v) else v) + 0.02, f"{txt}\npos {by_grade[g]['n_pos']} / neg {by_grade[g]['n_neg']}",
+                ha="center", va="bottom", fontsize="small")
+    ax.axhline(0.5, ls="--", c="grey", lw=1)
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"grade {int(g)}" for g in grades])
+    ax.set_ylim(0, 1.2)
+    ax.set_ylabel("AUROC (vs fracture = 0)")
+    return ax
+
+
+def _truth_text(row) -> str:
+    if pd.isna(row["fracture"]):
+        return "unknown"
+    if row["fracture"] == 0:
+        return "normal"
+    acute = row.get("acute", np.nan)
+    return "fracture" + (" (acuity unknown)" if pd.isna(acute) else (" (acute)" if acute == 1 else " (chronic)"))
+
+
+def heatmap_gallery(infer_dir: str | os.PathLike, df: pd.DataFrame, n: int = 8):
+    """Figure with the ``<name>_heatmap.png`` overlays of the ``n // 2`` highest-scoring
+    fractured images and the ``n - n // 2`` highest-scoring normal images (the likeliest false
+    positives), titled with ``p_fracture`` and the truth. Returns a matplotlib ``Figure``
+    (not registered with pyplot: show it with ``display(fig)`` in a notebook)."""
+    from matplotlib.figure import Figure
+    import matplotlib.image as mpimg
+
+    infer_dir = Path(infer_dir)
+    scored = df[df["p_fracture"].notna()]
+    frac = scored[scored["fracture"] == 1].sort_values("p_fracture", ascending=False).head(n // 2)
+    norm = scored[scored["fracture"] == 0].sort_values("p_fracture", ascending=False).head(n - n // 2)
+    chosen = pd.concat([frac, norm])
+    if chosen.empty:
+        fig = Figure(figsize=(4, 2))
+        ax = fig.add_subplot()
+        ax.text(0.5, 0.5, "no labelled images to show", ha="center", va="center")
+        ax.axis("off")
+        return fig
+    ncols = min(4, len(chosen))
+    nrows = math.ceil(len(chosen) / ncols)
+    fig = Figure(figsize=(3.2 * ncols, 3.6 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, (_, row) in zip(axes, chosen.iterrows()):
+        png = infer_dir / f"{row['name']}_heatmap.png"
+        if png.is_file():
+            ax.imshow(mpimg.imread(png), cmap="gray")
+        else:
+            ax.text(0.5, 0.5, f"no overlay\n{png.name}", ha="center", va="center", fontsize="small")
+        ax.set_title(f"{row['name']}\np_fracture {row['p_fracture']:.3f} | truth: {_truth_text(row)}",
+                     fontsize="small")
+        ax.axis("off")
+    for ax in axes[len(chosen):]:
+        ax.axis("off")
+    return fig

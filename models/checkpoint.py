@@ -1,0 +1,94 @@
+"""Safe checkpoint loading.
+
+Checkpoints are only ever read with ``torch.load(weights_only=True)``: a file whose pickle
+would run code is refused with :class:`CheckpointError` rather than executed.
+"""
+from __future__ import annotations
+
+import hashlib
+import pickle
+from pathlib import Path
+
+import torch
+
+from models.network import FractureNet
+from models.system import CHECKPOINT_FORMAT
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_checkpoint(path: str | Path, sha256: str | None = None, map_location: str = "cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    if sha256:
+        actual = file_sha256(path)
+        if actual.lower() != sha256.lower():
+            raise CheckpointError(f"{path}: sha256 mismatch (expected {sha256}, file has {actual})")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        detail = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line),
+                      str(exc).splitlines()[0])
+        raise CheckpointError(
+            f"{path}: refused: the file holds objects that only an unrestricted pickle could load "
+            f"(it could run code), so it was not loaded ({detail})") from exc
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path}: not a training checkpoint of this project (no state_dict)")
+    return ckpt
+
+
+def network_state(ckpt: dict) -> dict[str, torch.Tensor]:
+    """The FractureNet weights inside a Lightning checkpoint (keys under ``net.``)."""
+    return {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+
+
+def build_network(ckpt: dict, path: str | Path = "checkpoint") -> tuple[FractureNet, dict]:
+    """Rebuild the network a checkpoint was trained with and load its weights."""
+    meta = ckpt.get("vcf_model")
+    if meta is None:
+        raise CheckpointError(f"{path}: no 'vcf_model' metadata: not a checkpoint of this project")
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {meta.get('format')} but this code reads format "
+                              f"{CHECKPOINT_FORMAT} (saved by code version {meta.get('code_version')})")
+    if meta.get("architecture") != FractureNet.__name__:
+        raise CheckpointError(f"{path}: architecture {meta.get('architecture')!r}, expected {FractureNet.__name__!r}")
+    net = FractureNet(backbone=meta["backbone"], pretrained=None, fpn_dim=meta["fpn_dim"])
+    _load_into(net, network_state(ckpt), path)
+    net.eval()
+    return net, meta
+
+
+def _load_into(net: FractureNet, state: dict, path) -> None:
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append(f"{len(wrong)} shape mismatch(es), e.g. {wrong[0]}")
+        if missing:
+            parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
+        raise CheckpointError(f"{path}: weights do not fit {net.backbone_name} FractureNet: " + "; ".join(parts))
+    net.load_state_dict(state)
+
+
+def load_network_weights(net: FractureNet, path: str | Path) -> None:
+    """Initialise ``net`` from an earlier checkpoint (fine-tuning, e.g. phantom -> real data)."""
+    _load_into(net, network_state(load_checkpoint(path)), path)

@@ -1,0 +1,215 @@
+"""Batch inference: probabilities and heatmaps for files, folders or manifests.
+
+Outputs are described in ``docs/formats.md``. Every file is written atomically; an input that
+cannot be read gets an ``error`` row and the run goes on.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from data.io_utils import atomic_save_npy, atomic_write_image, atomic_write_json, atomic_write_text
+from data.readers import DICOM_SUFFIXES, IMAGE_SUFFIXES, ImageReadError, is_dicom, read_image
+from data.transforms import letterbox, normalize_intensity
+from models.checkpoint import build_network, file_sha256, load_checkpoint
+from models.network import HEATMAP_STRIDE, FractureNet
+from models.visualize import overlay_heatmap
+
+PREDICTION_COLUMNS = ["image", "name", "p_fracture", "p_acute", "p_acute_given_fracture",
+                      "heatmap_peak_x", "heatmap_peak_y", "status", "error"]
+OVERLAY_MAX_SIDE = 1024  # overlays are downsized to this long side; the .npy keeps full detail
+
+
+def collect_inputs(inputs: list[str | os.PathLike]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Expand files, folders (recursively) and manifest CSVs into image paths.
+
+    Returns ``(paths, problems)``: problems are inputs that do not exist, with a reason."""
+    paths: list[str] = []
+    problems: list[tuple[str, str]] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            for root, dirs, files in os.walk(p, followlinks=False):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for f in sorted(files):
+                    fp = Path(root) / f
+                    if f.startswith(".") or f == "DICOMDIR":
+                        continue
+                    suffix = fp.suffix.lower()
+                    if suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES or _safe_is_dicom(fp):
+                        paths.append(str(fp.absolute()))
+        elif p.suffix.lower() == ".csv" and p.is_file():
+            table = pd.read_csv(p, dtype=str, keep_default_na=False)
+            if "image" not in table.columns:
+                problems.append((str(p), "manifest has no 'image' column"))
+                continue
+            for image in table["image"]:
+                ip = Path(image)
+                paths.append(str(ip if ip.is_absolute() else (p.parent / ip).absolute()))
+        elif p.exists() or p.is_symlink():
+            paths.append(str(p.absolute()))
+        else:
+            problems.append((str(p), "no such file or folder"))
+    # keep the first occurrence of each path
+    return list(dict.fromkeys(paths)), problems
+
+
+def _safe_is_dicom(path: Path) -> bool:
+    try:
+        return is_dicom(path)
+    except OSError:
+        return False
+
+
+def output_names(paths: list[str]) -> list[str]:
+    """A file stem per input; stems shared by several inputs get a short hash of the path."""
+    stems = [Path(p).stem or Path(p).name for p in paths]
+    counts = pd.Series(stems).value_counts()
+    return [s if counts[s] == 1 else f"{s}_{hashlib.sha1(p.encode()).hexdigest()[:8]}" for s, p in zip(stems, paths)]
+
+
+class InferenceDataset(Dataset):
+    def __init__(self, paths: list[str], image_size: tuple[int, int], voi_lut: bool = False,
+                 max_pixels: int = 50_000_000):
+        self.paths, self.image_size, self.voi_lut, self.max_pixels = paths, tuple(image_size), voi_lut, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        path = self.paths[i]
+        try:
+            img = read_image(path, voi_lut=self.voi_lut, max_pixels=self.max_pixels)
+        except ImageReadError as exc:
+            return {"index": i, "error": exc.reason}
+        except Exception as exc:  # a reader bug must not end a batch run
+            return {"index": i, "error": f"{type(exc).__name__}: {exc}"}
+        pixels = normalize_intensity(img.pixels)
+        x, box = letterbox(pixels, self.image_size)
+        h, w = pixels.shape
+        f = min(1.0, OVERLAY_MAX_SIDE / max(h, w))
+        display = cv2.resize(pixels, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA) if f < 1 else pixels
+        return {"index": i, "image": torch.from_numpy(x)[None], "box": box, "display": display,
+                "image_size": (h, w), "pixel_spacing_mm": img.pixel_spacing_mm}
+
+
+def _collate(batch: list[dict]) -> list[dict]:
+    return batch
+
+
+@dataclass
+class InferenceSummary:
+    n_ok: int
+    n_failed: int
+    seconds: float
+    predictions_csv: Path
+
+
+class Predictor:
+    """A loaded checkpoint, ready to run on batches."""
+
+    def __init__(self, checkpoint: str | os.PathLike, device: str = "auto", sha256: str | None = None):
+        self.checkpoint = Path(checkpoint)
+        ckpt = load_checkpoint(self.checkpoint, sha256=sha256)
+        self.net, self.meta = build_network(ckpt, self.checkpoint)
+        self.checkpoint_id = file_sha256(self.checkpoint)[:16]
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.net.to(self.device)
+        self.image_size = tuple(self.meta["image_size"])
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        out = self.net(images.to(self.device))
+        return {k: v.float().cpu().numpy() for k, v in FractureNet.probabilities(out).items()}
+
+
+def _heatmap_peak(heatmap: np.ndarray, to_image: dict) -> tuple[list[float], float]:
+    i, j = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    s, (ox, oy) = to_image["scale"], to_image["offset"]
+    return [float(s * j + ox), float(s * i + oy)], float(heatmap[i, j])
+
+
+def _heatmap_on_display(heatmap: np.ndarray, box, display_hw: tuple[int, int], image_hw: tuple[int, int]) -> np.ndarray:
+    """Resample the letterboxed heatmap onto the (downsized) original image."""
+    H, W = box.out_hw
+    up = cv2.resize(heatmap, (W, H), interpolation=cv2.INTER_LINEAR)
+    nh, nw = round(image_hw[0] * box.scale), round(image_hw[1] * box.scale)
+    crop = up[box.pad_top:box.pad_top + nh, box.pad_left:box.pad_left + nw]
+    return cv2.resize(crop, (display_hw[1], display_hw[0]), interpolation=cv2.INTER_LINEAR)
+
+
+def run_inference(predictor: Predictor, inputs: list[str], out: str | os.PathLike, batch_size: int = 8,
+                  num_workers: int = 0, voi_lut: bool = False, max_pixels: int = 50_000_000,
+                  progress: bool = True) -> InferenceSummary:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    paths, problems = collect_inputs(inputs)
+    names = output_names(paths)
+    rows: list[dict] = [{"image": p, "name": "", "status": "error", "error": why} for p, why in problems]
+    dataset = InferenceDataset(paths, predictor.image_size, voi_lut=voi_lut, max_pixels=max_pixels)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+    bar = tqdm(total=len(paths), desc="inference", unit="img", disable=not progress)
+    for batch in loader:
+        good = [b for b in batch if "error" not in b]
+        for b in batch:
+            if "error" in b:
+                rows.append({"image": paths[b["index"]], "name": names[b["index"]], "status": "error", "error": b["error"]})
+        if good:
+            probs = predictor(torch.stack([b["image"] for b in good]))
+            for k, b in enumerate(good):
+                rows.append(_write_outputs(predictor, out, paths[b["index"]], names[b["index"]], b,
+                                           {key: v[k] for key, v in probs.items()}))
+        bar.update(len(batch))
+    bar.close()
+    table = pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
+    atomic_write_text(out / "predictions.csv", table.to_csv(index=False))
+    n_failed = int((table["status"] != "ok").sum())
+    return InferenceSummary(n_ok=len(table) - n_failed, n_failed=n_failed, seconds=time.time() - start,
+                            predictions_csv=out / "predictions.csv")
+
+
+def _write_outputs(predictor: Predictor, out: Path, path: str, name: str, item: dict, p: dict) -> dict:
+    heatmap = p["heatmap"].astype(np.float32)
+    to_image = item["box"].heatmap_to_image(HEATMAP_STRIDE)
+    peak, peak_value = _heatmap_peak(heatmap, to_image)
+    atomic_save_npy(out / f"{name}_heatmap.npy", heatmap)
+    display = item["display"]
+    on_display = _heatmap_on_display(heatmap, item["box"], display.shape, item["image_size"])
+    f = display.shape[1] / item["image_size"][1]
+    atomic_write_image(out / f"{name}_heatmap.png",
+                       overlay_heatmap(display, on_display, peak=(peak[0] * f, peak[1] * f),
+                                       label=f"p(fracture) {p['p_fracture']:.2f}  p(acute) {p['p_acute']:.2f}"))
+    record = {
+        "image": path,
+        "name": name,
+        "p_fracture": float(p["p_fracture"]),
+        "p_acute": float(p["p_acute"]),
+        "p_acute_given_fracture": float(p["p_acute_given_fracture"]),
+        "heatmap_peak": peak,
+        "heatmap_peak_value": peak_value,
+        "image_size": list(item["image_size"]),
+        "pixel_spacing_mm": list(item["pixel_spacing_mm"]) if item["pixel_spacing_mm"] else None,
+        "heatmap": {"npy": f"{name}_heatmap.npy", "png": f"{name}_heatmap.png", "shape": list(heatmap.shape),
+                    "to_image": to_image},
+        "checkpoint_id": predictor.checkpoint_id,
+        "model": {k: predictor.meta.get(k) for k in ("architecture", "backbone", "code_version", "image_size")},
+        "note": "Research software trained on synthetic data unless stated otherwise; not for clinical use.",
+    }
+    atomic_write_json(out / f"{name}.json", record)
+    return {"image": path, "name": name, "p_fracture": record["p_fracture"], "p_acute": record["p_acute"],
+            "p_acute_given_fracture": record["p_acute_given_fracture"], "heatmap_peak_x": peak[0],
+            "heatmap_peak_y": peak[1], "status": "ok", "error": ""}

@@ -1,0 +1,94 @@
+"""The fracture network: a timm backbone, a small FPN, a dense heatmap head and image heads.
+
+Outputs (see :meth:`FractureNet.forward`):
+
+* ``logits`` ``(B, 2)``: image-level logits for *fracture present* and *acute, given a
+  fracture*. The reported ``p_acute`` (an acute fracture is present) is
+  ``sigmoid(fracture) * sigmoid(acute | fracture)``.
+* ``heatmap_logits`` ``(B, 2, H/8, W/8)``: dense logits for "this pixel lies in a fractured
+  vertebra" and "... in an acutely fractured vertebra". Trained from vertebra masks where the
+  data give them; elsewhere they learn only through their pooled contribution to the image
+  logits, which makes them a class activation map (weak supervision).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TARGETS = ("fracture", "acute")
+HEATMAP_STRIDE = 8
+
+
+def logsumexp_pool(x: torch.Tensor, r: float = 4.0) -> torch.Tensor:
+    """Smooth maximum over space: between mean (r -> 0) and max (r -> inf) pooling."""
+    b, c = x.shape[:2]
+    flat = x.reshape(b, c, -1)
+    n = torch.tensor(float(flat.shape[-1]), device=x.device, dtype=x.dtype)
+    return (torch.logsumexp(r * flat, dim=-1) - torch.log(n)) / r
+
+
+def create_encoder(backbone: str, pretrained: str | None, in_chans: int = 1) -> nn.Module:
+    """A timm feature extractor at strides 8, 16 and 32.
+
+    ``pretrained``: None (random init), ``"hub"`` (timm's download; needs a network), or a
+    path to a local weights file, loaded by timm with ``weights_only=True``. timm adapts an
+    RGB stem to one channel by summing its weights.
+    """
+    kwargs = dict(features_only=True, out_indices=(-3, -2, -1), in_chans=in_chans)
+    if pretrained in (None, "", "none"):
+        return timm.create_model(backbone, pretrained=False, **kwargs)
+    if pretrained == "hub":
+        return timm.create_model(backbone, pretrained=True, **kwargs)
+    path = Path(pretrained)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights file not found: {path}")
+    return timm.create_model(backbone, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+
+
+class FractureNet(nn.Module):
+    targets = TARGETS
+
+    def __init__(self, backbone: str = "resnet18", pretrained: str | None = None, fpn_dim: int = 96,
+                 dropout: float = 0.2, in_chans: int = 1):
+        super().__init__()
+        self.backbone_name = backbone
+        self.encoder = create_encoder(backbone, pretrained, in_chans)
+        chans = self.encoder.feature_info.channels()
+        reductions = self.encoder.feature_info.reduction()
+        if reductions[0] != HEATMAP_STRIDE:
+            raise ValueError(f"backbone {backbone} gives strides {reductions}; expected {HEATMAP_STRIDE}, 16, 32")
+        self.lateral = nn.ModuleList(nn.Conv2d(c, fpn_dim, 1) for c in chans)
+        self.smooth = nn.Sequential(nn.Conv2d(fpn_dim, fpn_dim, 3, padding=1, bias=False),
+                                    nn.BatchNorm2d(fpn_dim), nn.ReLU(inplace=True))
+        self.heatmap_head = nn.Conv2d(fpn_dim, len(TARGETS), 1)
+        self.image_head = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * chans[-1], len(TARGETS)))
+        # how much the pooled heatmap evidence adds to the image logits
+        self.pool_weight = nn.Parameter(torch.ones(len(TARGETS)))
+        # inputs arrive in [0, 1]; the network standardises them itself
+        self.register_buffer("input_mean", torch.tensor(0.5))
+        self.register_buffer("input_std", torch.tensor(0.25))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.encoder((x - self.input_mean) / self.input_std)
+        top = self.lateral[-1](feats[-1])
+        for lateral, f in zip(reversed(self.lateral[:-1]), reversed(feats[:-1])):
+            top = lateral(f) + F.interpolate(top, size=f.shape[-2:], mode="nearest")
+        heatmap_logits = self.heatmap_head(self.smooth(top))
+        c5 = feats[-1]
+        pooled = torch.cat([c5.mean(dim=(2, 3)), c5.amax(dim=(2, 3))], dim=1)
+        logits = self.image_head(pooled) + self.pool_weight * logsumexp_pool(heatmap_logits)
+        return {"logits": logits, "heatmap_logits": heatmap_logits}
+
+    @staticmethod
+    def probabilities(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        p = torch.sigmoid(out["logits"])
+        return {
+            "p_fracture": p[:, 0],
+            "p_acute_given_fracture": p[:, 1],
+            "p_acute": p[:, 0] * p[:, 1],
+            "heatmap": torch.sigmoid(out["heatmap_logits"][:, 0]),
+        }

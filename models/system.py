@@ -1,0 +1,168 @@
+"""The LightningModule that trains :class:`models.network.FractureNet`.
+
+Losses (unknown labels are masked out, never taken as negative):
+* image fracture: BCE over images whose ``fracture`` is known;
+* acute given fracture: BCE over fractured images whose acuity is known;
+* heatmap: BCE + Dice (MONAI) against the fractured-vertebra masks, only on images whose
+  vertebra truth is known (normal films count: they have no fractured pixel).
+"""
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceLoss
+from torchmetrics.classification import BinaryAUROC
+
+from models.network import HEATMAP_STRIDE, TARGETS, FractureNet
+
+CHECKPOINT_FORMAT = 1
+
+
+def masked_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    known = ~torch.isnan(target)
+    if not known.any():
+        return logits.sum() * 0.0  # keeps the graph; no labelled item in this batch
+    return F.binary_cross_entropy_with_logits(logits[known], target[known])
+
+
+class FractureSystem(L.LightningModule):
+    def __init__(self, backbone: str = "resnet18", pretrained: str | None = None, fpn_dim: int = 96,
+                 dropout: float = 0.2, lr: float = 1e-3, weight_decay: float = 1e-4,
+                 warmup_fraction: float = 0.05, acute_weight: float = 1.0, heatmap_weight: float = 1.0,
+                 init_from: str | None = None, image_size: tuple[int, int] = (384, 320)):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = FractureNet(backbone=backbone, pretrained=pretrained, fpn_dim=fpn_dim, dropout=dropout)
+        if init_from:
+            from models.checkpoint import load_network_weights
+
+            load_network_weights(self.net, init_from)
+        self.dice = DiceLoss(sigmoid=True, reduction="none")
+        self.metrics = torch.nn.ModuleDict({
+            f"{stage}_{t}": BinaryAUROC() for stage in ("val", "test") for t in TARGETS})
+        self.failed_images = 0
+
+    @property
+    def backbone(self) -> torch.nn.Module:
+        """For Lightning's BackboneFinetuning callback (freeze, then unfreeze at a milestone)."""
+        return self.net.encoder
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.net(x)
+
+    # ------------------------------------------------------------------ losses
+    def _losses(self, batch: dict, out: dict) -> dict[str, torch.Tensor]:
+        logits = out["logits"]
+        loss_fracture = masked_bce(logits[:, 0], batch["fracture"])
+        loss_acute = masked_bce(logits[:, 1], batch["acute"])
+        hm_logits = out["heatmap_logits"]
+        target = F.adaptive_avg_pool2d(batch["heatmap_target"], hm_logits.shape[-2:])
+        known = batch["heatmap_known"]  # (B, 2)
+        if known.sum() > 0:
+            bce = F.binary_cross_entropy_with_logits(hm_logits, target, reduction="none").mean(dim=(2, 3))
+            dice = self.dice(hm_logits, target).reshape(bce.shape)
+            # Dice is undefined on empty masks, so only fractured images contribute it.
+            has_fg = (target.flatten(2).amax(-1) > 0).float()
+            loss_heatmap = ((bce * known).sum() + (dice * known * has_fg).sum()) / known.sum()
+        else:
+            loss_heatmap = hm_logits.sum() * 0.0
+        total = loss_fracture + self.hparams.acute_weight * loss_acute + self.hparams.heatmap_weight * loss_heatmap
+        return {"loss": total, "fracture": loss_fracture, "acute": loss_acute, "heatmap": loss_heatmap}
+
+    def training_step(self, batch: dict, batch_idx: int):
+        self.failed_images += int(batch.get("n_failed", 0))
+        if "image" not in batch:
+            return None  # every image in this batch was unreadable
+        losses = self._losses(batch, self(batch["image"]))
+        if not torch.isfinite(losses["loss"]):
+            raise FloatingPointError(
+                f"non-finite training loss at epoch {self.current_epoch}, batch {batch_idx} "
+                f"(sample indices {batch['index'].tolist()}): "
+                + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items()))
+        n = len(batch["image"])
+        self.log_dict({f"train/loss_{k}": v for k, v in losses.items() if k != "loss"}, batch_size=n)
+        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=n)
+        return losses["loss"]
+
+    def on_train_epoch_end(self) -> None:
+        self.log("train/failed_images", float(self.failed_images))
+        if self.failed_images:
+            print(f"epoch {self.current_epoch}: skipped {self.failed_images} unreadable image(s)")
+        self.failed_images = 0
+
+    def _eval_step(self, batch: dict, stage: str) -> None:
+        if "image" not in batch:
+            return
+        out = self(batch["image"])
+        losses = self._losses(batch, out)
+        self.log(f"{stage}/loss", losses["loss"], batch_size=len(batch["image"]), sync_dist=True)
+        probs = FractureNet.probabilities(out)
+        frac = batch["fracture"]
+        known = ~torch.isnan(frac)
+        if known.any():
+            self.metrics[f"{stage}_fracture"].update(probs["p_fracture"][known], frac[known].long())
+        acute = batch["acute"]
+        known = ~torch.isnan(acute)
+        if known.any():
+            self.metrics[f"{stage}_acute"].update(probs["p_acute"][known], acute[known].long())
+
+    def _log_metrics(self, stage: str) -> None:
+        for t in TARGETS:
+            metric = self.metrics[f"{stage}_{t}"]
+            try:
+                value = metric.compute()
+            except (ValueError, RuntimeError):  # nothing seen, e.g. a sanity check
+                value = torch.tensor(float("nan"))
+            # AUROC of one class is undefined; log 0.5 so a monitor never sees NaN
+            self.log(f"{stage}/auroc_{t}", torch.nan_to_num(value, nan=0.5), prog_bar=True, sync_dist=True)
+            metric.reset()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = max(1, int(self.hparams.warmup_fraction * total))
+        sched = torch.optim.lr_scheduler.SequentialLR(opt, [
+            torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.05, total_iters=warmup),
+            torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total - warmup), eta_min=self.hparams.lr * 0.01),
+        ], milestones=[warmup])
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoint identity
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["vcf_model"] = {
+            "format": CHECKPOINT_FORMAT,
+            "architecture": type(self.net).__name__,
+            "backbone": self.hparams.backbone,
+            "fpn_dim": self.hparams.fpn_dim,
+            "targets": list(TARGETS),
+            "heatmap_stride": HEATMAP_STRIDE,
+            "image_size": list(self.hparams.image_size),
+            "input_range": [0.0, 1.0],
+            "code_version": _version(),
+            "torch_version": ".".join(torch.__version__.split(".")),  # plain str: TorchVersion is not weights_only-safe
+        }
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("spine-vcf")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
