@@ -206,7 +206,7 @@ def _pil_without_bomb_check():
         Image.MAX_IMAGE_PIXELS = old
 
 
-def _raster_header(path, kind: str, head: bytes) -> tuple[int, int, int]:
+def _raster_header(path, kind: str) -> tuple[int, int, int]:
     """(width, height, frames) from the header, without decoding pixels."""
     if kind == "png":
         # signature (8) + IHDR length (4) + b"IHDR" (4) + width (4) + height (4)
@@ -299,8 +299,7 @@ def _scale_raster(path, arr: np.ndarray) -> tuple[np.ndarray, int | None]:
 
 
 def _read_raster(path: Path, kind: str, max_pixels: int | None) -> RadiographImage:
-    head = _head(path, 64)
-    width, height, frames = _raster_header(path, kind, head)
+    width, height, frames = _raster_header(path, kind)
     _check_limit(path, width, height, max_pixels)
     if width == 0 or height == 0:
         raise ImageReadError(path, f"truncated or corrupt {kind.upper()}: image of size 0")
@@ -453,7 +452,16 @@ def _read_dicom(path: Path, voi_lut: bool, max_pixels: int | None) -> Radiograph
 
     what = _what(ds)
     if not any(kw in ds for kw in _PIXEL_KEYWORDS):
-        raise ImageReadError(path, f"{what}: no pixel data" if what else "no pixel data")
+        reason = f"{what}: no pixel data" if what else "no pixel data"
+        # pydicom stops quietly at the end of a truncated file: say so when an image was expected
+        meta = getattr(ds, "file_meta", None)
+        sop = ds.get("SOPClassUID", None) or (
+            meta.get("MediaStorageSOPClassUID", None) if meta is not None else None
+        )
+        sop_name = str(getattr(sop, "name", "") or "")
+        if len(ds) == 0 or "Rows" in ds or "Columns" in ds or "Image Storage" in sop_name:
+            reason += " (truncated or corrupt file?)"
+        raise ImageReadError(path, reason)
 
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
     photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
@@ -487,11 +495,7 @@ def _read_dicom(path: Path, voi_lut: bool, max_pixels: int | None) -> Radiograph
         except NotImplementedError:
             raise ImageReadError(path, f"no decoder for transfer syntax {ts_text}") from None
         if not decoder.is_available:
-            missing = "; ".join(
-                f"{name}: {deps}" for name, deps in decoder.missing_dependencies.items()
-            ) if isinstance(decoder.missing_dependencies, dict) else "; ".join(
-                decoder.missing_dependencies
-            )
+            missing = "; ".join(decoder.missing_dependencies)
             raise ImageReadError(
                 path, f"no installed codec for transfer syntax {ts_text} ({missing})"
             )
@@ -500,22 +504,24 @@ def _read_dicom(path: Path, voi_lut: bool, max_pixels: int | None) -> Radiograph
         ds.pixel_array_options(index=0)  # decode only the first frame
         arr = np.asarray(ds.pixel_array)
     except Exception as e:
-        raise ImageReadError(
-            path,
-            f"truncated or corrupt pixel data ({ts_text}): {type(e).__name__}: {e}",
-        ) from e
+        problem = "cannot decode pixel data" if ts.is_compressed else (
+            "truncated or corrupt pixel data"
+        )
+        raise ImageReadError(path, f"{problem} ({ts_text}): {type(e).__name__}: {e}") from e
     if arr.ndim == 3 and arr.shape[0] == 1:
         arr = arr[0]
     if arr.ndim != 2:
         raise ImageReadError(path, f"unexpected pixel array of shape {arr.shape}")
 
     is_float = "PixelData" not in ds
-    data = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    modality = np.asarray(apply_modality_lut(arr, ds))
+    data = modality.astype(np.float64)
     value_range = None
     if voi_lut:
         window = _voi_range(ds)
         if window is not None:
-            data = np.asarray(apply_voi_lut(data, ds, index=0, prefer_lut=True), np.float64)
+            voi = apply_voi_lut(modality, ds, index=0, prefer_lut=True)
+            data = np.asarray(voi, dtype=np.float64)
             value_range = window
     if value_range is None and not is_float:
         value_range = _stored_range(ds)

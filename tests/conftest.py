@@ -133,3 +133,17 @@ def tiny_eval_set(tmp_path):
     return {"root": str(tmp_path), "data_dir": str(data_dir), "manifest": str(manifest),
             "vertebrae": str(vertebrae), "predictions": str(predictions), "infer_dir": str(infer_dir),
             "truth": truth}
+
+
+# --------------------------------------------------------------------------- markers
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

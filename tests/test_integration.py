@@ -1,0 +1,126 @@
+"""End to end on CPU: phantom -> tiny fit -> checkpoint -> infer.py -> evaluate.py -> notebook."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from data.phantom import generate_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compose_config(tmp: Path, manifest: Path, **model) -> Path:
+    """The real debug config, pointed at tmp paths."""
+    cfg = yaml.safe_load((ROOT / "configs" / "debug.yaml").read_text())
+    cfg["trainer"]["default_root_dir"] = str(tmp)
+    cfg["trainer"]["logger"][0]["init_args"]["save_dir"] = str(tmp)
+    cfg["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(tmp)
+    cfg["data"]["manifest"] = str(manifest)
+    cfg["model"].update(model)
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    import train
+
+    tmp = tmp_path_factory.mktemp("run")
+    generate_dataset(tmp / "data", n=24, seed=21, size=160, workers=1, progress=False)
+    generate_dataset(tmp / "test", n=6, seed=22, size=160, workers=1, progress=False)
+    train.main(["fit", "--config", str(compose_config(tmp, tmp / "data" / "manifest.csv"))])
+    return tmp
+
+
+def test_fit_writes_checkpoints_and_resolved_config(trained):
+    assert (trained / "best.ckpt").is_file() and (trained / "last.ckpt").is_file()
+    configs = list(trained.glob("logs/version_*/config.yaml"))
+    assert configs, "the resolved config is saved with the run"
+    resolved = yaml.safe_load(configs[0].read_text())
+    assert resolved["data"]["image_size"] == [128, 96]
+    metrics = pd.read_csv(next(trained.glob("logs/version_*/metrics.csv")))
+    assert "val/auroc_fracture" in metrics.columns and "train/loss" in metrics.columns
+    ckpt = torch.load(trained / "best.ckpt", weights_only=True)  # loads without unrestricted pickle
+    assert ckpt["vcf_model"]["backbone"] == "resnet18"
+    assert ckpt["vcf_model"]["image_size"] == [128, 96]  # linked from data.image_size
+
+
+def test_infer_end_to_end(trained, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    out = tmp_path / "infer"
+    proc = subprocess.run([sys.executable, "infer.py", "--checkpoint", str(trained / "best.ckpt"), "--out", str(out),
+                           "--num-workers", "0", "--quiet", str(trained / "test" / "manifest.csv"), str(bad)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr  # one input failed
+    assert "6 ok, 1 failed" in proc.stdout
+    table = pd.read_csv(out / "predictions.csv")
+    assert len(table) == 7
+    err = table[table.status == "error"]
+    assert len(err) == 1 and "broken.png" in err.image.iloc[0] and isinstance(err.error.iloc[0], str)
+    ok = table[table.status == "ok"]
+    assert ok.p_fracture.between(0, 1).all() and ok.p_acute.between(0, 1).all()
+    assert (ok.p_acute <= ok.p_fracture + 1e-6).all()  # p(acute fracture) <= p(fracture)
+    for name in ok.name:
+        record = json.loads((out / f"{name}.json").read_text())
+        hm = np.load(out / f"{name}_heatmap.npy")
+        assert list(hm.shape) == record["heatmap"]["shape"]
+        # the peak maps into the original image
+        h, w = record["image_size"]
+        x, y = record["heatmap_peak"]
+        assert -1 <= x <= w and -1 <= y <= h
+        i, j = np.unravel_index(hm.argmax(), hm.shape)
+        t = record["heatmap"]["to_image"]
+        assert np.allclose([t["scale"] * j + t["offset"][0], t["scale"] * i + t["offset"][1]], [x, y])
+        assert (out / f"{name}_heatmap.png").stat().st_size > 0
+        assert len(record["checkpoint_id"]) == 16
+
+    report = tmp_path / "report"
+    proc = subprocess.run([sys.executable, "evaluate.py", "--predictions", str(out / "predictions.csv"),
+                           "--manifest", str(trained / "test" / "manifest.csv"), "--out", str(report)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((report / "metrics.json").read_text())
+    assert summary["counts"]["n_fracture_pos"] + summary["counts"]["n_fracture_neg"] == 6
+
+    nbclient = pytest.importorskip("nbclient")
+    import nbformat
+
+    nb = nbformat.read(ROOT / "notebooks" / "evaluate.ipynb", as_version=4)
+    env = {"VCF_PREDICTIONS": str(out / "predictions.csv"), "VCF_MANIFEST": str(trained / "test" / "manifest.csv")}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        nbclient.NotebookClient(nb, timeout=180, kernel_name="python3",
+                                resources={"metadata": {"path": str(ROOT)}}).execute()
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def test_finetune_from_checkpoint_with_frozen_backbone(trained, tmp_path):
+    """init_from loads the earlier weights; BackboneFinetuning keeps the encoder frozen."""
+    import train
+
+    cfg = yaml.safe_load(compose_config(tmp_path, trained / "data" / "manifest.csv",
+                                        init_from=str(trained / "best.ckpt")).read_text())
+    cfg["trainer"]["callbacks"].append({"class_path": "lightning.pytorch.callbacks.BackboneFinetuning",
+                                        "init_args": {"unfreeze_backbone_at_epoch": 5}})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    cli = train.main(["fit", "--config", str(tmp_path / "config.yaml")])
+    before = torch.load(trained / "best.ckpt", weights_only=True)["state_dict"]
+    after = cli.model.state_dict()
+    # convolution kernels (BatchNorm stays trainable under BackboneFinetuning's default)
+    enc = [k for k in before if k.startswith("net.encoder.") and before[k].ndim == 4]
+    assert enc
+    heads = [k for k in before if k.startswith("net.heatmap_head.")]
+    assert all(torch.equal(before[k], after[k]) for k in enc), "encoder should stay frozen"
+    assert any(not torch.equal(before[k], after[k]) for k in heads), "heads should train"
