@@ -1,8 +1,8 @@
 """Datasets and the Lightning DataModule for labelled radiographs.
 
 A sample is a dict: ``image`` (1, H, W) float in [0, 1]; ``fracture`` and ``acute`` (acute
-given a fracture) as floats with NaN for unknown; ``heatmap_target`` (2, H, W) with
-``heatmap_known`` (2,) saying which channels may be trained; ``index``.
+given a fracture) as floats with NaN for unknown; ``heatmap_target`` (3, H, W): fractured, acutely
+fractured and any vertebra, with ``heatmap_known`` (3,) saying which channels may be trained; ``index``.
 Unknown labels stay NaN all the way to the loss, where they are masked out.
 """
 from __future__ import annotations
@@ -41,11 +41,17 @@ class RadiographDataset(Dataset):
         return len(self.images)
 
     def _targets(self, image: str, fracture: float, box) -> tuple[np.ndarray, np.ndarray]:
-        target = np.zeros((2,) + self.image_size, np.uint8)
-        known = np.zeros(2, np.float32)
-        if fracture == 0:
-            return target, np.ones(2, np.float32)  # a normal film has no fractured pixel
+        """Masks for the heatmap channels (fracture, acute, vertebra) and which are known."""
+        target = np.zeros((3,) + self.image_size, np.uint8)
+        known = np.zeros(3, np.float32)
         rows = self._vertebrae.get(image)
+        if rows is not None:
+            all_pts = [box.to_input(r[POINT_COLUMNS].to_numpy(dtype=float).reshape(6, 2)) for _, r in rows.iterrows()]
+            target[2] = rasterize_vertebrae(all_pts, self.image_size)
+            known[2] = 1.0
+        if fracture == 0:
+            known[:2] = 1.0  # a normal film has no fractured pixel
+            return target, known
         if rows is None or fracture != 1:
             return target, known
         grades = rows["genant_grade"].to_numpy(dtype=float)
@@ -71,7 +77,7 @@ class RadiographDataset(Dataset):
         pixels, box = letterbox(normalize_intensity(pixels), self.image_size)
         target, known = self._targets(row["image"], float(self.fracture[i]), box)
         if self.augment is not None:
-            out = self.augment(image=pixels, masks=[target[0], target[1]])
+            out = self.augment(image=pixels, masks=list(target))
             pixels, target = out["image"], np.stack(out["masks"])
         return {
             "image": torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None],

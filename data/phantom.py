@@ -292,7 +292,10 @@ def _render(verts: list[Vertebra], style: dict, rng: np.random.Generator, canvas
     back = spine_x + mean_w * rng.uniform(2.2, 3.0) + 0.02 * W * np.sin(yy / H * 3 + rng.uniform(0, 6))
     front = spine_x - mean_w * rng.uniform(3.5, 5.5) + 0.04 * W * np.sin(yy / H * 2 + rng.uniform(0, 6))
     inside = np.clip(np.minimum(xx - front, back - xx) / (0.12 * W), 0, 1)
-    att += 0.9 * np.sqrt(inside)
+    att += 1.1 * np.sqrt(inside)
+    # overlapping organs and fat planes: low-frequency mottle inside the body
+    att += 0.10 * _smooth_noise(rng, (H, W), (0.03 * H, 0.03 * H)) * inside
+    att += 0.04 * _smooth_noise(rng, (H, W), (0.008 * H, 0.008 * H)) * inside
 
     # Diaphragm: lungs above (air, less attenuation), abdomen below.
     levels = [v.level for v in verts]
@@ -359,7 +362,7 @@ def _render(verts: list[Vertebra], style: dict, rng: np.random.Generator, canvas
         _poly(one, poly, 1.0)
         body = np.maximum(body, one)
         thick = 0.055 * v.h * (0.8 if density < 0.75 else 1.0)
-        c_val = 0.9 + 0.35 * density
+        c_val = 0.6 + 0.3 * density
         if v.fractured and not v.acute:
             thick *= 1.9  # smooth, well-corticated sclerotic margins
             c_val *= 1.35
@@ -408,7 +411,7 @@ def _render(verts: list[Vertebra], style: dict, rng: np.random.Generator, canvas
             _polyline(ghost, bottom_line + v.normal * 0.06 * v.w - v.tangent * 0.05 * v.h, 0.4, thick)
     trabecular = body * (0.55 * density + 0.15) * trab_tex
     band = cv2.GaussianBlur(band, (0, 0), 1.0) * body
-    att += (cv2.GaussianBlur(trabecular, (0, 0), 0.7) + np.maximum(cortex, 0) * 0.9
+    att += (cv2.GaussianBlur(trabecular, (0, 0), 0.7) + np.maximum(cortex, 0) * 0.8
             + band + ghost * 0.5 + bone + cv2.GaussianBlur(soft, (0, 0), 3.0))
     return att, mask_polys
 

@@ -5,8 +5,8 @@ Outputs (see :meth:`FractureNet.forward`):
 * ``logits`` ``(B, 2)``: image-level logits for *fracture present* and *acute, given a
   fracture*. The reported ``p_acute`` (an acute fracture is present) is
   ``sigmoid(fracture) * sigmoid(acute | fracture)``.
-* ``heatmap_logits`` ``(B, 2, H/8, W/8)``: dense logits for "this pixel lies in a fractured
-  vertebra" and "... in an acutely fractured vertebra". Trained from vertebra masks where the
+* ``heatmap_logits`` ``(B, 3, H/8, W/8)``: dense logits for "this pixel lies in a fractured
+  vertebra", "... in an acutely fractured vertebra" and "... in a vertebra" (auxiliary). Trained from vertebra masks where the
   data give them; elsewhere they learn only through their pooled contribution to the image
   logits, which makes them a class activation map (weak supervision).
 """
@@ -20,6 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 TARGETS = ("fracture", "acute")
+# Dense channels: fractured vertebra, acutely fractured vertebra, and any vertebra. The last
+# is an auxiliary task: it is known on every film with vertebra truth, so it teaches the
+# features where vertebrae are long before the rare fracture pixels can.
+HEATMAP_CHANNELS = ("fracture", "acute", "vertebra")
 HEATMAP_STRIDE = 8
 
 
@@ -64,7 +68,7 @@ class FractureNet(nn.Module):
         self.lateral = nn.ModuleList(nn.Conv2d(c, fpn_dim, 1) for c in chans)
         self.smooth = nn.Sequential(nn.Conv2d(fpn_dim, fpn_dim, 3, padding=1, bias=False),
                                     nn.BatchNorm2d(fpn_dim), nn.ReLU(inplace=True))
-        self.heatmap_head = nn.Conv2d(fpn_dim, len(TARGETS), 1)
+        self.heatmap_head = nn.Conv2d(fpn_dim, len(HEATMAP_CHANNELS), 1)
         self.image_head = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * chans[-1], len(TARGETS)))
         # how much the pooled heatmap evidence adds to the image logits
         self.pool_weight = nn.Parameter(torch.ones(len(TARGETS)))
@@ -80,7 +84,7 @@ class FractureNet(nn.Module):
         heatmap_logits = self.heatmap_head(self.smooth(top))
         c5 = feats[-1]
         pooled = torch.cat([c5.mean(dim=(2, 3)), c5.amax(dim=(2, 3))], dim=1)
-        logits = self.image_head(pooled) + self.pool_weight * logsumexp_pool(heatmap_logits)
+        logits = self.image_head(pooled) + self.pool_weight * logsumexp_pool(heatmap_logits[:, : len(TARGETS)])
         return {"logits": logits, "heatmap_logits": heatmap_logits}
 
     @staticmethod

@@ -61,7 +61,7 @@ class FractureSystem(L.LightningModule):
         loss_acute = masked_bce(logits[:, 1], batch["acute"])
         hm_logits = out["heatmap_logits"]
         target = F.adaptive_avg_pool2d(batch["heatmap_target"], hm_logits.shape[-2:])
-        known = batch["heatmap_known"]  # (B, 2)
+        known = batch["heatmap_known"]  # (B, channels)
         if known.sum() > 0:
             bce = F.binary_cross_entropy_with_logits(hm_logits, target, reduction="none").mean(dim=(2, 3))
             dice = self.dice(hm_logits, target).reshape(bce.shape)

@@ -65,3 +65,19 @@ def test_network_outputs_and_probability_rule():
     assert out["logits"].shape == (2, 2) and out["heatmap_logits"].shape == (2, 2, 12, 8)
     p = FractureNet.probabilities(out)
     assert torch.allclose(p["p_acute"], p["p_fracture"] * p["p_acute_given_fracture"])
+
+
+def test_backbone_loads_local_pretrained_file(tmp_path):
+    """pretrained=<path>: timm reads the file (weights_only) and folds the RGB stem to 1 channel."""
+    import timm
+
+    from models.network import create_encoder
+
+    rgb = timm.create_model("resnet18", pretrained=False, in_chans=3)
+    path = tmp_path / "resnet18_weights.pth"
+    torch.save(rgb.state_dict(), path)
+    enc = create_encoder("resnet18", str(path), in_chans=1)
+    assert torch.allclose(enc.conv1.weight, rgb.conv1.weight.sum(dim=1, keepdim=True), atol=1e-5)
+    assert torch.equal(enc.layer1[0].conv1.weight, rgb.layer1[0].conv1.weight)
+    with pytest.raises(FileNotFoundError):
+        create_encoder("resnet18", str(tmp_path / "missing.pth"))

@@ -53,6 +53,22 @@ def test_fit_writes_checkpoints_and_resolved_config(trained):
     assert ckpt["vcf_model"]["image_size"] == [128, 96]  # linked from data.image_size
 
 
+def test_resume_from_last_checkpoint(trained, tmp_path):
+    """--ckpt_path last.ckpt continues the run: one more epoch adds exactly one epoch of steps."""
+    import shutil
+
+    import train
+
+    before = torch.load(trained / "last.ckpt", weights_only=True)
+    work = tmp_path / "resume"
+    work.mkdir()
+    shutil.copy(trained / "last.ckpt", work / "start.ckpt")
+    cfg = compose_config(work, trained / "data" / "manifest.csv")
+    cli = train.main(["fit", "--config", str(cfg), "--trainer.max_epochs", "2", "--ckpt_path", str(work / "start.ckpt")])
+    assert cli.trainer.current_epoch == 2
+    assert cli.trainer.global_step == 2 * before["global_step"]
+
+
 def test_infer_end_to_end(trained, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")

@@ -1,0 +1,89 @@
+"""Contact sheet: phantom films beside real radiographs, to compare texture and exposure.
+
+    python -m data.contact_sheet --manifest runs/demo/data/train/manifest.csv --out sheet.png \
+        [--real ../shared/data/aasce/images] [--n 8]
+
+Phantom tiles outline fractured vertebrae (red acute, blue chronic) and give the Genant grade;
+real films (any folder of images, e.g. the AASCE AP films) fill a second row, unannotated.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from data.io_utils import atomic_write_image
+from data.readers import IMAGE_SUFFIXES, ImageReadError, read_image
+from data.transforms import letterbox, normalize_intensity
+
+TILE = (384, 300)  # height, width
+
+
+def _tile(pixels: np.ndarray) -> tuple[np.ndarray, object]:
+    img, box = letterbox(normalize_intensity(pixels), TILE)
+    return cv2.cvtColor((img * 255).astype(np.uint8), cv2.COLOR_GRAY2BGR), box
+
+
+def phantom_tiles(manifest: Path, n: int) -> list[np.ndarray]:
+    man = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    vpath = manifest.parent / "vertebrae.csv"
+    vert = pd.read_csv(vpath) if vpath.is_file() else None
+    # show fractured films first: they are what the sheet is for
+    man = pd.concat([man[man.fracture == "1"], man[man.fracture != "1"]]).head(n)
+    tiles = []
+    for _, row in man.iterrows():
+        tile, box = _tile(read_image(manifest.parent / row["image"]).pixels)
+        if vert is not None:
+            for _, v in vert[(vert.image == row["image"]) & (vert.genant_grade > 0)].iterrows():
+                (x0, y0), (x1, y1) = box.to_input(np.array([[v.x_min, v.y_min], [v.x_max, v.y_max]]))
+                colour = (40, 40, 230) if v.acute == 1 else (230, 120, 40)
+                cv2.rectangle(tile, (int(x0), int(y0)), (int(x1), int(y1)), colour, 1)
+                cv2.putText(tile, f"{v.level} G{int(v.genant_grade)} {'AC' if v.acute == 1 else 'CH'}",
+                            (int(x1) + 2, int(y0) + 8), cv2.FONT_HERSHEY_SIMPLEX, 0.33, colour, 1, cv2.LINE_AA)
+        cv2.putText(tile, "phantom", (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 220, 0), 1, cv2.LINE_AA)
+        tiles.append(tile)
+    return tiles
+
+
+def real_tiles(folder: Path, n: int) -> list[np.ndarray]:
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    pick = [files[i] for i in np.linspace(0, len(files) - 1, min(n, len(files))).astype(int)] if files else []
+    tiles = []
+    for p in pick:
+        try:
+            tile, _ = _tile(read_image(p).pixels)
+        except ImageReadError:
+            continue
+        cv2.putText(tile, "real", (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 220, 220), 1, cv2.LINE_AA)
+        tiles.append(tile)
+    return tiles
+
+
+def _row(tiles: list[np.ndarray], n: int) -> np.ndarray:
+    blank = np.zeros(TILE + (3,), np.uint8)
+    tiles = tiles + [blank] * (n - len(tiles))
+    return np.hstack(tiles[:n])
+
+
+def contact_sheet(manifest: str | Path, out: str | Path, real: str | Path | None = None, n: int = 8) -> Path:
+    rows = [_row(phantom_tiles(Path(manifest), n), n)]
+    if real is not None and Path(real).is_dir():
+        rows.append(_row(real_tiles(Path(real), n), n))
+    return atomic_write_image(out, np.vstack(rows))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--real", default=None, help="a folder of real radiographs to show beneath")
+    p.add_argument("--n", type=int, default=8)
+    a = p.parse_args(argv)
+    print(f"wrote {contact_sheet(a.manifest, a.out, a.real, a.n)}")
+
+
+if __name__ == "__main__":
+    main()
