@@ -62,7 +62,7 @@ def test_architecture_mismatch_is_named(tmp_path):
 def test_network_outputs_and_probability_rule():
     net = FractureNet(fpn_dim=16).eval()
     out = net(torch.rand(2, 1, 96, 64))
-    assert out["logits"].shape == (2, 2) and out["heatmap_logits"].shape == (2, 2, 12, 8)
+    assert out["logits"].shape == (2, 2) and out["heatmap_logits"].shape == (2, 3, 12, 8)
     p = FractureNet.probabilities(out)
     assert torch.allclose(p["p_acute"], p["p_fracture"] * p["p_acute_given_fracture"])
 
