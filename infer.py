@@ -27,18 +27,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--voi-lut", action="store_true", help="apply the DICOM VOI LUT / window")
     parser.add_argument("--max-pixels", type=int, default=50_000_000,
                         help="refuse images larger than this before decoding them")
+    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                        help="torch: a .ckpt; onnx: a model exported by `python -m models.export`")
+    parser.add_argument("--resume", action="store_true", help="skip inputs whose outputs are complete")
+    parser.add_argument("--keep-identifiers", action="store_true",
+                        help="copy patient name, ID and birth date into the outputs (left out by default)")
+    parser.add_argument("--dicom-sc", action="store_true", help="also write the overlay as a DICOM Secondary Capture")
+    parser.add_argument("--dicom-sr", action="store_true", help="also write a DICOM Comprehensive SR (TID 1500)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
-        predictor = Predictor(args.checkpoint, device=args.device, sha256=args.sha256)
+        if args.backend == "onnx":
+            from models.export import OnnxPredictor
+
+            predictor = OnnxPredictor(args.checkpoint, device=args.device, sha256=args.sha256)
+        else:
+            predictor = Predictor(args.checkpoint, device=args.device, sha256=args.sha256)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     summary = run_inference(predictor, args.inputs, args.out, batch_size=args.batch_size,
                             num_workers=args.num_workers, voi_lut=args.voi_lut, max_pixels=args.max_pixels,
-                            progress=not args.quiet)
-    print(f"{summary.n_ok} ok, {summary.n_failed} failed in {summary.seconds:.1f} s; "
-          f"predictions: {summary.predictions_csv}")
+                            progress=not args.quiet, resume=args.resume, keep_identifiers=args.keep_identifiers,
+                            dicom_sc=args.dicom_sc, dicom_sr=args.dicom_sr)
+    skipped = f" ({summary.n_skipped} already complete)" if summary.n_skipped else ""
+    print(f"{summary.n_ok} ok{skipped}, {summary.n_failed} failed in {summary.seconds:.1f} s; "
+          f"predictions: {summary.predictions_csv}" + (f"; errors: {summary.predictions_csv.parent / 'errors.csv'}"
+                                                       if summary.n_failed else ""))
     return 1 if summary.n_failed else 0
 
 

@@ -11,6 +11,15 @@ import cv2
 import numpy as np
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def _atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -20,6 +29,7 @@ def _atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
             fh.write(payload)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs should read like any other
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

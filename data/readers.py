@@ -71,6 +71,8 @@ _OTHER_MAGICS = (
     (b"GIF8", "GIF"),
     (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"),
     (b"\xff\x4f\xff\x51", "JPEG 2000 codestream"),
+    (b"\x1f\x8b", "gzip-compressed file"),
+    (b"PK\x03\x04", "ZIP archive"),
 )
 
 
@@ -338,17 +340,81 @@ def _read_raster(path: Path, kind: str, max_pixels: int | None) -> RadiographIma
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
+_DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
+
+
+def _sop_class(ds):
+    """SOPClassUID of the data set, else MediaStorageSOPClassUID of the file meta (or None)."""
+    sop = ds.get("SOPClassUID", None)
+    if not sop:
+        meta = getattr(ds, "file_meta", None)
+        sop = meta.get("MediaStorageSOPClassUID", None) if meta is not None else None
+    return sop or None
+
+
+def _sop_name(sop) -> str:
+    try:
+        return str(sop.name)
+    except Exception:
+        return str(sop)
+
+
 def _what(ds) -> str:
     modality = str(ds.get("Modality", "") or "").strip()
     if modality:
         return modality
-    sop = ds.get("SOPClassUID", None)
-    if sop:
+    sop = _sop_class(ds)
+    return _sop_name(sop) if sop else ""
+
+
+def _truncation(ds, path) -> tuple[Any, str] | None:
+    """``(tag, text)`` when the file ends inside its last top-level element, else None.
+
+    pydicom stops quietly at the end of a truncated file; the raw (not yet converted) last
+    element still knows where its value starts and how long it claims to be. An empty data
+    set gives ``(None, text)``. Call before the elements are accessed (converted).
+    """
+    try:
+        meta = getattr(ds, "file_meta", None)
+        ts = meta.get("TransferSyntaxUID", None) if meta is not None else None
+        if ts is not None and ts.is_deflated:  # offsets are in the inflated stream
+            return None
+        if len(ds) == 0:
+            return None, "no data elements after the file meta information"
+        last = max(ds.keys())
+        raw = ds.get_item(last)
+        tell, length = getattr(raw, "value_tell", None), getattr(raw, "length", None)
+        if tell is None or length is None or int(length) == 0xFFFFFFFF:
+            return None
+        missing = int(tell) + int(length) - os.path.getsize(path)
+        if missing > 0:
+            return last, f"the file ends {missing} bytes before the end of element {last}"
+    except Exception:
+        return None
+    return None
+
+
+def _header_int(path, ds, keyword: str, default: int | None = None) -> int | None:
+    """An integer header attribute, or a clear refusal when its value is not an integer."""
+    value = ds.get(keyword, None)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
         try:
-            return str(sop.name)
+            raw = ds[keyword].value
         except Exception:
-            return str(sop)
-    return ""
+            raw = value
+        raise ImageReadError(path, f"invalid {keyword} value {str(raw)!r} in the DICOM header") \
+            from None
+
+
+def _decode_error_text(e: Exception) -> str:
+    text = f"{type(e).__name__}: {e}"
+    return text.replace(
+        "Unable to decode as exceptions were raised by all available plugins: ", ""
+    )
 
 
 def _spacing(ds) -> tuple[float, float] | None:
@@ -443,6 +509,7 @@ def _ensure_transfer_syntax(ds) -> None:
 def _read_dicom(path: Path, voi_lut: bool, max_pixels: int | None) -> RadiographImage:
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.tag import Tag
 
     try:
         # Large elements (the pixel data) are read only when needed: after the size check.
@@ -450,20 +517,27 @@ def _read_dicom(path: Path, voi_lut: bool, max_pixels: int | None) -> Radiograph
     except Exception as e:
         raise ImageReadError(path, f"truncated or corrupt DICOM: {type(e).__name__}: {e}") from e
 
+    truncated = _truncation(ds, path)  # before any element is converted
     what = _what(ds)
     if not any(kw in ds for kw in _PIXEL_KEYWORDS):
+        sop = _sop_class(ds)
+        if str(sop or "") == _DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
+            raise ImageReadError(
+                path, "DICOMDIR: no pixel data (a media directory that lists image files; "
+                "give its folder instead)"
+            )
         reason = f"{what}: no pixel data" if what else "no pixel data"
-        # pydicom stops quietly at the end of a truncated file: say so when an image was expected
-        meta = getattr(ds, "file_meta", None)
-        sop = ds.get("SOPClassUID", None) or (
-            meta.get("MediaStorageSOPClassUID", None) if meta is not None else None
-        )
-        sop_name = str(getattr(sop, "name", "") or "")
-        if len(ds) == 0 or "Rows" in ds or "Columns" in ds or "Image Storage" in sop_name:
-            reason += " (truncated or corrupt file?)"
+        if truncated:
+            reason += f" (truncated or corrupt file: {truncated[1]})"
+        elif "Rows" in ds or "Columns" in ds or "Image Storage" in _sop_name(sop or ""):
+            # pydicom stops quietly at an element boundary too: say why it may be missing
+            reason += " (an image header without pixel data: a truncated or stripped file)"
         raise ImageReadError(path, reason)
 
-    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    for keyword in ("Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
+                    "PixelRepresentation", "SamplesPerPixel", "NumberOfFrames"):
+        _header_int(path, ds, keyword)
+    spp = _header_int(path, ds, "SamplesPerPixel", 1) or 1
     photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
     if not photometric and spp == 1:
         photometric = "MONOCHROME2"
@@ -474,15 +548,11 @@ def _read_dicom(path: Path, voi_lut: bool, max_pixels: int | None) -> Radiograph
     if spp != 1:
         raise ImageReadError(path, f"{spp} samples per pixel: not a greyscale radiograph")
 
-    rows, cols = ds.get("Rows", None), ds.get("Columns", None)
-    if not rows or not cols:
-        raise ImageReadError(path, "missing or zero Rows / Columns")
-    rows, cols = int(rows), int(cols)
+    rows, cols = _header_int(path, ds, "Rows", 0), _header_int(path, ds, "Columns", 0)
+    if not rows or not cols or rows < 0 or cols < 0:
+        raise ImageReadError(path, "pixel data without valid Rows / Columns (missing or zero)")
     _check_limit(path, cols, rows, max_pixels)
-    try:
-        frames = max(1, int(ds.get("NumberOfFrames", 1) or 1))
-    except (TypeError, ValueError):
-        frames = 1
+    frames = max(1, _header_int(path, ds, "NumberOfFrames", 1) or 1)
 
     _ensure_transfer_syntax(ds)
     ts = ds.file_meta.TransferSyntaxUID
@@ -500,6 +570,9 @@ def _read_dicom(path: Path, voi_lut: bool, max_pixels: int | None) -> Radiograph
                 path, f"no installed codec for transfer syntax {ts_text} ({missing})"
             )
 
+    pixel_tags = {Tag(kw) for kw in _PIXEL_KEYWORDS}
+    if truncated and truncated[0] in pixel_tags:
+        raise ImageReadError(path, f"truncated or corrupt pixel data ({ts_text}): {truncated[1]}")
     try:
         ds.pixel_array_options(index=0)  # decode only the first frame
         arr = np.asarray(ds.pixel_array)
@@ -507,7 +580,7 @@ def _read_dicom(path: Path, voi_lut: bool, max_pixels: int | None) -> Radiograph
         problem = "cannot decode pixel data" if ts.is_compressed else (
             "truncated or corrupt pixel data"
         )
-        raise ImageReadError(path, f"{problem} ({ts_text}): {type(e).__name__}: {e}") from e
+        raise ImageReadError(path, f"{problem} ({ts_text}): {_decode_error_text(e)}") from e
     if arr.ndim == 3 and arr.shape[0] == 1:
         arr = arr[0]
     if arr.ndim != 2:

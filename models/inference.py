@@ -6,7 +6,7 @@ cannot be read gets an ``error`` row and the run goes on.
 from __future__ import annotations
 
 import hashlib
-import math
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -101,7 +101,37 @@ class InferenceDataset(Dataset):
         f = min(1.0, OVERLAY_MAX_SIDE / max(h, w))
         display = cv2.resize(pixels, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA) if f < 1 else pixels
         return {"index": i, "image": torch.from_numpy(x)[None], "box": box, "display": display,
-                "image_size": (h, w), "pixel_spacing_mm": img.pixel_spacing_mm}
+                "image_size": (h, w), "pixel_spacing_mm": img.pixel_spacing_mm,
+                "dicom": dict(img.info) if img.source_format == "dicom" else None}
+
+
+def _identifiers(path: str) -> dict:
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    return {kw: str(ds.get(kw, "")) for kw in IDENTIFIER_KEYWORDS}
+
+
+def _write_dicom_outputs(out: Path, path: str, name: str, overlay_bgr: np.ndarray, record: dict,
+                         options: OutputOptions) -> dict:
+    """DICOM Secondary Capture of the overlay and a Comprehensive SR, referencing the source."""
+    import pydicom
+
+    from models import dicom_out
+
+    source = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    written = {}
+    if options.dicom_sc:
+        sc = dicom_out.secondary_capture(source, overlay_bgr, keep_identifiers=options.keep_identifiers)
+        dicom_out.write_dicom(sc, out / f"{name}_sc.dcm")
+        written["secondary_capture"] = f"{name}_sc.dcm"
+    if options.dicom_sr:
+        findings = {k: record[k] for k in ("p_fracture", "p_acute")}
+        findings["vertebrae"] = record.get("vertebrae", [])
+        sr = dicom_out.structured_report(source, findings, keep_identifiers=options.keep_identifiers)
+        dicom_out.write_dicom(sr, out / f"{name}_sr.dcm")
+        written["structured_report"] = f"{name}_sr.dcm"
+    return written
 
 
 def _collate(batch: list[dict]) -> list[dict]:
@@ -114,6 +144,17 @@ class InferenceSummary:
     n_failed: int
     seconds: float
     predictions_csv: Path
+    n_skipped: int = 0  # complete outputs found by --resume
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    keep_identifiers: bool = False
+    dicom_sc: bool = False
+    dicom_sr: bool = False
+
+
+IDENTIFIER_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate")
 
 
 class Predictor:
@@ -151,38 +192,80 @@ def _heatmap_on_display(heatmap: np.ndarray, box, display_hw: tuple[int, int], i
     return cv2.resize(crop, (display_hw[1], display_hw[0]), interpolation=cv2.INTER_LINEAR)
 
 
+def _completed_row(out: Path, path: str, name: str) -> dict | None:
+    """The predictions row of an input whose outputs are all present (for --resume).
+
+    The JSON is written last, so its presence means the heatmaps before it are complete."""
+    record_path = out / f"{name}.json"
+    if not record_path.is_file():
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("image") != path:
+        return None
+    if not all((out / f).is_file() for f in (record["heatmap"]["npy"], record["heatmap"]["png"])):
+        return None
+    peak = record["heatmap_peak"]
+    return {"image": path, "name": name, "p_fracture": record["p_fracture"], "p_acute": record["p_acute"],
+            "p_acute_given_fracture": record["p_acute_given_fracture"], "heatmap_peak_x": peak[0],
+            "heatmap_peak_y": peak[1], "status": "ok", "error": ""}
+
+
 def run_inference(predictor: Predictor, inputs: list[str], out: str | os.PathLike, batch_size: int = 8,
                   num_workers: int = 0, voi_lut: bool = False, max_pixels: int = 50_000_000,
-                  progress: bool = True) -> InferenceSummary:
+                  progress: bool = True, resume: bool = False, keep_identifiers: bool = False,
+                  dicom_sc: bool = False, dicom_sr: bool = False) -> InferenceSummary:
+    """Run ``predictor`` over every input and write the outputs of docs/formats.md.
+
+    ``resume`` skips inputs whose outputs are complete. ``dicom_sc`` / ``dicom_sr`` add a
+    DICOM Secondary Capture of the overlay / a Comprehensive SR for DICOM inputs. Patient
+    name, ID and birth date are left out of every output unless ``keep_identifiers``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     paths, problems = collect_inputs(inputs)
     names = output_names(paths)
     rows: list[dict] = [{"image": p, "name": "", "status": "error", "error": why} for p, why in problems]
-    dataset = InferenceDataset(paths, predictor.image_size, voi_lut=voi_lut, max_pixels=max_pixels)
+    todo = list(range(len(paths)))
+    if resume:
+        done = {i: _completed_row(out, paths[i], names[i]) for i in todo}
+        rows += [r for r in done.values() if r is not None]
+        todo = [i for i in todo if done[i] is None]
+    options = OutputOptions(keep_identifiers=keep_identifiers, dicom_sc=dicom_sc, dicom_sr=dicom_sr)
+    dataset = InferenceDataset([paths[i] for i in todo], predictor.image_size, voi_lut=voi_lut, max_pixels=max_pixels)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
-    bar = tqdm(total=len(paths), desc="inference", unit="img", disable=not progress)
+    bar = tqdm(total=len(paths), initial=len(paths) - len(todo), desc="inference", unit="img", disable=not progress)
     for batch in loader:
         good = [b for b in batch if "error" not in b]
         for b in batch:
             if "error" in b:
-                rows.append({"image": paths[b["index"]], "name": names[b["index"]], "status": "error", "error": b["error"]})
+                i = todo[b["index"]]
+                rows.append({"image": paths[i], "name": names[i], "status": "error", "error": b["error"]})
         if good:
             probs = predictor(torch.stack([b["image"] for b in good]))
             for k, b in enumerate(good):
-                rows.append(_write_outputs(predictor, out, paths[b["index"]], names[b["index"]], b,
-                                           {key: v[k] for key, v in probs.items()}))
+                i = todo[b["index"]]
+                try:
+                    rows.append(_write_outputs(predictor, out, paths[i], names[i], b,
+                                               {key: v[k] for key, v in probs.items()}, options))
+                except Exception as exc:  # e.g. a full disk: record it, keep going
+                    rows.append({"image": paths[i], "name": names[i], "status": "error",
+                                 "error": f"writing outputs failed: {type(exc).__name__}: {exc}"})
         bar.update(len(batch))
     bar.close()
     table = pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
     atomic_write_text(out / "predictions.csv", table.to_csv(index=False))
-    n_failed = int((table["status"] != "ok").sum())
+    errors = table[table["status"] != "ok"][["image", "name", "error"]]
+    atomic_write_text(out / "errors.csv", errors.to_csv(index=False))
+    n_failed = len(errors)
     return InferenceSummary(n_ok=len(table) - n_failed, n_failed=n_failed, seconds=time.time() - start,
-                            predictions_csv=out / "predictions.csv")
+                            predictions_csv=out / "predictions.csv", n_skipped=len(paths) - len(todo))
 
 
-def _write_outputs(predictor: Predictor, out: Path, path: str, name: str, item: dict, p: dict) -> dict:
+def _write_outputs(predictor: Predictor, out: Path, path: str, name: str, item: dict, p: dict,
+                   options: OutputOptions = OutputOptions()) -> dict:
     heatmap = p["heatmap"].astype(np.float32)
     to_image = item["box"].heatmap_to_image(HEATMAP_STRIDE)
     peak, peak_value = _heatmap_peak(heatmap, to_image)
@@ -190,9 +273,9 @@ def _write_outputs(predictor: Predictor, out: Path, path: str, name: str, item: 
     display = item["display"]
     on_display = _heatmap_on_display(heatmap, item["box"], display.shape, item["image_size"])
     f = display.shape[1] / item["image_size"][1]
-    atomic_write_image(out / f"{name}_heatmap.png",
-                       overlay_heatmap(display, on_display, peak=(peak[0] * f, peak[1] * f),
-                                       label=f"p(fracture) {p['p_fracture']:.2f}  p(acute) {p['p_acute']:.2f}"))
+    overlay = overlay_heatmap(display, on_display, peak=(peak[0] * f, peak[1] * f),
+                              label=f"p(fracture) {p['p_fracture']:.2f}  p(acute) {p['p_acute']:.2f}")
+    atomic_write_image(out / f"{name}_heatmap.png", overlay)
     record = {
         "image": path,
         "name": name,
@@ -209,7 +292,13 @@ def _write_outputs(predictor: Predictor, out: Path, path: str, name: str, item: 
         "model": {k: predictor.meta.get(k) for k in ("architecture", "backbone", "code_version", "image_size")},
         "note": "Research software trained on synthetic data unless stated otherwise; not for clinical use.",
     }
-    atomic_write_json(out / f"{name}.json", record)
+    if item.get("dicom"):
+        record["dicom"] = item["dicom"]  # UIDs and modality; identifiers only with keep_identifiers
+        if options.keep_identifiers:
+            record["patient"] = _identifiers(path)
+        if options.dicom_sc or options.dicom_sr:
+            record["dicom_outputs"] = _write_dicom_outputs(out, path, name, overlay, record, options)
+    atomic_write_json(out / f"{name}.json", record)  # last: its presence marks a complete output
     return {"image": path, "name": name, "p_fracture": record["p_fracture"], "p_acute": record["p_acute"],
             "p_acute_given_fracture": record["p_acute_given_fracture"], "heatmap_peak_x": peak[0],
             "heatmap_peak_y": peak[1], "status": "ok", "error": ""}

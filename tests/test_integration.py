@@ -140,3 +140,93 @@ def test_finetune_from_checkpoint_with_frozen_backbone(trained, tmp_path):
     heads = [k for k in before if k.startswith("net.heatmap_head.")]
     assert all(torch.equal(before[k], after[k]) for k in enc), "encoder should stay frozen"
     assert any(not torch.equal(before[k], after[k]) for k in heads), "heads should train"
+
+
+def _phantom_as_dicom(png: Path, out: Path) -> Path:
+    """A phantom film as a MONOCHROME2 DICOM with made-up identifiers."""
+    import cv2
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    pixels = cv2.imread(str(png), cv2.IMREAD_UNCHANGED)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(out), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = "Doe^Jane", "MRN-991122", "19400101"
+    ds.Modality, ds.Rows, ds.Columns = "DX", *pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelSpacing = [0.5, 0.5]
+    ds.PixelData = pixels.astype("<u2").tobytes()
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+def test_resume_errors_and_identifiers(trained, tmp_path):
+    import infer
+
+    images = sorted((trained / "test" / "images").glob("*.png"))
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    dcm = _phantom_as_dicom(images[0], folder / "study1")  # no suffix: found by content
+    (folder / "empty.dcm").write_bytes(b"")
+    out = tmp_path / "out"
+    args = ["--checkpoint", str(trained / "best.ckpt"), "--out", str(out), "--num-workers", "0", "--quiet"]
+    assert infer.main(args + [str(folder)]) == 1
+    errors = pd.read_csv(out / "errors.csv")
+    assert len(errors) == 1 and errors.image.iloc[0].endswith("empty.dcm") and "empty" in errors.error.iloc[0]
+    record = json.loads((out / "study1.json").read_text())
+    assert record["pixel_spacing_mm"] == [0.5, 0.5]
+    assert record["dicom"]["Modality"] == "DX" and "patient" not in record
+    everything = "".join(p.read_text(errors="ignore") for p in out.glob("*") if p.suffix in (".json", ".csv"))
+    assert "Doe" not in everything and "MRN-991122" not in everything and "19400101" not in everything
+
+    # --resume: complete outputs are kept as they are, the failure is tried again
+    stamp = (out / "study1_heatmap.npy").stat().st_mtime_ns
+    assert infer.main(args + ["--resume", str(folder)]) == 1
+    assert (out / "study1_heatmap.npy").stat().st_mtime_ns == stamp
+    table = pd.read_csv(out / "predictions.csv")
+    assert sorted(table.status) == ["error", "ok"]
+
+    # a half-written output (no JSON) is redone
+    (out / "study1.json").unlink()
+    assert infer.main(args + ["--resume", "--keep-identifiers", str(dcm)]) == 0
+    record = json.loads((out / "study1.json").read_text())
+    assert record["patient"] == {"PatientName": "Doe^Jane", "PatientID": "MRN-991122", "PatientBirthDate": "19400101"}
+
+
+def test_dicom_outputs_and_onnx_backend(trained, tmp_path):
+    """--dicom-sc/--dicom-sr write readable DICOM; --backend onnx gives the same probabilities."""
+    import pydicom
+
+    import infer
+    from models.export import main as export_main
+
+    images = sorted((trained / "test" / "images").glob("*.png"))
+    dcm = _phantom_as_dicom(images[1], tmp_path / "film.dcm")
+    out = tmp_path / "out"
+    args = ["--out", str(out), "--num-workers", "0", "--quiet", str(dcm)]
+    assert infer.main(["--checkpoint", str(trained / "best.ckpt"), "--dicom-sc", "--dicom-sr"] + args) == 0
+    source = pydicom.dcmread(dcm)
+    sc = pydicom.dcmread(out / "film_sc.dcm")
+    sr = pydicom.dcmread(out / "film_sr.dcm")
+    assert sc.StudyInstanceUID == source.StudyInstanceUID and sc.SeriesInstanceUID != source.SeriesInstanceUID
+    assert sc.SamplesPerPixel == 3 and str(sc.PatientName) == ""
+    assert sr.StudyInstanceUID == source.StudyInstanceUID and str(sr.PatientName) == ""
+    assert source.SOPInstanceUID in str(sr)
+    torch_row = pd.read_csv(out / "predictions.csv").iloc[0]
+
+    onnx_path = tmp_path / "model.onnx"
+    export_main(["--checkpoint", str(trained / "best.ckpt"), "--onnx", str(onnx_path)])
+    out2 = tmp_path / "out_onnx"
+    assert infer.main(["--checkpoint", str(onnx_path), "--backend", "onnx", "--out", str(out2), "--num-workers", "0",
+                       "--quiet", str(dcm)]) == 0
+    onnx_row = pd.read_csv(out2 / "predictions.csv").iloc[0]
+    assert abs(onnx_row.p_fracture - torch_row.p_fracture) <= 1e-4
+    assert abs(onnx_row.p_acute - torch_row.p_acute) <= 1e-4
+    assert (out2 / "film.json").stat().st_mode & 0o044  # outputs are readable by the group / others
