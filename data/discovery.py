@@ -25,8 +25,8 @@ Rules
       Directory SOP class) lists the files its directory records reference, relative to the
       DICOMDIR's folder, sorted. The DICOMDIR itself is not an image and is never listed.
       Inside a folder, a DICOMDIR's files are found by the walk as well; each is listed
-      once (where the walk puts it); referenced files the walk did not find (a hidden
-      folder, say) come after the folder's other files.
+      once (where the walk puts it); referenced files the walk did not find (in a hidden
+      folder, say) come after everything found under that folder.
 """
 from __future__ import annotations
 
@@ -81,10 +81,8 @@ class _Finder:
             if err is not None:
                 self.problem(item, err)
             elif _is_dicomdir(path, head):
-                before = len(self.paths)
-                self.dicomdir(path)
-                if len(self.paths) == before and not any(p == path for p, _ in self.problems):
-                    self.problem(item, "DICOMDIR lists no image files")
+                if self.dicomdir(path) == 0:
+                    self.problem(item, "DICOMDIR lists no files")
             else:
                 self.paths.append(path)
         elif kind == "missing":
@@ -172,7 +170,8 @@ class _Finder:
             self.paths.append(os.path.abspath(os.path.join(folder, image)))
 
     # ---------------------------------------------------------------------- DICOMDIR
-    def dicomdir(self, path: str) -> None:
+    def dicomdir(self, path: str) -> int | None:
+        """List the files of a DICOMDIR; returns how many it references (None: unreadable)."""
         import pydicom
 
         try:
@@ -189,7 +188,7 @@ class _Finder:
                 file_ids.append([str(p).strip() for p in parts if str(p).strip()])
         except Exception as e:
             self.problem(path, f"cannot read DICOMDIR: {type(e).__name__}: {e}")
-            return
+            return None
         root = os.path.dirname(path)
         found: list[str] = []
         for parts in file_ids:
@@ -205,6 +204,7 @@ class _Finder:
                 continue
             found.append(target)
         self.paths.extend(sorted(set(found), key=lambda p: Path(p).parts))
+        return len(file_ids)
 
 
 # ------------------------------------------------------------------------------------------

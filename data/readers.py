@@ -21,6 +21,10 @@ DICOM (pydicom)
       than MONOCHROME1/2, a transfer syntax with no available decoder, undecodable data.
       A missing PhotometricInterpretation with one sample per pixel is taken as MONOCHROME2.
     * multi-frame: only the first frame is decoded; ``frames`` records the frame count.
+    * a header integer (Rows, BitsStored, NumberOfFrames, ...) that is not an integer, or a
+      file that ends inside its pixel data, is refused with a message naming it. A file
+      without pixel data is refused as "<modality or SOP class>: no pixel data", saying
+      when the file is truncated; a DICOMDIR is refused as a media directory.
     * modality LUT (or rescale slope/intercept) always; then, only with ``voi_lut=True`` and
       when the file has a VOI LUT or window, the VOI LUT / window, scaled to [0, 1] by the
       window's output range. Otherwise the image is scaled by the range of values that
@@ -161,7 +165,15 @@ def _check_limit(path, width: int, height: int, max_pixels: int | None) -> None:
 def read_image(
     path: str | os.PathLike, voi_lut: bool = False, max_pixels: int | None = 50_000_000
 ) -> RadiographImage:
-    """Read a radiograph; see the module docstring for the rules. Raises ImageReadError."""
+    """Read a radiograph into float32 pixels in [0, 1], bone bright; see the module docstring.
+
+    Multi-frame files (multi-frame DICOM, multi-page TIFF): only the **first** frame / page is
+    decoded and returned; ``RadiographImage.frames`` records how many the file holds
+    (DICOM ``NumberOfFrames``, TIFF page count; 1 for single-frame files).
+
+    Raises :class:`ImageReadError` (one-line ``"{path}: {reason}"``) for anything that is not
+    a readable greyscale radiograph; no other exception escapes.
+    """
     try:
         p = Path(path)
         if not p.exists():
@@ -184,6 +196,12 @@ def read_image(
         raise ImageReadError(path, "not a DICOM or image file")
     except ImageReadError:
         raise
+    except PermissionError as e:
+        raise ImageReadError(path, "permission denied: cannot open the file") from e
+    except OSError as e:
+        raise ImageReadError(
+            path, f"cannot read the file: {e.strerror or type(e).__name__}"
+        ) from e
     except Exception as e:  # never let anything else escape
         raise ImageReadError(path, f"{type(e).__name__}: {e}") from e
 
@@ -203,6 +221,7 @@ def _pil_without_bomb_check():
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)  # e.g. corrupt EXIF: we refuse or read
             yield
     finally:
         Image.MAX_IMAGE_PIXELS = old
@@ -410,11 +429,16 @@ def _header_int(path, ds, keyword: str, default: int | None = None) -> int | Non
             from None
 
 
-def _decode_error_text(e: Exception) -> str:
-    text = f"{type(e).__name__}: {e}"
-    return text.replace(
-        "Unable to decode as exceptions were raised by all available plugins: ", ""
-    )
+def _decode_error_text(e: Exception, limit: int = 300) -> str:
+    """One short line from a pixel decoding exception (pydicom lists each plugin's error)."""
+    text = str(e)
+    prefix = "Unable to decode as exceptions were raised by all available plugins:"
+    if text.startswith(prefix):
+        text = "; ".join(line.strip() for line in text[len(prefix):].splitlines() if line.strip())
+    else:
+        text = f"{type(e).__name__}: {text}"
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _spacing(ds) -> tuple[float, float] | None:
@@ -523,8 +547,8 @@ def _read_dicom(path: Path, voi_lut: bool, max_pixels: int | None) -> Radiograph
         sop = _sop_class(ds)
         if str(sop or "") == _DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
             raise ImageReadError(
-                path, "DICOMDIR: no pixel data (a media directory that lists image files; "
-                "give its folder instead)"
+                path, "DICOMDIR: no pixel data (a media directory that lists image files, "
+                "not an image)"
             )
         reason = f"{what}: no pixel data" if what else "no pixel data"
         if truncated:

@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from data.io_utils import atomic_save_npy, atomic_write_image, atomic_write_json, atomic_write_text
-from data.readers import DICOM_SUFFIXES, IMAGE_SUFFIXES, ImageReadError, is_dicom, read_image
+from data.discovery import find_inputs
+from data.readers import ImageReadError, read_image
 from data.transforms import letterbox, normalize_intensity
 from models.checkpoint import build_network, file_sha256, load_checkpoint
 from models.network import HEATMAP_STRIDE, FractureNet
@@ -32,44 +33,11 @@ OVERLAY_MAX_SIDE = 1024  # overlays are downsized to this long side; the .npy ke
 
 
 def collect_inputs(inputs: list[str | os.PathLike]) -> tuple[list[str], list[tuple[str, str]]]:
-    """Expand files, folders (recursively) and manifest CSVs into image paths.
+    """Expand files, folders (recursively), manifest CSVs and DICOMDIRs into image paths.
 
-    Returns ``(paths, problems)``: problems are inputs that do not exist, with a reason."""
-    paths: list[str] = []
-    problems: list[tuple[str, str]] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            for root, dirs, files in os.walk(p, followlinks=False):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                for f in sorted(files):
-                    fp = Path(root) / f
-                    if f.startswith(".") or f == "DICOMDIR":
-                        continue
-                    suffix = fp.suffix.lower()
-                    if suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES or _safe_is_dicom(fp):
-                        paths.append(str(fp.absolute()))
-        elif p.suffix.lower() == ".csv" and p.is_file():
-            table = pd.read_csv(p, dtype=str, keep_default_na=False)
-            if "image" not in table.columns:
-                problems.append((str(p), "manifest has no 'image' column"))
-                continue
-            for image in table["image"]:
-                ip = Path(image)
-                paths.append(str(ip if ip.is_absolute() else (p.parent / ip).absolute()))
-        elif p.exists() or p.is_symlink():
-            paths.append(str(p.absolute()))
-        else:
-            problems.append((str(p), "no such file or folder"))
-    # keep the first occurrence of each path
-    return list(dict.fromkeys(paths)), problems
-
-
-def _safe_is_dicom(path: Path) -> bool:
-    try:
-        return is_dicom(path)
-    except OSError:
-        return False
+    Returns ``(paths, problems)``: problems are inputs that could not be listed, with a reason.
+    See :func:`data.discovery.find_inputs` for the rules."""
+    return find_inputs([os.fspath(i) for i in inputs])
 
 
 def output_names(paths: list[str]) -> list[str]:
