@@ -1,60 +1,68 @@
-"""Evaluate predictions against a manifest: metrics.json and ROC / by-grade plots.
+"""Evaluate predictions against a manifest: metrics.json, PNG plots and a self-contained report.html.
 
-    python evaluate.py --predictions OUT/predictions.csv --manifest M.csv [--vertebrae V.csv] --out REPORT
+    python evaluate.py --predictions OUT/predictions.csv --manifest M.csv [--vertebrae V.csv]
+                       [--infer-dir OUT] --out REPORT [--n-boot 1000] [--seed 0]
 
-Images with unknown labels are left out of each metric and counted in metrics.json.
+Confidence intervals come from a bootstrap over patients (``patient_id`` of the manifest).
+Images with unknown labels are left out of each metric and counted. See evaluation/report.py
+for the methods. Research metrics: on synthetic phantom films they are not clinical performance.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import time
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
-from data.io_utils import atomic_write_json  # noqa: E402
-from evaluation import metrics  # noqa: E402
+from evaluation import metrics, report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--predictions", required=True)
     parser.add_argument("--manifest", required=True)
-    parser.add_argument("--vertebrae", default="auto", help="vertebrae.csv (default: beside the manifest)")
-    parser.add_argument("--infer-dir", default=None, help="folder of the per-image JSONs (default: beside predictions)")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--vertebrae", default="auto", help="vertebrae.csv (default: beside the manifest, if there)")
+    parser.add_argument("--infer-dir", default=None, help="folder of the per-image JSONs and overlays "
+                                                          "(default: the folder of --predictions)")
+    parser.add_argument("--out", required=True, help="report folder")
+    parser.add_argument("--n-boot", type=int, default=1000, help="patient bootstrap resamples (default 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument("--min-level-positives", type=int, default=5,
+                        help="levels with fewer fractured images get AUROC n/a (default 5)")
+    parser.add_argument("--gallery", type=int, default=4, help="worst false negatives / positives shown (default 4)")
     args = parser.parse_args(argv)
+    if args.n_boot < 0:
+        parser.error("--n-boot must be >= 0")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     vertebrae = args.vertebrae
-    if vertebrae == "auto":
+    if vertebrae in ("auto", ""):
         candidate = Path(args.manifest).parent / "vertebrae.csv"
         vertebrae = str(candidate) if candidate.is_file() else None
     infer_dir = args.infer_dir or str(Path(args.predictions).parent)
-    summary = metrics.summarise(args.predictions, args.manifest, vertebrae, infer_dir)
-    atomic_write_json(out / "metrics.json", summary)
 
+    t0 = time.perf_counter()
+    result = report.evaluate(args.predictions, args.manifest, vertebrae, infer_dir, n_boot=args.n_boot,
+                             seed=args.seed, min_level_positives=args.min_level_positives, gallery_n=args.gallery)
     df = metrics.join_predictions(args.predictions, args.manifest)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
-    metrics.plot_roc(axes[0], df)
-    if summary.get("by_grade"):
-        metrics.plot_by_grade(axes[1], {int(k): v for k, v in summary["by_grade"].items()})
-    else:
-        axes[1].axis("off")
-    fig.tight_layout()
-    fig.savefig(out / "roc.png", dpi=110)
-    plt.close(fig)
+    paths = report.write_report(result, df, out)
 
-    def fmt(x):
-        return "n/a" if x is None else f"{x:.3f}"
+    def ci(d, key):
+        return report._ci(d, key)
 
-    print(f"fracture AUROC {fmt(summary['auroc_fracture'])}, acute-vs-chronic AUROC {fmt(summary['auroc_acute'])}"
-          + (f", pointing game {fmt(summary['pointing_game']['score'])}" if summary.get("pointing_game") else ""))
-    print(f"wrote {out / 'metrics.json'} and {out / 'roc.png'}")
-    return summary
+    fr = result["roc"]["fracture"]
+    msg = f"fracture AUROC {ci(fr, 'auroc')} (pos {fr['n_pos']}, neg {fr['n_neg']}, unknown left out {fr['n_unknown_left_out']})"
+    if "acute" in result["roc"]:
+        msg += f"; acute-vs-chronic AUROC {ci(result['roc']['acute'], 'auroc')}"
+    if result.get("pointing_game"):
+        msg += f"; pointing game {report._f(result['pointing_game']['score'])}"
+    print(msg)
+    print(f"wrote {paths['metrics']}, {paths['html']} and {len(paths) - 2} plot(s) to {out} "
+          f"in {time.perf_counter() - t0:.1f} s")
+    print("Research metrics: on synthetic phantom films these are not clinical performance.")
+    return result
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
     python infer.py --checkpoint runs/demo/best.ckpt --out runs/demo/infer  scans/  more.dcm  manifest.csv
 
 INPUT may be image files (PNG, JPEG, TIFF, DICOM), folders (walked recursively) or manifest
-CSVs. Outputs are described in docs/formats.md. Exit status: 0 if every input was processed,
+CSVs. Outputs are described in docs/formats.md. A checkpoint calibrated by
+`python -m models.calibration` adds a yes/no decision per image at an operating point
+(--operating-point overrides the stored default). Exit status: 0 if every input was processed,
 1 if any failed (each failure has an error row in predictions.csv), 2 on a usage error.
 """
 from __future__ import annotations
@@ -34,18 +36,27 @@ def main(argv: list[str] | None = None) -> int:
                         help="copy patient name, ID and birth date into the outputs (left out by default)")
     parser.add_argument("--dicom-sc", action="store_true", help="also write the overlay as a DICOM Secondary Capture")
     parser.add_argument("--dicom-sr", action="store_true", help="also write a DICOM Comprehensive SR (TID 1500)")
+    parser.add_argument("--operating-point", choices=("high_sensitivity", "balanced", "high_specificity"),
+                        default=None, help="threshold of the per-image decision (a calibrated checkpoint only; "
+                                           "default: the one stored by `python -m models.calibration`)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
         if args.backend == "onnx":
             from models.export import OnnxPredictor
 
-            predictor = OnnxPredictor(args.checkpoint, device=args.device, sha256=args.sha256)
+            predictor = OnnxPredictor(args.checkpoint, device=args.device, sha256=args.sha256,
+                                      operating_point=args.operating_point)
         else:
-            predictor = Predictor(args.checkpoint, device=args.device, sha256=args.sha256)
+            predictor = Predictor(args.checkpoint, device=args.device, sha256=args.sha256,
+                                  operating_point=args.operating_point)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if predictor.calibrator is not None:
+        cal, point = predictor.calibrator, predictor.operating_point
+        print(f"calibrated ({cal.method}); decisions at operating point {point} "
+              f"(p_fracture >= {cal.threshold(point):.4f})")
     summary = run_inference(predictor, args.inputs, args.out, batch_size=args.batch_size,
                             num_workers=args.num_workers, voi_lut=args.voi_lut, max_pixels=args.max_pixels,
                             progress=not args.quiet, resume=args.resume, keep_identifiers=args.keep_identifiers,

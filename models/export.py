@@ -12,6 +12,9 @@ directly: ``p_fracture``, ``p_acute``, ``p_acute_given_fracture`` ``(batch,)`` a
 checkpoint's ``vcf_model`` metadata (JSON) and its ``checkpoint_id`` (first 16 hex digits of
 the checkpoint file's sha256, as :class:`~models.inference.Predictor` reports it) are stored
 in the model's ``metadata_props``, so predictions made with either backend name the same model.
+A calibrated checkpoint's ``vcf_calibration`` (see :mod:`models.calibration`) is stored there
+too (JSON), and :class:`OnnxPredictor` applies it to the graph's outputs as
+:class:`~models.inference.Predictor` does; the graph itself always returns raw probabilities.
 
 Exporter: torch's default ``torch.export``-based ("dynamo") exporter. With torch 2.14 it
 exports this network with a dynamic batch and matches PyTorch to ~1e-7; the legacy
@@ -43,6 +46,7 @@ META_MODEL = "vcf_model"
 META_CHECKPOINT_ID = "checkpoint_id"
 META_CHECKPOINT_SHA256 = "checkpoint_sha256"
 META_OUTPUTS = "vcf_outputs"
+META_CALIBRATION = "vcf_calibration"
 
 
 class ProbabilityHead(nn.Module):
@@ -102,6 +106,8 @@ def export_onnx(checkpoint: str | os.PathLike, onnx_path: str | os.PathLike, ops
         META_CHECKPOINT_SHA256: digest,
         META_OUTPUTS: json.dumps(list(OUTPUT_NAMES)),
     }
+    if ckpt.get(META_CALIBRATION) is not None:
+        props[META_CALIBRATION] = json.dumps(ckpt[META_CALIBRATION], sort_keys=True)
     kept = [p for p in proto.metadata_props if p.key not in props]
     del proto.metadata_props[:]
     proto.metadata_props.extend(kept)
@@ -126,9 +132,11 @@ class OnnxPredictor:
     """An exported model run by onnxruntime, with the interface of :class:`models.inference.Predictor`.
 
     ``device``: ``"auto"`` (CUDA when onnxruntime offers it, else CPU), ``"cpu"``, ``"cuda"``
-    or ``"cuda:N"``. ``sha256``: if given, the .onnx file must have this digest."""
+    or ``"cuda:N"``. ``sha256``: if given, the .onnx file must have this digest.
+    ``operating_point``: as for :class:`~models.inference.Predictor` (a calibrated model only)."""
 
-    def __init__(self, onnx_path: str | os.PathLike, device: str = "auto", sha256: str | None = None):
+    def __init__(self, onnx_path: str | os.PathLike, device: str = "auto", sha256: str | None = None,
+                 operating_point: str | None = None):
         import onnxruntime as ort
 
         self.checkpoint = Path(onnx_path)
@@ -147,6 +155,13 @@ class OnnxPredictor:
         self.meta = json.loads(props[META_MODEL])
         self.checkpoint_id = props.get(META_CHECKPOINT_ID) or file_sha256(self.checkpoint)[:16]
         self.image_size = tuple(int(v) for v in self.meta["image_size"])
+        from models.calibration import predictor_calibration
+
+        try:
+            stored = json.loads(props[META_CALIBRATION]) if META_CALIBRATION in props else None
+        except ValueError as exc:
+            raise CheckpointError(f"{self.checkpoint}: '{META_CALIBRATION}' metadata is not JSON ({exc})") from exc
+        self.calibrator, self.operating_point = predictor_calibration(stored, self.checkpoint, operating_point)
 
         available = ort.get_available_providers()
         if device == "auto":
@@ -178,7 +193,8 @@ class OnnxPredictor:
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"images of shape {tuple(x.shape)}; this model takes (batch, {', '.join(map(str, expected))})")
         outputs = self.session.run(self.output_names, {INPUT_NAME: x})
-        return {name: np.asarray(v, dtype=np.float32) for name, v in zip(self.output_names, outputs)}
+        probs = {name: np.asarray(v, dtype=np.float32) for name, v in zip(self.output_names, outputs)}
+        return self.calibrator.apply_probabilities(probs) if self.calibrator is not None else probs
 
 
 def main(argv: list[str] | None = None) -> int:

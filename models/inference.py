@@ -2,6 +2,10 @@
 
 Outputs are described in ``docs/formats.md``. Every file is written atomically; an input that
 cannot be read gets an ``error`` row and the run goes on.
+
+A checkpoint calibrated by ``python -m models.calibration`` (it holds ``vcf_calibration``) gives
+calibrated probabilities and a yes/no ``decision`` at an operating point (the stored default, or
+the one asked for); see ``docs/formats.md``, "Calibration and operating points".
 """
 from __future__ import annotations
 
@@ -23,12 +27,15 @@ from data.io_utils import atomic_save_npy, atomic_write_image, atomic_write_json
 from data.discovery import find_inputs
 from data.readers import ImageReadError, read_image
 from data.transforms import letterbox, normalize_intensity
+from models.calibration import CALIBRATION_KEY, predictor_calibration
 from models.checkpoint import build_network, file_sha256, load_checkpoint
 from models.network import HEATMAP_STRIDE, FractureNet
 from models.visualize import overlay_heatmap
 
 PREDICTION_COLUMNS = ["image", "name", "p_fracture", "p_acute", "p_acute_given_fracture",
-                      "heatmap_peak_x", "heatmap_peak_y", "status", "error"]
+                      "heatmap_peak_x", "heatmap_peak_y", "status", "error",
+                      # with a calibrated checkpoint: 1/0 at the operating point (empty otherwise)
+                      "decision", "operating_point"]
 OVERLAY_MAX_SIDE = 1024  # overlays are downsized to this long side; the .npy keeps full detail
 
 
@@ -126,12 +133,19 @@ IDENTIFIER_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate")
 
 
 class Predictor:
-    """A loaded checkpoint, ready to run on batches."""
+    """A loaded checkpoint, ready to run on batches.
 
-    def __init__(self, checkpoint: str | os.PathLike, device: str = "auto", sha256: str | None = None):
+    With a calibrated checkpoint, the probabilities it returns are calibrated (``calibrator``)
+    and ``p_fracture_uncalibrated`` is added; ``operating_point`` (default: the stored one)
+    names the threshold of the ``decision`` written per image."""
+
+    def __init__(self, checkpoint: str | os.PathLike, device: str = "auto", sha256: str | None = None,
+                 operating_point: str | None = None):
         self.checkpoint = Path(checkpoint)
         ckpt = load_checkpoint(self.checkpoint, sha256=sha256)
         self.net, self.meta = build_network(ckpt, self.checkpoint)
+        self.calibrator, self.operating_point = predictor_calibration(ckpt.get(CALIBRATION_KEY), self.checkpoint,
+                                                                      operating_point)
         self.checkpoint_id = file_sha256(self.checkpoint)[:16]
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -142,7 +156,8 @@ class Predictor:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> dict[str, np.ndarray]:
         out = self.net(images.to(self.device))
-        return {k: v.float().cpu().numpy() for k, v in FractureNet.probabilities(out).items()}
+        probs = {k: v.float().cpu().numpy() for k, v in FractureNet.probabilities(out).items()}
+        return self.calibrator.apply_probabilities(probs) if self.calibrator is not None else probs
 
 
 def _heatmap_peak(heatmap: np.ndarray, to_image: dict) -> tuple[list[float], float]:
@@ -160,10 +175,28 @@ def _heatmap_on_display(heatmap: np.ndarray, box, display_hw: tuple[int, int], i
     return cv2.resize(crop, (display_hw[1], display_hw[0]), interpolation=cv2.INTER_LINEAR)
 
 
-def _completed_row(out: Path, path: str, name: str) -> dict | None:
+def _decision_of(predictor) -> tuple:
+    """(calibrator, operating point name, threshold) of a predictor, or Nones without calibration."""
+    cal = getattr(predictor, "calibrator", None)
+    if cal is None:
+        return None, None, None
+    point = getattr(predictor, "operating_point", None) or cal.default
+    return cal, point, cal.threshold(point)
+
+
+def _decision_columns(record: dict) -> dict:
+    decision = record.get("decision")
+    if not decision:
+        return {"decision": "", "operating_point": ""}
+    return {"decision": "1" if decision["fracture"] else "0", "operating_point": decision["operating_point"]}
+
+
+def _completed_row(out: Path, path: str, name: str, decision: tuple | None = None) -> dict | None:
     """The predictions row of an input whose outputs are all present (for --resume).
 
-    The JSON is written last, so its presence means the heatmaps before it are complete."""
+    The JSON is written last, so its presence means the heatmaps before it are complete.
+    ``decision``: the (operating point, threshold) this run decides at, or None; an output
+    decided otherwise is not complete."""
     record_path = out / f"{name}.json"
     if not record_path.is_file():
         return None
@@ -175,10 +208,15 @@ def _completed_row(out: Path, path: str, name: str) -> dict | None:
         return None
     if not all((out / f).is_file() for f in (record["heatmap"]["npy"], record["heatmap"]["png"])):
         return None
+    had = record.get("decision")
+    if decision is not None and (not had or (had.get("operating_point"), had.get("threshold")) != decision):
+        return None
+    if decision is None and had:
+        return None
     peak = record["heatmap_peak"]
     return {"image": path, "name": name, "p_fracture": record["p_fracture"], "p_acute": record["p_acute"],
             "p_acute_given_fracture": record["p_acute_given_fracture"], "heatmap_peak_x": peak[0],
-            "heatmap_peak_y": peak[1], "status": "ok", "error": ""}
+            "heatmap_peak_y": peak[1], "status": "ok", "error": "", **_decision_columns(record)}
 
 
 def run_inference(predictor: Predictor, inputs: list[str], out: str | os.PathLike, batch_size: int = 8,
@@ -198,7 +236,9 @@ def run_inference(predictor: Predictor, inputs: list[str], out: str | os.PathLik
     rows: list[dict] = [{"image": p, "name": "", "status": "error", "error": why} for p, why in problems]
     todo = list(range(len(paths)))
     if resume:
-        done = {i: _completed_row(out, paths[i], names[i]) for i in todo}
+        _, point, threshold = _decision_of(predictor)
+        decision = (point, threshold) if point is not None else None
+        done = {i: _completed_row(out, paths[i], names[i], decision) for i in todo}
         rows += [r for r in done.values() if r is not None]
         todo = [i for i in todo if done[i] is None]
     options = OutputOptions(keep_identifiers=keep_identifiers, dicom_sc=dicom_sc, dicom_sr=dicom_sr)
@@ -260,6 +300,17 @@ def _write_outputs(predictor: Predictor, out: Path, path: str, name: str, item: 
         "model": {k: predictor.meta.get(k) for k in ("architecture", "backbone", "code_version", "image_size")},
         "note": "Research software trained on synthetic data unless stated otherwise; not for clinical use.",
     }
+    cal, point, threshold = _decision_of(predictor)
+    if cal is not None:
+        if "p_fracture_uncalibrated" in p:
+            record["p_fracture_uncalibrated"] = float(p["p_fracture_uncalibrated"])
+        stored = cal.operating_points[point]
+        record["decision"] = {"operating_point": point, "threshold": threshold,
+                              "fracture": bool(record["p_fracture"] >= threshold),
+                              "validation_sensitivity": stored.get("sensitivity"),
+                              "validation_specificity": stored.get("specificity")}
+        record["calibration"] = {"method": cal.method, "fitted_on_images": cal.info.get("n_images"),
+                                 "split": cal.info.get("split"), "date": cal.info.get("date")}
     if item.get("dicom"):
         record["dicom"] = item["dicom"]  # UIDs and modality; identifiers only with keep_identifiers
         if options.keep_identifiers:
@@ -269,4 +320,4 @@ def _write_outputs(predictor: Predictor, out: Path, path: str, name: str, item: 
     atomic_write_json(out / f"{name}.json", record)  # last: its presence marks a complete output
     return {"image": path, "name": name, "p_fracture": record["p_fracture"], "p_acute": record["p_acute"],
             "p_acute_given_fracture": record["p_acute_given_fracture"], "heatmap_peak_x": peak[0],
-            "heatmap_peak_y": peak[1], "status": "ok", "error": ""}
+            "heatmap_peak_y": peak[1], "status": "ok", "error": "", **_decision_columns(record)}

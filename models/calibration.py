@@ -1,0 +1,535 @@
+"""Probability calibration and operating points, fitted on labelled validation images.
+
+A network's raw probabilities are rarely calibrated (a 0.8 need not mean "fractured 8 times in
+10"), and a calibration that holds on one site's films need not hold on another's. This module
+refits a calibration for a checkpoint on a labelled validation set, picks decision thresholds
+(operating points) on the calibrated validation probabilities, and writes them into a *new*
+checkpoint; inference (:class:`models.inference.Predictor`, and the ONNX backend through the
+model's metadata) then reports calibrated probabilities and a yes/no decision.
+
+Refit for a new site on that site's labelled validation films (every labelled row is used)::
+
+    python -m models.calibration --checkpoint best.ckpt --manifest SITE_VAL.csv \\
+        [--method temperature|isotonic|none] \\
+        [--operating-point balanced|high_sensitivity|high_specificity] [--out NEW.ckpt]
+
+It prints the fitted parameters, the operating points with their validation sensitivity and
+specificity, and the path of the new checkpoint (default ``<stem>_calibrated.ckpt`` beside the
+input). ``--split val`` uses only the manifest's patient-grouped validation split instead (the
+split training used: ``val_fraction`` and ``split_seed`` from the checkpoint's data-module
+hyper-parameters, else 0.15 and 0).
+
+Methods (fitted separately for the two image heads, ``p_fracture`` on images whose ``fracture``
+is known, ``p_acute_given_fracture`` on fractured images whose acuity is known; unknown labels
+are never used):
+
+* ``temperature``: ``p = sigmoid(logit / T)`` with one ``T > 0`` per head minimising the
+  negative log-likelihood (bounded to 0.01-100). Monotone: the ranking (AUROC) is unchanged.
+* ``isotonic``: a non-decreasing piecewise-linear map fitted by scikit-learn's
+  ``IsotonicRegression``; its knots are stored as plain lists. Monotone but not strictly
+  (ties appear); needs more data than temperature scaling.
+* ``none``: probabilities are left as they are; only the operating points are fitted.
+
+A head without both classes among its labelled images keeps the identity map
+(``fitted_heads`` says which were fitted). ``p_acute`` is always recomputed as
+``p_fracture * p_acute_given_fracture`` from the calibrated heads. The heatmap is not
+calibrated.
+
+Operating points, on the *calibrated* validation ``p_fracture`` (decision: ``p >= threshold``;
+candidate thresholds are the validation probabilities themselves plus one just above the
+largest):
+
+* ``high_sensitivity``: the highest threshold whose sensitivity is >= 0.90;
+* ``balanced``: the threshold maximising Youden's J = sensitivity + specificity - 1 (the
+  lowest such threshold on ties);
+* ``high_specificity``: the lowest threshold whose specificity is >= 0.95.
+
+Their sensitivity / specificity are measured on the same images the calibration was fitted
+on, so they are optimistic estimates; check them on a held-out set.
+
+Stored as ``ckpt["vcf_calibration"]`` (plain Python types only, so ``torch.load(...,
+weights_only=True)`` still reads the checkpoint); see ``docs/formats.md``, "Calibration and
+operating points".
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.checkpoint import CheckpointError
+
+CALIBRATION_KEY = "vcf_calibration"
+CALIBRATION_FORMAT = 1
+METHODS = ("temperature", "isotonic", "none")
+HEADS = ("p_fracture", "p_acute_given_fracture")
+OPERATING_POINTS = ("high_sensitivity", "balanced", "high_specificity")
+TARGET_SENSITIVITY = 0.90
+TARGET_SPECIFICITY = 0.95
+TEMPERATURE_BOUNDS = (0.01, 100.0)
+MIN_PER_CLASS = 30  # the CLI warns below this many fractured or normal images
+PROB_EPS = 1e-7  # probabilities are clipped to [eps, 1 - eps] before taking their logit
+
+
+class CalibrationError(CheckpointError):
+    """A calibration that cannot be fitted, or a stored one that cannot be used."""
+
+
+# --------------------------------------------------------------------------- fitting
+def _known(values, labels) -> tuple[np.ndarray, np.ndarray]:
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    labels = np.asarray(labels, dtype=np.float64).reshape(-1)
+    if values.shape != labels.shape:
+        raise ValueError(f"{values.shape[0]} values but {labels.shape[0]} labels")
+    keep = ~np.isnan(labels) & np.isfinite(values)
+    values, labels = values[keep], labels[keep]
+    if not np.isin(labels, (0.0, 1.0)).all():
+        raise ValueError("labels must be 0, 1 or NaN (unknown)")
+    return values, labels
+
+
+def _both_classes(labels: np.ndarray) -> bool:
+    return bool((labels == 1).any() and (labels == 0).any())
+
+
+def binary_nll(logits, labels) -> float:
+    """Mean negative log-likelihood of 0/1 labels under ``sigmoid(logits)`` (numerically stable)."""
+    z, y = _known(logits, labels)
+    return float(np.mean(np.logaddexp(0.0, z) - y * z))
+
+
+def fit_temperature(logits, labels) -> float:
+    """The temperature ``T > 0`` minimising the NLL of ``sigmoid(logits / T)``.
+
+    Only entries whose label is known (0 or 1; NaN is skipped) are used; both classes must be
+    present. ``T`` is searched on a log scale within ``TEMPERATURE_BOUNDS`` (perfectly separable
+    data would otherwise drive it to 0)."""
+    from scipy.optimize import minimize_scalar
+
+    z, y = _known(logits, labels)
+    if not _both_classes(y):
+        raise CalibrationError("temperature scaling needs labelled images of both classes")
+    lo, hi = (math.log(b) for b in TEMPERATURE_BOUNDS)
+
+    def nll(log_t: float) -> float:
+        s = z * math.exp(-log_t)
+        return float(np.mean(np.logaddexp(0.0, s) - y * s))
+
+    res = minimize_scalar(nll, bounds=(lo, hi), method="bounded", options={"xatol": 1e-6})
+    return float(math.exp(res.x))
+
+
+def fit_isotonic(probs, labels) -> dict:
+    """A non-decreasing map ``p -> calibrated p`` (scikit-learn ``IsotonicRegression``).
+
+    Returns ``{"x": [...], "y": [...]}``: the regression's knots as plain float lists, applied
+    by linear interpolation and clipped to the end values outside ``[x[0], x[-1]]`` (what
+    ``IsotonicRegression(out_of_bounds="clip").predict`` does)."""
+    from sklearn.isotonic import IsotonicRegression
+
+    p, y = _known(probs, labels)
+    if not _both_classes(y):
+        raise CalibrationError("isotonic calibration needs labelled images of both classes")
+    iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip").fit(p, y)
+    return {"x": [float(v) for v in iso.X_thresholds_], "y": [float(v) for v in iso.y_thresholds_]}
+
+
+def expected_calibration_error(probs, labels, n_bins: int = 10) -> float:
+    """ECE: the |mean p - observed rate| of equal-width probability bins, weighted by their size."""
+    p, y = _known(probs, labels)
+    if len(p) == 0:
+        return float("nan")
+    bins = np.clip((p * n_bins).astype(int), 0, n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        m = bins == b
+        if m.any():
+            ece += m.mean() * abs(p[m].mean() - y[m].mean())
+    return float(ece)
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), PROB_EPS, 1.0 - PROB_EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(z, dtype=np.float64)))
+
+
+# --------------------------------------------------------------------------- operating points
+def _rates(p: np.ndarray, y: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sensitivity and specificity of ``p >= t`` for each threshold ``t``."""
+    pos, neg = np.sort(p[y == 1]), np.sort(p[y == 0])
+    sens = (len(pos) - np.searchsorted(pos, thresholds, side="left")) / len(pos)
+    spec = np.searchsorted(neg, thresholds, side="left") / len(neg)
+    return sens, spec
+
+
+def operating_points(probs, labels, sensitivity: float = TARGET_SENSITIVITY,
+                     specificity: float = TARGET_SPECIFICITY) -> dict:
+    """``high_sensitivity``, ``balanced`` and ``high_specificity`` thresholds (see the module doc).
+
+    Each is ``{"threshold", "sensitivity", "specificity", "criterion"}``; the decision is
+    ``p >= threshold``."""
+    p, y = _known(probs, labels)
+    if not _both_classes(y):
+        raise CalibrationError("operating points need labelled images of both classes")
+    top = float(p.max())
+    above = float(np.nextafter(top, np.inf))
+    candidates = np.unique(np.append(p, above))  # ascending
+    sens, spec = _rates(p, y, candidates)
+
+    def point(i: int, criterion: str) -> dict:
+        return {"threshold": float(candidates[i]), "sensitivity": float(sens[i]),
+                "specificity": float(spec[i]), "criterion": criterion}
+
+    ok = np.flatnonzero(sens >= sensitivity - 1e-12)
+    high_sens = point(int(ok.max()), f"highest threshold with sensitivity >= {sensitivity:g}")
+    j = sens + spec - 1.0
+    balanced = point(int(np.flatnonzero(j >= j.max() - 1e-12).min()), "maximum Youden J (sensitivity + specificity - 1)")
+    balanced["youden_j"] = float(j.max())
+    ok = np.flatnonzero(spec >= specificity - 1e-12)
+    high_spec = point(int(ok.min()), f"lowest threshold with specificity >= {specificity:g}")
+    return {"high_sensitivity": high_sens, "balanced": balanced, "high_specificity": high_spec}
+
+
+# --------------------------------------------------------------------------- the calibrator
+class Calibrator:
+    """A fitted calibration: maps raw head probabilities (or logits) to calibrated ones, and
+    holds the operating points. ``to_dict`` / ``from_dict`` give the stored form."""
+
+    def __init__(self, method: str = "none", temperature: dict | None = None, isotonic: dict | None = None,
+                 points: dict | None = None, default: str = "balanced", info: dict | None = None):
+        if method not in METHODS:
+            raise CalibrationError(f"unknown calibration method {method!r} (expected {', '.join(METHODS)})")
+        self.method = method
+        self.temperature = {h: float((temperature or {}).get(h) or 1.0) for h in HEADS}
+        self.isotonic = {h: (isotonic or {}).get(h) for h in HEADS}
+        for h, table in self.isotonic.items():
+            if table is not None and (len(table.get("x", [])) == 0 or len(table["x"]) != len(table.get("y", []))):
+                raise CalibrationError(f"isotonic table of {h} is malformed")
+        for h, t in self.temperature.items():
+            if not (t > 0 and math.isfinite(t)):
+                raise CalibrationError(f"temperature of {h} is {t}; it must be positive")
+        self.operating_points = dict(points or {})
+        if self.operating_points and default not in self.operating_points:
+            raise CalibrationError(f"default operating point {default!r} is not one of "
+                                   f"{', '.join(self.operating_points)}")
+        self.default = default
+        self.info = dict(info or {})
+
+    # ---- applying
+    def apply(self, p_or_logits, head: str = "p_fracture", logits: bool = False) -> np.ndarray:
+        """Calibrated probabilities of one head (``p_fracture`` or ``p_acute_given_fracture``)
+        from its raw probabilities, or from its logits with ``logits=True``."""
+        if head not in HEADS:
+            raise ValueError(f"unknown head {head!r} (expected {', '.join(HEADS)})")
+        x = np.asarray(p_or_logits.detach().cpu().numpy() if isinstance(p_or_logits, torch.Tensor) else p_or_logits,
+                       dtype=np.float64)
+        if self.method == "temperature":
+            z = x if logits else _logit(x)
+            return _sigmoid(z / self.temperature[head])
+        p = _sigmoid(x) if logits else x
+        table = self.isotonic.get(head) if self.method == "isotonic" else None
+        if table is None:
+            return p
+        return np.interp(p, table["x"], table["y"])
+
+    def apply_probabilities(self, probs: dict) -> dict:
+        """A predictor's outputs with calibrated ``p_fracture``, ``p_acute_given_fracture`` and
+        ``p_acute`` (their product), plus ``p_fracture_uncalibrated``; other keys pass through."""
+        out = dict(probs)
+        raw = np.asarray(probs["p_fracture"])
+        dtype = raw.dtype if np.issubdtype(raw.dtype, np.floating) else np.float32
+        p_f = self.apply(raw, "p_fracture").astype(dtype)
+        p_ag = self.apply(np.asarray(probs["p_acute_given_fracture"]), "p_acute_given_fracture").astype(dtype)
+        out["p_fracture_uncalibrated"] = raw
+        out["p_fracture"], out["p_acute_given_fracture"] = p_f, p_ag
+        out["p_acute"] = (p_f * p_ag).astype(dtype)
+        return out
+
+    # ---- deciding
+    def threshold(self, point: str | None = None) -> float:
+        name = point or self.default
+        if name not in self.operating_points:
+            raise CalibrationError(f"operating point {name!r} not in this calibration "
+                                   f"(have: {', '.join(self.operating_points) or 'none'})")
+        return float(self.operating_points[name]["threshold"])
+
+    def decide(self, p_fracture_calibrated, point: str | None = None):
+        """``p_fracture_calibrated >= threshold`` of the operating point (the default one if None)."""
+        return np.asarray(p_fracture_calibrated) >= self.threshold(point)
+
+    # ---- storing
+    def to_dict(self) -> dict:
+        d = {"format": CALIBRATION_FORMAT, "method": self.method}
+        if self.method == "temperature":
+            d["temperature"] = dict(self.temperature)
+        elif self.method == "isotonic":
+            d["isotonic"] = {h: (None if t is None else {"x": list(t["x"]), "y": list(t["y"])})
+                             for h, t in self.isotonic.items()}
+        d["operating_points"] = {k: dict(v) for k, v in self.operating_points.items()}
+        d["default"] = self.default
+        d.update({k: v for k, v in self.info.items() if k not in d})
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Calibrator":
+        if not isinstance(d, dict):
+            raise CalibrationError(f"stored calibration is a {type(d).__name__}, not a dict")
+        if d.get("format", CALIBRATION_FORMAT) != CALIBRATION_FORMAT:
+            raise CalibrationError(f"calibration format {d.get('format')} but this code reads format {CALIBRATION_FORMAT}")
+        known = {"format", "method", "temperature", "isotonic", "operating_points", "default"}
+        return cls(method=d.get("method", "none"), temperature=d.get("temperature"), isotonic=d.get("isotonic"),
+                   points=d.get("operating_points"), default=d.get("default", "balanced"),
+                   info={k: v for k, v in d.items() if k not in known})
+
+    def describe(self) -> str:
+        """The fitted parameters in a line."""
+        if self.method == "temperature":
+            return "temperature: " + ", ".join(f"{h} T={t:.4g}" for h, t in self.temperature.items())
+        if self.method == "isotonic":
+            parts = [f"{h} " + ("identity" if t is None else f"{len(t['x'])} knots") for h, t in self.isotonic.items()]
+            return "isotonic: " + ", ".join(parts)
+        return "none (probabilities unchanged)"
+
+
+def predictor_calibration(stored, source, operating_point: str | None = None) -> tuple[Calibrator | None, str | None]:
+    """The :class:`Calibrator` and operating-point name a predictor should use.
+
+    ``stored``: the checkpoint's ``vcf_calibration`` (or None). Raises :class:`CalibrationError`
+    (a :class:`CheckpointError`) for a malformed calibration, an unknown ``operating_point``, or
+    an ``operating_point`` asked of a model without calibration."""
+    if stored is None:
+        if operating_point:
+            raise CalibrationError(f"{source}: operating point {operating_point!r} asked for, but the model has no "
+                                   f"calibration; fit one with `python -m models.calibration`")
+        return None, None
+    try:
+        cal = Calibrator.from_dict(stored)
+        point = operating_point or cal.default
+        cal.threshold(point)
+    except CalibrationError as exc:
+        raise CalibrationError(f"{source}: {exc}") from exc
+    return cal, point
+
+
+# --------------------------------------------------------------------------- a checkpoint
+def _select_images(manifest, ckpt: dict, split: str):
+    from data.manifest import assign_splits
+
+    images = manifest.images
+    if split == "all":
+        return images
+    if split != "val":
+        raise ValueError(f"split {split!r}: expected 'val' or 'all'")
+    hp = ckpt.get("datamodule_hyper_parameters") or {}
+    val_fraction = float(hp.get("val_fraction", 0.15)) if not hp.get("val_manifest") else 0.0
+    splits = assign_splits(images, val_fraction=val_fraction, seed=int(hp.get("split_seed", 0) or 0))
+    chosen = images[splits.to_numpy() == "val"]
+    if chosen["fracture"].notna().sum() == 0:
+        hint = (f"; the checkpoint was validated on a separate manifest ({hp['val_manifest']}): pass that one "
+                f"with split 'all'" if hp.get("val_manifest") else "; use split 'all' for a site's validation set")
+        raise CalibrationError(f"{manifest.path}: no labelled images in the validation split{hint}")
+    return chosen
+
+
+@torch.no_grad()
+def _run_network(net, paths: list[str], image_size, device, batch_size: int, num_workers: int):
+    """Logits and probabilities (as Predictor computes them) for each readable path."""
+    from torch.utils.data import DataLoader
+
+    from models.inference import InferenceDataset, _collate
+    from models.network import FractureNet
+
+    loader = DataLoader(InferenceDataset(paths, image_size), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=_collate)
+    index, logits, probs, failed = [], [], {h: [] for h in HEADS}, []
+    for batch in loader:
+        good = [b for b in batch if "error" not in b]
+        failed += [(paths[b["index"]], b["error"]) for b in batch if "error" in b]
+        if not good:
+            continue
+        out = net(torch.stack([b["image"] for b in good]).to(device))
+        p = FractureNet.probabilities(out)
+        index += [b["index"] for b in good]
+        logits.append(out["logits"].double().cpu().numpy())
+        for h in HEADS:
+            probs[h].append(p[h].float().cpu().numpy())
+    if not index:
+        return np.array([], int), np.zeros((0, 2)), {h: np.zeros(0, np.float32) for h in HEADS}, failed
+    return np.array(index), np.concatenate(logits), {h: np.concatenate(v) for h, v in probs.items()}, failed
+
+
+def _atomic_torch_save(obj, path: Path) -> Path:
+    from data.io_utils import _UMASK
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def default_output(checkpoint: str | os.PathLike) -> Path:
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(f"{checkpoint.stem}_calibrated{checkpoint.suffix or '.ckpt'}")
+
+
+def calibrate_checkpoint(checkpoint: str | os.PathLike, manifest: str | os.PathLike, out: str | os.PathLike | None = None,
+                         method: str = "temperature", default_point: str = "balanced", split: str = "val",
+                         device: str = "cpu", batch_size: int = 8, num_workers: int = 0,
+                         sha256: str | None = None) -> tuple[Path, Calibrator]:
+    """Fit a calibration of ``checkpoint`` on ``manifest``'s labelled images and write a new
+    checkpoint (the original dict plus ``vcf_calibration``), atomically.
+
+    ``split``: ``"val"`` (the patient-grouped validation split training used) or ``"all"``
+    (every labelled image: a site's own validation set). ``out`` defaults to
+    ``<stem>_calibrated.ckpt`` beside ``checkpoint``. Returns ``(path, calibrator)``."""
+    from data.manifest import label_arrays, load_manifest
+    from models.checkpoint import build_network, file_sha256, load_checkpoint
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r} (expected {', '.join(METHODS)})")
+    if default_point not in OPERATING_POINTS:
+        raise ValueError(f"unknown operating point {default_point!r} (expected {', '.join(OPERATING_POINTS)})")
+    checkpoint = Path(checkpoint)
+    ckpt = load_checkpoint(checkpoint, sha256=sha256)
+    net, meta = build_network(ckpt, checkpoint)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    net.to(device)
+    man = load_manifest(manifest, vertebrae=None)
+    images = _select_images(man, ckpt, split)
+    images = images[images["fracture"].notna()].reset_index(drop=True)
+    if images.empty:
+        raise CalibrationError(f"{manifest}: no image with a known fracture label")
+    index, logits, probs, failed = _run_network(net, list(images["image"]), tuple(meta["image_size"]),
+                                                torch.device(device), batch_size, num_workers)
+    if failed:
+        print(f"warning: {len(failed)} unreadable image(s) left out, e.g. {failed[0][0]}: {failed[0][1]}",
+              file=sys.stderr)
+    used = images.iloc[index].reset_index(drop=True)
+    y_frac, y_acute = label_arrays(used)
+    if not _both_classes(y_frac[~np.isnan(y_frac)]):
+        raise CalibrationError(f"{manifest}: calibration needs fractured and normal images; "
+                               f"the {len(used)} usable image(s) have only one class")
+
+    fitted = {}
+    temperature, isotonic = {}, {}
+    for col, head, y in ((0, "p_fracture", y_frac), (1, "p_acute_given_fracture", y_acute)):
+        known = ~np.isnan(y)
+        fitted[head] = method != "none" and _both_classes(y[known])
+        if not fitted[head]:
+            continue
+        if method == "temperature":
+            temperature[head] = fit_temperature(logits[:, col], y)
+        else:
+            isotonic[head] = fit_isotonic(probs[head], y)
+    cal = Calibrator(method, temperature=temperature, isotonic=isotonic)
+    p_cal = cal.apply_probabilities(probs)  # the same path inference takes
+    points = operating_points(p_cal["p_fracture"], y_frac)
+    metrics = {}
+    for head, y in (("p_fracture", y_frac), ("p_acute_given_fracture", y_acute)):
+        k = ~np.isnan(y)
+        if k.any():
+            metrics[head] = {
+                "nll_before": binary_nll(_logit(probs[head]), y), "nll_after": binary_nll(_logit(p_cal[head]), y),
+                "ece_before": expected_calibration_error(probs[head], y),
+                "ece_after": expected_calibration_error(p_cal[head], y)}
+    info = {
+        "fitted_heads": fitted,
+        "fitted_on": str(Path(manifest).resolve()),
+        "split": split,
+        "n_images": int(len(used)),
+        "n_pos": int(np.sum(y_frac == 1)),
+        "n_neg": int(np.sum(y_frac == 0)),
+        "n_acute_pos": int(np.sum(y_acute == 1)),
+        "n_acute_neg": int(np.sum(y_acute == 0)),
+        "n_unreadable": len(failed),
+        "metrics": metrics,
+        "source_checkpoint_sha256": file_sha256(checkpoint),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    cal = Calibrator(method, temperature=temperature, isotonic=isotonic, points=points, default=default_point,
+                     info=info)
+    ckpt[CALIBRATION_KEY] = cal.to_dict()
+    path = Path(out) if out else default_output(checkpoint)
+    _atomic_torch_save(ckpt, path)
+    return path, cal
+
+
+# --------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Fit a probability calibration and operating points of a checkpoint on labelled "
+                    "validation images; write a new checkpoint that inference uses as it is.")
+    parser.add_argument("--checkpoint", required=True, help="training checkpoint (.ckpt)")
+    parser.add_argument("--manifest", required=True, help="manifest CSV of labelled validation images")
+    parser.add_argument("--method", choices=METHODS, default="temperature", help="default temperature")
+    parser.add_argument("--operating-point", choices=OPERATING_POINTS, default="balanced",
+                        help="the operating point inference uses by default (default balanced)")
+    parser.add_argument("--split", choices=("all", "val"), default="all",
+                        help="all: every labelled row (a site's validation set; default); val: only the "
+                             "manifest's patient-grouped validation split")
+    parser.add_argument("--out", default=None, help="new checkpoint (default <stem>_calibrated.ckpt beside the input)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--sha256", default=None, help="refuse the checkpoint unless its sha256 matches")
+    args = parser.parse_args(argv)
+    from data.manifest import ManifestError
+
+    try:
+        path, cal = calibrate_checkpoint(args.checkpoint, args.manifest, out=args.out, method=args.method,
+                                         default_point=args.operating_point, split=args.split, device=args.device,
+                                         batch_size=args.batch_size, num_workers=args.num_workers, sha256=args.sha256)
+    except (CheckpointError, ManifestError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    info = cal.info
+    print(f"fitted on {info['n_images']} image(s) of {info['fitted_on']} (split {info['split']}): "
+          f"{info['n_pos']} fractured, {info['n_neg']} normal; acuity known on {info['n_acute_pos'] + info['n_acute_neg']}")
+    if min(info["n_pos"], info["n_neg"]) < MIN_PER_CLASS:
+        print(f"warning: fewer than {MIN_PER_CLASS} images of a class: the calibration and the operating points "
+              f"are unreliable", file=sys.stderr)
+    print(f"method {cal.describe()}")
+    unfitted = [h for h, f in info["fitted_heads"].items() if not f]
+    if unfitted and cal.method != "none":
+        print(f"  left as identity (labels of one class only): {', '.join(unfitted)}")
+    for head, m in info["metrics"].items():
+        print(f"  {head}: NLL {m['nll_before']:.4f} -> {m['nll_after']:.4f}, "
+              f"ECE {m['ece_before']:.4f} -> {m['ece_after']:.4f}")
+    print("operating points (calibrated p_fracture >= threshold; validation sensitivity / specificity):")
+    for name in OPERATING_POINTS:
+        pt = cal.operating_points[name]
+        mark = "  (default)" if name == cal.default else ""
+        print(f"  {name:<17} threshold {pt['threshold']:.4f}  sensitivity {pt['sensitivity']:.3f}  "
+              f"specificity {pt['specificity']:.3f}{mark}")
+    print("(measured on the fitting images: optimistic; check on held-out data)")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

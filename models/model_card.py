@@ -1,0 +1,355 @@
+"""Write a Markdown model card for a checkpoint and its evaluation.
+
+    python -m models.model_card --checkpoint CKPT --metrics REPORT/metrics.json --out MODEL_CARD.md
+                                [--training-data "text"]
+
+Model details come from the checkpoint's ``vcf_model`` metadata (read with
+``torch.load(weights_only=True)`` through :func:`models.checkpoint.load_checkpoint`) and, when
+present, its ``vcf_calibration`` entry; the training data from the Lightning checkpoint's
+``datamodule_hyper_parameters`` (or ``--training-data``); metrics from the ``metrics.json`` of
+``evaluate.py``. The card is written atomically.
+
+Research code: the card says so, and that the model is not for clinical use.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib.metadata
+import json
+import math
+import subprocess
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+LIBRARIES = ("torch", "lightning", "timm", "monai", "numpy", "torchmetrics", "scikit-learn")
+
+INTENDED_USE = (
+    "**Research only. Not for clinical use. Not a medical device.** This model is a research "
+    "prototype for studying the detection of vertebral compression fractures on lateral spine "
+    "radiographs and the telling of acute from chronic fractures. It must not be used to diagnose, "
+    "triage or treat patients, nor to inform any clinical decision. It has not been validated on "
+    "real patient data and has no regulatory clearance."
+)
+
+
+# --------------------------------------------------------------------------- facts
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def git_commit(repo: Path = REPO) -> str | None:
+    """``git rev-parse HEAD`` of the repository (``None`` when git or the repository is absent),
+    with ``+dirty`` when tracked files have uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        commit = head.stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=10)
+        return commit + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return "n/a" if not math.isfinite(v) else f"{v:.{digits}f}"
+    return str(v)
+
+
+def _ci(d: dict | None, key: str) -> str:
+    if not d or d.get(key) is None:
+        return "n/a"
+    if d.get("ci_low") is None or d.get("ci_high") is None:
+        return _fmt(d[key])
+    return f"{_fmt(d[key])} (95% CI {_fmt(d['ci_low'])}-{_fmt(d['ci_high'])})"
+
+
+def _md_table(header: list[str], rows: list[list]) -> str:
+    def cell(x):
+        return str(x).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- sections
+def _model_details(ckpt: dict, checkpoint_path: Path, sha256: str) -> str:
+    meta = ckpt.get("vcf_model") or {}
+    hp = ckpt.get("hyper_parameters") or {}
+    rows = [["checkpoint", f"`{checkpoint_path.name}`"], ["sha256", f"`{sha256}`"]]
+    for key, label in (("architecture", "architecture"), ("backbone", "backbone"), ("fpn_dim", "FPN width"),
+                       ("targets", "outputs (sigmoid heads)"), ("image_size", "input size [height, width]"),
+                       ("input_range", "input intensity range"), ("heatmap_stride", "heatmap stride"),
+                       ("format", "checkpoint format"), ("code_version", "code version at training"),
+                       ("torch_version", "torch version at training")):
+        if key in meta:
+            v = meta[key]
+            rows.append([label, ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else v])
+    for key in ("epoch", "global_step"):
+        if key in ckpt:
+            rows.append([key.replace("_", " "), ckpt[key]])
+    for key in ("pretrained", "dropout", "lr", "weight_decay", "acute_weight", "heatmap_weight", "init_from"):
+        if key in hp:
+            rows.append([f"hyper-parameter `{key}`", "none" if hp[key] is None else hp[key]])
+    text = ["## Model details", "",
+            "Convolutional network (timm encoder with a feature pyramid) that outputs, per lateral spine "
+            "radiograph, the probability that a vertebral compression fracture is present (`p_fracture`), the "
+            "probability that an acute fracture is present (`p_acute`), and a fracture heatmap locating it.", "",
+            _md_table(["field", "value"], rows)]
+    if not meta:
+        text += ["", "*The checkpoint carries no `vcf_model` metadata.*"]
+    cal = ckpt.get("vcf_calibration")
+    text += ["", "### Calibration stored in the checkpoint", ""]
+    if isinstance(cal, dict) and cal:
+        crow = []
+        for k, v in cal.items():
+            if k == "operating_points" and isinstance(v, dict):
+                continue
+            crow.append([k, json.dumps(v) if isinstance(v, (dict, list)) else _fmt(v, 4)])
+        if crow:
+            text.append(_md_table(["field", "value"], crow))
+        ops = cal.get("operating_points")
+        if isinstance(ops, dict) and ops:
+            text += ["", "Operating points stored with the calibration:", ""]
+            orows = []
+            for name, op in ops.items():
+                if isinstance(op, dict):
+                    orows.append([name, _fmt(op.get("threshold"), 4),
+                                  ", ".join(f"{k} {_fmt(v)}" for k, v in op.items() if k != "threshold")])
+                else:
+                    orows.append([name, _fmt(op, 4), ""])
+            text.append(_md_table(["operating point", "threshold", "details"], orows))
+    else:
+        text.append("None: the checkpoint has no `vcf_calibration` entry (probabilities are the network's raw "
+                    "sigmoid outputs).")
+    return "\n".join(text)
+
+
+def _training_data(ckpt: dict, training_data: str | None) -> tuple[str, bool]:
+    """The section, and whether the training data are the phantom (default)."""
+    dm = ckpt.get("datamodule_hyper_parameters") or {}
+    hp = ckpt.get("hyper_parameters") or {}
+    lines = ["## Training data", ""]
+    phantom = training_data is None
+    if training_data is None:
+        lines.append("The model was trained on **synthetic phantom films** generated procedurally by "
+                     "`data/phantom.py` (lateral thoracolumbar radiograph phantoms with exact per-vertebra truth: "
+                     "Genant grade 1-3 wedge, biconcave and crush fractures, acute and chronic signs, and "
+                     "confounders). **No real patient radiographs and no real fracture data were used.**")
+    else:
+        lines.append(training_data.strip())
+    details = []
+    for key, label in (("manifest", "training manifest"), ("val_manifest", "validation manifest"),
+                       ("test_manifest", "test manifest"), ("vertebrae", "vertebrae table"),
+                       ("val_fraction", "validation fraction"), ("split_seed", "split seed (patient-grouped)"),
+                       ("image_size", "training image size"), ("batch_size", "batch size"), ("augment", "augmentation")):
+        if key in dm and dm[key] is not None:
+            details.append([label, f"`{dm[key]}`" if "manifest" in key or key == "vertebrae" else dm[key]])
+    if details:
+        lines += ["", _md_table(["data setting (from the checkpoint)", "value"], details)]
+        manifest = dm.get("manifest")
+        info = _phantom_info(manifest)
+        if info:
+            lines += ["", "Phantom generator record beside the training manifest (`phantom.json`): "
+                      + ", ".join(f"{k} {v}" for k, v in info.items() if k != "note") + "."]
+    else:
+        lines += ["", "*The checkpoint does not record its data module settings (no `datamodule_hyper_parameters`).*"]
+    if hp.get("init_from"):
+        lines += ["", f"Fine-tuned from the weights of `{hp['init_from']}`."]
+    return "\n".join(lines), phantom
+
+
+def _phantom_info(manifest: str | None) -> dict | None:
+    if not manifest:
+        return None
+    for base in (Path(manifest).parent, REPO / Path(manifest).parent):
+        p = base / "phantom.json"
+        try:
+            if p.is_file():
+                d = json.loads(p.read_text(encoding="utf-8"))
+                return {k: d[k] for k in ("generator", "seed", "n", "size", "n_fractured_images",
+                                          "n_fractured_vertebrae") if k in d}
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def _metrics_section(metrics: dict, metrics_path: Path) -> str:
+    c = metrics.get("counts") or {}
+    bs = metrics.get("bootstrap") or {}
+    inputs = metrics.get("inputs") or {}
+    lines = ["## Evaluation and metrics", "",
+             f"From `{metrics_path.name}` (evaluation of `{inputs.get('predictions', '?')}` against "
+             f"`{inputs.get('manifest', '?')}`). "
+             + (f"95% confidence intervals: percentile bootstrap over **patients**, {bs.get('n_boot')} resamples "
+                f"(seed {bs.get('seed')}, {bs.get('n_patients')} patients, {bs.get('n_images')} images). "
+                if bs else "No confidence intervals (metrics.json without bootstrap). ")
+             + f"Images with an unknown label were left out of each metric and counted: "
+               f"{c.get('n_fracture_unknown', 'n/a')} with an unknown fracture label, "
+               f"{c.get('n_acute_unknown', 'n/a')} fractured images with an unknown acute label; "
+               f"{c.get('n_error', 'n/a')} failed predictions.", ""]
+    rows = []
+    roc, pr = metrics.get("roc") or {}, metrics.get("pr") or {}
+    if roc:
+        names = {"fracture": "AUROC, fracture vs none", "acute": "AUROC, acute vs chronic (p_acute)",
+                 "acute_given_fracture": "AUROC, acute vs chronic (p_acute_given_fracture)"}
+        for task, r in roc.items():
+            rows.append([names.get(task, task), _ci(r, "auroc"), r.get("n_pos"), r.get("n_neg")])
+        if pr.get("fracture"):
+            p = pr["fracture"]
+            rows.append(["average precision, fracture vs none", _ci(p, "average_precision"), p.get("n_pos"), p.get("n_neg")])
+    else:  # an older metrics.json (point values only)
+        rows.append(["AUROC, fracture vs none", _fmt(metrics.get("auroc_fracture")), c.get("n_fracture_pos"),
+                     c.get("n_fracture_neg")])
+        rows.append(["AUROC, acute vs chronic", _fmt(metrics.get("auroc_acute")), c.get("n_acute"), c.get("n_chronic")])
+    pg = metrics.get("pointing_game")
+    if pg:
+        rows.append(["heatmap pointing game (peak in a fractured vertebra)", _fmt(pg.get("score")),
+                     f"{pg.get('hits')} hits", f"of {pg.get('n')}"])
+    lines.append(_md_table(["metric", "value", "positives", "negatives"], rows))
+
+    by_grade = metrics.get("by_grade")
+    if by_grade:
+        lines += ["", "AUROC by Genant grade of the worst vertebra (negatives: normal images):", "",
+                  _md_table(["grade", "AUROC", "positives", "negatives"],
+                            [[g, _ci(r, "auroc"), r.get("n_pos"), r.get("n_neg")] for g, r in by_grade.items()])]
+    ops = metrics.get("operating_points")
+    if ops:
+        orows = []
+        for name, op in ops.items():
+            orows.append([name, _fmt(op.get("threshold")), _ci(op.get("sensitivity"), "value"),
+                          _ci(op.get("specificity"), "value"), _ci(op.get("ppv"), "value"), _ci(op.get("npv"), "value")])
+        lines += ["", "Operating points (positive when `p_fracture >= threshold`; thresholds chosen on the "
+                  "evaluation set itself, so these are optimistic):", "",
+                  _md_table(["operating point", "threshold", "sensitivity", "specificity", "PPV", "NPV"], orows)]
+    return "\n".join(lines)
+
+
+def _calibration_section(metrics: dict) -> str:
+    cal = metrics.get("calibration")
+    lines = ["## Calibration", ""]
+    if not cal:
+        lines.append("Not available in the metrics file.")
+        return "\n".join(lines)
+    rows = [[k, v.get("population", ""), _ci(v.get("ece"), "ece"), _fmt(v.get("brier")), v.get("n")]
+            for k, v in cal.items()]
+    lines += ["Expected calibration error (10 equal-width bins, L1) and Brier score on the evaluation set:", "",
+              _md_table(["probability", "population", "ECE", "Brier", "n"], rows)]
+    return "\n".join(lines)
+
+
+def _limitations(phantom: bool) -> str:
+    items = []
+    if phantom:
+        items += [
+            "Trained and evaluated on **synthetic phantom films only; no real fracture data** were used. The "
+            "phantom is much simpler than real radiographs (anatomy, pathology, implants, positioning, "
+            "projection and acquisition vary far more in real films), so performance on real images is unknown "
+            "and may be much lower.",
+            "**Acuity (acute vs chronic) was learned only from the synthetic signs the phantom draws** (endplate "
+            "step with cortical break, sclerotic condensation band, prevertebral swelling for acute; smooth "
+            "sclerotic margins, osteophytes, disc narrowing for chronic). In practice acuity is usually judged "
+            "with MRI (marrow oedema) or against prior films; nothing here shows that the learned signs carry "
+            "over to real radiographs.",
+        ]
+    else:
+        items.append("Check how closely the training data above match the intended population; the metrics "
+                     "hold only for data like the evaluation set.")
+    items += [
+        "Metrics come from one evaluation set; their confidence intervals cover sampling of patients only, "
+        "not shifts between sites, devices or populations. Operating-point thresholds were chosen on the "
+        "same set they are reported on.",
+        "Probabilities may be miscalibrated on other data even where they are calibrated here.",
+        "Lateral views only; one image at a time (no prior films, no clinical context).",
+        "The heatmap is a coarse localisation aid, not a segmentation.",
+    ]
+    return "## Limitations\n\n" + "\n".join(f"- {x}" for x in items)
+
+
+def _versions(ckpt: dict) -> str:
+    rows = [["spine-vcf (this code)", _version("spine-vcf")], ["git commit", git_commit() or "not available"]]
+    meta = ckpt.get("vcf_model") or {}
+    if "code_version" in meta:
+        rows.append(["spine-vcf at training", meta["code_version"]])
+    if "pytorch-lightning_version" in ckpt:
+        rows.append(["lightning at training", ckpt["pytorch-lightning_version"]])
+    rows += [[lib, _version(lib)] for lib in LIBRARIES]
+    return "## Versions\n\nCode and libraries installed when this card was written:\n\n" + _md_table(["package", "version"], rows)
+
+
+# --------------------------------------------------------------------------- card
+def build_model_card(checkpoint: str | Path, metrics_json: str | Path, training_data: str | None = None) -> str:
+    """The Markdown model card of ``checkpoint`` with the metrics of ``metrics_json``."""
+    from models.checkpoint import file_sha256, load_checkpoint
+
+    checkpoint, metrics_json = Path(checkpoint), Path(metrics_json)
+    ckpt = load_checkpoint(checkpoint)  # torch.load(weights_only=True)
+    metrics = json.loads(metrics_json.read_text(encoding="utf-8"))
+    sha = file_sha256(checkpoint)
+    meta = ckpt.get("vcf_model") or {}
+    title = f"# Model card: vertebral compression fracture detector ({meta.get('backbone', 'unknown backbone')}, {sha[:12]})"
+    training, phantom = _training_data(ckpt, training_data)
+    parts = [
+        title,
+        "",
+        f"*Written {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by `python -m models.model_card`.*",
+        "",
+        "> **Not for clinical use.** Research code, not a medical device. "
+        + ("Trained on synthetic phantom films: the metrics below are **not clinical performance**."
+           if phantom else "The metrics below are not an estimate of clinical performance."),
+        "",
+        _model_details(ckpt, checkpoint, sha),
+        "",
+        "## Intended use",
+        "",
+        INTENDED_USE,
+        "",
+        "Out of scope: any clinical, diagnostic, screening or triage use; use on patients; use without a "
+        "qualified reader; use on views, body parts or modalities other than lateral spine radiographs.",
+        "",
+        training,
+        "",
+        _metrics_section(metrics, metrics_json),
+        "",
+        _calibration_section(metrics),
+        "",
+        _limitations(phantom),
+        "",
+        _versions(ckpt),
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description="Write a Markdown model card (research only; not for clinical use).")
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--metrics", required=True, help="metrics.json written by evaluate.py")
+    parser.add_argument("--out", required=True, help="output Markdown file, e.g. MODEL_CARD.md")
+    parser.add_argument("--training-data", default=None,
+                        help="text describing the training data (default: the synthetic phantom of data/phantom.py)")
+    args = parser.parse_args(argv)
+    from data.io_utils import atomic_write_text
+
+    card = build_model_card(args.checkpoint, args.metrics, args.training_data)
+    path = atomic_write_text(args.out, card)
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

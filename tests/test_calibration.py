@@ -1,0 +1,195 @@
+"""Calibration (temperature / isotonic), operating points, calibrated checkpoints and inference."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from models.calibration import (CALIBRATION_KEY, CalibrationError, Calibrator, calibrate_checkpoint,
+                                expected_calibration_error, fit_isotonic, fit_temperature, main,
+                                operating_points)
+
+
+def _synthetic(n=20000, t_true=2.5, seed=0):
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0.0, 4.0, n)
+    y = (rng.random(n) < 1.0 / (1.0 + np.exp(-z / t_true))).astype(float)
+    return z, y
+
+
+def test_temperature_recovers_known_temperature_and_lowers_ece():
+    z, y = _synthetic()
+    y_with_unknown = y.copy()
+    y_with_unknown[::50] = np.nan  # unknown labels are skipped, not taken as negative
+    t = fit_temperature(z, y_with_unknown)
+    assert abs(t - 2.5) / 2.5 < 0.08, t
+    cal = Calibrator("temperature", temperature={"p_fracture": t})
+    p_raw = 1.0 / (1.0 + np.exp(-z))
+    before = expected_calibration_error(p_raw, y)
+    after = expected_calibration_error(cal.apply(z, logits=True), y)
+    assert after < before / 3, (before, after)
+    # from probabilities or from logits: the same map
+    assert np.allclose(cal.apply(p_raw[:100]), cal.apply(z[:100], logits=True), atol=1e-6)
+    with pytest.raises(CalibrationError, match="both classes"):
+        fit_temperature(z[:10], np.ones(10))
+
+
+def test_isotonic_lowers_ece_and_round_trips_weights_only(tmp_path):
+    z, y = _synthetic(n=5000, seed=1)
+    p = 1.0 / (1.0 + np.exp(-z))
+    table = fit_isotonic(p, y)
+    assert all(type(v) is float for v in table["x"] + table["y"])
+    assert np.all(np.diff(table["y"]) >= 0)
+    cal = Calibrator("isotonic", isotonic={"p_fracture": table, "p_acute_given_fracture": None},
+                     points=operating_points(p, y), default="high_sensitivity")
+    assert expected_calibration_error(cal.apply(p), y) < expected_calibration_error(p, y)
+    torch.save({"vcf_calibration": cal.to_dict()}, tmp_path / "c.pt")
+    back = Calibrator.from_dict(torch.load(tmp_path / "c.pt", weights_only=True)["vcf_calibration"])
+    assert back.method == "isotonic" and back.default == "high_sensitivity"
+    q = np.linspace(0, 1, 101)
+    assert np.array_equal(back.apply(q), cal.apply(q))
+    assert np.array_equal(back.apply(q, "p_acute_given_fracture"), q)  # identity where not fitted
+    probs = {"p_fracture": q.astype(np.float32), "p_acute_given_fracture": np.full(101, 0.5, np.float32),
+             "heatmap": np.zeros((101, 2, 2), np.float32)}
+    out = back.apply_probabilities(probs)
+    assert out["p_fracture"].dtype == np.float32
+    assert np.allclose(out["p_acute"], out["p_fracture"] * 0.5)
+    assert np.array_equal(out["p_fracture_uncalibrated"], probs["p_fracture"])
+
+
+def test_operating_points_satisfy_their_constraints():
+    rng = np.random.default_rng(3)
+    y = (rng.random(400) < 0.3).astype(float)
+    p = np.clip(rng.normal(0.35 + 0.3 * y, 0.15), 0, 1)
+    pts = operating_points(p, y)
+    cands = np.unique(np.append(p, np.nextafter(p.max(), np.inf)))
+
+    def rates(t):
+        pred = p >= t
+        return pred[y == 1].mean(), (~pred[y == 0]).mean()
+
+    hs, bal, sp = pts["high_sensitivity"], pts["balanced"], pts["high_specificity"]
+    for pt in pts.values():
+        assert np.allclose(rates(pt["threshold"]), (pt["sensitivity"], pt["specificity"]))
+    assert hs["sensitivity"] >= 0.90
+    assert all(rates(t)[0] < 0.90 for t in cands[cands > hs["threshold"]])  # the highest such
+    assert sp["specificity"] >= 0.95
+    assert all(rates(t)[1] < 0.95 for t in cands[cands < sp["threshold"]])  # the lowest such
+    best_j = max(sum(rates(t)) - 1 for t in cands)
+    assert np.isclose(bal["youden_j"], best_j) and np.isclose(bal["sensitivity"] + bal["specificity"] - 1, best_j)
+    assert hs["threshold"] <= bal["threshold"] <= sp["threshold"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from data.phantom import generate_dataset
+    from models.system import FractureSystem
+
+    tmp = tmp_path_factory.mktemp("cal")
+    generate_dataset(tmp / "data", n=16, seed=3, size=128, workers=1, progress=False)
+    torch.manual_seed(0)
+    system = FractureSystem(fpn_dim=16, image_size=(64, 48))
+    ckpt = {"state_dict": system.state_dict()}
+    system.on_save_checkpoint(ckpt)
+    path = tmp / "model.ckpt"
+    torch.save(ckpt, path)
+    return tmp, path, tmp / "data" / "manifest.csv"
+
+
+def test_calibrated_checkpoint_drives_inference(tiny, tmp_path, capsys):
+    from models.inference import PREDICTION_COLUMNS, Predictor, run_inference
+
+    tmp, ckpt_path, manifest = tiny
+    labels = pd.read_csv(manifest)
+    assert 0 < labels.fracture.sum() < len(labels), "phantom set needs both classes"
+    assert main(["--checkpoint", str(ckpt_path), "--manifest", str(manifest), "--method", "temperature",
+                 "--operating-point", "high_sensitivity"]) == 0
+    printed = capsys.readouterr().out
+    out_path = tmp / "model_calibrated.ckpt"
+    assert f"wrote {out_path}" in printed and "high_specificity" in printed and "T=" in printed
+    ckpt = torch.load(out_path, weights_only=True)
+    cal = ckpt[CALIBRATION_KEY]
+    assert cal["method"] == "temperature" and cal["default"] == "high_sensitivity"
+    assert cal["n_images"] == 16 and cal["n_pos"] + cal["n_neg"] == 16 and cal["split"] == "all"
+    assert cal["temperature"]["p_fracture"] > 0 and cal["fitted_heads"]["p_fracture"]
+    assert set(cal["operating_points"]) == {"high_sensitivity", "balanced", "high_specificity"}
+    assert cal["operating_points"]["high_sensitivity"]["sensitivity"] >= 0.9
+    original = torch.load(ckpt_path, weights_only=True)
+    assert all(torch.equal(original["state_dict"][k], ckpt["state_dict"][k]) for k in original["state_dict"])
+    assert sorted(p.name for p in tmp.iterdir() if p.name.startswith(".")) == []  # no temp file left
+
+    predictor = Predictor(out_path, device="cpu")
+    assert predictor.operating_point == "high_sensitivity"
+    out = tmp_path / "infer"
+    run_inference(predictor, [str(manifest)], out, num_workers=0, progress=False)
+    table = pd.read_csv(out / "predictions.csv", dtype={"decision": str})
+    assert list(table.columns) == PREDICTION_COLUMNS and PREDICTION_COLUMNS[-2:] == ["decision", "operating_point"]
+    assert (table.status == "ok").all() and set(table.decision) <= {"0", "1"}
+    assert (table.operating_point == "high_sensitivity").all()
+    threshold = cal["operating_points"]["high_sensitivity"]["threshold"]
+    assert ((table.p_fracture >= threshold) == (table.decision == "1")).all()
+    # the validation sensitivity holds on the images it was fitted on
+    fractured = {s.split("/")[-1].rsplit(".", 1)[0] for s in labels.image[labels.fracture == 1]}
+    pos = table[table.name.isin(fractured)]
+    assert len(pos) == labels.fracture.sum() and (pos.decision == "1").mean() >= 0.9
+    record = json.loads((out / f"{table.name.iloc[0]}.json").read_text())
+    assert record["decision"]["operating_point"] == "high_sensitivity"
+    assert record["decision"]["threshold"] == threshold
+    assert record["decision"]["fracture"] == (record["p_fracture"] >= threshold)
+    assert record["calibration"]["method"] == "temperature"
+    assert 0 <= record["p_fracture_uncalibrated"] <= 1
+    assert np.isclose(record["p_acute"], record["p_fracture"] * record["p_acute_given_fracture"], atol=1e-6)
+
+    # --operating-point overrides the stored default; --resume redoes outputs decided otherwise
+    import infer
+
+    args = ["--checkpoint", str(out_path), "--out", str(out), "--num-workers", "0", "--quiet", str(manifest)]
+    assert infer.main(args + ["--resume", "--operating-point", "high_specificity"]) == 0
+    table = pd.read_csv(out / "predictions.csv")
+    assert (table.operating_point == "high_specificity").all()
+    record = json.loads((out / f"{table.name.iloc[0]}.json").read_text())
+    assert record["decision"]["threshold"] == cal["operating_points"]["high_specificity"]["threshold"]
+
+    # ONNX: the calibration travels in the metadata and OnnxPredictor applies it as Predictor does
+    pytest.importorskip("onnxruntime")
+    from models.export import OnnxPredictor, export_onnx, read_onnx_metadata
+
+    onnx_path = export_onnx(out_path, tmp_path / "model.onnx")
+    assert json.loads(read_onnx_metadata(onnx_path)[CALIBRATION_KEY]) == cal
+    onnx_pred = OnnxPredictor(onnx_path, device="cpu", operating_point="balanced")
+    assert onnx_pred.operating_point == "balanced" and onnx_pred.calibrator.method == "temperature"
+    x = torch.rand(2, 1, 64, 48, generator=torch.Generator().manual_seed(0))
+    ref, got = predictor(x), onnx_pred(x)
+    assert set(got) == set(ref) and "p_fracture_uncalibrated" in got
+    for key in ("p_fracture", "p_acute", "p_acute_given_fracture", "p_fracture_uncalibrated"):
+        assert np.abs(got[key] - ref[key]).max() <= 1e-4, key
+
+    # an uncalibrated checkpoint: empty decision columns, no decision in the JSON, no override
+    plain = tmp_path / "plain"
+    run_inference(Predictor(ckpt_path, device="cpu"), [str(manifest)], plain, num_workers=0, progress=False)
+    table = pd.read_csv(plain / "predictions.csv")
+    assert table.decision.isna().all() and table.operating_point.isna().all()
+    assert "decision" not in json.loads((plain / f"{table.name.iloc[0]}.json").read_text())
+    assert infer.main(["--checkpoint", str(ckpt_path), "--out", str(tmp_path / "x"), "--operating-point",
+                       "balanced", "--quiet", str(manifest)]) == 2
+
+
+def test_val_split_and_isotonic(tiny, tmp_path):
+    """split='val' takes the manifest's validation rows only; isotonic tables load weights_only."""
+    _, ckpt_path, manifest = tiny
+    df = pd.read_csv(manifest)
+    val = (df.index % 2 == 0)
+    assert 0 < df.fracture[val].sum() < val.sum()
+    df["split"] = np.where(val, "val", "train")
+    split_manifest = manifest.parent / "split_manifest.csv"
+    df.to_csv(split_manifest, index=False)
+    out = tmp_path / "iso.ckpt"
+    path, cal = calibrate_checkpoint(ckpt_path, split_manifest, out=out, method="isotonic", split="val")
+    assert path == out
+    stored = torch.load(out, weights_only=True)[CALIBRATION_KEY]
+    assert stored["n_images"] == int(val.sum()) and stored["split"] == "val"
+    assert stored["isotonic"]["p_fracture"]["x"] and stored["default"] == "balanced"
+    assert Calibrator.from_dict(stored).threshold() == cal.operating_points["balanced"]["threshold"]
+    with pytest.raises(ValueError, match="operating point"):
+        calibrate_checkpoint(ckpt_path, split_manifest, out=out, default_point="nope")

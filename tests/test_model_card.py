@@ -1,0 +1,98 @@
+"""models.model_card: a Markdown card from a tiny checkpoint and a metrics.json of evaluate.py."""
+import json
+
+import pytest
+import torch
+
+from models.system import FractureSystem
+
+
+def _tiny_checkpoint(path, calibration=None, datamodule=True):
+    system = FractureSystem(fpn_dim=16, image_size=(64, 48))
+    ckpt = {"state_dict": system.state_dict(), "epoch": 3, "global_step": 42,
+            "hyper_parameters": dict(system.hparams)}
+    if datamodule:
+        ckpt["datamodule_hyper_parameters"] = {"manifest": "runs/x/data/manifest.csv", "vertebrae": "auto",
+                                               "val_fraction": 0.15, "split_seed": 0, "image_size": [64, 48]}
+    system.on_save_checkpoint(ckpt)
+    if calibration is not None:
+        ckpt["vcf_calibration"] = calibration
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.fixture
+def metrics_json(tiny_eval_set, tmp_path):
+    import evaluate
+
+    out = tmp_path / "report"
+    evaluate.main(["--predictions", tiny_eval_set["predictions"], "--manifest", tiny_eval_set["manifest"],
+                   "--out", str(out), "--n-boot", "100"])
+    return out / "metrics.json"
+
+
+def test_model_card_sections(tmp_path, metrics_json):
+    from models import model_card
+
+    ckpt = _tiny_checkpoint(tmp_path / "model.ckpt",
+                            calibration={"method": "temperature", "temperature": 1.7,
+                                         "operating_points": {"balanced": {"threshold": 0.42, "sensitivity": 0.9}}})
+    out = tmp_path / "card" / "MODEL_CARD.md"
+    model_card.main(["--checkpoint", str(ckpt), "--metrics", str(metrics_json), "--out", str(out)])
+    card = out.read_text()
+    for heading in ("# Model card", "## Model details", "## Intended use", "## Training data",
+                    "## Evaluation and metrics", "## Calibration", "## Limitations", "## Versions"):
+        assert heading in card, heading
+    low = card.lower()
+    assert "not for clinical use" in low and "not a medical device" in low and "research only" in low
+    # model details from vcf_model, calibration from vcf_calibration
+    assert "FractureNet" in card and "resnet18" in card and "| FPN width | 16 |" in card
+    assert "temperature" in card and "1.7000" in card and "0.4200" in card
+    # training data: phantom by default, manifest from the data module settings
+    assert "data/phantom.py" in card and "runs/x/data/manifest.csv" in card
+    assert "no real fracture data" in low and "acuity" in low
+    # metrics with confidence intervals and calibration from metrics.json
+    m = json.loads(metrics_json.read_text())
+    auc = m["roc"]["fracture"]
+    assert f"{auc['auroc']:.3f} (95% CI {auc['ci_low']:.3f}-{auc['ci_high']:.3f})" in card
+    assert f"{m['calibration']['p_fracture']['ece']['ece']:.3f}" in card
+    assert "high_specificity" in card
+    assert "2 with an unknown fracture label" in card
+    # versions
+    for lib in ("torch", "lightning", "timm", "monai", "numpy", "spine-vcf", "git commit"):
+        assert f"| {lib}" in card, lib
+    assert not list(out.parent.glob(".*.tmp"))  # written atomically, nothing left behind
+
+
+def test_model_card_custom_training_data_and_no_calibration(tmp_path, tiny_eval_set):
+    from data.io_utils import atomic_write_json
+    from evaluation.report import evaluate
+    from models import model_card
+
+    metrics_json = atomic_write_json(tmp_path / "metrics.json", evaluate(
+        tiny_eval_set["predictions"], tiny_eval_set["manifest"], n_boot=50))
+
+    ckpt = _tiny_checkpoint(tmp_path / "model.ckpt", datamodule=False)
+    card = model_card.build_model_card(ckpt, metrics_json, training_data="Site X radiographs, 2019-2021.")
+    assert "Site X radiographs, 2019-2021." in card
+    assert "data/phantom.py" not in card
+    assert "no `vcf_calibration` entry" in card
+    assert "not for clinical use" in card.lower()
+
+
+def test_model_card_refuses_unsafe_checkpoint(tmp_path):
+    import pickle
+
+    from models import model_card
+    from models.checkpoint import CheckpointError
+
+    class _Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.ckpt"
+    with open(path, "wb") as fh:
+        pickle.dump({"state_dict": {}, "x": _Evil()}, fh)
+    (tmp_path / "metrics.json").write_text("{}")
+    with pytest.raises(CheckpointError):
+        model_card.build_model_card(path, tmp_path / "metrics.json")
