@@ -15,7 +15,8 @@ Methods (also written into the report)
 * **Operating points** (an image is called positive when ``p_fracture >= threshold``; the
   candidate thresholds are the distinct scores, plus one just above the highest):
   ``high_sensitivity`` = the highest threshold whose sensitivity is >= 0.90; ``balanced`` = the
-  threshold with the largest Youden J (sensitivity + specificity - 1; ties: the highest);
+  threshold with the largest Youden J (sensitivity + specificity - 1; ties: the lowest, as in
+  ``models.calibration``);
   ``high_specificity`` = the lowest threshold whose specificity is >= 0.95.
 * **Calibration**: expected calibration error with 10 equal-width bins (torchmetrics'
   ``BinaryCalibrationError``, L1 norm) and its bootstrap interval from the same binning
@@ -29,11 +30,9 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +104,13 @@ def _read_jsons(infer_dir: str | os.PathLike | None) -> list[dict]:
     return out
 
 
+def _as_float(v) -> float:
+    try:
+        return float(v) if v is not None and not isinstance(v, bool) else float("nan")
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 # --------------------------------------------------------------------------- discrimination
 def _discrimination(y: np.ndarray, s: np.ndarray, W: np.ndarray, n_unknown: int) -> tuple[dict, dict]:
     n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
@@ -160,8 +166,8 @@ def choose_operating_points(y, s) -> dict[str, dict]:
     ok = np.flatnonzero(tpr >= TARGET_SENSITIVITY - 1e-12)  # thr descends: first index is the highest
     out["high_sensitivity"] = {"threshold": float(thr[ok[0]]), "achieved": bool(ok.size)}
     j = tpr - fpr
-    out["balanced"] = {"threshold": float(thr[int(np.argmax(j))]), "achieved": True,
-                       "youden_j": float(np.max(j))}
+    best = np.flatnonzero(j >= j.max() - 1e-12)[-1]  # ties: the lowest threshold (as models.calibration)
+    out["balanced"] = {"threshold": float(thr[best]), "achieved": True, "youden_j": float(j[best])}
     ok = np.flatnonzero(spec >= TARGET_SPECIFICITY - 1e-12)  # lowest threshold: last index
     out["high_specificity"] = {"threshold": float(thr[ok[-1]]), "achieved": bool(ok.size)}
     for name in out:
@@ -199,61 +205,81 @@ def _parse_decision(value) -> float:
     return float("nan")
 
 
-def stored_operating_point(df: pd.DataFrame, records: list[dict] | None = None) -> dict | None:
-    """The operating point that inference stored, if any: a ``decision`` column of
-    predictions.csv, or ``decision`` / ``operating_point`` entries of the per-image JSONs
-    (``operating_point`` a dict with ``threshold`` and optionally ``name``, or a number = the
-    threshold, or a name with a sibling ``threshold``). Returns ``{"source", "name",
-    "threshold", "decision"}`` with ``decision`` a float array aligned with ``df`` (1/0/NaN),
-    or ``None`` when nothing was stored. Without explicit decisions, an image is positive when
-    ``p_fracture >= threshold``."""
-    if "decision" in df.columns:
-        dec = np.array([_parse_decision(v) for v in df["decision"]], dtype=float)
-        if np.isfinite(dec).any():
-            return {"source": "predictions.csv `decision` column", "name": None, "threshold": None, "decision": dec}
-    by_key = {r["_key"]: r for r in (records or [])}
-    if not by_key:
-        return None
-    names, thresholds = set(), set()
-    dec = np.full(len(df), np.nan)
-    found = False
-    for i, image in enumerate(df["image"]):
-        rec = by_key.get(M._path_key(image))
-        if rec is None:
-            continue
-        op = rec.get("operating_point")
+def _json_decision(rec: dict) -> tuple[float, str | None, float | None, dict]:
+    """(decision 1/0/NaN, operating point name, threshold, extra) of one per-image JSON.
+
+    The format of ``infer.py`` with a calibrated checkpoint (docs/formats.md) is ``decision``:
+    ``{operating_point, threshold, fracture: true/false, validation_sensitivity,
+    validation_specificity}``. Also read: ``decision`` as a plain yes/no value beside an
+    ``operating_point`` that is a dict (``name``, ``threshold``), a number (the threshold) or a
+    name (with a sibling ``threshold``)."""
+    dec = rec.get("decision")
+    op = rec.get("operating_point")
+    name, thr, extra = None, None, {}
+    if isinstance(dec, dict):
+        name, thr = dec.get("operating_point", dec.get("name")), dec.get("threshold")
+        extra = {k: dec[k] for k in ("validation_sensitivity", "validation_specificity") if k in dec}
+        d = _parse_decision(dec.get("fracture", dec.get("decision")))
+    else:
+        d = _parse_decision(dec)
+    if isinstance(op, dict):
+        name = op.get("name", name)
+        thr = op.get("threshold", thr)
+        if not math.isfinite(d):
+            d = _parse_decision(op.get("decision"))
+    elif isinstance(op, (int, float)) and not isinstance(op, bool):
+        thr = op if thr is None else thr
+    elif isinstance(op, str) and op:
+        name = name or op
+        thr = rec.get("threshold") if thr is None else thr
+    try:
+        thr = float(thr) if thr is not None else None
+    except (TypeError, ValueError):
         thr = None
-        name = None
-        if isinstance(op, dict):
-            thr, name = op.get("threshold"), op.get("name")
-            if "decision" in op and "decision" not in rec:
-                rec = {**rec, "decision": op["decision"]}
-        elif isinstance(op, (int, float)) and not isinstance(op, bool):
-            thr = op
-        elif isinstance(op, str):
-            name, thr = op, rec.get("threshold")
-        d = _parse_decision(rec.get("decision"))
-        if op is None and not math.isfinite(d):
-            continue
-        found = True
-        try:
-            thr = float(thr) if thr is not None else None
-        except (TypeError, ValueError):
-            thr = None
-        if name is not None:
-            names.add(str(name))
-        if thr is not None and math.isfinite(thr):
-            thresholds.add(thr)
-        p = df["p_fracture"].iloc[i]
-        if not math.isfinite(d) and thr is not None and math.isfinite(thr) and pd.notna(p):
-            d = float(p >= thr)
-        dec[i] = d
-    if not found:
-        return None
-    return {"source": "per-image JSON `operating_point` / `decision`",
-            "name": ", ".join(sorted(names)) or None,
-            "threshold": thresholds.pop() if len(thresholds) == 1 else (sorted(thresholds) if thresholds else None),
-            "decision": dec}
+    if thr is not None and not math.isfinite(thr):
+        thr = None
+    return d, (str(name) if name not in (None, "") else None), thr, extra
+
+
+def stored_operating_point(df: pd.DataFrame, records: list[dict] | None = None) -> dict | None:
+    """The operating point that inference stored, if any (docs/formats.md: with a calibrated
+    checkpoint, predictions.csv has ``decision`` 1/0 and ``operating_point`` columns and each
+    JSON a ``decision`` dict). Decisions come from the ``decision`` column when it has any,
+    else from the JSONs (without an explicit yes/no there, ``p_fracture >= threshold``); the
+    name and threshold from the ``operating_point`` column and the JSONs. Returns ``{"source",
+    "name", "threshold", "decision"}`` (plus the stored ``validation_sensitivity`` /
+    ``validation_specificity`` when all images agree), ``decision`` a float array aligned with
+    ``df`` (1/0/NaN), or ``None`` when nothing was stored."""
+    by_key = {r["_key"]: r for r in (records or [])}
+    parsed = [(_json_decision(by_key[k]) if k in by_key else (float("nan"), None, None, {}))
+              for k in map(M._path_key, df["image"])]
+    names = {p[1] for p in parsed if p[1]}
+    thresholds = {p[2] for p in parsed if p[2] is not None}
+    extras = [p[3] for p in parsed if p[3]]
+    dec = None
+    source = None
+    if "decision" in df.columns:
+        col = np.array([_parse_decision(v) for v in df["decision"]], dtype=float)
+        if np.isfinite(col).any():
+            dec, source = col, "predictions.csv `decision` column"
+            if "operating_point" in df.columns:
+                names |= {str(v).strip() for v in df["operating_point"] if str(v).strip()}
+    if dec is None:
+        if not names and not thresholds and not any(math.isfinite(p[0]) for p in parsed):
+            return None
+        p_f = df["p_fracture"].to_numpy(float)
+        dec = np.array([p[0] if math.isfinite(p[0]) else
+                        (float(pf >= p[2]) if p[2] is not None and math.isfinite(pf) else np.nan)
+                        for p, pf in zip(parsed, p_f)], dtype=float)
+        source = "per-image JSON `decision` / `operating_point`"
+        if not np.isfinite(dec).any():
+            return None
+    out = {"source": source, "name": ", ".join(sorted(names)) or None,
+           "threshold": (next(iter(thresholds)) if len(thresholds) == 1 else (sorted(thresholds) or None)),
+           "decision": dec}
+    if extras and all(e == extras[0] for e in extras):
+        out.update(extras[0])
+    return out
 
 
 def _decision_metrics(y: np.ndarray, dec: np.ndarray, W: np.ndarray) -> dict:
@@ -451,7 +477,9 @@ def evaluate(predictions_csv, manifest_csv, vertebrae_csv=None, infer_dir=None, 
     ``auroc_fracture``, ``auroc_acute`` (, ``auroc_acute_given_fracture``) (point values, as in
     :func:`evaluation.metrics.summarise`), ``roc`` and ``pr`` (per task, with CI and counts),
     ``by_grade``, ``by_level``, ``operating_points``, ``stored_operating_point``,
-    ``grade_confusion``, ``calibration``, ``pointing_game``, ``gallery``, ``notes``.
+    ``grade_confusion``, ``calibration`` (``p_fracture``, ``p_acute``, ``p_acute_given_fracture``
+    and, when the JSONs carry it, ``p_fracture_uncalibrated``), ``inference_calibration`` (the
+    JSONs' ``calibration`` record, or ``None``), ``pointing_game``, ``gallery``, ``notes``.
     """
     base = M.summarise(predictions_csv, manifest_csv, vertebrae_csv, infer_dir)
     df = M.join_predictions(predictions_csv, manifest_csv)
@@ -522,7 +550,23 @@ def evaluate(predictions_csv, manifest_csv, vertebrae_csv=None, infer_dir=None, 
                           "n_unknown_left_out": an,
                           **calibration_summary(df["acute"].to_numpy(float)[asel], df[score].to_numpy(float)[asel],
                                                 W[:, asel])}
+    # probabilities before the checkpoint's calibration, when inference recorded them
+    by_key = {r["_key"]: r for r in records}
+    keys = [M._path_key(p) for p in df["image"]]
+    unc = np.array([_as_float(by_key.get(k, {}).get("p_fracture_uncalibrated")) for k in keys], dtype=float)
+    usel = sel & np.isfinite(unc)
+    if usel.any():
+        cal["p_fracture_uncalibrated"] = {
+            "population": "images with a known fracture label (p_fracture before calibration, from the JSONs)",
+            "n_unknown_left_out": n_unknown, **calibration_summary(df["fracture"].to_numpy(float)[usel], unc[usel],
+                                                                   W[:, usel])}
     out["calibration"] = cal
+    applied = []
+    for k in keys:
+        c = by_key.get(k, {}).get("calibration")
+        if isinstance(c, dict) and c not in applied:
+            applied.append(c)
+    out["inference_calibration"] = (applied[0] if len(applied) == 1 else applied) or None
 
     out["pointing_game"] = base["pointing_game"]
     bal = (ops.get("balanced") or {}).get("threshold")
@@ -727,6 +771,10 @@ def error_gallery(gallery: dict, fig=None):
 
 # --------------------------------------------------------------------------- writing
 def _f(v, digits: int = 3) -> str:
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_f(x, digits) for x in v)
+    if isinstance(v, str):
+        return v
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "n/a"
     if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
@@ -878,6 +926,14 @@ def render_html(result: dict, images: dict[str, Path] | None = None) -> str:
         parts.append("<p>n/a (needs fractured and normal images)</p>")
     if not st.get("available"):
         parts.append(f"<p>Stored operating point: {html.escape(st.get('note', 'not available'))}</p>")
+    else:
+        txt = (f"Stored operating point ({st.get('source')}): {st.get('name') or 'unnamed'}, threshold "
+               f"{_f(st.get('threshold'))}")
+        if "validation_sensitivity" in st or "validation_specificity" in st:
+            txt += (f"; at calibration it had sensitivity {_f(st.get('validation_sensitivity'))} and specificity "
+                    f"{_f(st.get('validation_specificity'))} on its fitting images")
+        txt += f". {st.get('n_without_decision', 0)} labelled image(s) without a stored decision."
+        parts.append(f"<p>{html.escape(txt)}</p>")
     parts.append(_img(images.get("confusion"), "confusion matrices"))
 
     # grade confusion
@@ -899,6 +955,13 @@ def render_html(result: dict, images: dict[str, Path] | None = None) -> str:
     parts.append(_table(["probability", "population", "ECE [95% CI]", "Brier", "n", "left out (unknown label)"], rows))
     parts.append("<p>ECE: 10 equal-width bins, L1 (torchmetrics BinaryCalibrationError). p_acute is P(acute fracture "
                  "present); among fractured images the matching probability is p_acute_given_fracture.</p>")
+    ic = result.get("inference_calibration")
+    if ic:
+        parts.append("<p>Inference applied the checkpoint's calibration: "
+                     + html.escape(json.dumps(ic)) + ". p_fracture_uncalibrated (when listed above) is the "
+                     "network's output before it.</p>")
+    else:
+        parts.append("<p>The per-image JSONs record no calibration applied at inference.</p>")
     parts.append(_img(images.get("reliability"), "reliability diagrams"))
 
     # pointing game

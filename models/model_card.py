@@ -112,31 +112,53 @@ def _model_details(ckpt: dict, checkpoint_path: Path, sha256: str) -> str:
             _md_table(["field", "value"], rows)]
     if not meta:
         text += ["", "*The checkpoint carries no `vcf_model` metadata.*"]
-    cal = ckpt.get("vcf_calibration")
-    text += ["", "### Calibration stored in the checkpoint", ""]
-    if isinstance(cal, dict) and cal:
-        crow = []
-        for k, v in cal.items():
-            if k == "operating_points" and isinstance(v, dict):
-                continue
-            crow.append([k, json.dumps(v) if isinstance(v, (dict, list)) else _fmt(v, 4)])
-        if crow:
-            text.append(_md_table(["field", "value"], crow))
-        ops = cal.get("operating_points")
-        if isinstance(ops, dict) and ops:
-            text += ["", "Operating points stored with the calibration:", ""]
-            orows = []
-            for name, op in ops.items():
-                if isinstance(op, dict):
-                    orows.append([name, _fmt(op.get("threshold"), 4),
-                                  ", ".join(f"{k} {_fmt(v)}" for k, v in op.items() if k != "threshold")])
-                else:
-                    orows.append([name, _fmt(op, 4), ""])
-            text.append(_md_table(["operating point", "threshold", "details"], orows))
-    else:
-        text.append("None: the checkpoint has no `vcf_calibration` entry (probabilities are the network's raw "
-                    "sigmoid outputs).")
+    text += ["", "### Calibration stored in the checkpoint", "", _calibration_details(ckpt.get("vcf_calibration"))]
     return "\n".join(text)
+
+
+def _calibration_details(cal) -> str:
+    """The ``vcf_calibration`` entry of ``python -m models.calibration`` (docs/formats.md) as
+    Markdown: method and parameters, fitting data, metrics per head, operating points."""
+    if not isinstance(cal, dict) or not cal:
+        return ("None: the checkpoint has no `vcf_calibration` entry (probabilities are the network's raw "
+                "sigmoid outputs).")
+    rows = []
+    for k, v in cal.items():
+        if k in ("operating_points", "metrics"):
+            continue
+        if k == "isotonic" and isinstance(v, dict):  # knots can be long: summarised
+            v = {head: (f"{len(h.get('x', []))} knots" if isinstance(h, dict) else "identity") for head, h in v.items()}
+        if isinstance(v, dict):
+            v = ", ".join(f"{kk}: {_fmt(vv, 4)}" for kk, vv in v.items())
+        elif isinstance(v, (list, tuple)):
+            v = ", ".join(_fmt(x, 4) for x in v)
+        else:
+            v = _fmt(v, 4)
+        rows.append([k, v])
+    parts = [_md_table(["field", "value"], rows)] if rows else []
+    metrics = cal.get("metrics")
+    if isinstance(metrics, dict) and metrics:
+        mrows = []
+        for head, m in metrics.items():
+            if isinstance(m, dict):
+                mrows.append([head] + [_fmt(m.get(k), 4) for k in ("nll_before", "nll_after", "ece_before", "ece_after")])
+        if mrows:
+            parts += ["", "Calibration fit (on its fitting images):", "",
+                      _md_table(["head", "NLL before", "NLL after", "ECE before", "ECE after"], mrows)]
+    ops = cal.get("operating_points")
+    if isinstance(ops, dict) and ops:
+        orows = []
+        for name, op in ops.items():
+            label = name + (" (default)" if cal.get("default") == name else "")
+            if isinstance(op, dict):
+                orows.append([label, _fmt(op.get("threshold"), 4), _fmt(op.get("sensitivity")),
+                              _fmt(op.get("specificity")), op.get("criterion", "")])
+            else:
+                orows.append([label, _fmt(op, 4), "", "", ""])
+        parts += ["", "Operating points stored with the calibration (sensitivity and specificity measured on the "
+                  "fitting images, so optimistic):", "",
+                  _md_table(["operating point", "threshold", "sensitivity", "specificity", "criterion"], orows)]
+    return "\n".join(parts)
 
 
 def _training_data(ckpt: dict, training_data: str | None) -> tuple[str, bool]:
@@ -227,14 +249,19 @@ def _metrics_section(metrics: dict, metrics_path: Path) -> str:
         lines += ["", "AUROC by Genant grade of the worst vertebra (negatives: normal images):", "",
                   _md_table(["grade", "AUROC", "positives", "negatives"],
                             [[g, _ci(r, "auroc"), r.get("n_pos"), r.get("n_neg")] for g, r in by_grade.items()])]
-    ops = metrics.get("operating_points")
+    ops = dict(metrics.get("operating_points") or {})
+    stored = metrics.get("stored_operating_point") or {}
+    if stored.get("available"):
+        ops[f"stored at inference ({stored.get('name') or 'unnamed'})"] = stored
     if ops:
         orows = []
         for name, op in ops.items():
-            orows.append([name, _fmt(op.get("threshold")), _ci(op.get("sensitivity"), "value"),
+            thr = op.get("threshold")
+            thr = ", ".join(_fmt(x) for x in thr) if isinstance(thr, list) else _fmt(thr)
+            orows.append([name, thr, _ci(op.get("sensitivity"), "value"),
                           _ci(op.get("specificity"), "value"), _ci(op.get("ppv"), "value"), _ci(op.get("npv"), "value")])
-        lines += ["", "Operating points (positive when `p_fracture >= threshold`; thresholds chosen on the "
-                  "evaluation set itself, so these are optimistic):", "",
+        lines += ["", "Operating points (positive when `p_fracture >= threshold`; except for one stored at "
+                  "inference, thresholds chosen on the evaluation set itself, so these are optimistic):", "",
                   _md_table(["operating point", "threshold", "sensitivity", "specificity", "PPV", "NPV"], orows)]
     return "\n".join(lines)
 
@@ -249,6 +276,9 @@ def _calibration_section(metrics: dict) -> str:
             for k, v in cal.items()]
     lines += ["Expected calibration error (10 equal-width bins, L1) and Brier score on the evaluation set:", "",
               _md_table(["probability", "population", "ECE", "Brier", "n"], rows)]
+    ic = metrics.get("inference_calibration")
+    if ic:
+        lines += ["", f"The evaluated predictions were calibrated at inference ({json.dumps(ic)})."]
     return "\n".join(lines)
 
 

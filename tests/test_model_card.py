@@ -35,8 +35,17 @@ def test_model_card_sections(tmp_path, metrics_json):
     from models import model_card
 
     ckpt = _tiny_checkpoint(tmp_path / "model.ckpt",
-                            calibration={"method": "temperature", "temperature": 1.7,
-                                         "operating_points": {"balanced": {"threshold": 0.42, "sensitivity": 0.9}}})
+                            calibration={  # as models.calibration writes it (docs/formats.md)
+                                "format": 1, "method": "temperature",
+                                "temperature": {"p_fracture": 1.7, "p_acute_given_fracture": 1.0},
+                                "operating_points": {
+                                    "balanced": {"threshold": 0.42, "sensitivity": 0.9, "specificity": 0.8,
+                                                 "criterion": "max Youden J", "youden_j": 0.7},
+                                    "high_specificity": {"threshold": 0.81, "sensitivity": 0.5, "specificity": 0.96,
+                                                         "criterion": "lowest threshold with specificity >= 0.95"}},
+                                "default": "balanced", "fitted_heads": {"p_fracture": True, "p_acute_given_fracture": False},
+                                "n_images": 30, "metrics": {"p_fracture": {"nll_before": 0.61, "nll_after": 0.52,
+                                                                           "ece_before": 0.12, "ece_after": 0.04}}})
     out = tmp_path / "card" / "MODEL_CARD.md"
     model_card.main(["--checkpoint", str(ckpt), "--metrics", str(metrics_json), "--out", str(out)])
     card = out.read_text()
@@ -47,7 +56,8 @@ def test_model_card_sections(tmp_path, metrics_json):
     assert "not for clinical use" in low and "not a medical device" in low and "research only" in low
     # model details from vcf_model, calibration from vcf_calibration
     assert "FractureNet" in card and "resnet18" in card and "| FPN width | 16 |" in card
-    assert "temperature" in card and "1.7000" in card and "0.4200" in card
+    assert "temperature" in card and "p_fracture: 1.7000" in card
+    assert "| balanced (default) | 0.4200 |" in card and "0.0400" in card  # operating point; ECE after
     # training data: phantom by default, manifest from the data module settings
     assert "data/phantom.py" in card and "runs/x/data/manifest.csv" in card
     assert "no real fracture data" in low and "acuity" in low

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from evaluation import bootstrap as B
 from evaluation import compare as C
@@ -217,23 +217,49 @@ def test_operating_points_on_tiny_set(tiny_eval_set):
 
 
 def test_stored_operating_point_from_decision_column_and_jsons(tiny_eval_set):
+    """The outputs of infer.py with a calibrated checkpoint (docs/formats.md): predictions.csv
+    `decision` / `operating_point` columns and a JSON `decision` dict."""
     s = tiny_eval_set
     pred = pd.read_csv(s["predictions"], dtype=str, keep_default_na=False)
     p = pd.to_numeric(pred["p_fracture"], errors="coerce")
     pred["decision"] = np.where(p.isna(), "", np.where(p >= 0.5, "1", "0"))
+    pred["operating_point"] = np.where(p.isna(), "", "balanced")
     pred.to_csv(s["predictions"], index=False)
+
+    def add(rec):
+        rec["decision"] = {"operating_point": "balanced", "threshold": 0.5, "fracture": rec["p_fracture"] >= 0.5,
+                           "validation_sensitivity": 0.9, "validation_specificity": 0.8}
+        rec["p_fracture_uncalibrated"] = min(1.0, rec["p_fracture"] * 1.2)
+        rec["calibration"] = {"method": "temperature", "fitted_on_images": 30, "split": "all", "date": "x"}
+
+    _rewrite_jsons(s["infer_dir"], add)
     r = _evaluate(s)
     st = r["stored_operating_point"]
     assert st["available"] and "decision" in st["source"]
+    assert st["name"] == "balanced" and st["threshold"] == 0.5 and st["validation_sensitivity"] == 0.9
     # normals 0.10 0.30 0.60 0.20; fractured 0.95 0.80 0.55 0.40 0.70
     assert st["confusion"] == {"tp": 4, "fn": 1, "fp": 1, "tn": 3}
     assert st["sensitivity"]["value"] == pytest.approx(0.8)
+    assert r["inference_calibration"]["method"] == "temperature"
+    assert r["calibration"]["p_fracture_uncalibrated"]["n"] == 9
+    html = R.render_html(r)
+    assert "Stored operating point (predictions.csv" in html and "sensitivity 0.900 and specificity 0.800" in html
+    assert "applied the checkpoint's calibration" in html and "temperature" in html
 
-    pred.drop(columns="decision").to_csv(s["predictions"], index=False)
-    _rewrite_jsons(s["infer_dir"], lambda rec: rec.update(operating_point={"name": "balanced", "threshold": 0.5}))
+    # the JSONs alone (no decision column): yes/no from decision.fracture
+    pred.drop(columns=["decision", "operating_point"]).to_csv(s["predictions"], index=False)
     st = _evaluate(s)["stored_operating_point"]
-    assert st["available"] and st["name"] == "balanced" and st["threshold"] == 0.5
+    assert st["available"] and "JSON" in st["source"] and st["name"] == "balanced"
     assert st["confusion"] == {"tp": 4, "fn": 1, "fp": 1, "tn": 3}
+
+    # an operating point with a threshold only: decision = p_fracture >= threshold
+    def threshold_only(rec):
+        rec.pop("decision")
+        rec["operating_point"] = {"name": "custom", "threshold": 0.58}
+    _rewrite_jsons(s["infer_dir"], threshold_only)
+    st = _evaluate(s)["stored_operating_point"]
+    assert st["name"] == "custom" and st["threshold"] == 0.58
+    assert st["confusion"] == {"tp": 3, "fn": 2, "fp": 1, "tn": 3}
 
 
 # --------------------------------------------------------------------------- grade confusion, by level
