@@ -18,6 +18,8 @@ Record structure (one dict per image, the same whichever reader made it)::
          "morphology": "normal",           # "" = unknown
          "acute": nan},                    # 1/0 for a fractured vertebra, NaN otherwise
         ...],
+      "problems": [],                      # annotation errors found by read_aasce (the
+                                           # project-format reader trusts its input: [])
     }
 
 :func:`points_array` stacks the points of a record into ``(n, 6, 2)`` for
@@ -42,12 +44,20 @@ AASCE / BoostNet AP films (:func:`read_aasce`)
     `` C `` ... - any single capital letter between spaces); a name without one (e.g. the
     ``coronal<k>`` files) is its own patient (the file stem).
 
+    Some films of the set carry annotation errors (about 35 of 481: a last vertebra drawn
+    at the top of the film or over the whole spine, two vertebrae on one body, crossed
+    corners). :func:`landmark_problems` finds them; ``read_aasce`` returns every film with
+    its ``"problems"`` (empty list for a clean film), the command line below leaves the
+    flagged films out unless ``--keep-flagged``, and :func:`data.simulate.simulate_dataset`
+    skips them.
+
 Command line::
 
-    python -m data.landmarks --aasce DIR --out OUT
+    python -m data.landmarks --aasce DIR --out OUT [--keep-flagged]
 
 writes ``OUT/manifest.csv`` and ``OUT/vertebrae.csv`` with absolute image paths (no image is
-copied), so the films can be used like any other project data set.
+copied), so the films can be used like any other project data set, and ``OUT/excluded.csv``
+(the films left out, with their problems).
 """
 from __future__ import annotations
 
@@ -143,6 +153,54 @@ def _csv_value(value, integer: bool = True):
     return int(v) if integer and v == int(v) else v
 
 
+def landmark_problems(points: np.ndarray, size: tuple[int, int] | None = None,
+                      min_height_ratio: float = 0.3) -> list[str]:
+    """Annotation errors in the points of one film, (n, 6, 2) in cranio-caudal order.
+
+    One line per problem, naming the vertebra by its index (0 = first): inferior points not
+    below the superior ones along the body's axis; a vertebra whose centre is not below the
+    previous one's (films are upright); a vertebra reaching more than 30 % of its height
+    into the one above, along its axis; a height or width over 2.5 times the film's median
+    (or a width under 0.4 times); a body whose least height is under ``min_height_ratio``
+    of its greatest (crossed or misplaced corners - set 0 for data sets with vertebra plana);
+    points more than 2 % of the image size outside it.
+    """
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 6, 2)
+    problems: list[str] = []
+    if len(pts) == 0:
+        return ["no vertebrae"]
+    top_mid = (pts[:, 0] + pts[:, 2]) / 2
+    bot_mid = (pts[:, 3] + pts[:, 5]) / 2
+    axis = bot_mid - top_mid
+    axis_len = np.linalg.norm(axis, axis=1)
+    t = axis / np.maximum(axis_len, 1e-9)[:, None]
+    along = np.einsum("nkd,nd->nk", pts[:, 3:] - pts[:, :3], t)  # heights along the axis
+    heights = np.linalg.norm(pts[:, 3:] - pts[:, :3], axis=2)
+    widths = np.linalg.norm(pts[:, 2] - pts[:, 0], axis=1)
+    h_med, w_med = float(np.median(heights)), float(np.median(widths))
+    centres = pts.mean(1)
+    for k in range(len(pts)):
+        if axis_len[k] < 1e-6 or axis[k, 1] <= 0 or (along[k] <= 0).any():
+            problems.append(f"vertebra {k}: inferior points not below the superior ones")
+        if k and centres[k, 1] <= centres[k - 1, 1]:
+            problems.append(f"vertebra {k}: not below vertebra {k - 1}")
+        elif k and float((top_mid[k] - bot_mid[k - 1]) @ t[k]) < -0.3 * float(heights[k].mean()):
+            problems.append(f"vertebra {k}: overlaps vertebra {k - 1}")
+        if heights[k].max() > 2.5 * h_med or widths[k] > 2.5 * w_med or widths[k] < 0.4 * w_med:
+            problems.append(f"vertebra {k}: size far from the film's median")
+        if heights[k].max() > 0 and heights[k].min() < min_height_ratio * heights[k].max():
+            problems.append(f"vertebra {k}: heights {heights[k].min():.0f} and {heights[k].max():.0f} px "
+                            "(crossed or misplaced corners)")
+    if size is not None:
+        h, w = size
+        lo = -0.02 * np.array([w, h])
+        hi = np.array([w - 1, h - 1]) + 0.02 * np.array([w, h])
+        bad = ~((pts >= lo) & (pts <= hi)).all(axis=(1, 2))
+        for k in np.flatnonzero(bad):
+            problems.append(f"vertebra {k}: points outside the image")
+    return problems
+
+
 # ----------------------------------------------------------------------------- AASCE
 
 
@@ -182,7 +240,7 @@ def read_aasce(root: str | Path) -> list[dict]:
                      for k in range(AASCE_N_VERTEBRAE)]
         records.append({"image": str(path), "patient_id": patient_from_name(name), "size": (h, w),
                         "view": "ap", "fracture": 0.0, "acute": float("nan"),
-                        "vertebrae": vertebrae})
+                        "vertebrae": vertebrae, "problems": landmark_problems(pts, (h, w))})
     return records
 
 
@@ -266,7 +324,8 @@ def read_vertebrae_csv(path: str | Path, manifest: str | Path | None = "auto",
                 info["fracture"] = 0.0
         records.append({"image": img, "patient_id": info["patient_id"],
                         "size": image_size(img) if image_sizes else None, "view": info["view"],
-                        "fracture": info["fracture"], "acute": info["acute"], "vertebrae": verts})
+                        "fracture": info["fracture"], "acute": info["acute"], "vertebrae": verts,
+                        "problems": []})
     return records
 
 
@@ -319,11 +378,21 @@ def main(argv: list[str] | None = None) -> None:
                     "(absolute image paths; images are not copied).")
     parser.add_argument("--aasce", required=True, help="AASCE folder (filenames.csv, landmarks.csv, images/)")
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--keep-flagged", action="store_true",
+                        help="keep films whose landmarks have problems (see landmark_problems); "
+                             "by default they are left out and listed in OUT/excluded.csv")
     args = parser.parse_args(argv)
     records = read_aasce(args.aasce)
-    manifest = write_vertebrae_dataset(records, args.out)
-    n_patients = len({r["patient_id"] for r in records})
-    print(f"wrote {len(records)} images of {n_patients} patients to {manifest} (+ vertebrae.csv)")
+    flagged = [r for r in records if r.get("problems")]
+    kept = records if args.keep_flagged else [r for r in records if not r.get("problems")]
+    manifest = write_vertebrae_dataset(kept, args.out)
+    excluded = [] if args.keep_flagged else flagged
+    atomic_write_text(Path(args.out) / "excluded.csv", pd.DataFrame(
+        [{"image": r["image"], "problems": "; ".join(r["problems"])} for r in excluded],
+        columns=["image", "problems"]).to_csv(index=False))
+    n_patients = len({r["patient_id"] for r in kept})
+    print(f"wrote {len(kept)} images of {n_patients} patients to {manifest} (+ vertebrae.csv); "
+          f"{len(flagged)} with landmark problems {'kept' if args.keep_flagged else 'left out (excluded.csv)'}")
 
 
 if __name__ == "__main__":

@@ -7,28 +7,33 @@ pixels:
   inferior endplate midpoint; ``u`` across it, from the p1 side to the p3 side) each column
   ``u`` is remapped along ``v`` (``cv2.remap``). The body between its endplates is compressed
   linearly so that the superior endplate comes down by ``d(u)`` and the inferior one up by
-  ``e(u)`` (quadratic profiles through the displacements asked of p1..p3 / p4..p6); the
-  compressed span starts a few pixels into each disc so that the endplate cortex is
-  compressed with the body rather than smeared. The lost height is absorbed by the adjacent
-  discs: from the endplate to 70 % of the way to the neighbouring vertebra's endplate
-  (``margin``) the disc is stretched, and beyond it nothing moves. Across the body the
-  displacement fades to zero over a quarter of the body's width on either side (smoothstep),
-  so the region is the body plus its lateral margin plus the adjacent parts of both discs.
-  Every pixel outside it is bit-for-bit unchanged (``info["region"]``). The points of the
-  other vertebrae, and so their images, stay where they were: the discs above and below the
-  fracture widen instead of the spine above settling.
+  ``e(u)`` (quadratic profiles through the displacements asked of p1..p3 / p4..p6: the
+  superior endplate takes 65 % of each height's loss, the inferior 35 %; for a biconcave
+  fracture the middle loss is shared equally, so both endplates bow). The compressed span
+  starts a few pixels into each disc so that the endplate cortex is compressed with the body
+  rather than smeared, and the compressed body is made slightly denser. The lost height is
+  absorbed by the adjacent discs: from the endplate to 70 % of the way to the neighbouring
+  vertebra's endplate the disc is stretched - most in its featureless middle, hardly next to
+  the endplates - and its grain, smoothed by the stretch, is made up with fresh grain of the
+  film's own spread; beyond that nothing moves. Across the body the displacement fades to
+  zero over a quarter of the body's width on either side (smoothstep). So the region is the
+  body plus its lateral margins plus the adjacent parts of both discs; every pixel outside
+  it is bit-for-bit unchanged (``info["region"]``). The other vertebrae, points and pixels,
+  stay where they were: the discs next to the fracture widen instead of the spine above
+  settling.
 * **Heights.** The anterior, middle and posterior heights fall by amounts drawn from
   :data:`data.phantom.LOSS_RANGE` (clear of the grade boundaries), with the phantom's shape
   rules: a *wedge* loses the anterior height most (posterior kept, middle 35-55 % of the
-  anterior loss), a *biconcave* fracture the middle height (anterior 20-50 % of it; the
-  inferior endplate bows up by 45 % of the middle loss), a *crush* all three against the
-  neighbours' posterior height (``data.morphometry``'s crush rule): posterior loss at least
-  0.27 (grade 2-3; loss at least 0.30) or 0.21-0.24 for a grade-1 crush (the only way a crush
+  anterior loss), a *biconcave* fracture the middle height (anterior 20-50 % of it), a
+  *crush* all three against the neighbours' posterior height (``data.morphometry``'s crush
+  rule): posterior loss 0.27-0.45 with a loss of at least 0.30 (grade 2-3), or posterior
+  loss 0.21 up to the anterior loss of 0.22-0.24 for a grade-1 crush (the only way a crush
   can be grade 1 under that rule; :func:`simulate_dataset` and :class:`FractureSynthesis`,
   like the phantom, draw no grade-1 crush). Where the film's own vertebra is already
-  shorter on a side the drawn loss is kept inside the feasible part of the range; a request
-  that cannot be met (the vertebra would have to grow, or its posterior height is already
-  collapsed against the neighbours) raises :class:`InfeasibleFracture`.
+  shorter on a side, the loss is drawn from the feasible part of the range; a request that
+  cannot be met (the vertebra would have to grow, or a wedge / biconcave fracture is asked
+  of a vertebra whose posterior height already reads as collapsed against its neighbours)
+  raises :class:`InfeasibleFracture` (:func:`fracture_feasible` asks first).
   ``new_points`` are the mapped points, so :func:`data.morphometry.grade_vertebrae` gives
   back exactly the requested grade and shape (checked on every call).
 * **Acute signs**, drawn in the film's own texture: an endplate step (a depressed fragment
@@ -38,6 +43,9 @@ pixels:
   local texture).
 * **Chronic signs**: smooth sclerotic brightened margins along both endplates, and with
   probability 0.6 a small osteophyte at one corner (on an AP film the corners are lateral).
+
+Every added density is a fraction of the film's local contrast (the body's robust
+intensity range), so signs read alike on soft and on contrasty films.
 
 On AP films the "anterior" column is the left side as seen on the image and the
 "posterior" column the right side (see ``data.landmarks``), so a wedge is a lateral wedge.
@@ -74,9 +82,11 @@ from data.phantom import (ACUTE_GRADE_P, ACUTE_SHAPE_P, CHRONIC_GRADE_P, CHRONIC
 SIMULATE_VERSION = "1"
 SHAPES: tuple[str, ...] = ("wedge", "biconcave", "crush")
 CRUSH_POSTERIOR_LOSS = (0.27, 0.45)  # grade 2-3 crush: posterior loss against the neighbours
-CRUSH1_POSTERIOR_MIN = 0.21  # grade-1 crush: posterior loss 0.21 .. anterior loss (<= 0.24)
+# grade-1 crush: posterior loss from 0.01 past the crush rule's threshold up to the anterior loss
+CRUSH1_POSTERIOR_MIN = round(1 - CRUSH_POSTERIOR_RATIO + 0.01, 6)
 CRUSH1_LOSS = (0.22, 0.24)
-NO_CRUSH_MARGIN = 0.82  # wedge / biconcave need Hp >= this x the neighbours' posterior height
+# wedge / biconcave need Hp >= this x the neighbours' posterior height (clear of the crush rule)
+NO_CRUSH_MARGIN = CRUSH_POSTERIOR_RATIO + 0.02
 SHAPE_MARGIN = 1.03  # the least height must stay below the next one by this factor
 TOP_SHARE = 0.65  # share of each height's loss taken by the superior endplate (rest: inferior)
 BICONCAVE_BOTTOM_SHARE = 0.5  # biconcave: share of the middle loss taken by the inferior endplate
@@ -655,7 +665,7 @@ def _safe_name(path: str) -> str:
 
 def simulate_dataset(records: list[dict], out_dir: str | Path, n_per_image: int = 1,
                      p_fracture: float = 0.5, seed: int = 0, size: int | None = None,
-                     progress: bool = False) -> Path:
+                     progress: bool = False, skip_flagged: bool = True) -> Path:
     """Write simulated films of ``records`` (see :mod:`data.landmarks`) under ``out_dir``.
 
     For each record, ``n_per_image`` films: with probability ``p_fracture`` one to three
@@ -664,7 +674,9 @@ def simulate_dataset(records: list[dict], out_dir: str | Path, n_per_image: int 
     alike), or None for the original size. Film ``j`` of record ``r`` depends on
     ``(seed, r, j)`` only. Writes ``images/*.png`` (16-bit), ``manifest.csv`` (patient ids
     preserved, ``source_image`` = the original film), ``vertebrae.csv`` and
-    ``simulate.json``. Returns the manifest path.
+    ``simulate.json``. Records with landmark ``problems`` (:func:`data.landmarks.read_aasce`)
+    are skipped unless ``skip_flagged=False``: their neighbours and levels cannot be trusted.
+    Returns the manifest path.
     """
     from data.readers import read_image
 
@@ -677,7 +689,11 @@ def simulate_dataset(records: list[dict], out_dir: str | Path, n_per_image: int 
         from tqdm import tqdm
 
         iterator = tqdm(iterator, total=len(records), desc="simulate")
+    n_skipped = 0
     for r, rec in iterator:
+        if skip_flagged and rec.get("problems"):
+            n_skipped += 1
+            continue
         base = read_image(rec["image"]).pixels
         pts0 = points_array(rec)
         if size is not None:
@@ -713,7 +729,8 @@ def simulate_dataset(records: list[dict], out_dir: str | Path, n_per_image: int 
     atomic_write_text(out / "vertebrae.csv", pd.DataFrame(vrows).to_csv(index=False))
     manifest = atomic_write_text(out / "manifest.csv", pd.DataFrame(rows).to_csv(index=False))
     summary = {"generator": "data.simulate", "version": SIMULATE_VERSION, "seed": seed,
-               "n_source_images": len(records), "n_per_image": n_per_image,
+               "n_source_images": len(records), "n_skipped_flagged": n_skipped,
+               "n_per_image": n_per_image,
                "p_fracture": p_fracture, "size": size, "n_images": len(rows),
                "n_fractured_images": int(sum(1 for r in rows if r["fracture"] == 1)),
                "n_fractured_vertebrae": n_frac_vertebrae,
@@ -740,7 +757,10 @@ def main(argv: list[str] | None = None) -> None:
         records = records[: args.limit]
     manifest = simulate_dataset(records, args.out, n_per_image=args.n, p_fracture=args.p_fracture,
                                 seed=args.seed, size=args.size, progress=True)
-    print(f"wrote {len(records) * args.n} films to {manifest.parent} (manifest.csv, vertebrae.csv)")
+    summary = json.loads((manifest.parent / "simulate.json").read_text())
+    print(f"wrote {summary['n_images']} films ({summary['n_fractured_images']} with fractures) to "
+          f"{manifest.parent} (manifest.csv, vertebrae.csv); {summary['n_skipped_flagged']} source films "
+          "with landmark problems skipped")
 
 
 if __name__ == "__main__":
