@@ -7,7 +7,7 @@ DEMO := runs/demo
 DEMO_TRAIN_N ?= 800
 DEMO_TEST_N ?= 200
 
-.PHONY: demo test test-all benchmark clean
+.PHONY: demo test test-all benchmark mixed-data clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON) (set PYTHON=python3.x)"; exit 1; }
@@ -38,6 +38,15 @@ test-all: $(STAMP)
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/phantom_benchmark.py
+
+# Phantom films + fractures simulated on the real AASCE films (not part of this repository),
+# with 20 % of the AASCE patients held out as split = test. Train: configs/phantom_plus_simulated.yaml
+AASCE ?= ../shared/data/aasce
+mixed-data: $(STAMP)
+	$(PY) -m data.phantom --out runs/mix/phantom --n 2000 --seed 1
+	$(PY) -m data.simulate --aasce $(AASCE) --out runs/mix/simulated --n 2 --seed 0 --size 1024
+	$(PY) -m data.combine runs/mix/phantom/manifest.csv runs/mix/simulated/manifest.csv --out runs/mix \
+		--test-fraction-of runs/mix/simulated/manifest.csv=0.2
 
 clean:
 	rm -rf runs/debug runs/demo .pytest_cache
