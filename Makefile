@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 DEMO := runs/demo
 DEMO_TRAIN_N ?= 800
 DEMO_TEST_N ?= 200
+# bf16 autocast is ~1.7x faster on CPUs with AVX512-BF16 (measured: 17 vs 10 img/s); elsewhere fp32.
+DEMO_PRECISION ?= $(shell grep -q avx512_bf16 /proc/cpuinfo 2>/dev/null && echo bf16-mixed || echo 32-true)
 
 .PHONY: demo test test-all benchmark mixed-data clean
 
@@ -20,7 +22,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m data.phantom --out $(DEMO)/data/train --n $(DEMO_TRAIN_N) --seed 1
 	$(PY) -m data.phantom --out $(DEMO)/data/test --n $(DEMO_TEST_N) --seed 2
-	$(PY) train.py fit --config configs/demo.yaml
+	$(PY) train.py fit --config configs/demo.yaml --trainer.precision $(DEMO_PRECISION)
 	$(PY) infer.py --checkpoint $(DEMO)/best.ckpt --out $(DEMO)/infer $(DEMO)/data/test/manifest.csv
 	$(PY) evaluate.py --predictions $(DEMO)/infer/predictions.csv --manifest $(DEMO)/data/test/manifest.csv --out $(DEMO)/report
 	@echo
