@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="benchmarks/out/phantom")
     p.add_argument("--config", default="configs/phantom.yaml")
     p.add_argument("--extra", default="", help="extra train.py arguments, e.g. '--trainer.precision bf16-mixed'")
+    p.add_argument("--run-name", default="run", help="sub-folder of --out for this run (runs share the data)")
+    p.add_argument("--section", default=SECTION, help="RESULTS.md heading to write or replace")
     p.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = p.parse_args(argv)
     out = (ROOT / args.out).resolve()
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     test_manifest = ensure_data(out / "data" / "test", args.n_test, args.test_seed, args.size)
 
     cfg = yaml.safe_load((ROOT / args.config).read_text())
-    run = out / "run"
+    run = out / args.run_name
     cfg["trainer"]["max_epochs"] = args.epochs
     cfg["trainer"]["default_root_dir"] = str(run)
     cfg["trainer"]["enable_progress_bar"] = False
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
         if cb["class_path"].endswith("ModelCheckpoint"):
             cb["init_args"]["dirpath"] = str(run)
     cfg["data"]["manifest"] = str(train_manifest)
-    cfg_path = out / "config.yaml"
+    cfg_path = out / f"config_{args.run_name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
 
     py = sys.executable
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     n_train_split = round(n_train_seen * (1 - cfg["data"].get("val_fraction", 0.15)))
     train_ips = n_train_split * args.epochs / fit_seconds  # includes validation and loading
 
-    infer_dir = out / "infer"
+    infer_dir = out / f"infer_{args.run_name}"
     t0 = time.time()
     subprocess.run([py, "infer.py", "--checkpoint", str(run / "best.ckpt"), "--out", str(infer_dir),
                     "--quiet", str(test_manifest)], cwd=ROOT, check=True)
@@ -117,9 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
         "inference_seconds_per_image": round(infer_seconds / n_test, 4),
         "metrics": summary,
     }
-    (out / "result.json").write_text(json.dumps(result, indent=2))
+    (out / f"result_{args.run_name}.json").write_text(json.dumps(result, indent=2))
     if not args.no_write:
-        write_results(result)
+        write_results(result, args.section)
     print(json.dumps({k: result[k] for k in ("train", "inference_seconds_per_image")}, indent=2))
     print(json.dumps({k: summary[k] for k in ("auroc_fracture", "auroc_acute", "by_grade", "pointing_game")}, indent=2))
     return result
@@ -129,12 +131,12 @@ def _f(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-def write_results(r: dict) -> None:
+def write_results(r: dict, section: str = SECTION) -> None:
     m = r["metrics"]
     grades = m.get("by_grade") or {}
     pg = m.get("pointing_game") or {}
     lines = [
-        SECTION, "",
+        section, "",
         "Synthetic phantom films only (data/phantom.py): these numbers measure the code on its own",
         "phantom, not performance on patients.", "",
         f"- command: `{r['command']}`",
@@ -162,8 +164,8 @@ def write_results(r: dict) -> None:
     ]
     text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n\n"
     block = "\n".join(lines)
-    if SECTION in text:
-        text = re.sub(re.escape(SECTION) + r".*?(?=\n## |\Z)", block, text, flags=re.S)
+    if section in text:
+        text = re.sub(re.escape(section) + r".*?(?=\n## |\Z)", block, text, flags=re.S)
     else:
         text = text.rstrip("\n") + "\n\n" + block
     RESULTS.write_text(text.rstrip("\n") + "\n")
