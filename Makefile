@@ -28,7 +28,7 @@ demo: $(STAMP)
 	@echo
 	@echo "checkpoint:   $(DEMO)/best.ckpt"
 	@echo "inference:    $(DEMO)/infer/ (predictions.csv, <name>.json, <name>_heatmap.png/.npy)"
-	@echo "evaluation:   $(DEMO)/report/metrics.json, $(DEMO)/report/roc.png"
+	@echo "evaluation:   $(DEMO)/report/report.html, $(DEMO)/report/metrics.json and plots"
 	@echo "notebook:     notebooks/evaluate.ipynb (reads $(DEMO) by default)"
 	@echo "Synthetic phantom data only: these numbers say nothing about clinical performance."
 
