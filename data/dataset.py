@@ -8,8 +8,6 @@ Unknown labels stay NaN all the way to the loss, where they are masked out.
 from __future__ import annotations
 
 import logging
-import math
-from pathlib import Path
 
 import lightning as L
 import numpy as np

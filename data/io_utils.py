@@ -5,7 +5,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import cv2
 import numpy as np
@@ -20,13 +20,16 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
-def _atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
+def atomic_write_with(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Let ``write`` fill a temporary file beside ``path``, then rename it into place.
+
+    A killed process leaves either the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs should read like any other
@@ -36,6 +39,10 @@ def _atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def _atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
+    return atomic_write_with(path, lambda fh: fh.write(payload))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -58,7 +58,6 @@ import datetime as _dt
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -370,22 +369,9 @@ def _run_network(net, paths: list[str], image_size, device, batch_size: int, num
 
 
 def _atomic_torch_save(obj, path: Path) -> Path:
-    from data.io_utils import _UMASK
+    from data.io_utils import atomic_write_with
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_with(path, lambda fh: torch.save(obj, fh))
 
 
 def default_output(checkpoint: str | os.PathLike) -> Path:

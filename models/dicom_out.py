@@ -22,7 +22,8 @@ Codes used in the SR (``CODES`` below):
     height_posterior      99VCF   VCF022         Posterior vertebral body height
     unit_probability      UCUM    {probability}  probability (dimensionless, 0-1)
     unit_px / unit_mm     UCUM    {pixels} / mm  vertebral heights in pixels or millimetres
-    (finding site)        SCT     e.g. 66794005  L1 vertebra: C1-C7, T1-T12, L1-L5 from pydicom's DICOM
+    (finding site)        SCT     e.g. 66794005  L1 vertebra: C1-C7, T1-T12, L1-L5 from data.io_utils import atomic_write_with
+from pydicom's DICOM
                                                  code dictionary (codes.SCT.<level>Vertebra); none for T13/L6
 
 "99VCF" is a private coding scheme defined here (DICOM reserves designators starting with "99"
@@ -34,9 +35,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-import tempfile
 import warnings
-from pathlib import Path
 
 import highdicom as hd
 import numpy as np
@@ -44,6 +43,8 @@ import pydicom
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+
+from data.io_utils import atomic_write_with
 
 PRIVATE_SCHEME = "99VCF"
 PRIVATE_SCHEME_NAME = "spine-vcf research codes (private, not for clinical use)"
@@ -306,16 +307,5 @@ def structured_report(source: Dataset, findings: dict, series_number: int = 901,
 
 
 def write_dicom(ds: Dataset, path: str | os.PathLike) -> None:
-    """Write ``ds`` as a DICOM file atomically: temp file in the same folder, then os.replace."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            ds.save_as(fh, enforce_file_format=True)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Write ``ds`` as a DICOM file atomically (data.io_utils.atomic_write_with)."""
+    atomic_write_with(path, lambda fh: ds.save_as(fh, enforce_file_format=True))

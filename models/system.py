@@ -9,7 +9,6 @@ Losses (unknown labels are masked out, never taken as negative):
 from __future__ import annotations
 
 import importlib.metadata
-from pathlib import Path
 
 import lightning as L
 import torch

@@ -12,21 +12,9 @@ import torch
 import yaml
 
 from data.phantom import generate_dataset
+from training_config import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def compose_config(tmp: Path, manifest: Path, **model) -> Path:
-    """The real debug config, pointed at tmp paths."""
-    cfg = yaml.safe_load((ROOT / "configs" / "debug.yaml").read_text())
-    cfg["trainer"]["default_root_dir"] = str(tmp)
-    cfg["trainer"]["logger"][0]["init_args"]["save_dir"] = str(tmp)
-    cfg["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(tmp)
-    cfg["data"]["manifest"] = str(manifest)
-    cfg["model"].update(model)
-    path = tmp / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +115,7 @@ def test_finetune_from_checkpoint_with_frozen_backbone(trained, tmp_path):
     import train
 
     cfg = yaml.safe_load(compose_config(tmp_path, trained / "data" / "manifest.csv",
-                                        init_from=str(trained / "best.ckpt")).read_text())
+                                        model={"init_from": str(trained / "best.ckpt")}).read_text())
     cfg["trainer"]["callbacks"].append({"class_path": "lightning.pytorch.callbacks.BackboneFinetuning",
                                         "init_args": {"unfreeze_backbone_at_epoch": 5}})
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -145,7 +133,6 @@ def test_finetune_from_checkpoint_with_frozen_backbone(trained, tmp_path):
 def _phantom_as_dicom(png: Path, out: Path) -> Path:
     """A phantom film as a MONOCHROME2 DICOM with made-up identifiers."""
     import cv2
-    import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 

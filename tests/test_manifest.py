@@ -1,7 +1,6 @@
 """Manifest validation (every problem listed) and masking of unknown labels."""
 import math
 
-import numpy as np
 import pytest
 import torch
 

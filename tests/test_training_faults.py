@@ -1,7 +1,6 @@
 """Training faults: unreadable images are skipped and counted; a NaN loss names its batch."""
 import math
 
-import numpy as np
 import pytest
 import torch
 

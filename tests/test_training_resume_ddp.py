@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from lightning.pytorch.callbacks import Callback
 
 from data.phantom import generate_dataset
+from training_config import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,16 +22,8 @@ class CrashMidEpoch(Callback):
 
 
 def _config(tmp: Path, manifest: Path, epochs: int) -> Path:
-    cfg = yaml.safe_load((ROOT / "configs" / "debug.yaml").read_text())
-    cfg["trainer"].update(default_root_dir=str(tmp), max_epochs=epochs, limit_train_batches=3, limit_val_batches=1)
-    cfg["trainer"]["logger"][0]["init_args"]["save_dir"] = str(tmp)
-    cfg["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(tmp)
-    cfg["model"]["fpn_dim"] = 16
-    cfg["data"].update(manifest=str(manifest), image_size=[96, 64])
-    tmp.mkdir(parents=True, exist_ok=True)
-    path = tmp / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return compose_config(tmp, manifest, trainer={"max_epochs": epochs, "limit_train_batches": 3, "limit_val_batches": 1},
+                          model={"fpn_dim": 16}, data={"image_size": [96, 64]})
 
 
 @pytest.fixture(scope="module")
