@@ -305,19 +305,30 @@ def auroc_by_grade(df: pd.DataFrame, max_grade: pd.Series, score: str = "p_fract
 
 
 # --------------------------------------------------------------------------- pointing game
-def _read_prediction_jsons(predictions_json_dir: str | os.PathLike) -> list[dict]:
-    """Per-image JSONs of ``infer.py`` with a usable ``image`` and ``heatmap_peak``; other JSON
-    files in the folder (and error records) are skipped."""
+def read_inference_jsons(infer_dir: str | os.PathLike | None) -> list[dict]:
+    """The ok per-image JSONs of an ``infer.py`` folder, each with ``_json`` (its file) and
+    ``_image`` (the absolute image path). Other JSON files and error records are skipped."""
+    if infer_dir is None or not Path(infer_dir).is_dir():
+        return []
     records = []
-    for path in sorted(Path(predictions_json_dir).glob("*.json")):
+    for path in sorted(Path(infer_dir).glob("*.json")):
         try:
             rec = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if not isinstance(rec, dict) or rec.get("status", "ok") != "ok":
+        if not isinstance(rec, dict) or not rec.get("image") or rec.get("status", "ok") != "ok":
             continue
+        rec = dict(rec, _json=str(path), _image=_abs_path(rec["image"], path.parent))
+        records.append(rec)
+    return records
+
+
+def _read_prediction_jsons(predictions_json_dir: str | os.PathLike) -> list[dict]:
+    """Records with a finite ``heatmap_peak``, for the pointing game."""
+    records = []
+    for rec in read_inference_jsons(predictions_json_dir):
         peak = rec.get("heatmap_peak")
-        if not rec.get("image") or not isinstance(peak, (list, tuple)) or len(peak) != 2:
+        if not isinstance(peak, (list, tuple)) or len(peak) != 2:
             continue
         try:
             x, y = float(peak[0]), float(peak[1])
@@ -325,8 +336,8 @@ def _read_prediction_jsons(predictions_json_dir: str | os.PathLike) -> list[dict
             continue
         if not (math.isfinite(x) and math.isfinite(y)):
             continue
-        records.append({"json": str(path), "image": _abs_path(rec["image"], path.parent),
-                        "name": rec.get("name", path.stem), "x": x, "y": y})
+        records.append({"json": rec["_json"], "image": rec["_image"],
+                        "name": rec.get("name", Path(rec["_json"]).stem), "x": x, "y": y})
     return records
 
 

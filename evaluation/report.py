@@ -86,22 +86,8 @@ def _metric_with_ci(point: float, draws: np.ndarray) -> dict:
 
 
 def _read_jsons(infer_dir: str | os.PathLike | None) -> list[dict]:
-    """Per-image JSON records (dicts with an ``image``) of an inference folder, with ``_key``."""
-    if infer_dir is None or not Path(infer_dir).is_dir():
-        return []
-    out = []
-    for path in sorted(Path(infer_dir).glob("*.json")):
-        try:
-            rec = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if not isinstance(rec, dict) or not rec.get("image") or rec.get("status", "ok") != "ok":
-            continue
-        rec = dict(rec)
-        rec["_key"] = M._path_key(M._abs_path(rec["image"], path.parent))
-        rec["_json"] = str(path)
-        out.append(rec)
-    return out
+    """Per-image JSON records of an inference folder, with ``_key`` for joining on the image."""
+    return [dict(rec, _key=M._path_key(rec["_image"])) for rec in M.read_inference_jsons(infer_dir)]
 
 
 def _as_float(v) -> float:
