@@ -9,7 +9,7 @@ DEMO_TEST_N ?= 200
 # bf16 autocast is ~1.7x faster on CPUs with AVX512-BF16 (measured: 17 vs 10 img/s); elsewhere fp32.
 DEMO_PRECISION ?= $(shell grep -q avx512_bf16 /proc/cpuinfo 2>/dev/null && echo bf16-mixed || echo 32-true)
 
-.PHONY: demo test test-all benchmark mixed-data clean
+.PHONY: demo test test-all benchmark benchmark-mixed mixed-data clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON) (set PYTHON=python3.x)"; exit 1; }
@@ -40,6 +40,11 @@ test-all: $(STAMP)
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/phantom_benchmark.py
+
+# Evaluate the phantom + simulated-real model (runs/mix/best.ckpt; see mixed-data below) on its held-out
+# simulated-real films, the real held-out AASCE films and phantom films of seed 1000.
+benchmark-mixed: $(STAMP)
+	$(PY) benchmarks/mixed_benchmark.py --aasce $(AASCE)
 
 # Phantom films + fractures simulated on the real AASCE films (not part of this repository),
 # with 20 % of the AASCE patients held out as split = test. Train: configs/phantom_plus_simulated.yaml

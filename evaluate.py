@@ -4,6 +4,9 @@
                        [--infer-dir OUT] --out REPORT [--n-boot 1000] [--seed 0]
 
 Confidence intervals come from a bootstrap over patients (``patient_id`` of the manifest).
+When the inference folder holds a ``vertebrae.csv`` (per-vertebra predictions) and truth
+vertebrae are given, metrics.json, the plots and report.html gain a per-vertebra section
+(evaluation/vertebrae.py).
 Images with unknown labels are left out of each metric and counted. See evaluation/report.py
 for the methods. Research metrics: on synthetic phantom films they are not clinical performance.
 """
@@ -18,6 +21,21 @@ import matplotlib
 matplotlib.use("Agg")
 
 from evaluation import metrics, report  # noqa: E402
+
+
+def vertebrae_summary_line(section: dict) -> str:
+    """One line on the per-vertebra section of metrics.json (``result["vertebrae"]``)."""
+    if not section.get("available"):
+        return f"per-vertebra: {section.get('note', 'not available')}"
+    f = report._f
+    d, pe, la = section["detection"], section["point_error"], section["level_accuracy"]
+    c = section["counts"]
+    return (f"per-vertebra: recall {f(d['recall'])} ({d['n_matched']}/{d['n_truth']}), precision {f(d['precision'])} "
+            f"({d['n_false_positive']} false positives), point error median {f(pe['pixels']['median'], 1)} px "
+            f"({f(pe['percent_height']['median'], 1)} % of height), level accuracy {f(la['accuracy'])}, "
+            f"fracture AUROC {f(section['auroc_fracture']['auroc'])}, grade kappa "
+            f"{f(section['grade_agreement']['kappa_quadratic'])}; {c['n_truth_images_without_prediction']} truth "
+            f"image(s) without prediction left out")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -59,6 +77,9 @@ def main(argv: list[str] | None = None) -> dict:
     if result.get("pointing_game"):
         msg += f"; pointing game {report._f(result['pointing_game']['score'])}"
     print(msg)
+    per_vertebra = result.get("vertebrae")
+    if per_vertebra:
+        print(vertebrae_summary_line(per_vertebra))
     print(f"wrote {paths['metrics']}, {paths['html']} and {len(paths) - 2} plot(s) to {out} "
           f"in {time.perf_counter() - t0:.1f} s")
     print("Research metrics: on synthetic phantom films these are not clinical performance.")

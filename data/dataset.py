@@ -4,6 +4,11 @@ A sample is a dict: ``image`` (1, H, W) float in [0, 1]; ``fracture`` and ``acut
 given a fracture) as floats with NaN for unknown; ``heatmap_target`` (3, H, W): fractured, acutely
 fractured and any vertebra, with ``heatmap_known`` (3,) saying which channels may be trained; ``index``.
 Unknown labels stay NaN all the way to the loss, where they are masked out.
+
+Per-vertebra truth (``vertebrae.csv``) adds the stage-1 targets on the stride-8 grid
+(``vert_centre``, ``vert_offsets``, ``vert_offset_mask``, ``vert_level``, ``vert_known``) and up to
+``max_crops`` crops of the original film, one per vertebra (``crops``, ``crop_points`` in crop
+pixels, ``crop_fracture``, ``crop_acute``, ``crop_valid``); see data/vertebra_targets.py.
 """
 from __future__ import annotations
 
@@ -17,18 +22,23 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from data.manifest import Manifest, assign_splits, label_arrays, load_manifest
 from data.readers import ImageReadError, read_image
 from data.transforms import letterbox, normalize_intensity, rasterize_vertebrae, train_augmentation
+from data.vertebra_targets import (AP_MIRROR, CROP_CONTEXT, CROP_SIZE, apply_affine, body_centre, body_extent,
+                                   crop_matrix, extract_crop, level_code, stage1_targets)
 
 log = logging.getLogger(__name__)
 POINT_COLUMNS = [f"p{i}{c}" for i in range(1, 7) for c in "xy"]
+GRID_STRIDE = 8  # the network's heatmap stride (models.network.HEATMAP_STRIDE)
 
 
 class RadiographDataset(Dataset):
     def __init__(self, manifest: Manifest, indices: np.ndarray | None = None,
-                 image_size: tuple[int, int] = (384, 320), augment: bool = False):
+                 image_size: tuple[int, int] = (384, 320), augment: bool = False, max_crops: int | None = None):
         self.manifest = manifest
         self.images = manifest.images if indices is None else manifest.images.iloc[indices].reset_index(drop=True)
         self.image_size = tuple(image_size)
-        self.augment = train_augmentation() if augment else None
+        self.augment = train_augmentation(flip=False) if augment else None
+        # training sees a random few vertebrae per film; evaluation sees (nearly) all of them
+        self.max_crops = int(max_crops if max_crops is not None else (6 if augment else 20))
         self.fracture, self.acute = label_arrays(self.images)
         self._vertebrae = {}
         if manifest.vertebrae is not None:
@@ -65,26 +75,110 @@ class RadiographDataset(Dataset):
             known[1] = 1.0
         return target, known
 
+    def _vertebra_arrays(self, image: str):
+        """Points (K, 6, 2), level codes, fracture and acute labels (NaN unknown) of one film."""
+        rows = self._vertebrae.get(image)
+        if rows is None or len(rows) == 0:
+            return None
+        pts = rows[POINT_COLUMNS].to_numpy(dtype=float).reshape(-1, 6, 2)
+        good = np.isfinite(pts).all(axis=(1, 2))
+        rows, pts = rows[good], pts[good]
+        if len(rows) == 0:
+            return None
+        grade = rows["genant_grade"].to_numpy(dtype=float)
+        fracture = np.where(np.isnan(grade), np.nan, (grade > 0).astype(float))
+        acute = rows["acute"].to_numpy(dtype=float) if "acute" in rows else np.full(len(rows), np.nan)
+        acute = np.where(fracture == 1, acute, np.nan)
+        levels = [level_code(v) for v in rows["level"]] if "level" in rows else [-1] * len(rows)
+        return pts, levels, fracture, acute
+
+    def _crops(self, full: np.ndarray, verts, ap: bool) -> dict:
+        m = self.max_crops
+        crops = np.zeros((m, 1, CROP_SIZE, CROP_SIZE), np.float32)
+        points = np.zeros((m, 6, 2), np.float32)
+        fracture = np.full(m, np.nan, np.float32)
+        acute = np.full(m, np.nan, np.float32)
+        valid = np.zeros(m, np.float32)
+        if verts is not None and m > 0:
+            pts, _, frac, acu = verts
+            order = self.rng.permutation(len(pts)) if self.augment is not None else np.arange(len(pts))
+            centres, extents = body_centre(pts), body_extent(pts)
+            for slot, k in enumerate(order[:m]):
+                centre, side, angle = centres[k], CROP_CONTEXT * extents[k], 0.0
+                if self.augment is not None:  # the stage-1 points it will be cropped around are not exact
+                    centre = centre + self.rng.normal(0, 0.06 * extents[k], 2)
+                    side *= float(np.exp(self.rng.normal(0, 0.1)))
+                    angle = float(self.rng.uniform(-8, 8))
+                matrix = crop_matrix(centre, side, angle)
+                crop = extract_crop(full, matrix)
+                p = apply_affine(matrix, pts[k])
+                if self.augment is not None:
+                    if self.rng.random() < 0.5:
+                        crop = crop[:, ::-1]
+                        p[:, 0] = CROP_SIZE - 1 - p[:, 0]
+                        if ap:
+                            p = p[AP_MIRROR]
+                    crop = _photometric(crop, self.rng)
+                crops[slot, 0] = crop
+                points[slot] = p
+                fracture[slot], acute[slot], valid[slot] = frac[k], acu[k], 1.0
+        return {"crops": torch.from_numpy(crops), "crop_points": torch.from_numpy(points),
+                "crop_fracture": torch.from_numpy(fracture), "crop_acute": torch.from_numpy(acute),
+                "crop_valid": torch.from_numpy(valid)}
+
     def __getitem__(self, i: int) -> dict | None:
         row = self.images.iloc[i]
+        # drawn from torch's generator, which Lightning seeds per worker (a numpy Generator made
+        # once would be copied into every worker and repeat the same jitter there)
+        self.rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, ()).item()))
         try:
-            pixels = read_image(row["image"]).pixels
+            full = normalize_intensity(read_image(row["image"]).pixels)
         except ImageReadError as exc:
             log.warning("skipping unreadable training image: %s", exc)
             return {"failed": str(exc)}
-        pixels, box = letterbox(normalize_intensity(pixels), self.image_size)
+        pixels, box = letterbox(full, self.image_size)
         target, known = self._targets(row["image"], float(self.fracture[i]), box)
+        verts = self._vertebra_arrays(row["image"])
+        ap = str(row.get("view", "")).strip().lower() == "ap"
+        keypoints = box.to_input(verts[0].reshape(-1, 2)) if verts is not None else np.zeros((0, 2))
         if self.augment is not None:
-            out = self.augment(image=pixels, masks=list(target))
+            if self.rng.random() < 0.5:  # mirror here, so that AP points can be relabelled
+                pixels, target = pixels[:, ::-1], target[:, :, ::-1]
+                keypoints = keypoints.copy()
+                keypoints[:, 0] = self.image_size[1] - 1 - keypoints[:, 0]
+                if ap and len(keypoints):
+                    keypoints = keypoints.reshape(-1, 6, 2)[:, AP_MIRROR].reshape(-1, 2)
+            out = self.augment(image=np.ascontiguousarray(pixels), masks=list(np.ascontiguousarray(target)),
+                               keypoints=keypoints)
             pixels, target = out["image"], np.stack(out["masks"])
-        return {
+            keypoints = np.asarray(out["keypoints"], dtype=np.float64).reshape(-1, 2)
+        grid = (-(-self.image_size[0] // GRID_STRIDE), -(-self.image_size[1] // GRID_STRIDE))
+        levels = verts[1] if verts is not None else []
+        st1 = stage1_targets(keypoints.reshape(-1, 6, 2), levels, grid, GRID_STRIDE)
+        sample = {
             "image": torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None],
             "fracture": torch.tensor(self.fracture[i]),
             "acute": torch.tensor(self.acute[i]),
             "heatmap_target": torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32)),
             "heatmap_known": torch.from_numpy(known),
+            "vert_centre": torch.from_numpy(st1["centre"]),
+            "vert_offsets": torch.from_numpy(st1["offsets"]),
+            "vert_offset_mask": torch.from_numpy(st1["offset_mask"]),
+            "vert_level": torch.from_numpy(st1["level"]),
+            "vert_known": torch.tensor(float(verts is not None)),
             "index": i,
         }
+        sample.update(self._crops(full, verts, ap))
+        return sample
+
+
+def _photometric(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Gamma, contrast and noise on a [0, 1] crop."""
+    crop = np.clip(crop, 0, 1) ** float(np.exp(rng.normal(0, 0.15)))
+    crop = (crop - 0.5) * float(rng.uniform(0.85, 1.15)) + 0.5 + float(rng.normal(0, 0.04))
+    if rng.random() < 0.3:
+        crop = crop + rng.normal(0, rng.uniform(0, 0.03), crop.shape)
+    return np.clip(crop, 0, 1).astype(np.float32)
 
 
 def collate_skipping_failures(batch: list[dict]) -> dict:

@@ -67,14 +67,14 @@ def rasterize_vertebrae(points: list[np.ndarray], out_hw: tuple[int, int]) -> np
     return mask
 
 
-def train_augmentation(strength: float = 1.0) -> A.Compose:
-    """Geometric and photometric augmentation for radiographs (masks follow the image)."""
-    return A.Compose([
-        A.HorizontalFlip(p=0.5),  # lateral films come facing either way
+def train_augmentation(strength: float = 1.0, flip: bool = True) -> A.Compose:
+    """Geometric and photometric augmentation for radiographs (masks and keypoints follow the
+    image). ``flip=False`` leaves the mirror to the caller, which must then relabel AP points."""
+    return A.Compose(([A.HorizontalFlip(p=0.5)] if flip else []) + [  # lateral films face either way
         A.Affine(scale=(1 - 0.1 * strength, 1 + 0.1 * strength), rotate=(-7 * strength, 7 * strength),
                  translate_percent=(-0.05 * strength, 0.05 * strength), border_mode=cv2.BORDER_CONSTANT,
                  fill=0, fill_mask=0, p=0.8),
         A.RandomGamma(gamma_limit=(80, 125), p=0.5),
         A.RandomBrightnessContrast(brightness_limit=0.1 * strength, contrast_limit=0.15 * strength, p=0.5),
         A.GaussNoise(std_range=(0.0, 0.03 * strength), p=0.3),
-    ])
+    ], keypoint_params=A.KeypointParams(format="xy", remove_invisible=False))

@@ -42,6 +42,7 @@ from sklearn.metrics import brier_score_loss, cohen_kappa_score, confusion_matri
 
 from evaluation import bootstrap as B
 from evaluation import metrics as M
+from evaluation import vertebrae as V
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -53,6 +54,7 @@ __all__ = [
     "expected_calibration_error",
     "auroc_by_level",
     "grade_confusion",
+    "vertebrae_section",
     "stored_operating_point",
     "error_cases",
     "plot_roc_pr",
@@ -60,6 +62,7 @@ __all__ = [
     "plot_confusions",
     "plot_by_level",
     "plot_grade_confusion",
+    "plot_vertebrae",
     "error_gallery",
     "write_report",
     "render_html",
@@ -428,6 +431,33 @@ def grade_confusion(vert: pd.DataFrame, records: list[dict]) -> dict:
     return out
 
 
+def vertebrae_section(predictions_csv, vert: pd.DataFrame | None, infer_dir, records: list[dict] | None = None,
+                      vertebrae_csv=None, min_level_fractured: int = 5) -> dict | None:
+    """The per-vertebra evaluation (:func:`evaluation.vertebrae.summarise_vertebrae`) of the
+    ``vertebrae.csv`` that ``infer.py`` wrote into ``infer_dir``, against the truth ``vert``.
+
+    ``None`` (the report then has no per-vertebra section) when there is no truth table or the
+    inference folder has no ``vertebrae.csv``. Only images with an ok row in ``predictions_csv``
+    count; ``levels_trusted`` comes from the per-image JSONs (``records``)."""
+    if vert is None or not infer_dir:
+        return None
+    predicted = Path(infer_dir) / "vertebrae.csv"
+    if not predicted.is_file():
+        return None
+    inputs = {"predicted": str(predicted), "truth": str(vertebrae_csv) if vertebrae_csv else None}
+    missing = [c for c in V.POINT_COLUMNS if c not in vert.columns]
+    if missing:
+        return {"available": False, "inputs": inputs,
+                "note": f"not available (the truth vertebrae.csv has no point columns {missing[:3]}...)"}
+    pred = V.load_predicted_vertebrae(predicted)
+    table = M.load_predictions_table(predictions_csv)
+    ok_images = table.loc[table["status"] == "ok", "image"].tolist()
+    trusted = {r["_key"]: r["levels_trusted"] for r in (records or []) if isinstance(r.get("levels_trusted"), bool)}
+    summary = V.summarise_vertebrae(pred, vert, evaluated_images=ok_images, levels_trusted=trusted or None,
+                                    min_level_fractured=min_level_fractured)
+    return {"available": True, "inputs": inputs, **summary}
+
+
 # --------------------------------------------------------------------------- gallery
 def error_cases(df: pd.DataFrame, infer_dir: str | os.PathLike | None = None, n: int = 4,
                 threshold: float | None = None) -> dict:
@@ -465,7 +495,9 @@ def evaluate(predictions_csv, manifest_csv, vertebrae_csv=None, infer_dir=None, 
     ``by_grade``, ``by_level``, ``operating_points``, ``stored_operating_point``,
     ``grade_confusion``, ``calibration`` (``p_fracture``, ``p_acute``, ``p_acute_given_fracture``
     and, when the JSONs carry it, ``p_fracture_uncalibrated``), ``inference_calibration`` (the
-    JSONs' ``calibration`` record, or ``None``), ``pointing_game``, ``gallery``, ``notes``.
+    JSONs' ``calibration`` record, or ``None``), ``pointing_game``, ``gallery``, ``notes``; and
+    ``vertebrae`` (:func:`vertebrae_section`) only when ``infer_dir`` holds a ``vertebrae.csv``
+    and ``vertebrae_csv`` is given.
     """
     base = M.summarise(predictions_csv, manifest_csv, vertebrae_csv, infer_dir)
     df = M.join_predictions(predictions_csv, manifest_csv)
@@ -525,6 +557,9 @@ def evaluate(predictions_csv, manifest_csv, vertebrae_csv=None, infer_dir=None, 
         out["grade_confusion"] = {"available": False, "note": "not available (no vertebrae.csv)"}
     else:
         out["grade_confusion"] = grade_confusion(vert, records)
+    per_vertebra = vertebrae_section(predictions_csv, vert, infer_dir, records, vertebrae_csv, min_level_positives)
+    if per_vertebra is not None:
+        out["vertebrae"] = per_vertebra
 
     # calibration
     cal = {"p_fracture": {"population": "images with a known fracture label", "n_unknown_left_out": n_unknown,
@@ -727,6 +762,16 @@ def plot_grade_confusion(gc: dict, fig=None):
     return fig
 
 
+def plot_vertebrae(section: dict, fig=None):
+    """Point-error histogram and Genant grade confusion of the per-vertebra section of
+    :func:`evaluate` (``result["vertebrae"]``). Returns the Figure."""
+    fig = fig or _figure(9, 3.8)
+    ax_err, ax_grade = fig.subplots(1, 2)
+    V.plot_point_errors(ax_err, section.get("point_error") or {})
+    V.plot_grade_confusion(ax_grade, section.get("grade_agreement") or {})
+    return fig
+
+
 def error_gallery(gallery: dict, fig=None):
     """Overlays of the worst false negatives (top row) and false positives (bottom row) of
     ``result["gallery"]``. Returns the Figure."""
@@ -805,6 +850,8 @@ def write_report(result: dict, df: pd.DataFrame, out_dir: str | os.PathLike) -> 
         paths["by_level"] = _save(plot_by_level(result["by_level"]), out / "by_level.png")
     if (result.get("grade_confusion") or {}).get("available"):
         paths["grade_confusion"] = _save(plot_grade_confusion(result["grade_confusion"]), out / "grade_confusion.png")
+    if (result.get("vertebrae") or {}).get("available"):
+        paths["vertebrae"] = _save(plot_vertebrae(result["vertebrae"]), out / "vertebrae.png")
     paths["gallery"] = _save(error_gallery(result["gallery"]), out / "gallery.png")
     paths["html"] = atomic_write_text(out / "report.html", render_html(result, {k: v for k, v in paths.items()}))
     return paths
@@ -831,6 +878,61 @@ th{background:#f2f2f2}.warn{background:#fff3cd;border:1px solid #e0c36c;padding:
 .gallery{display:flex;flex-wrap:wrap;gap:12px}.gallery figure{margin:0;width:220px;font-size:small}
 .gallery img{width:220px}code{background:#f4f4f4;padding:0 3px}
 """
+
+
+def _vertebrae_html(v: dict, image: Path | None) -> list[str]:
+    """The per-vertebra section of the report (see :func:`vertebrae_section`)."""
+    parts = ["<h2>Per-vertebra localisation and grading</h2>"]
+    if not v.get("available"):
+        parts.append(f"<p>{html.escape(v.get('note', 'not available'))}</p>")
+        return parts
+    c, d, pe = v["counts"], v["detection"], v["point_error"]
+    la, af, aa, ga = v["level_accuracy"], v["auroc_fracture"], v["auroc_acute"], v["grade_agreement"]
+    parts.append(
+        "<p>Predicted vertebrae (<code>" + html.escape(str(v["inputs"]["predicted"])) + "</code>) are paired with the "
+        "truth one-to-one per image on the distance between body centres (mean of the six points); a pair counts "
+        f"only when that distance is below {V.GATE_FRACTION} x the truth vertebra's mean height. A truth vertebra "
+        f"that no prediction matched scores {V.UNMATCHED_SCORE} in the per-vertebra AUROCs. "
+        f"{c['n_evaluated_images']} image(s) evaluated; <strong>{c['n_truth_images_without_prediction']} truth "
+        "image(s) without an ok prediction were left out</strong>; "
+        f"{c['n_predicted_images_without_truth']} predicted image(s) without truth vertebrae left out; "
+        f"{c['n_truth_without_points']} truth vertebra(e) without usable points left out.</p>")
+    rows = [
+        ["detection recall", _f(d.get("recall")), f"{d['n_matched']} / {d['n_truth']} truth vertebrae matched"],
+        ["detection precision", _f(d.get("precision")),
+         f"{d['n_matched']} / {d['n_predicted']} predictions matched ({d['n_false_positive']} false positives)"],
+        ["point error, median (90th pct), pixels", f"{_f(pe['pixels'].get('median'), 2)} ({_f(pe['pixels'].get('p90'), 2)})",
+         f"{pe['n_points']} points of {pe['n_vertebrae']} matched vertebrae"],
+        ["point error, median (90th pct), % of mean height",
+         f"{_f(pe['percent_height'].get('median'), 2)} ({_f(pe['percent_height'].get('p90'), 2)})", ""],
+        ["level accuracy", _f(la.get("accuracy")),
+         f"{la['n_correct']} / {la['n']} matched; {la['n_truth_level_unknown']} with no truth level left out"],
+    ]
+    for flag, acc in (la.get("by_levels_trusted") or {}).items():
+        if isinstance(acc, dict):
+            rows.append([f"level accuracy, levels_trusted {flag}", _f(acc.get("accuracy")), f"{acc['n_correct']} / {acc['n']}"])
+    rows += [
+        ["AUROC fracture (grade > 0 vs 0, p_fracture)", _f(af.get("auroc")),
+         f"pos {af['n_pos']}, neg {af['n_neg']}; {af['n_unmatched_scored_zero']} unmatched scored 0; "
+         f"{af['n_unknown_left_out']} unknown grade left out"],
+        ["AUROC acute vs chronic (fractured, p_acute)", _f(aa.get("auroc")),
+         f"acute {aa['n_pos']}, chronic {aa['n_neg']}; {aa['n_unmatched_scored_zero']} unmatched scored 0; "
+         f"{aa['n_unknown_left_out']} unknown acuity left out"],
+        ["Genant grade, quadratic-weighted kappa", _f(ga.get("kappa_quadratic")),
+         f"{ga['n']} matched vertebrae with a known grade; exact agreement {_f(ga.get('exact_agreement'))}"],
+    ]
+    parts.append(_table(["metric", "value", "counts"], rows))
+    mat = ga["matrix"]
+    parts.append("<h3>Genant grade confusion (matched vertebrae)</h3>")
+    parts.append(_table(["true \\ predicted", "0", "1", "2", "3"], [[g] + mat[g] for g in range(4)]))
+    parts.append("<h3>Per-vertebra AUROC by truth grade and by level</h3>")
+    parts.append(_table(["subset", "AUROC", "positives", "negatives", "note"],
+                        [[f"grade {g} vs grade 0", _f(r.get("auroc")), r["n_pos"], r["n_neg"], ""]
+                         for g, r in v["auroc_by_grade"].items()]
+                        + [[f"level {lv} (fractured vs grade 0 at {lv})", _f(r.get("auroc")), r["n_pos"], r["n_neg"],
+                            r.get("note", "")] for lv, r in v["auroc_by_level"].items()]))
+    parts.append(_img(image, "per-vertebra point error and grade confusion"))
+    return parts
 
 
 def render_html(result: dict, images: dict[str, Path] | None = None) -> str:
@@ -933,6 +1035,9 @@ def render_html(result: dict, images: dict[str, Path] | None = None) -> str:
                      f"vertebrae without truth, {gc['n_truth_not_predicted']} labelled vertebrae not predicted.</p>")
     else:
         parts.append(f"<p>{html.escape(gc.get('note', 'not available (no per-vertebra predictions)'))}</p>")
+
+    if "vertebrae" in result:
+        parts.extend(_vertebrae_html(result["vertebrae"], images.get("vertebrae")))
 
     # calibration
     parts.append("<h2>Calibration</h2>")

@@ -19,6 +19,13 @@ input). ``--split val`` uses only the manifest's patient-grouped validation spli
 split training used: ``val_fraction`` and ``split_seed`` from the checkpoint's data-module
 hyper-parameters, else 0.15 and 0).
 
+Per-vertebra probabilities: where a ``vertebrae.csv`` lies beside the manifest, the crop
+network's ``p_fracture`` of each vertebra found is first combined with its measured height
+loss by a logistic regression fitted on those films' vertebrae (matched to the truth as
+evaluation/vertebrae.py does; see models.vertebrae.combine_with_morphometry). The film
+probabilities are then formed from the film head and the (combined) vertebrae as inference
+forms them, and calibrated.
+
 Methods (fitted separately for the two image heads, ``p_fracture`` on images whose ``fracture``
 is known, ``p_acute_given_fracture`` on fractured images whose acuity is known; unknown labels
 are never used):
@@ -61,6 +68,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from models.checkpoint import CheckpointError
@@ -225,6 +233,11 @@ class Calibrator:
         self.default = default
         self.info = dict(info or {})
 
+    @property
+    def vertebra_combiner(self) -> dict | None:
+        """The fitted crop-probability + morphometry combination (models.vertebrae), if any."""
+        return self.info.get("vertebra_combiner")
+
     # ---- applying
     def apply(self, p_or_logits, head: str = "p_fracture", logits: bool = False) -> np.ndarray:
         """Calibrated probabilities of one head (``p_fracture`` or ``p_acute_given_fracture``)
@@ -342,30 +355,100 @@ def _select_images(manifest, ckpt: dict, split: str):
 
 
 @torch.no_grad()
-def _run_network(net, paths: list[str], image_size, device, batch_size: int, num_workers: int):
-    """Logits and probabilities (as Predictor computes them) for each readable path."""
+def _run_network(predictor, paths: list[str], batch_size: int, num_workers: int):
+    """The uncalibrated predictor's results (``Predictor.predict``) for each readable path:
+    ``(index, results, failed)``."""
     from torch.utils.data import DataLoader
 
     from models.inference import InferenceDataset, _collate
-    from models.network import FractureNet
 
-    loader = DataLoader(InferenceDataset(paths, image_size), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=_collate)
-    index, logits, probs, failed = [], [], {h: [] for h in HEADS}, []
+    loader = DataLoader(InferenceDataset(paths, predictor.image_size), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=_collate)
+    index, results, failed = [], [], []
     for batch in loader:
         good = [b for b in batch if "error" not in b]
         failed += [(paths[b["index"]], b["error"]) for b in batch if "error" in b]
         if not good:
             continue
-        out = net(torch.stack([b["image"] for b in good]).to(device))
-        p = FractureNet.probabilities(out)
         index += [b["index"] for b in good]
-        logits.append(out["logits"].double().cpu().numpy())
+        for result in predictor.predict(good):
+            result.pop("probs", None)  # the heatmaps are not needed here
+            results.append(result)
+    return np.array(index, dtype=int), results, failed
+
+
+def _film_probabilities(results: list[dict], combiner: dict | None = None) -> tuple[np.ndarray, dict]:
+    """Uncalibrated film probabilities exactly as inference combines them (film head and
+    vertebrae, models.vertebrae.image_probabilities; the morphometry combiner applied to each
+    vertebra when given), as float64 (a float32 threshold could flip a decision), and logits."""
+    from models.vertebrae import combine_with_morphometry, image_probabilities
+
+    probs = {h: [] for h in HEADS}
+    for r in results:
+        vertebrae = []
+        for v in r.get("vertebrae") or []:
+            v = dict(v)
+            if combiner:
+                v["p_fracture"] = combine_with_morphometry(v["p_fracture"], v["height_loss"], combiner)
+                v["p_acute"] = v["p_fracture"] * v["p_acute_given_fracture"]
+            vertebrae.append(v)
+        film = image_probabilities(r["head"], vertebrae)
         for h in HEADS:
-            probs[h].append(p[h].float().cpu().numpy())
-    if not index:
-        return np.array([], int), np.zeros((0, 2)), {h: np.zeros(0, np.float32) for h in HEADS}, failed
-    return np.array(index), np.concatenate(logits), {h: np.concatenate(v) for h, v in probs.items()}, failed
+            probs[h].append(float(film[h]))
+    probs = {h: np.asarray(v, dtype=np.float64) for h, v in probs.items()}
+    logits = np.stack([_logit(probs[h]) for h in HEADS], axis=1) if results else np.zeros((0, 2))
+    return logits, probs
+
+
+def fit_vertebra_combiner(results: list[dict], paths: list[str], vertebrae_csv, manifest) -> dict | None:
+    """Logistic regression of a vertebra being fractured on ``[logit(p_crop), height_loss]``,
+    over the vertebrae found on the calibration films. Each is labelled by the truth vertebra it
+    matches (evaluation.vertebrae's matching); a detection that matches none counts as
+    unfractured. None when there are too few of either class (fewer than 10)."""
+    from sklearn.linear_model import LogisticRegression
+
+    from evaluation.metrics import load_vertebrae_table
+    from evaluation.vertebrae import match_vertebrae
+
+    rows = []
+    for path, r in zip(paths, results):
+        for v in r.get("vertebrae") or []:
+            row = {"image": path, "level": v["level"], "p_fracture": v["p_fracture"], "p_acute": v["p_acute"],
+                   "genant_grade": v["genant_grade"], "height_loss": v["height_loss"]}
+            for k, (x, y) in enumerate(v["points"], start=1):
+                row[f"p{k}x"], row[f"p{k}y"] = x, y
+            rows.append(row)
+    if not rows:
+        return None
+    pred = pd.DataFrame(rows)
+    truth = load_vertebrae_table(vertebrae_csv, manifest)
+    matches = match_vertebrae(pred, truth, evaluated_images=paths)
+    label = np.zeros(len(pred))
+    # detections on films without any truth vertebra cannot be labelled
+    from evaluation.metrics import _path_key
+
+    truth_keys = {_path_key(p) for p in truth["image"]}
+    known = np.array([_path_key(p) in truth_keys for p in pred["image"]], dtype=bool)
+    hit = matches[(matches["status"] == "matched") & (matches["pred_index"] >= 0)]
+    for j, grade in zip(hit["pred_index"].astype(int), hit["truth_grade"]):
+        if np.isnan(grade):
+            known[j] = False
+        else:
+            label[j] = float(grade > 0)
+    x = np.column_stack([_logit(pred["p_fracture"].to_numpy(float)), pred["height_loss"].to_numpy(float)])[known]
+    y = label[known]
+    if min(int(y.sum()), int((1 - y).sum())) < 10:
+        return None
+    model = LogisticRegression(C=100.0).fit(x, y)  # weak penalty: height_loss is a small number
+    if model.coef_[0][0] <= 0:  # would invert the crop network's ranking: not a combination to trust
+        return None
+    combined = model.predict_proba(x)[:, 1]
+    from sklearn.metrics import roc_auc_score
+
+    return {"coef": [float(c) for c in model.coef_[0]], "intercept": float(model.intercept_[0]),
+            "features": ["logit(p_fracture of the crop network)", "height_loss"],
+            "n_vertebrae": int(len(y)), "n_fractured": int(y.sum()),
+            "auroc_crop_only": float(roc_auc_score(y, x[:, 0])), "auroc_combined": float(roc_auc_score(y, combined))}
 
 
 def _atomic_torch_save(obj, path: Path) -> Path:
@@ -390,7 +473,8 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, manifest: str | os.PathL
     (every labelled image: a site's own validation set). ``out`` defaults to
     ``<stem>_calibrated.ckpt`` beside ``checkpoint``. Returns ``(path, calibrator)``."""
     from data.manifest import label_arrays, load_manifest
-    from models.checkpoint import build_network, file_sha256, load_checkpoint
+    from models.checkpoint import file_sha256, load_checkpoint
+    from models.inference import Predictor
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (expected {', '.join(METHODS)})")
@@ -398,17 +482,18 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, manifest: str | os.PathL
         raise ValueError(f"unknown operating point {default_point!r} (expected {', '.join(OPERATING_POINTS)})")
     checkpoint = Path(checkpoint)
     ckpt = load_checkpoint(checkpoint, sha256=sha256)
-    net, meta = build_network(ckpt, checkpoint)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    net.to(device)
+    predictor = Predictor(checkpoint, device=device, calibrated=False)  # refits from the raw outputs
     man = load_manifest(manifest, vertebrae=None)
     images = _select_images(man, ckpt, split)
     images = images[images["fracture"].notna()].reset_index(drop=True)
     if images.empty:
         raise CalibrationError(f"{manifest}: no image with a known fracture label")
-    index, logits, probs, failed = _run_network(net, list(images["image"]), tuple(meta["image_size"]),
-                                                torch.device(device), batch_size, num_workers)
+    index, results, failed = _run_network(predictor, list(images["image"]), batch_size, num_workers)
+    vertebrae_csv = Path(manifest).parent / "vertebrae.csv"
+    combiner = None
+    if vertebrae_csv.is_file() and results:
+        combiner = fit_vertebra_combiner(results, [images["image"].iloc[i] for i in index], vertebrae_csv, manifest)
+    logits, probs = _film_probabilities(results, combiner)
     if failed:
         print(f"warning: {len(failed)} unreadable image(s) left out, e.g. {failed[0][0]}: {failed[0][1]}",
               file=sys.stderr)
@@ -451,6 +536,7 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, manifest: str | os.PathL
         "n_acute_neg": int(np.sum(y_acute == 0)),
         "n_unreadable": len(failed),
         "metrics": metrics,
+        "vertebra_combiner": combiner,
         "source_checkpoint_sha256": file_sha256(checkpoint),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -506,6 +592,14 @@ def main(argv: list[str] | None = None) -> int:
     for head, m in info["metrics"].items():
         print(f"  {head}: NLL {m['nll_before']:.4f} -> {m['nll_after']:.4f}, "
               f"ECE {m['ece_before']:.4f} -> {m['ece_after']:.4f}")
+    comb = info.get("vertebra_combiner")
+    if comb:
+        print(f"per-vertebra p_fracture = sigmoid({comb['coef'][0]:.3f} * logit(p_crop) + {comb['coef'][1]:.3f} * "
+              f"height_loss + {comb['intercept']:.3f}) on {comb['n_vertebrae']} vertebrae ({comb['n_fractured']} "
+              f"fractured): AUROC {comb['auroc_crop_only']:.3f} -> {comb['auroc_combined']:.3f}")
+    else:
+        print("per-vertebra p_fracture: the crop network's (no vertebrae.csv beside the manifest, or too few "
+              "matched vertebrae of a class to combine it with the morphometry)")
     print("operating points (calibrated p_fracture >= threshold; validation sensitivity / specificity):")
     for name in OPERATING_POINTS:
         pt = cal.operating_points[name]

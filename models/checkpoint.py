@@ -9,10 +9,16 @@ import hashlib
 import pickle
 from pathlib import Path
 
+import logging
+
 import torch
 
 from models.network import FractureNet
 from models.system import CHECKPOINT_FORMAT
+from models.vertebra_net import VertebraNet
+
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -50,9 +56,10 @@ def load_checkpoint(path: str | Path, sha256: str | None = None, map_location: s
     return ckpt
 
 
-def network_state(ckpt: dict) -> dict[str, torch.Tensor]:
-    """The FractureNet weights inside a Lightning checkpoint (keys under ``net.``)."""
-    return {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+def network_state(ckpt: dict, prefix: str = "net.") -> dict[str, torch.Tensor]:
+    """The weights of one sub-network inside a Lightning checkpoint: FractureNet under ``net.``,
+    the crop network under ``vertebra_net.``."""
+    return {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
 
 
 def build_network(ckpt: dict, path: str | Path = "checkpoint") -> tuple[FractureNet, dict]:
@@ -71,8 +78,21 @@ def build_network(ckpt: dict, path: str | Path = "checkpoint") -> tuple[Fracture
     return net, meta
 
 
-def _load_into(net: FractureNet, state: dict, path) -> None:
+def build_vertebra_network(ckpt: dict, path: str | Path = "checkpoint") -> VertebraNet:
+    """The crop network saved beside the FractureNet (checkpoint format 2 and later)."""
+    meta = ckpt.get("vcf_model") or {}
+    net = VertebraNet(backbone=meta.get("crop_backbone", "resnet18"))
+    _load_into(net, network_state(ckpt, "vertebra_net."), path)
+    net.eval()
+    return net
+
+
+def _load_into(net: torch.nn.Module, state: dict, path, may_lack: tuple[str, ...] = ()) -> list[str]:
+    """Load ``state`` strictly, except that keys starting with ``may_lack`` may be absent (a
+    head the earlier checkpoint did not have); returns those absent keys."""
     own = net.state_dict()
+    lacking = [k for k in own if k not in state and k.startswith(may_lack)] if may_lack else []
+    state = {**{k: own[k] for k in lacking}, **state}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -85,10 +105,23 @@ def _load_into(net: FractureNet, state: dict, path) -> None:
             parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
-        raise CheckpointError(f"{path}: weights do not fit {net.backbone_name} FractureNet: " + "; ".join(parts))
+        raise CheckpointError(f"{path}: weights do not fit {net.backbone_name} {type(net).__name__}: "
+                              + "; ".join(parts))
     net.load_state_dict(state)
+    return lacking
 
 
-def load_network_weights(net: FractureNet, path: str | Path) -> None:
-    """Initialise ``net`` from an earlier checkpoint (fine-tuning, e.g. phantom -> real data)."""
-    _load_into(net, network_state(load_checkpoint(path)), path)
+def load_network_weights(net: FractureNet, path: str | Path, vertebra_net: VertebraNet | None = None) -> None:
+    """Initialise ``net`` (and the crop network, when given) from an earlier checkpoint
+    (fine-tuning, e.g. phantom -> real data)."""
+    ckpt = load_checkpoint(path)
+    # A checkpoint from before the vertebra head (format 1) still starts the shared layers.
+    fresh = _load_into(net, network_state(ckpt), path, may_lack=("vertebra_head.",))
+    crop_state = network_state(ckpt, "vertebra_net.")
+    if vertebra_net is not None and crop_state:
+        _load_into(vertebra_net, crop_state, path)
+    elif vertebra_net is not None:
+        fresh.append("vertebra_net.*")
+    if fresh:
+        log.warning("%s has no weights for %s: they start from scratch", path,
+                    ", ".join(sorted({k.split(".")[0] for k in fresh})))

@@ -15,6 +15,8 @@ in the model's ``metadata_props``, so predictions made with either backend name 
 A calibrated checkpoint's ``vcf_calibration`` (see :mod:`models.calibration`) is stored there
 too (JSON), and :class:`OnnxPredictor` applies it to the graph's outputs as
 :class:`~models.inference.Predictor` does; the graph itself always returns raw probabilities.
+The graph is the film network only (no per-vertebra analysis); a calibration fitted on the
+film probability combined with the vertebrae is then approximate, and a warning says so.
 
 Exporter: torch's default ``torch.export``-based ("dynamo") exporter. With torch 2.14 it
 exports this network with a dynamic batch and matches PyTorch to ~1e-7; the legacy
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import warnings
 import os
 import sys
 from pathlib import Path
@@ -162,6 +165,12 @@ class OnnxPredictor:
         except ValueError as exc:
             raise CheckpointError(f"{self.checkpoint}: '{META_CALIBRATION}' metadata is not JSON ({exc})") from exc
         self.calibrator, self.operating_point = predictor_calibration(stored, self.checkpoint, operating_point)
+        if self.calibrator is not None and "crop_size" in self.meta:
+            # fitted on the film head combined with the vertebrae, which this graph does not compute
+            warnings.warn(f"{self.checkpoint}: the stored calibration and operating points were fitted on the film "
+                          f"probability combined with the per-vertebra analysis; the ONNX graph has the film head "
+                          f"only, so its calibrated probabilities and decisions are approximate. Use the PyTorch "
+                          f"backend for calibrated decisions.", stacklevel=2)
 
         available = ort.get_available_providers()
         if device == "auto":

@@ -28,15 +28,21 @@ from data.discovery import find_inputs
 from data.readers import ImageReadError, read_image
 from data.transforms import letterbox, normalize_intensity
 from models.calibration import CALIBRATION_KEY, predictor_calibration
-from models.checkpoint import build_network, file_sha256, load_checkpoint
+from models.checkpoint import build_network, build_vertebra_network, file_sha256, load_checkpoint
 from models.network import HEATMAP_STRIDE, FractureNet
-from models.visualize import overlay_heatmap
+from models.vertebrae import analyse_film, combine_with_morphometry, image_probabilities
+from models.visualize import draw_vertebrae, overlay_heatmap
 
 PREDICTION_COLUMNS = ["image", "name", "p_fracture", "p_acute", "p_acute_given_fracture",
                       "heatmap_peak_x", "heatmap_peak_y", "status", "error",
                       # with a calibrated checkpoint: 1/0 at the operating point (empty otherwise)
                       "decision", "operating_point"]
 OVERLAY_MAX_SIDE = 1024  # overlays are downsized to this long side; the .npy keeps full detail
+VERTEBRA_COLUMNS = ["image", "name", "level", "level_confidence", "levels_trusted", "detection_score",
+                    "p_fracture", "p_acute", "genant_grade", "morphology", "height_anterior", "height_middle",
+                    "height_posterior", "height_anterior_mm", "height_middle_mm", "height_posterior_mm",
+                    "ratio_anterior_posterior", "ratio_middle_posterior"] + [
+                    f"p{i}{c}" for i in range(1, 7) for c in "xy"]
 
 
 def collect_inputs(inputs: list[str | os.PathLike]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -75,7 +81,7 @@ class InferenceDataset(Dataset):
         h, w = pixels.shape
         f = min(1.0, OVERLAY_MAX_SIDE / max(h, w))
         display = cv2.resize(pixels, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA) if f < 1 else pixels
-        return {"index": i, "image": torch.from_numpy(x)[None], "box": box, "display": display,
+        return {"index": i, "image": torch.from_numpy(x)[None], "box": box, "display": display, "pixels": pixels,
                 "image_size": (h, w), "pixel_spacing_mm": img.pixel_spacing_mm,
                 "dicom": dict(img.info) if img.source_format == "dicom" else None}
 
@@ -102,7 +108,15 @@ def _write_dicom_outputs(out: Path, path: str, name: str, overlay_bgr: np.ndarra
         written["secondary_capture"] = f"{name}_sc.dcm"
     if options.dicom_sr:
         findings = {k: record[k] for k in ("p_fracture", "p_acute")}
-        findings["vertebrae"] = record.get("vertebrae", [])
+        vertebrae = record.get("vertebrae") or []
+        in_mm = bool(vertebrae) and all(v.get("heights_mm") for v in vertebrae)
+        findings["height_unit"] = "mm" if in_mm else "px"
+        trusted = bool(record.get("levels_trusted"))
+        # an untrusted level is not coded as anatomy: "vertebra 3 (L2?)" has no finding site
+        findings["vertebrae"] = [
+            {**v, "level": v["level"] if trusted else f"vertebra {k + 1} ({v['level']}?)",
+             "heights": [(v["heights_mm"] if in_mm else v["heights"])[h] for h in ("anterior", "middle", "posterior")]}
+            for k, v in enumerate(vertebrae)]
         sr = dicom_out.structured_report(source, findings, keep_identifiers=options.keep_identifiers)
         dicom_out.write_dicom(sr, out / f"{name}_sr.dcm")
         written["structured_report"] = f"{name}_sr.dcm"
@@ -140,24 +154,79 @@ class Predictor:
     names the threshold of the ``decision`` written per image."""
 
     def __init__(self, checkpoint: str | os.PathLike, device: str = "auto", sha256: str | None = None,
-                 operating_point: str | None = None):
+                 operating_point: str | None = None, calibrated: bool = True):
         self.checkpoint = Path(checkpoint)
         ckpt = load_checkpoint(self.checkpoint, sha256=sha256)
         self.net, self.meta = build_network(ckpt, self.checkpoint)
-        self.calibrator, self.operating_point = predictor_calibration(ckpt.get(CALIBRATION_KEY), self.checkpoint,
-                                                                      operating_point)
+        self.vertebra_net = build_vertebra_network(ckpt, self.checkpoint) if "crop_size" in self.meta else None
+        stored = ckpt.get(CALIBRATION_KEY) if calibrated else None
+        self.calibrator, self.operating_point = predictor_calibration(stored, self.checkpoint, operating_point)
         self.checkpoint_id = file_sha256(self.checkpoint)[:16]
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.net.to(self.device)
+        if self.vertebra_net is not None:
+            self.vertebra_net.to(self.device)
         self.image_size = tuple(self.meta["image_size"])
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        """Film-level heads only (calibrated when the checkpoint is)."""
         out = self.net(images.to(self.device))
         probs = {k: v.float().cpu().numpy() for k, v in FractureNet.probabilities(out).items()}
         return self.calibrator.apply_probabilities(probs) if self.calibrator is not None else probs
+
+    @torch.no_grad()
+    def predict(self, items: list[dict]) -> list[dict]:
+        """Per film: ``probs`` (the film's probabilities, agreeing with its vertebrae, see
+        models.vertebrae.image_probabilities), ``vertebrae``, ``level_confidence`` and
+        ``levels_trusted``. ``items`` come from :class:`InferenceDataset`.
+
+        Calibration is monotone, so it is applied to the film head and to every vertebra before
+        they are combined: the combined probability is then the calibrated one, and no vertebra
+        exceeds its film."""
+        out = self.net(torch.stack([b["image"] for b in items]).to(self.device))
+        raw = {k: v.float().cpu().numpy() for k, v in FractureNet.probabilities(out).items()}
+        results = []
+        for k, item in enumerate(items):
+            head = {key: np.float64(raw[key][k]) for key in ("p_fracture", "p_acute", "p_acute_given_fracture")}
+            film = {"vertebrae": [], "level_confidence": None, "levels_trusted": False}
+            if self.vertebra_net is not None:
+                try:
+                    film = analyse_film(out["vertebra_logits"][k], item["box"], HEATMAP_STRIDE, self.vertebra_net,
+                                        item["pixels"], self.device, item.get("pixel_spacing_mm"))
+                except Exception as exc:  # one film's vertebra analysis must not end the batch
+                    film["vertebra_error"] = f"{type(exc).__name__}: {exc}"
+            combiner = self.calibrator.vertebra_combiner if self.calibrator is not None else None
+            if combiner:
+                for v in film["vertebrae"]:
+                    v["p_fracture_crop"] = v["p_fracture"]
+                    v["p_fracture"] = combine_with_morphometry(v["p_fracture"], v["height_loss"], combiner)
+                    v["p_acute"] = v["p_fracture"] * v["p_acute_given_fracture"]
+            combined_raw = image_probabilities(head, film["vertebrae"])
+            head_raw = dict(head)
+            probs = combined_raw
+            if self.calibrator is not None:
+                # the film: the calibration of exactly what it was fitted on (the combined film)
+                probs = {key: float(v) for key, v in self.calibrator.apply_probabilities(
+                    {key: np.float64(combined_raw[key]) for key in ("p_fracture", "p_acute_given_fracture")}).items()}
+                head = {key: float(v) for key, v in self.calibrator.apply_probabilities(head).items()}
+                for v in film["vertebrae"]:  # the same monotone map, so no vertebra passes its film
+                    cal = self.calibrator.apply_probabilities(
+                        {"p_fracture": np.float64(v["p_fracture"]),
+                         "p_acute_given_fracture": np.float64(v["p_acute_given_fracture"])})
+                    v.update({key: float(cal[key]) for key in ("p_fracture", "p_acute", "p_acute_given_fracture")})
+                    v["p_fracture_uncalibrated"] = float(cal["p_fracture_uncalibrated"])
+                # p_fracture already agrees; p_acute is raised where a vertebra's calibrated one is higher
+                probs = image_probabilities(probs, film["vertebrae"])
+            probs = {key: float(probs[key]) for key in ("p_fracture", "p_acute", "p_acute_given_fracture")}
+            probs["p_fracture_image_head"] = float(head["p_fracture"])
+            if self.calibrator is not None:
+                probs["p_fracture_uncalibrated"] = float(combined_raw["p_fracture"])
+            probs["heatmap"] = raw["heatmap"][k]
+            results.append({"probs": probs, "head": head_raw, **film})
+        return results
 
 
 def _heatmap_peak(heatmap: np.ndarray, to_image: dict) -> tuple[list[float], float]:
@@ -191,7 +260,8 @@ def _decision_columns(record: dict) -> dict:
     return {"decision": "1" if decision["fracture"] else "0", "operating_point": decision["operating_point"]}
 
 
-def _completed_row(out: Path, path: str, name: str, decision: tuple | None = None) -> dict | None:
+def _completed_row(out: Path, path: str, name: str, decision: tuple | None = None,
+                   checkpoint_id: str | None = None) -> dict | None:
     """The predictions row of an input whose outputs are all present (for --resume).
 
     The JSON is written last, so its presence means the heatmaps before it are complete.
@@ -206,6 +276,8 @@ def _completed_row(out: Path, path: str, name: str, decision: tuple | None = Non
         return None
     if record.get("image") != path:
         return None
+    if checkpoint_id is not None and record.get("checkpoint_id") != checkpoint_id:
+        return None  # made by another model: redo it
     if not all((out / f).is_file() for f in (record["heatmap"]["npy"], record["heatmap"]["png"])):
         return None
     had = record.get("decision")
@@ -238,7 +310,8 @@ def run_inference(predictor: Predictor, inputs: list[str], out: str | os.PathLik
     if resume:
         _, point, threshold = _decision_of(predictor)
         decision = (point, threshold) if point is not None else None
-        done = {i: _completed_row(out, paths[i], names[i], decision) for i in todo}
+        done = {i: _completed_row(out, paths[i], names[i], decision, getattr(predictor, "checkpoint_id", None))
+                for i in todo}
         rows += [r for r in done.values() if r is not None]
         todo = [i for i in todo if done[i] is None]
     options = OutputOptions(keep_identifiers=keep_identifiers, dicom_sc=dicom_sc, dicom_sr=dicom_sr)
@@ -252,12 +325,16 @@ def run_inference(predictor: Predictor, inputs: list[str], out: str | os.PathLik
                 i = todo[b["index"]]
                 rows.append({"image": paths[i], "name": names[i], "status": "error", "error": b["error"]})
         if good:
-            probs = predictor(torch.stack([b["image"] for b in good]))
+            if hasattr(predictor, "predict"):
+                results = predictor.predict(good)
+            else:  # a backend with the film-level heads only (ONNX)
+                probs = predictor(torch.stack([b["image"] for b in good]))
+                results = [{"probs": {key: v[k] for key, v in probs.items()}} for k in range(len(good))]
             for k, b in enumerate(good):
                 i = todo[b["index"]]
                 try:
-                    rows.append(_write_outputs(predictor, out, paths[i], names[i], b,
-                                               {key: v[k] for key, v in probs.items()}, options))
+                    rows.append(_write_outputs(predictor, out, paths[i], names[i], b, results[k]["probs"], options,
+                                               film=results[k]))
                 except Exception as exc:  # e.g. a full disk: record it, keep going
                     rows.append({"image": paths[i], "name": names[i], "status": "error",
                                  "error": f"writing outputs failed: {type(exc).__name__}: {exc}"})
@@ -265,6 +342,7 @@ def run_inference(predictor: Predictor, inputs: list[str], out: str | os.PathLik
     bar.close()
     table = pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
     atomic_write_text(out / "predictions.csv", table.to_csv(index=False))
+    _write_vertebrae_table(out, table)
     errors = table[table["status"] != "ok"][["image", "name", "error"]]
     atomic_write_text(out / "errors.csv", errors.to_csv(index=False))
     n_failed = len(errors)
@@ -272,8 +350,40 @@ def run_inference(predictor: Predictor, inputs: list[str], out: str | os.PathLik
                             predictions_csv=out / "predictions.csv", n_skipped=len(paths) - len(todo))
 
 
+def vertebra_rows(record: dict) -> list[dict]:
+    """The ``vertebrae.csv`` rows of one film's JSON record."""
+    rows = []
+    for v in record.get("vertebrae") or []:
+        h, mm, r = v["heights"], v.get("heights_mm") or {}, v["height_ratios"]
+        row = {"image": record["image"], "name": record["name"], "level": v["level"],
+               "level_confidence": v["level_confidence"], "levels_trusted": record.get("levels_trusted"),
+               "detection_score": v["detection_score"], "p_fracture": v["p_fracture"], "p_acute": v["p_acute"],
+               "genant_grade": v["genant_grade"], "morphology": v["morphology"],
+               "height_anterior": h["anterior"], "height_middle": h["middle"], "height_posterior": h["posterior"],
+               "height_anterior_mm": mm.get("anterior"), "height_middle_mm": mm.get("middle"),
+               "height_posterior_mm": mm.get("posterior"),
+               "ratio_anterior_posterior": r["anterior_posterior"], "ratio_middle_posterior": r["middle_posterior"]}
+        for k, (x, y) in enumerate(v["points"], start=1):
+            row[f"p{k}x"], row[f"p{k}y"] = x, y
+        rows.append(row)
+    return rows
+
+
+def _write_vertebrae_table(out: Path, table: pd.DataFrame) -> None:
+    """``OUT/vertebrae.csv``: one row per vertebra found, gathered from the films' JSONs (so a
+    resumed run lists the vertebrae of the films it skipped too)."""
+    rows = []
+    for r in table[table["status"] == "ok"].itertuples(index=False):
+        try:
+            record = json.loads((out / f"{r.name}.json").read_text())
+        except (OSError, ValueError):
+            continue
+        rows += vertebra_rows(record)
+    atomic_write_text(out / "vertebrae.csv", pd.DataFrame(rows, columns=VERTEBRA_COLUMNS).to_csv(index=False))
+
+
 def _write_outputs(predictor: Predictor, out: Path, path: str, name: str, item: dict, p: dict,
-                   options: OutputOptions = OutputOptions()) -> dict:
+                   options: OutputOptions = OutputOptions(), film: dict | None = None) -> dict:
     heatmap = p["heatmap"].astype(np.float32)
     to_image = item["box"].heatmap_to_image(HEATMAP_STRIDE)
     peak, peak_value = _heatmap_peak(heatmap, to_image)
@@ -283,6 +393,9 @@ def _write_outputs(predictor: Predictor, out: Path, path: str, name: str, item: 
     f = display.shape[1] / item["image_size"][1]
     overlay = overlay_heatmap(display, on_display, peak=(peak[0] * f, peak[1] * f),
                               label=f"p(fracture) {p['p_fracture']:.2f}  p(acute) {p['p_acute']:.2f}")
+    vertebrae = (film or {}).get("vertebrae") or []
+    if vertebrae:
+        overlay = draw_vertebrae(overlay, vertebrae, scale=f, levels_trusted=bool(film.get("levels_trusted")))
     atomic_write_image(out / f"{name}_heatmap.png", overlay)
     record = {
         "image": path,
@@ -290,12 +403,17 @@ def _write_outputs(predictor: Predictor, out: Path, path: str, name: str, item: 
         "p_fracture": float(p["p_fracture"]),
         "p_acute": float(p["p_acute"]),
         "p_acute_given_fracture": float(p["p_acute_given_fracture"]),
+        "p_fracture_image_head": float(p.get("p_fracture_image_head", p["p_fracture"])),
         "heatmap_peak": peak,
         "heatmap_peak_value": peak_value,
         "image_size": list(item["image_size"]),
         "pixel_spacing_mm": list(item["pixel_spacing_mm"]) if item["pixel_spacing_mm"] else None,
         "heatmap": {"npy": f"{name}_heatmap.npy", "png": f"{name}_heatmap.png", "shape": list(heatmap.shape),
                     "to_image": to_image},
+        "vertebrae": vertebrae,
+        "level_confidence": (film or {}).get("level_confidence"),
+        "levels_trusted": bool((film or {}).get("levels_trusted", False)),
+        **({"vertebra_error": film["vertebra_error"]} if (film or {}).get("vertebra_error") else {}),
         "checkpoint_id": predictor.checkpoint_id,
         "model": {k: predictor.meta.get(k) for k in ("architecture", "backbone", "code_version", "image_size")},
         "note": "Research software trained on synthetic data unless stated otherwise; not for clinical use.",

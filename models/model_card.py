@@ -94,7 +94,8 @@ def _model_details(ckpt: dict, checkpoint_path: Path, sha256: str) -> str:
     for key, label in (("architecture", "architecture"), ("backbone", "backbone"), ("fpn_dim", "FPN width"),
                        ("targets", "outputs (sigmoid heads)"), ("image_size", "input size [height, width]"),
                        ("input_range", "input intensity range"), ("heatmap_stride", "heatmap stride"),
-                       ("format", "checkpoint format"), ("code_version", "code version at training"),
+                       ("format", "checkpoint format"), ("crop_backbone", "crop network backbone (per vertebra)"),
+                       ("crop_size", "vertebra crop size (px)"), ("code_version", "code version at training"),
                        ("torch_version", "torch version at training")):
         if key in meta:
             v = meta[key]
@@ -102,13 +103,18 @@ def _model_details(ckpt: dict, checkpoint_path: Path, sha256: str) -> str:
     for key in ("epoch", "global_step"):
         if key in ckpt:
             rows.append([key.replace("_", " "), ckpt[key]])
-    for key in ("pretrained", "dropout", "lr", "weight_decay", "acute_weight", "heatmap_weight", "init_from"):
+    for key in ("pretrained", "dropout", "lr", "weight_decay", "acute_weight", "heatmap_weight", "vertebra_weight",
+                "init_from"):
         if key in hp:
             rows.append([f"hyper-parameter `{key}`", "none" if hp[key] is None else hp[key]])
     text = ["## Model details", "",
             "Convolutional network (timm encoder with a feature pyramid) that outputs, per lateral spine "
             "radiograph, the probability that a vertebral compression fracture is present (`p_fracture`), the "
-            "probability that an acute fracture is present (`p_acute`), and a fracture heatmap locating it.", "",
+            "probability that an acute fracture is present (`p_acute`), and a fracture heatmap locating it."
+            + (" Per vertebra found, it gives the level (counted down the spine), six morphometry points, heights, "
+               "the Genant grade and shape, and the vertebra's own `p_fracture` and `p_acute` from a crop network "
+               "at the film's resolution; the film's probabilities are the larger of the film head's and the "
+               "largest vertebra's." if "crop_size" in meta else ""), "",
             _md_table(["field", "value"], rows)]
     if not meta:
         text += ["", "*The checkpoint carries no `vcf_model` metadata.*"]
@@ -238,6 +244,18 @@ def _metrics_section(metrics: dict, metrics_path: Path) -> str:
         rows.append(["AUROC, fracture vs none", _fmt(metrics.get("auroc_fracture")), c.get("n_fracture_pos"),
                      c.get("n_fracture_neg")])
         rows.append(["AUROC, acute vs chronic", _fmt(metrics.get("auroc_acute")), c.get("n_acute"), c.get("n_chronic")])
+    vert = metrics.get("vertebrae") or {}
+    if vert.get("available"):
+        det, pe, lvl = vert.get("detection") or {}, vert.get("point_error") or {}, vert.get("level_accuracy") or {}
+        af, ga = vert.get("auroc_fracture") or {}, vert.get("grade_agreement") or {}
+        rows.append(["per vertebra: detection recall / precision",
+                     f"{_fmt(det.get('recall'))} / {_fmt(det.get('precision'))}", det.get("n_truth"), ""])
+        rows.append(["per vertebra: median point error, % of height",
+                     _fmt((pe.get("percent_height") or {}).get("median")), pe.get("n_vertebrae"), ""])
+        rows.append(["per vertebra: level accuracy", _fmt(lvl.get("accuracy")), lvl.get("n"), ""])
+        rows.append(["per vertebra: AUROC, fracture vs none", _fmt(af.get("auroc")), af.get("n_pos"), af.get("n_neg")])
+        rows.append(["per vertebra: Genant grade, quadratic weighted kappa", _fmt(ga.get("kappa_quadratic")),
+                     ga.get("n"), ""])
     pg = metrics.get("pointing_game")
     if pg:
         rows.append(["heatmap pointing game (peak in a fractured vertebra)", _fmt(pg.get("score")),

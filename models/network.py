@@ -5,6 +5,9 @@ Outputs (see :meth:`FractureNet.forward`):
 * ``logits`` ``(B, 2)``: image-level logits for *fracture present* and *acute, given a
   fracture*. The reported ``p_acute`` (an acute fracture is present) is
   ``sigmoid(fracture) * sigmoid(acute | fracture)``.
+* ``vertebra_logits`` ``(B, 30, H/8, W/8)``: per-vertebra detection on the same grid:
+  channel 0 the body-centre heatmap, 1-12 the six points as offsets from the cell, 13-29 the
+  level logits T1-L5 (layout and scale in data/vertebra_targets.py).
 * ``heatmap_logits`` ``(B, 3, H/8, W/8)``: dense logits for "this pixel lies in a fractured
   vertebra", "... in an acutely fractured vertebra" and "... in a vertebra" (auxiliary). Trained from vertebra masks where the
   data give them; elsewhere they learn only through their pooled contribution to the image
@@ -18,6 +21,8 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from data.vertebra_targets import VERTEBRA_CHANNELS
 
 TARGETS = ("fracture", "acute")
 # Dense channels: fractured vertebra, acutely fractured vertebra, and any vertebra. The last
@@ -69,6 +74,11 @@ class FractureNet(nn.Module):
         self.smooth = nn.Sequential(nn.Conv2d(fpn_dim, fpn_dim, 3, padding=1, bias=False),
                                     nn.BatchNorm2d(fpn_dim), nn.ReLU(inplace=True))
         self.heatmap_head = nn.Conv2d(fpn_dim, len(HEATMAP_CHANNELS), 1)
+        self.vertebra_head = nn.Sequential(
+            nn.Conv2d(fpn_dim, fpn_dim, 3, padding=1, bias=False), nn.BatchNorm2d(fpn_dim), nn.ReLU(inplace=True),
+            nn.Conv2d(fpn_dim, VERTEBRA_CHANNELS, 1))
+        with torch.no_grad():  # centre prior of 0.1, as in CenterNet: the focal loss starts stable
+            self.vertebra_head[-1].bias[0] = -2.19
         self.image_head = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * chans[-1], len(TARGETS)))
         # how much the pooled heatmap evidence adds to the image logits
         self.pool_weight = nn.Parameter(torch.ones(len(TARGETS)))
@@ -81,11 +91,12 @@ class FractureNet(nn.Module):
         top = self.lateral[-1](feats[-1])
         for lateral, f in zip(reversed(self.lateral[:-1]), reversed(feats[:-1])):
             top = lateral(f) + F.interpolate(top, size=f.shape[-2:], mode="nearest")
-        heatmap_logits = self.heatmap_head(self.smooth(top))
+        fused = self.smooth(top)
+        heatmap_logits = self.heatmap_head(fused)
         c5 = feats[-1]
         pooled = torch.cat([c5.mean(dim=(2, 3)), c5.amax(dim=(2, 3))], dim=1)
         logits = self.image_head(pooled) + self.pool_weight * logsumexp_pool(heatmap_logits[:, : len(TARGETS)])
-        return {"logits": logits, "heatmap_logits": heatmap_logits}
+        return {"logits": logits, "heatmap_logits": heatmap_logits, "vertebra_logits": self.vertebra_head(fused)}
 
     @staticmethod
     def probabilities(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

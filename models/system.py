@@ -4,7 +4,11 @@ Losses (unknown labels are masked out, never taken as negative):
 * image fracture: BCE over images whose ``fracture`` is known;
 * acute given fracture: BCE over fractured images whose acuity is known;
 * heatmap: BCE + Dice (MONAI) against the fractured-vertebra masks, only on images whose
-  vertebra truth is known (normal films count: they have no fractured pixel).
+  vertebra truth is known (normal films count: they have no fractured pixel);
+* vertebrae, on films with per-vertebra truth: a CenterNet focal loss on the body-centre
+  heatmap, L1 on the point offsets and cross-entropy on the level at each body's centre cell;
+  for the crop network, L1 on the six points (in units of the crop) and masked BCE on the
+  vertebra's fracture and acuity labels.
 """
 from __future__ import annotations
 
@@ -16,9 +20,21 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torchmetrics.classification import BinaryAUROC
 
+from data.vertebra_targets import CROP_SIZE, VERTEBRA_CHANNELS
 from models.network import HEATMAP_STRIDE, TARGETS, FractureNet
+from models.vertebra_net import VertebraNet
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: adds the vertebra head and the crop network
+
+
+def centre_focal_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """CenterNet's penalty-reduced focal loss, over the films with ``weight`` 1, per body centre."""
+    p = torch.sigmoid(logits.float()).clamp(1e-4, 1 - 1e-4)
+    pos = (target >= 1.0).float()
+    w = weight.view(-1, 1, 1, 1)
+    pos_loss = -(torch.log(p) * (1 - p) ** 2 * pos * w).sum()
+    neg_loss = -(torch.log(1 - p) * p ** 2 * (1 - target) ** 4 * (1 - pos) * w).sum()
+    return (pos_loss + neg_loss) / (pos * w).sum().clamp(min=1.0)
 
 
 def masked_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -32,17 +48,19 @@ class FractureSystem(L.LightningModule):
     def __init__(self, backbone: str = "resnet18", pretrained: str | None = None, fpn_dim: int = 96,
                  dropout: float = 0.2, lr: float = 1e-3, weight_decay: float = 1e-4,
                  warmup_fraction: float = 0.05, acute_weight: float = 1.0, heatmap_weight: float = 1.0,
-                 init_from: str | None = None, image_size: tuple[int, int] = (384, 320)):
+                 init_from: str | None = None, image_size: tuple[int, int] = (384, 320),
+                 vertebra_weight: float = 1.0, crop_backbone: str = "resnet18"):
         super().__init__()
         self.save_hyperparameters()
         self.net = FractureNet(backbone=backbone, pretrained=pretrained, fpn_dim=fpn_dim, dropout=dropout)
+        self.vertebra_net = VertebraNet(backbone=crop_backbone, dropout=dropout)
         if init_from:
             from models.checkpoint import load_network_weights
 
-            load_network_weights(self.net, init_from)
+            load_network_weights(self.net, init_from, self.vertebra_net)
         self.dice = DiceLoss(sigmoid=True, reduction="none")
         self.metrics = torch.nn.ModuleDict({
-            f"{stage}_{t}": BinaryAUROC() for stage in ("val", "test") for t in TARGETS})
+            f"{stage}_{t}": BinaryAUROC() for stage in ("val", "test") for t in TARGETS + ("vertebra_fracture",)})
         self.failed_images = 0
 
     @property
@@ -69,8 +87,54 @@ class FractureSystem(L.LightningModule):
             loss_heatmap = ((bce * known).sum() + (dice * known * has_fg).sum()) / known.sum()
         else:
             loss_heatmap = hm_logits.sum() * 0.0
-        total = loss_fracture + self.hparams.acute_weight * loss_acute + self.hparams.heatmap_weight * loss_heatmap
-        return {"loss": total, "fracture": loss_fracture, "acute": loss_acute, "heatmap": loss_heatmap}
+        vertebra = self._vertebra_losses(batch, out)
+        total = (loss_fracture + self.hparams.acute_weight * loss_acute + self.hparams.heatmap_weight * loss_heatmap
+                 + self.hparams.vertebra_weight * sum(vertebra.values()))
+        return {"loss": total, "fracture": loss_fracture, "acute": loss_acute, "heatmap": loss_heatmap, **vertebra}
+
+    def _vertebra_losses(self, batch: dict, out: dict) -> dict[str, torch.Tensor]:
+        """Stage-1 detection losses and the crop network's losses (see the module docstring)."""
+        logits = out["vertebra_logits"].float()
+        zero = logits.sum() * 0.0
+        # tied to the crop network's weights, so a batch without crops still gives them a (zero)
+        # gradient: DDP otherwise waits for gradients that never come
+        crop_zero = sum(p.sum() for p in self.vertebra_net.parameters()) * 0.0
+        if "vert_centre" not in batch:
+            return {"centre": zero, "points": zero, "level": zero,
+                    "crop_points": crop_zero, "crop_fracture": crop_zero, "crop_acute": crop_zero}
+        known = batch["vert_known"]
+        losses = {"centre": centre_focal_loss(logits[:, :1], batch["vert_centre"], known)}
+        mask = batch["vert_offset_mask"] * known.view(-1, 1, 1)
+        n = mask.sum()
+        if n > 0:
+            err = (logits[:, 1:13] - batch["vert_offsets"]).abs().sum(dim=1)
+            losses["points"] = (err * mask).sum() / (12 * n)
+            level = torch.where(mask > 0, batch["vert_level"], torch.full_like(batch["vert_level"], -1))
+            if (level >= 0).any():
+                losses["level"] = F.cross_entropy(logits[:, 13:], level, ignore_index=-1)
+            else:
+                losses["level"] = zero
+        else:
+            losses["points"] = losses["level"] = zero
+        crops = self._crop_outputs(batch)
+        if crops is None:
+            losses.update(crop_points=crop_zero, crop_fracture=crop_zero, crop_acute=crop_zero)
+        else:
+            crop_out, sel = crops
+            target = batch["crop_points"][sel]
+            losses["crop_points"] = (crop_out["points"] - target).abs().mean() / CROP_SIZE * 10
+            losses["crop_fracture"] = masked_bce(crop_out["logits"][:, 0].float(), batch["crop_fracture"][sel])
+            losses["crop_acute"] = masked_bce(crop_out["logits"][:, 1].float(), batch["crop_acute"][sel])
+            out["crop_out"], out["crop_sel"] = crop_out, sel
+        return losses
+
+    def _crop_outputs(self, batch: dict):
+        if "crops" not in batch:
+            return None
+        sel = batch["crop_valid"] > 0
+        if not sel.any():
+            return None
+        return self.vertebra_net(batch["crops"][sel]), sel
 
     def training_step(self, batch: dict, batch_idx: int):
         self.failed_images += int(batch.get("n_failed", 0))
@@ -108,9 +172,15 @@ class FractureSystem(L.LightningModule):
         known = ~torch.isnan(acute)
         if known.any():
             self.metrics[f"{stage}_acute"].update(probs["p_acute"][known], acute[known].long())
+        if "crop_out" in out:
+            p_vertebra = torch.sigmoid(out["crop_out"]["logits"][:, 0].float())
+            label = batch["crop_fracture"][out["crop_sel"]]
+            known = ~torch.isnan(label)
+            if known.any():
+                self.metrics[f"{stage}_vertebra_fracture"].update(p_vertebra[known], label[known].long())
 
     def _log_metrics(self, stage: str) -> None:
-        for t in TARGETS:
+        for t in TARGETS + ("vertebra_fracture",):
             metric = self.metrics[f"{stage}_{t}"]
             try:
                 value = metric.compute()
@@ -153,6 +223,9 @@ class FractureSystem(L.LightningModule):
             "fpn_dim": self.hparams.fpn_dim,
             "targets": list(TARGETS),
             "heatmap_stride": HEATMAP_STRIDE,
+            "vertebra_channels": VERTEBRA_CHANNELS,
+            "crop_backbone": self.hparams.crop_backbone,
+            "crop_size": CROP_SIZE,
             "image_size": list(self.hparams.image_size),
             "input_range": [0.0, 1.0],
             "code_version": _version(),

@@ -24,3 +24,39 @@ def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45,
         cv2.putText(out, label, (8, max(16, int(28 * scale))), cv2.FONT_HERSHEY_SIMPLEX, max(0.4, 0.8 * scale),
                     (255, 255, 255), max(1, int(2 * scale)), cv2.LINE_AA)
     return out
+
+
+# Genant grade colours (BGR): normal green, mild yellow, moderate orange, severe red.
+GRADE_COLOURS = {0: (80, 200, 80), 1: (0, 220, 255), 2: (0, 140, 255), 3: (0, 0, 255)}
+_OUTLINE = [0, 1, 2, 5, 4, 3]  # p1 p2 p3 p6 p5 p4
+
+
+def draw_vertebrae(overlay: np.ndarray, vertebrae: list[dict], scale: float = 1.0,
+                   levels_trusted: bool | None = None) -> np.ndarray:
+    """Outline each vertebra's six points in its Genant grade's colour, with its level name.
+
+    ``scale`` maps original-image pixels to ``overlay`` pixels. Levels are written with a
+    question mark when the film's ``levels_trusted`` is false (or, when it is not given,
+    where ``level_confidence`` < 0.8)."""
+    out = overlay.copy()
+    s = max(out.shape[:2]) / 1024
+    thick = max(1, int(round(2 * s)))
+    for v in vertebrae:
+        pts = np.asarray(v["points"], dtype=np.float64) * scale
+        colour = GRADE_COLOURS.get(int(v.get("genant_grade", 0)), (255, 255, 255))
+        poly = np.round(pts[_OUTLINE] * 16).astype(np.int32)
+        cv2.polylines(out, [poly], True, colour, thick, cv2.LINE_AA, shift=4)
+        for x, y in pts:
+            cv2.circle(out, (int(round(x)), int(round(y))), max(2, thick + 1), colour, -1, cv2.LINE_AA)
+        conf = v.get("level_confidence")
+        doubtful = (not levels_trusted) if levels_trusted is not None else (conf is not None and conf < 0.8)
+        name = str(v.get("level", "")) + ("?" if doubtful else "")
+        if int(v.get("genant_grade", 0)) > 0:
+            name += f" G{int(v['genant_grade'])}"
+        x_text = int(round(pts[:, 0].max() + 6 * s))
+        y_text = int(round(pts[:, 1].mean() + 5 * s))
+        cv2.putText(out, name, (x_text, y_text), cv2.FONT_HERSHEY_SIMPLEX, max(0.35, 0.55 * s), (0, 0, 0),
+                    thick + 2, cv2.LINE_AA)
+        cv2.putText(out, name, (x_text, y_text), cv2.FONT_HERSHEY_SIMPLEX, max(0.35, 0.55 * s), colour,
+                    thick, cv2.LINE_AA)
+    return out

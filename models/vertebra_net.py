@@ -1,0 +1,56 @@
+"""The crop network: six morphometry points and fracture / acuity logits for one vertebra.
+
+Input: a ``CROP_SIZE`` square crop of the original film centred on a vertebral body
+(data/vertebra_targets.py defines the window). Outputs:
+
+* ``points`` ``(N, 6, 2)``: p1..p6 in crop pixels, from one heatmap per point read out by a
+  soft-argmax (integral regression), which keeps sub-pixel precision on a coarse grid;
+* ``logits`` ``(N, 2)``: this vertebra is fractured; it is acutely fractured, given a fracture.
+"""
+from __future__ import annotations
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data.vertebra_targets import CROP_SIZE
+
+
+class VertebraNet(nn.Module):
+    def __init__(self, backbone: str = "resnet18", width: int = 64, dropout: float = 0.2,
+                 crop_size: int = CROP_SIZE, in_chans: int = 1):
+        super().__init__()
+        self.backbone_name = backbone
+        self.crop_size = crop_size
+        # strides 4, 8, 16, 32: the points are read at stride 4 (24 x 24 cells on a 96 px crop)
+        self.encoder = timm.create_model(backbone, pretrained=False, features_only=True,
+                                         out_indices=(1, 2, 3, 4), in_chans=in_chans)
+        chans = self.encoder.feature_info.channels()
+        self.stride = self.encoder.feature_info.reduction()[0]
+        self.lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in chans)
+        self.point_head = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                                        nn.ReLU(inplace=True), nn.Conv2d(width, 6, 1))
+        self.class_head = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * chans[-1], 2))
+        self.register_buffer("input_mean", torch.tensor(0.5))
+        self.register_buffer("input_std", torch.tensor(0.25))
+
+    def forward(self, crops: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.encoder((crops - self.input_mean) / self.input_std)
+        top = self.lateral[-1](feats[-1])
+        for lateral, f in zip(reversed(self.lateral[:-1]), reversed(feats[:-1])):
+            top = lateral(f) + F.interpolate(top, size=f.shape[-2:], mode="nearest")
+        maps = self.point_head(top)  # (N, 6, h, w)
+        n, k, h, w = maps.shape
+        prob = torch.softmax(maps.float().reshape(n, k, h * w), dim=-1).reshape(n, k, h, w)
+        xs = (torch.arange(w, device=maps.device, dtype=prob.dtype) + 0.5) * self.stride - 0.5
+        ys = (torch.arange(h, device=maps.device, dtype=prob.dtype) + 0.5) * self.stride - 0.5
+        points = torch.stack([(prob.sum(dim=2) * xs).sum(-1), (prob.sum(dim=3) * ys).sum(-1)], dim=-1)
+        c5 = feats[-1]
+        pooled = torch.cat([c5.mean(dim=(2, 3)), c5.amax(dim=(2, 3))], dim=1)
+        return {"points": points, "logits": self.class_head(pooled)}
+
+    @staticmethod
+    def probabilities(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        p = torch.sigmoid(out["logits"].float())
+        return {"p_fracture": p[:, 0], "p_acute_given_fracture": p[:, 1], "p_acute": p[:, 0] * p[:, 1]}

@@ -1,0 +1,264 @@
+"""Per-vertebra analysis at inference: find, label, measure, grade and score each vertebra.
+
+1. **Find** (:func:`decode_detections`): peaks of the film network's body-centre heatmap
+   (3 x 3 non-maximum suppression, score >= ``min_score``); each peak's cell regresses the six
+   points as offsets (data/vertebra_targets.py) and scores the 17 levels.
+2. **Refine and score** (:func:`read_crops`): a square crop of the original film around each
+   body goes through the crop network (models/vertebra_net.py), which places the six points at
+   the film's own resolution and gives the vertebra's ``p_fracture`` and ``p_acute``. The crop
+   is taken twice, the second time centred on the first pass's points.
+3. **Label** (:func:`assign_levels`): levels are *counted*. The bodies are ordered down the
+   spine, gaps wider than 1.6 x the typical step count as missed bodies, and one offset
+   places the whole run on T1-L5 (allowing a detected C6-C7 or S1-S2 at the ends); each offset
+   is scored by the sum of the per-body level log-probabilities, so every body's appearance
+   (ribs, size, the lumbosacral junction) votes for the anchor. ``level_confidence`` is the posterior of the chosen offset; below
+   ``TRUSTED_LEVEL_CONFIDENCE`` the film says its levels cannot be trusted.
+4. **Measure and grade** (data/morphometry.py): heights, ratios, Genant grade and shape from
+   the refined points, in pixels and, where the file gives a pixel spacing, millimetres.
+
+The film's ``p_fracture`` and ``p_acute`` follow the vertebrae: see :func:`image_probabilities`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data.morphometry import LEVELS, grade_vertebrae
+from data.vertebra_targets import (CROP_CONTEXT, CROP_SIZE, N_LEVELS, OFFSET_SCALE, apply_affine, body_centre,
+                                   body_extent, crop_matrix, extract_crop, invert_affine)
+
+MIN_DETECTION_SCORE = 0.3
+MAX_VERTEBRAE = 30
+TRUSTED_LEVEL_CONFIDENCE = 0.8
+GAP_FACTOR = 1.6  # a centre-to-centre step this many times the typical step means a missed body
+MIN_CROP_SIDE = 16.0  # original pixels
+OVERHANG = 2  # placements may run this many levels past T1 or L5 (a detected C6-C7 or S1-S2)
+
+
+def decode_detections(vertebra_logits: torch.Tensor, stride: int, min_score: float = MIN_DETECTION_SCORE,
+                      max_vertebrae: int = MAX_VERTEBRAE) -> list[dict]:
+    """Bodies found on one film: ``score``, ``points`` (6, 2) in network-input pixels and
+    ``level_logp`` (17,) log-probabilities of T1-L5. ``vertebra_logits``: (30, h, w)."""
+    logits = vertebra_logits.float()
+    heat = torch.sigmoid(logits[0])
+    # peaks on the logits: confident sigmoids saturate to exactly 1.0 and would all tie
+    peaks = logits[0] == F.max_pool2d(logits[0][None, None], 3, stride=1, padding=1)[0, 0]
+    keep = peaks & (heat >= min_score)
+    idx = torch.nonzero(keep, as_tuple=False)
+    scores = heat[keep]
+    order = torch.argsort(scores, descending=True)[:max_vertebrae]
+    level_logp = torch.log_softmax(logits[13:13 + N_LEVELS], dim=0)
+    found = []
+    for k in order.tolist():
+        i, j = idx[k].tolist()
+        cell = (np.array([j, i], dtype=np.float64) + 0.5) * stride - 0.5
+        offsets = logits[1:13, i, j].cpu().numpy().astype(np.float64).reshape(6, 2)
+        found.append({"score": float(scores[k]), "points": cell + offsets * stride * OFFSET_SCALE,
+                      "level_logp": level_logp[:, i, j].cpu().numpy().astype(np.float64)})
+    return found
+
+
+def spine_order(points: np.ndarray) -> np.ndarray:
+    """Indices of the bodies from head to feet: along the principal axis of their centres,
+    pointing down the image (robust to a tilted film or a scoliotic curve)."""
+    centres = body_centre(points)
+    if len(centres) < 3:
+        return np.argsort(centres[:, 1], kind="stable")
+    d = centres - centres.mean(axis=0)
+    axis = np.linalg.svd(d, full_matrices=False)[2][0]
+    if axis[1] < 0:
+        axis = -axis
+    return np.argsort(d @ axis, kind="stable")
+
+
+def count_positions(points: np.ndarray) -> np.ndarray:
+    """Each body's counted index down the spine (0 for the first), with missed bodies counted.
+
+    A step is measured against the two bodies' own heights (bodies grow down the spine); the
+    typical step is the median of the steps that are not gaps, and a step over ``GAP_FACTOR``
+    times it counts as ``round(step / typical)`` levels."""
+    n = len(points)
+    positions = np.zeros(n, dtype=int)
+    if n < 2:
+        return positions
+    centres = body_centre(points)
+    heights = np.linalg.norm(points[:, 3:] - points[:, :3], axis=-1).mean(axis=1)
+    steps = np.linalg.norm(np.diff(centres, axis=0), axis=1)
+    relative = steps / np.maximum(0.5 * (heights[1:] + heights[:-1]), 1e-6)
+    typical = float(np.median(relative[relative <= GAP_FACTOR * relative.min()]))
+    jumps = np.where(relative > GAP_FACTOR * typical, np.maximum(1, np.round(relative / typical)), 1).astype(int)
+    positions[1:] = np.cumsum(jumps)
+    return positions
+
+
+def _level_name(index: int) -> str:
+    """T1-L5 by index; beyond them (a placement that runs off the ends) C7, C6, ... and S1, S2, ..."""
+    if index < 0:
+        return f"C{8 + index}"
+    if index >= N_LEVELS:
+        return f"S{index - N_LEVELS + 1}"
+    return LEVELS[index]
+
+
+def assign_levels(points: np.ndarray, level_logp: np.ndarray) -> dict:
+    """Count levels down the spine (see the module docstring).
+
+    ``points`` (n, 6, 2) and ``level_logp`` (n, 17) in head-to-feet order. Every placement of
+    the counted run is scored by the sum of its bodies' level log-probabilities, including
+    placements that run up to ``OVERHANG`` levels past T1 or L5 (a detected C7 or S1): bodies
+    outside T1-L5 score as if uninformative (log 1/17). So flat evidence spreads the posterior
+    over many placements and is not trusted, however many bodies were found. Returns
+    ``levels``, ``level_confidence`` (posterior of the chosen placement), ``trusted`` and
+    ``positions`` (the counted index of each body, gaps included)."""
+    n = len(points)
+    if n == 0:
+        return {"levels": [], "level_confidence": None, "trusted": False, "positions": []}
+    positions = count_positions(np.asarray(points, dtype=np.float64).reshape(-1, 6, 2))
+    span = int(positions[-1])
+    starts = np.arange(-OVERHANG, N_LEVELS + OVERHANG - span)
+    if len(starts) == 0:  # more bodies than the spine has: each body's own best level
+        best = level_logp.argmax(axis=1)
+        return {"levels": [LEVELS[b] for b in best], "level_confidence": float(np.exp(level_logp.max(axis=1)).mean()),
+                "trusted": False, "positions": positions.tolist()}
+    outside = np.log(1.0 / N_LEVELS)
+    scores = []
+    for s in starts:
+        idx = s + positions
+        inside = (idx >= 0) & (idx < N_LEVELS)
+        scores.append(level_logp[np.arange(n)[inside], idx[inside]].sum() + outside * (~inside).sum())
+    scores = np.array(scores)
+    posterior = np.exp(scores - scores.max())
+    posterior /= posterior.sum()
+    best = int(np.argmax(posterior))
+    conf = float(posterior[best])
+    return {"levels": [_level_name(int(starts[best] + p)) for p in positions], "level_confidence": conf,
+            "trusted": conf >= TRUSTED_LEVEL_CONFIDENCE, "positions": positions.tolist()}
+
+
+@torch.no_grad()
+def read_crops(vertebra_net: torch.nn.Module, image: np.ndarray, points: np.ndarray, device: torch.device,
+               passes: int = 2) -> dict:
+    """Refined points (n, 6, 2) in original pixels and the crop network's probabilities."""
+    if passes < 1:
+        raise ValueError(f"passes must be at least 1, got {passes}")
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 6, 2)
+    if len(pts) == 0:
+        empty = np.zeros(0)
+        return {"points": pts, "p_fracture": empty, "p_acute": empty, "p_acute_given_fracture": empty}
+    for _ in range(passes):
+        # a collapsed stage-1 guess still gets a window a body could fit in
+        matrices = [crop_matrix(c, max(CROP_CONTEXT * e, MIN_CROP_SIDE)) for c, e in zip(body_centre(pts), body_extent(pts))]
+        crops = np.stack([extract_crop(image, m) for m in matrices])[:, None].astype(np.float32)
+        out = vertebra_net(torch.from_numpy(crops).to(device))
+        crop_pts = out["points"].float().cpu().numpy().astype(np.float64)
+        pts = np.stack([apply_affine(invert_affine(m), p) for m, p in zip(matrices, crop_pts)])
+    p = torch.sigmoid(out["logits"].float()).cpu().numpy().astype(np.float64)
+    return {"points": pts, "p_fracture": p[:, 0], "p_acute_given_fracture": p[:, 1], "p_acute": p[:, 0] * p[:, 1]}
+
+
+def duplicate_bodies(points: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """True for a body whose refined centre lies within half a body height of a higher-scoring
+    one: two peaks on one large body, which the crops pull onto the same vertebra."""
+    centres = body_centre(points)
+    heights = np.linalg.norm(points[:, 3:] - points[:, :3], axis=-1).mean(axis=1)
+    dup = np.zeros(len(points), dtype=bool)
+    for k in np.argsort(-np.asarray(scores), kind="stable"):
+        if dup[k]:
+            continue
+        d = np.linalg.norm(centres - centres[k], axis=1)
+        close = (d < 0.5 * np.maximum(heights, heights[k])) & (np.asarray(scores) <= scores[k])
+        close[k] = False
+        dup |= close
+    return dup
+
+
+def _length_mm(a: np.ndarray, b: np.ndarray, spacing: tuple[float, float]) -> float:
+    row, col = spacing
+    d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    return float(np.hypot(d[0] * col, d[1] * row))
+
+
+def describe_vertebrae(points: np.ndarray, labels: dict, probs: dict, scores: np.ndarray,
+                       pixel_spacing_mm: tuple[float, float] | None = None) -> list[dict]:
+    """The ``vertebrae`` list of a film's JSON (docs/formats.md), head to feet."""
+    graded = grade_vertebrae(points) if len(points) else []
+    out = []
+    for k, g in enumerate(graded):
+        p = points[k]
+        heights = dict(zip(("anterior", "middle", "posterior"), (float(h) for h in g["heights"])))
+        mm = None
+        if pixel_spacing_mm:
+            mm = {name: _length_mm(p[i], p[i + 3], pixel_spacing_mm)
+                  for i, name in enumerate(("anterior", "middle", "posterior"))}
+        out.append({
+            "level": labels["levels"][k],
+            "level_confidence": labels["level_confidence"],
+            "detection_score": float(scores[k]),
+            "points": [[float(x), float(y)] for x, y in p],
+            "heights": heights,
+            "heights_mm": mm,
+            "height_ratios": {k2: float(v) for k2, v in g["height_ratios"].items()},
+            "height_loss": float(g["height_loss"]),
+            "genant_grade": int(g["genant_grade"]),
+            "morphology": g["morphology"],
+            "p_fracture": float(probs["p_fracture"][k]),
+            "p_acute": float(probs["p_acute"][k]),
+            "p_acute_given_fracture": float(probs["p_acute_given_fracture"][k]),
+        })
+    return out
+
+
+def combine_with_morphometry(p_crop: float, height_loss: float, combiner: dict) -> float:
+    """A vertebra's ``p_fracture`` from the crop network's and its measured height loss:
+    ``sigmoid(a * logit(p_crop) + b * height_loss + c)``, a logistic regression fitted on
+    validation vertebrae by ``python -m models.calibration`` (``combiner`` = ``{"coef": [a, b],
+    "intercept": c}``). With ``a > 0`` it keeps the crop network's ranking among vertebrae of
+    equal height loss, and lets a clearly collapsed body count even where the crop is unsure."""
+    a, b = (float(c) for c in combiner["coef"])
+    p = float(np.clip(p_crop, 1e-6, 1 - 1e-6))
+    z = a * np.log(p / (1 - p)) + b * float(height_loss) + float(combiner["intercept"])
+    return float(1.0 / (1.0 + np.exp(-z)))
+
+
+def image_probabilities(p_image: dict, vertebrae: list[dict]) -> dict:
+    """The film's probabilities, agreeing with its vertebrae.
+
+    A film is fractured when any vertebra is, so the film's ``p_fracture`` is the larger of
+    the film-level head's and the largest vertebra's; likewise ``p_acute``. No film is thus
+    less likely fractured than any of its vertebrae, and a film with no vertebra found keeps
+    the film-level head's values. ``p_acute_given_fracture`` is their ratio."""
+    out = dict(p_image)
+    vertebrae = [v for v in vertebrae if np.isfinite(v["p_fracture"]) and np.isfinite(v["p_acute"])]
+    if vertebrae:
+        out["p_fracture"] = max(float(p_image["p_fracture"]), max(v["p_fracture"] for v in vertebrae))
+        out["p_acute"] = min(out["p_fracture"], max(float(p_image["p_acute"]), max(v["p_acute"] for v in vertebrae)))
+        out["p_acute_given_fracture"] = out["p_acute"] / out["p_fracture"] if out["p_fracture"] > 0 else 0.0
+    return out
+
+
+def analyse_film(vertebra_logits: torch.Tensor, box, stride: int, vertebra_net: torch.nn.Module,
+                 image: np.ndarray, device: torch.device, pixel_spacing_mm=None,
+                 min_score: float = MIN_DETECTION_SCORE) -> dict:
+    """All four steps for one film. ``image``: the normalised original pixels; ``box``: the
+    letterbox that made the network input. Returns ``vertebrae`` and the film's level summary."""
+    found = decode_detections(vertebra_logits, stride, min_score=min_score)
+    if not found:
+        return {"vertebrae": [], "level_confidence": None, "levels_trusted": False}
+    rough = np.stack([box.to_image(d["points"]) for d in found])
+    order = spine_order(rough)
+    rough = rough[order]
+    scores = np.array([found[k]["score"] for k in order])
+    logp = np.stack([found[k]["level_logp"] for k in order])
+    read = read_crops(vertebra_net, image, rough, device)
+    # a body squashed to under a pixel is a spurious peak, not a vertebra that can be measured
+    heights = np.linalg.norm(read["points"][:, 3:] - read["points"][:, :3], axis=-1)
+    keep = (heights.min(axis=1) >= 1.0) & np.isfinite(read["points"]).all(axis=(1, 2))
+    keep &= ~duplicate_bodies(read["points"], scores)
+    if not keep.any():
+        return {"vertebrae": [], "level_confidence": None, "levels_trusted": False}
+    read = {k: v[keep] for k, v in read.items()}
+    scores, logp = scores[keep], logp[keep]
+    labels = assign_levels(read["points"], logp)
+    vertebrae = describe_vertebrae(read["points"], labels, read, scores, pixel_spacing_mm)
+    return {"vertebrae": vertebrae, "level_confidence": labels["level_confidence"], "levels_trusted": labels["trusted"]}

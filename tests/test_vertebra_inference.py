@@ -1,0 +1,720 @@
+"""Per-vertebra inference: models/vertebrae.py (decode, order, count levels, read crops, measure,
+combine with the film), its outputs in models/inference.py (JSON, vertebrae.csv, calibration,
+DICOM SR) and the drawing in models/visualize.py.
+
+The networks are untrained: the film network's ``vertebra_logits`` are replaced by hand-built
+peaks (:class:`_InjectVertebrae`) and the crop network by a stub returning fixed crop points
+(:class:`_StubCropNet`), so every output has a value known in advance. Everything runs on CPU
+in a few seconds.
+"""
+import json
+import math
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from data.morphometry import LEVELS, grade_vertebrae
+from data.phantom import generate_dataset
+from data.vertebra_targets import CROP_CONTEXT, CROP_SIZE, OFFSET_SCALE, VERTEBRA_CHANNELS
+from models.vertebrae import (OVERHANG, TRUSTED_LEVEL_CONFIDENCE, assign_levels, decode_detections, describe_vertebrae,
+                              image_probabilities, read_crops, spine_order)
+from models.visualize import GRADE_COLOURS, draw_vertebrae
+
+STRIDE = 8
+IMAGE_SIZE = (128, 96)  # network input; phantom films are 128 x 104, so the letterbox scales and pads
+HALF = (CROP_SIZE - 1) / 2.0  # crop pixel centre
+CELL_UNIT = STRIDE * OFFSET_SCALE
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+def _box(cx, cy, w, h):
+    """Six points of an axis-aligned body: p1-p3 the superior endplate (left to right), p4-p6
+    the inferior one."""
+    x0, x1, y0, y1 = cx - w / 2, cx + w / 2, cy - h / 2, cy + h / 2
+    return np.array([[x0, y0], [cx, y0], [x1, y0], [x0, y1], [cx, y1], [x1, y1]], dtype=np.float64)
+
+
+def _cell_centre(i, j):
+    return (np.array([j, i], dtype=np.float64) + 0.5) * STRIDE - 0.5
+
+
+def _logits_with(bodies, grid_hw, background=-10.0):
+    """A (30, h, w) stage-1 output: for each (cell (i, j), centre logit, points in input pixels,
+    level index or None) a peak whose offsets encode the points and whose level logits favour
+    that level."""
+    out = torch.zeros(VERTEBRA_CHANNELS, *grid_hw)
+    out[0] = background
+    for (i, j), centre_logit, points, level in bodies:
+        out[0, i, j] = centre_logit
+        offsets = (np.asarray(points, dtype=np.float64) - _cell_centre(i, j)) / CELL_UNIT
+        out[1:13, i, j] = torch.tensor(offsets.reshape(-1), dtype=torch.float32)
+        if level is not None:
+            out[13 + level, i, j] = 6.0
+    return out
+
+
+# --------------------------------------------------------------------------- decode_detections
+def test_decode_detections_finds_the_peaks_recovers_points_and_levels():
+    h, w = 12, 10
+    spec = [((2, 3), 4.0, _box(27.0, 22.5, 14.0, 9.0), LEVELS.index("T12")),
+            ((6, 5), 3.0, _box(44.25, 52.0, 15.5, 10.0), LEVELS.index("L1")),
+            ((9, 2), 1.0, _box(20.0, 75.75, 16.0, 11.0), LEVELS.index("L5"))]
+    logits = _logits_with(spec, (h, w))
+    logits[0, 2, 4] = 3.5  # a neighbour of the strongest peak: suppressed by the 3 x 3 NMS
+    logits[0, 10, 8] = -1.5  # an isolated peak below the default min_score (sigmoid 0.18)
+
+    found = decode_detections(logits, STRIDE)
+    assert len(found) == 3
+    assert [d["score"] for d in found] == pytest.approx([_sigmoid(4.0), _sigmoid(3.0), _sigmoid(1.0)], abs=1e-6)
+    for d, (_, _, points, level) in zip(found, spec):  # sorted by score, strongest first
+        assert d["points"].shape == (6, 2)
+        np.testing.assert_allclose(d["points"], points, atol=1e-4)
+        assert d["level_logp"].shape == (17,)
+        assert int(np.argmax(d["level_logp"])) == level
+        assert np.exp(d["level_logp"]).sum() == pytest.approx(1.0, abs=1e-6)
+
+    strong = decode_detections(logits, STRIDE, min_score=0.9)
+    assert len(strong) == 2 and min(d["score"] for d in strong) >= 0.9
+    assert len(decode_detections(logits, STRIDE, min_score=0.1)) == 4  # the isolated weak peak too
+    assert len(decode_detections(logits, STRIDE, max_vertebrae=2)) == 2
+    assert decode_detections(torch.full((VERTEBRA_CHANNELS, h, w), -10.0), STRIDE) == []
+
+
+def test_decode_detections_nms_keeps_the_higher_of_two_adjacent_cells():
+    pts_a, pts_b = _box(30.0, 30.0, 12.0, 8.0), _box(38.0, 30.0, 12.0, 8.0)
+    for first, second in ((2.0, 2.5), (2.5, 2.0)):
+        logits = _logits_with([((3, 3), first, pts_a, 0), ((3, 4), second, pts_b, 1)], (8, 8))
+        found = decode_detections(logits, STRIDE)
+        assert len(found) == 1
+        np.testing.assert_allclose(found[0]["points"], pts_a if first > second else pts_b, atol=1e-4)
+        # diagonal neighbours are suppressed too
+        logits = _logits_with([((3, 3), first, pts_a, 0), ((4, 4), second, pts_b, 1)], (8, 8))
+        assert len(decode_detections(logits, STRIDE)) == 1
+
+
+def test_decode_detections_nms_does_not_duplicate_saturated_peaks():
+    logits = _logits_with([((3, 3), 20.0, _box(30.0, 30.0, 12.0, 8.0), 0),
+                           ((3, 4), 18.0, _box(38.0, 30.0, 12.0, 8.0), 1)], (8, 8))
+    assert len(decode_detections(logits, STRIDE)) == 1
+
+
+# --------------------------------------------------------------------------- spine_order
+@pytest.mark.parametrize("tilt_deg", [0.0, 30.0, -55.0, 80.0])
+def test_spine_order_runs_head_to_feet_on_a_tilted_spine(tilt_deg):
+    a = np.deg2rad(tilt_deg)
+    down = np.array([np.sin(a), np.cos(a)])  # along the spine, towards the feet (y grows)
+    across = np.array([down[1], -down[0]])
+    jitter = np.array([3.0, -3.0, 2.5, -2.0, 3.0, -3.0, 2.0])  # a scoliotic wobble across the axis
+    centres = np.array([200.0, 200.0]) + np.outer(np.arange(7) * 22.0, down) + np.outer(jitter, across)
+    bodies = np.stack([_box(x, y, 16.0, 12.0) for x, y in centres])
+    shuffled = np.array([4, 0, 6, 2, 5, 1, 3])
+    order = spine_order(bodies[shuffled])
+    assert shuffled[order].tolist() == list(range(7))
+    if tilt_deg == 80.0:  # nearly horizontal: sorting by y alone would get it wrong
+        assert np.argsort(centres[:, 1]).tolist() != list(range(7))
+
+
+def test_spine_order_of_two_bodies_is_top_to_bottom():
+    bodies = np.stack([_box(50, 90, 10, 8), _box(52, 60, 10, 8)])
+    assert spine_order(bodies).tolist() == [1, 0]
+
+
+# --------------------------------------------------------------------------- assign_levels
+def _column(n, spacing=30.0, skip=()):
+    """n bodies down a vertical spine, evenly spaced, minus those at the positions in ``skip``."""
+    return np.stack([_box(100.0, 50.0 + k * spacing, 36.0, 24.0) for k in range(n) if k not in skip])
+
+
+def _logp(favoured, strength=8.0):
+    """(n, 17) log-probabilities; row k favours level ``favoured[k]`` (None: uninformative)."""
+    z = np.zeros((len(favoured), 17))
+    for k, lvl in enumerate(favoured):
+        if lvl is not None:
+            z[k, LEVELS.index(lvl)] = strength
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def test_assign_levels_confident_run():
+    names = ["L1", "L2", "L3", "L4", "L5"]
+    out = assign_levels(_column(5), _logp(names))
+    assert out["levels"] == names and out["positions"] == [0, 1, 2, 3, 4]
+    assert out["level_confidence"] > 0.99 and out["trusted"] is True
+
+
+def test_assign_levels_counts_from_one_informative_body_and_outvotes_a_wrong_one():
+    # only the last body says where it is: counting names the others
+    out = assign_levels(_column(5), _logp([None, None, None, None, "L5"]))
+    assert out["levels"] == ["L1", "L2", "L3", "L4", "L5"]
+    # one body voting for the wrong level is outvoted by the other four
+    out = assign_levels(_column(5), _logp(["L1", "L2", "T7", "L4", "L5"], strength=4.0))
+    assert out["levels"] == ["L1", "L2", "L3", "L4", "L5"] and out["trusted"]
+
+
+def test_assign_levels_skips_a_level_at_a_missed_body():
+    bodies = _column(5, skip=(2,))  # L3 not found: a gap of two spacings
+    out = assign_levels(bodies, _logp(["L1", None, None, None]))
+    assert out["positions"] == [0, 1, 3, 4]
+    assert out["levels"] == ["L1", "L2", "L4", "L5"]
+    assert out["trusted"]
+    # the same with the anchor at the other end
+    out = assign_levels(bodies, _logp([None, None, None, "L5"]))
+    assert out["levels"] == ["L1", "L2", "L4", "L5"]
+
+
+def test_assign_levels_counts_a_gap_among_three_bodies():
+    out = assign_levels(_column(4, skip=(2,)), _logp([None, None, "L5"]))
+    assert out["positions"] == [0, 1, 3]
+    assert out["levels"] == ["L2", "L3", "L5"]
+
+
+def test_assign_levels_flat_evidence_is_not_trusted():
+    flat = np.full((5, 17), -np.log(17.0))
+    out = assign_levels(_column(5), flat)
+    assert len(out["levels"]) == 5
+    # 13 placements inside T1-L5 and 2 x OVERHANG running past its ends, all equally likely
+    assert out["level_confidence"] == pytest.approx(1.0 / (13 + 2 * OVERHANG))
+    assert out["level_confidence"] < TRUSTED_LEVEL_CONFIDENCE and out["trusted"] is False
+    # the counted levels are consecutive whatever the placement (C6-C7 and S1-S2 past the ends)
+    order = [f"C{k}" for k in (6, 7)] + list(LEVELS) + ["S1", "S2"]
+    idx = [order.index(lvl) for lvl in out["levels"]]
+    assert np.diff(idx).tolist() == [1, 1, 1, 1]
+
+
+def test_assign_levels_longer_run_than_t1_l5_is_not_trusted():
+    n = 17 + 2 * OVERHANG + 1  # longer than any placement, even running past T1 and L5
+    favoured = [LEVELS[min(k, 16)] for k in range(n)]
+    out = assign_levels(_column(n, spacing=20.0), _logp(favoured))
+    assert len(out["levels"]) == n and out["trusted"] is False
+    assert out["levels"] == favoured  # each body's own best level
+    assert 0.0 < out["level_confidence"] <= 1.0
+    # a gap pushing the count past L5 is no different
+    out = assign_levels(_column(16, skip=(5, 6)), _logp([None] * 14))
+    assert len(out["levels"]) == 14 and out["trusted"] is False
+
+
+def test_assign_levels_no_body():
+    out = assign_levels(np.zeros((0, 6, 2)), np.zeros((0, 17)))
+    assert out == {"levels": [], "level_confidence": None, "trusted": False, "positions": []}
+
+
+# --------------------------------------------------------------------------- describe_vertebrae
+def _wedge(cx, cy, w, h, loss):
+    """A body whose anterior (p1-p4) height is ``(1 - loss)`` of the posterior one."""
+    p = _box(cx, cy, w, h)
+    p[0, 1] += loss * h / 2
+    p[3, 1] -= loss * h / 2
+    return p
+
+
+def test_describe_vertebrae_matches_morphometry_and_uses_row_col_spacing():
+    tilted = _box(0.0, 0.0, 30.0, 20.0) @ np.array([[np.cos(0.3), np.sin(0.3)], [-np.sin(0.3), np.cos(0.3)]]).T
+    points = np.stack([_box(60.0, 40.0, 30.0, 20.0), _wedge(62.0, 70.0, 30.0, 20.0, 0.30),
+                       tilted + [64.0, 100.0]])
+    labels = {"levels": ["T11", "T12", "L1"], "level_confidence": 0.93, "trusted": True}
+    probs = {"p_fracture": np.array([0.1, 0.8, 0.2]), "p_acute": np.array([0.05, 0.6, 0.1]),
+             "p_acute_given_fracture": np.array([0.5, 0.75, 0.5])}
+    scores = np.array([0.9, 0.8, 0.7])
+    spacing = (0.5, 0.2)  # (row, col) mm: rows are 0.5 mm apart, columns 0.2 mm
+    out = describe_vertebrae(points, labels, probs, scores, pixel_spacing_mm=spacing)
+    truth = grade_vertebrae(points)
+    assert [v["level"] for v in out] == ["T11", "T12", "L1"]
+    for k, (v, g) in enumerate(zip(out, truth)):
+        assert [v["heights"][s] for s in ("anterior", "middle", "posterior")] == pytest.approx(g["heights"])
+        assert v["height_ratios"] == pytest.approx(g["height_ratios"])
+        assert v["genant_grade"] == g["genant_grade"] and v["morphology"] == g["morphology"]
+        assert v["height_loss"] == pytest.approx(g["height_loss"])
+        np.testing.assert_allclose(v["points"], points[k])
+        assert v["level_confidence"] == 0.93 and v["detection_score"] == scores[k]
+        assert (v["p_fracture"], v["p_acute"], v["p_acute_given_fracture"]) == (
+            probs["p_fracture"][k], probs["p_acute"][k], probs["p_acute_given_fracture"][k])
+        for i, side in enumerate(("anterior", "middle", "posterior")):
+            dx, dy = points[k, i + 3] - points[k, i]
+            assert v["heights_mm"][side] == pytest.approx(math.hypot(dx * 0.2, dy * 0.5))
+    # the hand-made numbers
+    assert out[0]["genant_grade"] == 0 and out[0]["heights"]["anterior"] == pytest.approx(20.0)
+    assert out[1]["heights"]["anterior"] == pytest.approx(14.0) and out[1]["heights"]["posterior"] == pytest.approx(20.0)
+    assert out[1]["height_ratios"]["anterior_posterior"] == pytest.approx(0.7)
+    assert out[1]["height_loss"] == pytest.approx(0.3)
+    assert out[1]["genant_grade"] == 2 and out[1]["morphology"] == "wedge"
+    assert out[0]["heights_mm"]["posterior"] == pytest.approx(10.0)  # 20 px down the rows x 0.5 mm
+    assert out[2]["heights_mm"]["middle"] == pytest.approx(math.hypot(20 * np.sin(0.3) * 0.2, 20 * np.cos(0.3) * 0.5))
+
+    assert all(v["heights_mm"] is None for v in describe_vertebrae(points, labels, probs, scores))
+    assert describe_vertebrae(np.zeros((0, 6, 2)), {"levels": [], "level_confidence": None}, probs, scores) == []
+
+
+# --------------------------------------------------------------------------- image_probabilities
+def test_image_probabilities_follow_the_most_fractured_vertebra():
+    head = {"p_fracture": 0.30, "p_acute": 0.12, "p_acute_given_fracture": 0.40, "heatmap": "kept"}
+    verts = [{"p_fracture": 0.20, "p_acute": 0.05}, {"p_fracture": 0.70, "p_acute": 0.60},
+             {"p_fracture": 0.65, "p_acute": 0.10}]
+    out = image_probabilities(head, verts)
+    assert out["p_fracture"] == pytest.approx(0.70) and out["p_acute"] == pytest.approx(0.60)
+    assert out["p_acute_given_fracture"] == pytest.approx(0.60 / 0.70)
+    assert out["heatmap"] == "kept" and head["p_fracture"] == 0.30  # input left alone
+
+    confident_head = dict(head, p_fracture=0.95, p_acute=0.8)
+    out = image_probabilities(confident_head, verts)
+    assert out["p_fracture"] == pytest.approx(0.95) and out["p_acute"] == pytest.approx(0.8)
+
+    assert image_probabilities(head, []) == head
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        pf = rng.random(4)
+        pa = pf * rng.random(4)
+        head = {"p_fracture": pf[0], "p_acute": pa[0], "p_acute_given_fracture": pa[0] / pf[0]}
+        verts = [{"p_fracture": f, "p_acute": a} for f, a in zip(pf[1:], pa[1:])]
+        out = image_probabilities(head, verts)
+        assert out["p_fracture"] == max(pf)
+        assert all(out["p_fracture"] >= v["p_fracture"] and out["p_acute"] >= v["p_acute"] for v in verts)
+        assert out["p_acute"] <= out["p_fracture"]
+        assert out["p_acute_given_fracture"] == pytest.approx(out["p_acute"] / out["p_fracture"])
+
+
+# --------------------------------------------------------------------------- the crop network stub
+def _square_template(half_side):
+    return np.array([[-1, -1], [0, -1], [1, -1], [-1, 1], [0, 1], [1, 1]], dtype=np.float64) * half_side + HALF
+
+
+# Crop points of an axis-aligned square body whose side is 1 / CROP_CONTEXT of the crop: for a
+# square rough body the crop window maps it back onto itself (a fixed point of both passes).
+SQUARE = _square_template(CROP_SIZE / (2 * CROP_CONTEXT))
+
+
+def _wedge_template(loss=0.3):
+    t = SQUARE.copy()
+    h = SQUARE[3, 1] - SQUARE[0, 1]
+    t[0, 1] += loss * h / 2
+    t[3, 1] -= loss * h / 2
+    return t
+
+
+class _StubCropNet(nn.Module):
+    """Returns fixed crop points (``templates[k]`` for the k-th crop of a call, else ``default``)
+    and fixed logits per crop index; keeps the crops it was given."""
+
+    def __init__(self, default=SQUARE, templates=None, logits=((0.0, 0.0),)):
+        super().__init__()
+        self.default = np.asarray(default, dtype=np.float64)
+        self.templates = dict(templates or {})
+        self.logits = [tuple(x) for x in logits]
+        self.seen = []
+
+    def logit(self, k):
+        return self.logits[min(k, len(self.logits) - 1)]
+
+    def forward(self, crops):
+        self.seen.append(crops.detach().cpu().numpy().copy())
+        n = crops.shape[0]
+        points = np.stack([self.templates.get(k, self.default) for k in range(n)])
+        return {"points": torch.tensor(points, dtype=torch.float32, device=crops.device),
+                "logits": torch.tensor([self.logit(k) for k in range(n)], dtype=torch.float32, device=crops.device)}
+
+
+def _extent(p):
+    width = 0.5 * (np.linalg.norm(p[0] - p[2]) + np.linalg.norm(p[3] - p[5]))
+    height = np.mean([np.linalg.norm(p[i + 3] - p[i]) for i in range(3)])
+    return max(width, height)
+
+
+def _expected_read(rough, template, passes=2):
+    """Where the crop points land in the original film, worked out independently of the code:
+    the crop is a square of CROP_CONTEXT x extent pixels around the body centre, resampled to
+    CROP_SIZE, so crop pixel u lies at centre + (u - HALF) * side / CROP_SIZE."""
+    p = np.asarray(rough, dtype=np.float64)
+    for _ in range(passes):
+        side = CROP_CONTEXT * _extent(p)
+        p = p.mean(axis=0) + (template - HALF) * side / CROP_SIZE
+    return p
+
+
+def test_read_crops_maps_crop_points_back_to_the_film_in_two_passes():
+    image = np.zeros((200, 160), np.float32)
+    image[90, 80] = 1.0
+    image = cv2.GaussianBlur(image, (0, 0), 1.5)
+    image /= image.max()
+    rough = np.stack([_box(80.0, 90.0, 20.0, 16.0), _box(70.0, 140.0, 24.0, 18.0)])
+    # an off-centre template: the second crop is centred elsewhere than the first
+    template = _square_template(20.0) + [6.0, -3.0]
+    template[4, 1] += 2.0
+    stub = _StubCropNet(default=template, logits=[(1.0, -1.0), (-2.0, 0.5)])
+    out = read_crops(stub, image, rough, torch.device("cpu"))
+
+    assert len(stub.seen) == 2 and stub.seen[0].shape == (2, 1, CROP_SIZE, CROP_SIZE)
+    for k in range(2):
+        np.testing.assert_allclose(out["points"][k], _expected_read(rough[k], template), atol=1e-3)
+    assert np.abs(out["points"] - rough).max() > 1.0  # the crop network moved them
+    # the first crop is centred on the body (the bright dot at its centre); the second one is
+    # centred on the first pass's points, which lie right of and above the dot
+    first = stub.seen[0][0, 0]
+    assert np.unravel_index(first.argmax(), first.shape) in [(47, 47), (47, 48), (48, 47), (48, 48)]
+    mid = _expected_read(rough[0], template, passes=1)
+    side2 = CROP_CONTEXT * _extent(mid)
+    dot = HALF + (np.array([80.0, 90.0]) - mid.mean(axis=0)) * CROP_SIZE / side2
+    second = stub.seen[1][0, 0]
+    i, j = np.unravel_index(second.argmax(), second.shape)
+    assert abs(j - dot[0]) <= 1.0 and abs(i - dot[1]) <= 1.0
+
+    p0, p1 = _sigmoid(1.0), _sigmoid(-2.0)
+    assert out["p_fracture"] == pytest.approx([p0, p1], abs=1e-6)
+    assert out["p_acute_given_fracture"] == pytest.approx([_sigmoid(-1.0), _sigmoid(0.5)], abs=1e-6)
+    assert out["p_acute"] == pytest.approx([p0 * _sigmoid(-1.0), p1 * _sigmoid(0.5)], abs=1e-6)
+
+    one = read_crops(_StubCropNet(default=template), image, rough, torch.device("cpu"), passes=1)
+    np.testing.assert_allclose(one["points"][0], _expected_read(rough[0], template, passes=1), atol=1e-3)
+
+    empty = read_crops(stub, image, np.zeros((0, 6, 2)), torch.device("cpu"))
+    assert empty["points"].shape == (0, 6, 2) and len(empty["p_fracture"]) == 0
+
+
+def test_square_template_is_a_fixed_point_of_the_crop_window():
+    rough = _box(33.0, 71.5, 12.0, 12.0)
+    np.testing.assert_allclose(_expected_read(rough, SQUARE), rough, atol=1e-9)
+    out = read_crops(_StubCropNet(), np.zeros((128, 104), np.float32), rough[None], torch.device("cpu"))
+    np.testing.assert_allclose(out["points"][0], rough, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- draw_vertebrae
+def test_draw_vertebrae_grade_colours_level_names_and_no_side_effects():
+    base = np.full((200, 160, 3), 60, np.uint8)
+    before = base.copy()
+    severe = {"level": "L1", "level_confidence": 0.95, "genant_grade": 3, "points": _box(50, 60, 30, 20).tolist()}
+    normal = {"level": "L2", "level_confidence": 0.95, "genant_grade": 0, "points": _box(50, 120, 30, 20).tolist()}
+    out = draw_vertebrae(base, [severe, normal])
+    assert out is not base and out.shape == base.shape and out.dtype == np.uint8
+    np.testing.assert_array_equal(base, before)
+    for v in (severe, normal):
+        colour = GRADE_COLOURS[v["genant_grade"]]
+        for x, y in v["points"]:  # each point is a filled dot of the grade colour
+            assert tuple(out[int(round(y)), int(round(x))]) == colour
+    red = np.all(out == (0, 0, 255), axis=-1)
+    assert red[40:80, 30:70].any() and not red[100:140].any()  # red only at the severe vertebra
+    # the level name is written right of the body
+    text = np.any(out[45:75, 68:130] != 60, axis=-1)
+    assert text.sum() > 20
+    renamed = draw_vertebrae(base, [dict(severe, level="T9"), normal])
+    assert not np.array_equal(renamed[45:75, 68:130], out[45:75, 68:130])
+    assert np.array_equal(renamed[100:], out[100:])
+    doubtful = draw_vertebrae(base, [dict(severe, level_confidence=0.5), normal])  # "L1?"
+    assert not np.array_equal(doubtful[45:75, 68:130], out[45:75, 68:130])
+    # scale maps film pixels onto a smaller overlay
+    small = draw_vertebrae(np.full((100, 80, 3), 60, np.uint8), [severe], scale=0.5)
+    x, y = severe["points"][0]
+    assert tuple(small[int(round(y / 2)), int(round(x / 2))]) == GRADE_COLOURS[3]
+    assert np.array_equal(draw_vertebrae(base, []), base)
+
+
+# --------------------------------------------------------------------------- Predictor end to end
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """An untrained FractureSystem saved as an uncalibrated and a calibrated checkpoint, and
+    three phantom films (128 x 104 px)."""
+    from models.calibration import CALIBRATION_KEY, Calibrator
+    from models.system import FractureSystem
+
+    tmp = tmp_path_factory.mktemp("vinf")
+    generate_dataset(tmp / "data", n=3, seed=5, size=128, workers=1, progress=False)
+    torch.manual_seed(0)
+    system = FractureSystem(fpn_dim=16, image_size=IMAGE_SIZE)
+    ckpt = {"state_dict": system.state_dict()}
+    system.on_save_checkpoint(ckpt)
+    plain = tmp / "model.ckpt"
+    torch.save(ckpt, plain)
+    calibrator = Calibrator("temperature", temperature={"p_fracture": 2.5, "p_acute_given_fracture": 0.7},
+                            points={"balanced": {"threshold": 0.6, "sensitivity": 0.9, "specificity": 0.8}},
+                            default="balanced")
+    ckpt[CALIBRATION_KEY] = calibrator.to_dict()
+    calibrated = tmp / "model_calibrated.ckpt"
+    torch.save(ckpt, calibrated)
+    films = sorted(str(p) for p in (tmp / "data" / "images").glob("*.png"))
+    assert len(films) == 3
+    return {"tmp": tmp, "plain": plain, "calibrated": calibrated, "films": films, "calibrator": calibrator}
+
+
+class _InjectVertebrae(nn.Module):
+    """The real film network, with ``vertebra_logits`` replaced by hand-built ones for the inputs
+    it knows (matched by content) and by 'nothing here' for any other input."""
+
+    def __init__(self, net, known):
+        super().__init__()
+        self.net = net
+        self.known = known  # [(input tensor (1, H, W), logits (30, h, w))]
+
+    def forward(self, x):
+        out = self.net(x)
+        grid = out["vertebra_logits"].shape[-2:]
+        logits = []
+        for b in range(x.shape[0]):
+            match = [v for k, v in self.known if torch.equal(k.to(x.device), x[b])]
+            logits.append(match[0] if match else torch.full((VERTEBRA_CHANNELS, *grid), -10.0))
+        return {**out, "vertebra_logits": torch.stack(logits).to(out["vertebra_logits"])}
+
+
+# Designed films, in original pixels: bodies are squares of side 12 (the stub crop network's
+# SQUARE template maps such a body onto itself); the third body of a film (index 2 down the
+# spine) is read as a 30 % anterior wedge.
+SIDE = 12.0
+FILM_BODIES = [
+    [((52.0, 20.0), "L1"), ((52.0, 41.0), "L2"), ((52.0, 62.0), "L3"), ((52.0, 83.0), "L4"), ((52.0, 104.0), "L5")],
+    [((36.0, 30.0), "T10"), ((44.0, 54.0), "T11"), ((52.0, 78.0), "T12")],  # a tilted spine
+    [],  # no vertebra found
+]
+CROP_LOGITS = [(-3.0, 0.0), (-1.0, 0.0), (3.5, 1.0), (-2.0, -1.0), (0.0, 0.0)]
+# centre logits down the spine: the detections come out strongest first, not head to feet
+CENTRE_LOGITS = [3.0, 5.0, 4.0, 6.0, 3.5]
+
+
+def _designed_logits(box, bodies, grid_hw):
+    spec = []
+    for k, ((cx, cy), level) in enumerate(bodies):
+        pts = box.to_input(_box(cx, cy, SIDE, SIDE))
+        gx, gy = (pts.mean(axis=0) + 0.5) / STRIDE - 0.5
+        spec.append(((int(round(gy)), int(round(gx))), CENTRE_LOGITS[k], pts, LEVELS.index(level)))
+    cells = [s[0] for s in spec]
+    assert all(max(abs(a[0] - b[0]), abs(a[1] - b[1])) >= 2 for k, a in enumerate(cells) for b in cells[k + 1:])
+    return _logits_with(spec, grid_hw)
+
+
+def _expected_vertebrae(bodies):
+    """(level, points in original pixels, crop logits, detection score) per body, head to feet."""
+    out = []
+    for k, ((cx, cy), level) in enumerate(bodies):
+        rough = _box(cx, cy, SIDE, SIDE)
+        template = _wedge_template() if k == 2 else SQUARE
+        out.append((level, _expected_read(rough, template), CROP_LOGITS[k], _sigmoid(CENTRE_LOGITS[k])))
+    return out
+
+
+def _rig(predictor, paths, bodies):
+    """Wrap the predictor's networks so that films ``paths`` show ``bodies``."""
+    from models.inference import InferenceDataset
+
+    data = InferenceDataset(paths, predictor.image_size)
+    grid = (IMAGE_SIZE[0] // STRIDE, IMAGE_SIZE[1] // STRIDE)
+    known = [(data[i]["image"], _designed_logits(data[i]["box"], b, grid)) for i, b in enumerate(bodies)]
+    predictor.net = _InjectVertebrae(predictor.net, known)
+    predictor.vertebra_net = _StubCropNet(templates={2: _wedge_template()}, logits=CROP_LOGITS)
+    return data
+
+
+VERTEBRA_KEYS = {"level", "level_confidence", "detection_score", "points", "heights", "heights_mm", "height_ratios",
+                 "height_loss", "genant_grade", "morphology", "p_fracture", "p_acute", "p_acute_given_fracture"}
+
+
+def _check_vertebrae(record, bodies, pixel_spacing=None):
+    verts = record["vertebrae"]
+    expected = _expected_vertebrae(bodies)
+    assert isinstance(verts, list) and len(verts) == len(expected)
+    for v, (level, points, (lf, la), score) in zip(verts, expected):
+        assert VERTEBRA_KEYS <= set(v)
+        assert v["level"] == level
+        assert np.asarray(v["points"]).shape == (6, 2)
+        # the injected points went through the letterbox and back, then through the crop window
+        np.testing.assert_allclose(v["points"], points, atol=2e-3)
+        assert v["detection_score"] == pytest.approx(score, abs=1e-6)
+        assert v["p_fracture"] == pytest.approx(_sigmoid(lf), abs=1e-6)
+        assert v["p_acute"] == pytest.approx(_sigmoid(lf) * _sigmoid(la), abs=1e-6)
+        assert set(v["heights"]) == {"anterior", "middle", "posterior"}
+        assert set(v["height_ratios"]) == {"anterior_posterior", "middle_posterior"}
+    if verts:
+        assert record["levels_trusted"] is True and record["level_confidence"] > TRUSTED_LEVEL_CONFIDENCE
+        assert all(v["level_confidence"] == record["level_confidence"] for v in verts)
+        assert [v["genant_grade"] for v in verts] == [2 if k == 2 else 0 for k in range(len(verts))]
+        assert [v["morphology"] for v in verts] == ["wedge" if k == 2 else "normal" for k in range(len(verts))]
+        assert verts[0]["heights"]["posterior"] == pytest.approx(SIDE, abs=2e-3)
+        assert verts[2]["height_ratios"]["anterior_posterior"] == pytest.approx(0.7, abs=1e-4)
+        if pixel_spacing is None:
+            assert all(v["heights_mm"] is None for v in verts)
+        else:
+            row, _ = pixel_spacing  # the bodies are upright: heights run down the rows
+            for v in verts:
+                for side in ("anterior", "middle", "posterior"):
+                    assert v["heights_mm"][side] == pytest.approx(v["heights"][side] * row, abs=1e-3)
+    else:
+        assert record["levels_trusted"] is False and record["level_confidence"] is None
+
+
+def _check_film_agrees(record):
+    verts = record["vertebrae"]
+    head = record["p_fracture_image_head"]
+    assert record["p_fracture"] == pytest.approx(max([head] + [v["p_fracture"] for v in verts]), abs=1e-6)
+    assert all(record["p_fracture"] >= v["p_fracture"] - 1e-9 for v in verts)
+    assert all(record["p_acute"] >= v["p_acute"] - 1e-9 for v in verts)
+    assert record["p_acute"] <= record["p_fracture"] + 1e-9
+
+
+def test_predictor_reports_the_injected_vertebrae_in_original_pixels(model, tmp_path):
+    from models.inference import VERTEBRA_COLUMNS, Predictor, run_inference
+
+    predictor = Predictor(model["plain"], device="cpu")
+    assert predictor.vertebra_net is not None and predictor.calibrator is None
+    data = _rig(predictor, model["films"], FILM_BODIES)
+    box = data[0]["box"]
+    assert box.scale != 1.0 and (box.pad_top or box.pad_left)  # the letterbox is not the identity
+
+    results = predictor.predict([data[i] for i in range(3)])
+    heads = predictor(torch.stack([data[i]["image"] for i in range(3)]))["p_fracture"]
+    for k, (res, bodies) in enumerate(zip(results, FILM_BODIES)):
+        assert res["probs"]["p_fracture_image_head"] == pytest.approx(float(heads[k]), abs=1e-6)
+        _check_vertebrae(res, bodies)
+    # film 0: its L3 (p = 0.97) outweighs the untrained head; film 2: no vertebra, the head's values
+    assert results[0]["probs"]["p_fracture_image_head"] < _sigmoid(3.5)
+    assert results[0]["probs"]["p_fracture"] == pytest.approx(_sigmoid(3.5), abs=1e-6)
+    assert results[2]["probs"]["p_fracture"] == pytest.approx(float(heads[2]), abs=1e-6)
+
+    out = tmp_path / "out"
+    summary = run_inference(predictor, model["films"], out, num_workers=0, progress=False)
+    assert summary.n_ok == 3 and summary.n_failed == 0
+    table = pd.read_csv(out / "predictions.csv")
+    records = {}
+    for path, bodies in zip(model["films"], FILM_BODIES):
+        row = table[table.image == path].iloc[0]
+        record = json.loads((out / f"{row['name']}.json").read_text())
+        records[row["name"]] = record
+        _check_vertebrae(record, bodies)
+        _check_film_agrees(record)
+        assert row.p_fracture == pytest.approx(record["p_fracture"])
+        assert "p_fracture_image_head" in record
+    name0 = table[table.image == model["films"][0]].name.iloc[0]
+    assert records[name0]["p_fracture"] > records[name0]["p_fracture_image_head"]  # the L3 drives the film
+
+    vt = pd.read_csv(out / "vertebrae.csv")
+    assert list(vt.columns) == VERTEBRA_COLUMNS
+    assert len(vt) == sum(len(r["vertebrae"]) for r in records.values()) == 8
+    for name, record in records.items():
+        rows = vt[vt.name == name]
+        assert len(rows) == len(record["vertebrae"])
+        assert (rows.image == record["image"]).all()
+        for (_, r), v in zip(rows.iterrows(), record["vertebrae"]):
+            assert r.level == v["level"] and r.genant_grade == v["genant_grade"] and r.morphology == v["morphology"]
+            assert r.levels_trusted == record["levels_trusted"]
+            assert r.p_fracture == pytest.approx(v["p_fracture"]) and r.p_acute == pytest.approx(v["p_acute"])
+            assert r.height_anterior == pytest.approx(v["heights"]["anterior"])
+            assert r.ratio_anterior_posterior == pytest.approx(v["height_ratios"]["anterior_posterior"])
+            assert pd.isna(r.height_anterior_mm)  # PNG films carry no pixel spacing
+            got = np.array([[r[f"p{k}x"], r[f"p{k}y"]] for k in range(1, 7)])
+            np.testing.assert_allclose(got, v["points"], atol=1e-6)
+    assert set(vt.level) == {"L1", "L2", "L3", "L4", "L5", "T10", "T11", "T12"}
+
+    # the overlay outlines the wedge (grade 2) in its colour
+    overlay = cv2.imread(str(out / f"{name0}_heatmap.png"))
+    assert np.all(overlay == GRADE_COLOURS[2], axis=-1).any()
+    assert np.all(overlay == GRADE_COLOURS[0], axis=-1).any()
+
+
+def test_calibrated_predictor_keeps_films_above_their_vertebrae(model, tmp_path):
+    from models.inference import Predictor, run_inference
+
+    cal = model["calibrator"]
+    predictor = Predictor(model["calibrated"], device="cpu")
+    assert predictor.calibrator is not None and predictor.operating_point == "balanced"
+    _rig(predictor, model["films"], FILM_BODIES)
+    out = tmp_path / "out"
+    run_inference(predictor, model["films"], out, num_workers=0, progress=False)
+    table = pd.read_csv(out / "predictions.csv", dtype={"decision": str})
+    assert (table.status == "ok").all()
+    for path, bodies in zip(model["films"], FILM_BODIES):
+        row = table[table.image == path].iloc[0]
+        record = json.loads((out / f"{row['name']}.json").read_text())
+        _check_film_agrees(record)
+        raw_vertebrae = []
+        for v, (_, _, (lf, la), _) in zip(record["vertebrae"], _expected_vertebrae(bodies)):
+            p_raw = _sigmoid(lf)
+            raw_vertebrae.append(p_raw)
+            assert v["p_fracture_uncalibrated"] == pytest.approx(p_raw, abs=1e-6)
+            assert v["p_fracture"] == pytest.approx(float(cal.apply(p_raw)), abs=1e-6)
+            agf = float(cal.apply(_sigmoid(la), "p_acute_given_fracture"))
+            assert v["p_acute"] == pytest.approx(v["p_fracture"] * agf, abs=1e-6)
+        # the head is calibrated like the vertebrae; the uncalibrated film value combines raw values
+        head_cal = record["p_fracture_image_head"]
+        head_raw = float(1.0 / (1.0 + np.exp(-np.log(head_cal / (1 - head_cal)) * 2.5)))  # undo T = 2.5
+        assert record["p_fracture_uncalibrated"] == pytest.approx(max([head_raw] + raw_vertebrae), abs=1e-5)
+        assert record["p_fracture"] == pytest.approx(float(cal.apply(record["p_fracture_uncalibrated"])), abs=1e-5)
+        assert record["decision"]["fracture"] == (record["p_fracture"] >= 0.6)
+        assert row.decision == ("1" if record["decision"]["fracture"] else "0")
+    vt = pd.read_csv(out / "vertebrae.csv")
+    assert len(vt) == 8 and (vt.p_fracture <= 1).all()
+
+
+# --------------------------------------------------------------------------- DICOM SR
+def _film_as_dicom(png, out, spacing):
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    pixels = cv2.imread(str(png), cv2.IMREAD_UNCHANGED)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(out), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID = "Doe^Jane", "MRN-1"
+    ds.Modality, ds.Rows, ds.Columns = "DX", *pixels.shape
+    ds.PatientOrientation = ["A", "F"]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelSpacing = ds.ImagerPixelSpacing = list(spacing)
+    ds.PixelData = pixels.astype("<u2").tobytes()
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+def _walk(items):
+    for item in items:
+        yield item
+        yield from _walk(item.get("ContentSequence", []))
+
+
+def test_dicom_sr_has_a_measurement_group_per_vertebra(model, tmp_path):
+    import pydicom
+
+    from models.inference import Predictor, run_inference
+
+    spacing = (0.5, 0.25)  # (row, col) mm, anisotropic
+    dcm = _film_as_dicom(model["films"][0], tmp_path / "film.dcm", spacing)
+    predictor = Predictor(model["plain"], device="cpu")
+    _rig(predictor, [str(dcm)], FILM_BODIES[:1])
+    out = tmp_path / "out"
+    run_inference(predictor, [str(dcm)], out, num_workers=0, progress=False, dicom_sr=True)
+    record = json.loads((out / "film.json").read_text())
+    assert record["pixel_spacing_mm"] == list(spacing)
+    _check_vertebrae(record, FILM_BODIES[0], pixel_spacing=spacing)
+    assert record["dicom_outputs"]["structured_report"] == "film_sr.dcm"
+    vt = pd.read_csv(out / "vertebrae.csv")
+    assert vt.height_posterior_mm.tolist() == pytest.approx([v["heights_mm"]["posterior"] for v in record["vertebrae"]])
+
+    sr = pydicom.dcmread(out / "film_sr.dcm")
+    groups = [it for it in _walk(sr.ContentSequence) if it.ValueType == "CONTAINER"
+              and it.ConceptNameCodeSequence[0].CodeValue == "125007"]  # Measurement Group
+    ids = []
+    by_level = {}
+    for g in groups:
+        tracking = [it.TextValue for it in g.ContentSequence
+                    if it.ValueType == "TEXT" and it.ConceptNameCodeSequence[0].CodeValue == "112039"]
+        assert len(tracking) == 1
+        ids.append(tracking[0])
+        by_level[tracking[0]] = {
+            it.ConceptNameCodeSequence[0].CodeValue: (float(it.MeasuredValueSequence[0].NumericValue),
+                                                      it.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue)
+            for it in _walk(g.ContentSequence) if it.ValueType == "NUM"}
+    assert ids == ["image", "L1", "L2", "L3", "L4", "L5"]
+    assert by_level["image"]["VCF002"][0] == pytest.approx(record["p_fracture"], abs=1e-6)
+    for v in record["vertebrae"]:
+        nums = by_level[v["level"]]
+        assert nums["VCF002"][0] == pytest.approx(v["p_fracture"], abs=1e-6)
+        for code, side in (("VCF020", "anterior"), ("VCF021", "middle"), ("VCF022", "posterior")):
+            value, unit = nums[code]
+            assert unit == "mm" and value == pytest.approx(v["heights_mm"][side], abs=1e-4)
+    assert by_level["L3"]["VCF020"][0] == pytest.approx(0.7 * by_level["L3"]["VCF022"][0], abs=1e-3)
+    grades = {(it.ConceptNameCodeSequence[0].CodeValue, it.ConceptCodeSequence[0].CodeValue)
+              for it in _walk(sr.ContentSequence) if it.ValueType == "CODE"}
+    assert ("VCF004", "VCF012") in grades  # the L3 wedge: Genant grade 2
