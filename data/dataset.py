@@ -32,13 +32,17 @@ GRID_STRIDE = 8  # the network's heatmap stride (models.network.HEATMAP_STRIDE)
 
 class RadiographDataset(Dataset):
     def __init__(self, manifest: Manifest, indices: np.ndarray | None = None,
-                 image_size: tuple[int, int] = (384, 320), augment: bool = False, max_crops: int | None = None):
+                 image_size: tuple[int, int] = (384, 320), augment: bool = False, max_crops: int | None = None,
+                 crop_jitter: float = 2.0):
         self.manifest = manifest
         self.images = manifest.images if indices is None else manifest.images.iloc[indices].reset_index(drop=True)
         self.image_size = tuple(image_size)
         self.augment = train_augmentation(flip=False) if augment else None
         # training sees a random few vertebrae per film; evaluation sees (nearly) all of them
         self.max_crops = int(max_crops if max_crops is not None else (6 if augment else 20))
+        # crops at inference are centred on the film network's points, which miss by up to ~10 %
+        # of a body on collapsed vertebrae: training windows wander as far (1.0 = 6 % / 10 %)
+        self.crop_jitter = float(crop_jitter)
         self.fracture, self.acute = label_arrays(self.images)
         self._vertebrae = {}
         if manifest.vertebrae is not None:
@@ -106,8 +110,10 @@ class RadiographDataset(Dataset):
             for slot, k in enumerate(order[:m]):
                 centre, side, angle = centres[k], CROP_CONTEXT * extents[k], 0.0
                 if self.augment is not None:  # the stage-1 points it will be cropped around are not exact
-                    centre = centre + self.rng.normal(0, 0.06 * extents[k], 2)
-                    side *= float(np.exp(self.rng.normal(0, 0.1)))
+                    # bounded so that the body's six points stay inside the window
+                    shift = np.clip(self.rng.normal(0, 0.06 * self.crop_jitter, 2), -0.15, 0.15)
+                    centre = centre + shift * extents[k]
+                    side *= float(np.clip(np.exp(self.rng.normal(0, 0.1 * self.crop_jitter)), 0.85, 1.35))
                     angle = float(self.rng.uniform(-8, 8))
                 matrix = crop_matrix(centre, side, angle)
                 crop = extract_crop(full, matrix)
@@ -196,7 +202,7 @@ class SpineDataModule(L.LightningDataModule):
     def __init__(self, manifest: str, vertebrae: str | None = "auto", val_manifest: str | None = None,
                  test_manifest: str | None = None, image_size: tuple[int, int] = (384, 320),
                  batch_size: int = 16, num_workers: int = 2, val_fraction: float = 0.15,
-                 split_seed: int = 0, augment: bool = True):
+                 split_seed: int = 0, augment: bool = True, crop_jitter: float = 2.0):
         super().__init__()
         self.save_hyperparameters()
         self.train_set = self.val_set = self.test_set = None
@@ -208,7 +214,8 @@ class SpineDataModule(L.LightningDataModule):
         splits = assign_splits(main.images, val_fraction=0.0 if hp.val_manifest else hp.val_fraction,
                                seed=hp.split_seed)
         size = tuple(hp.image_size)
-        self.train_set = RadiographDataset(main, np.flatnonzero(splits == "train"), size, augment=hp.augment)
+        self.train_set = RadiographDataset(main, np.flatnonzero(splits == "train"), size, augment=hp.augment,
+                                           crop_jitter=hp.crop_jitter)
         if hp.val_manifest:
             self.val_set = RadiographDataset(load_manifest(hp.val_manifest), None, size)
         else:

@@ -33,6 +33,7 @@ MAX_VERTEBRAE = 30
 TRUSTED_LEVEL_CONFIDENCE = 0.8
 GAP_FACTOR = 1.6  # a centre-to-centre step this many times the typical step means a missed body
 MIN_CROP_SIDE = 16.0  # original pixels
+CROP_PASSES = 2  # crops read per vertebra, each centred on the previous pass's points
 OVERHANG = 2  # placements may run this many levels past T1 or L5 (a detected C6-C7 or S1-S2)
 
 
@@ -250,7 +251,7 @@ def analyse_film(vertebra_logits: torch.Tensor, box, stride: int, vertebra_net: 
     rough = rough[order]
     scores = np.array([found[k]["score"] for k in order])
     logp = np.stack([found[k]["level_logp"] for k in order])
-    read = read_crops(vertebra_net, image, rough, device)
+    read = read_crops(vertebra_net, image, rough, device, passes=CROP_PASSES)
     # a body squashed to under a pixel is a spurious peak, not a vertebra that can be measured
     heights = np.linalg.norm(read["points"][:, 3:] - read["points"][:, :3], axis=-1)
     keep = (heights.min(axis=1) >= 1.0) & np.isfinite(read["points"]).all(axis=(1, 2))
