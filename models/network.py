@@ -40,6 +40,15 @@ def logsumexp_pool(x: torch.Tensor, r: float = 4.0) -> torch.Tensor:
     return (torch.logsumexp(r * flat, dim=-1) - torch.log(n)) / r
 
 
+def top_down(laterals: nn.ModuleList, feats: list[torch.Tensor]) -> torch.Tensor:
+    """A feature pyramid's top-down pass: each level's 1 x 1 lateral plus the upsampled level
+    above; returns the finest level."""
+    top = laterals[-1](feats[-1])
+    for lateral, f in zip(reversed(laterals[:-1]), reversed(feats[:-1])):
+        top = lateral(f) + F.interpolate(top, size=f.shape[-2:], mode="nearest")
+    return top
+
+
 def create_encoder(backbone: str, pretrained: str | None, in_chans: int = 1) -> nn.Module:
     """A timm feature extractor at strides 8, 16 and 32.
 
@@ -88,10 +97,7 @@ class FractureNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.encoder((x - self.input_mean) / self.input_std)
-        top = self.lateral[-1](feats[-1])
-        for lateral, f in zip(reversed(self.lateral[:-1]), reversed(feats[:-1])):
-            top = lateral(f) + F.interpolate(top, size=f.shape[-2:], mode="nearest")
-        fused = self.smooth(top)
+        fused = self.smooth(top_down(self.lateral, feats))
         heatmap_logits = self.heatmap_head(fused)
         c5 = feats[-1]
         pooled = torch.cat([c5.mean(dim=(2, 3)), c5.amax(dim=(2, 3))], dim=1)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from data.vertebra_targets import CROP_SIZE
+from models.network import top_down
 
 
 class VertebraNet(nn.Module):
@@ -37,10 +37,7 @@ class VertebraNet(nn.Module):
 
     def forward(self, crops: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.encoder((crops - self.input_mean) / self.input_std)
-        top = self.lateral[-1](feats[-1])
-        for lateral, f in zip(reversed(self.lateral[:-1]), reversed(feats[:-1])):
-            top = lateral(f) + F.interpolate(top, size=f.shape[-2:], mode="nearest")
-        maps = self.point_head(top)  # (N, 6, h, w)
+        maps = self.point_head(top_down(self.lateral, feats))  # (N, 6, h, w)
         n, k, h, w = maps.shape
         prob = torch.softmax(maps.float().reshape(n, k, h * w), dim=-1).reshape(n, k, h, w)
         xs = (torch.arange(w, device=maps.device, dtype=prob.dtype) + 0.5) * self.stride - 0.5

@@ -11,7 +11,7 @@ pytest.importorskip("onnxruntime")
 from models.checkpoint import CheckpointError, file_sha256  # noqa: E402
 from models.export import OUTPUT_NAMES, OnnxPredictor, main, read_onnx_metadata  # noqa: E402
 from models.inference import Predictor  # noqa: E402
-from models.system import FractureSystem  # noqa: E402
+from training_config import save_untrained_checkpoint  # noqa: E402
 
 IMAGE_SIZE = (96, 64)
 
@@ -20,12 +20,7 @@ IMAGE_SIZE = (96, 64)
 def exported(tmp_path_factory):
     """A tiny checkpoint and its ONNX export (exported once for the module: it takes seconds)."""
     tmp = tmp_path_factory.mktemp("export")
-    torch.manual_seed(0)
-    system = FractureSystem(fpn_dim=16, image_size=IMAGE_SIZE)
-    ckpt = {"state_dict": system.state_dict()}
-    system.on_save_checkpoint(ckpt)
-    ckpt_path = tmp / "model.ckpt"
-    torch.save(ckpt, ckpt_path)
+    _, ckpt_path = save_untrained_checkpoint(tmp / "model.ckpt", image_size=IMAGE_SIZE)
     onnx_path = tmp / "out" / "model.onnx"
     assert main(["--checkpoint", str(ckpt_path), "--onnx", str(onnx_path)]) == 0
     return ckpt_path, onnx_path

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from data.phantom import generate_dataset
-from training_config import compose_config
+from training_config import compose_config, phantom_as_dicom
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,37 +130,13 @@ def test_finetune_from_checkpoint_with_frozen_backbone(trained, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in heads), "heads should train"
 
 
-def _phantom_as_dicom(png: Path, out: Path) -> Path:
-    """A phantom film as a MONOCHROME2 DICOM with made-up identifiers."""
-    import cv2
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    pixels = cv2.imread(str(png), cv2.IMREAD_UNCHANGED)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(out), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate = "Doe^Jane", "MRN-991122", "19400101"
-    ds.Modality, ds.Rows, ds.Columns = "DX", *pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelSpacing = [0.5, 0.5]
-    ds.PixelData = pixels.astype("<u2").tobytes()
-    ds.save_as(out, enforce_file_format=True)
-    return out
-
-
 def test_resume_errors_and_identifiers(trained, tmp_path):
     import infer
 
     images = sorted((trained / "test" / "images").glob("*.png"))
     folder = tmp_path / "scans"
     folder.mkdir()
-    dcm = _phantom_as_dicom(images[0], folder / "study1")  # no suffix: found by content
+    dcm = phantom_as_dicom(images[0], folder / "study1")  # no suffix: found by content
     (folder / "empty.dcm").write_bytes(b"")
     out = tmp_path / "out"
     args = ["--checkpoint", str(trained / "best.ckpt"), "--out", str(out), "--num-workers", "0", "--quiet"]
@@ -195,7 +171,7 @@ def test_dicom_outputs_and_onnx_backend(trained, tmp_path):
     from models.export import main as export_main
 
     images = sorted((trained / "test" / "images").glob("*.png"))
-    dcm = _phantom_as_dicom(images[1], tmp_path / "film.dcm")
+    dcm = phantom_as_dicom(images[1], tmp_path / "film.dcm")
     out = tmp_path / "out"
     args = ["--out", str(out), "--num-workers", "0", "--quiet", str(dcm)]
     assert infer.main(["--checkpoint", str(trained / "best.ckpt"), "--dicom-sc", "--dicom-sr"] + args) == 0

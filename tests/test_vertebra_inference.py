@@ -23,6 +23,7 @@ from data.vertebra_targets import CROP_CONTEXT, CROP_SIZE, OFFSET_SCALE, VERTEBR
 from models.vertebrae import (OVERHANG, TRUSTED_LEVEL_CONFIDENCE, assign_levels, decode_detections, describe_vertebrae,
                               image_probabilities, read_crops, spine_order)
 from models.visualize import GRADE_COLOURS, draw_vertebrae
+from training_config import phantom_as_dicom, save_untrained_checkpoint
 
 STRIDE = 8
 IMAGE_SIZE = (128, 96)  # network input; phantom films are 128 x 104, so the letterbox scales and pads
@@ -418,16 +419,11 @@ def model(tmp_path_factory):
     """An untrained FractureSystem saved as an uncalibrated and a calibrated checkpoint, and
     three phantom films (128 x 104 px)."""
     from models.calibration import CALIBRATION_KEY, Calibrator
-    from models.system import FractureSystem
 
     tmp = tmp_path_factory.mktemp("vinf")
     generate_dataset(tmp / "data", n=3, seed=5, size=128, workers=1, progress=False)
-    torch.manual_seed(0)
-    system = FractureSystem(fpn_dim=16, image_size=IMAGE_SIZE)
-    ckpt = {"state_dict": system.state_dict()}
-    system.on_save_checkpoint(ckpt)
-    plain = tmp / "model.ckpt"
-    torch.save(ckpt, plain)
+    _, plain = save_untrained_checkpoint(tmp / "model.ckpt", image_size=IMAGE_SIZE)
+    ckpt = torch.load(plain, weights_only=True)
     calibrator = Calibrator("temperature", temperature={"p_fracture": 2.5, "p_acute_given_fracture": 0.7},
                             points={"balanced": {"threshold": 0.6, "sensitivity": 0.9, "specificity": 0.8}},
                             default="balanced")
@@ -645,29 +641,6 @@ def test_calibrated_predictor_keeps_films_above_their_vertebrae(model, tmp_path)
 
 
 # --------------------------------------------------------------------------- DICOM SR
-def _film_as_dicom(png, out, spacing):
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    pixels = cv2.imread(str(png), cv2.IMREAD_UNCHANGED)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(out), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientName, ds.PatientID = "Doe^Jane", "MRN-1"
-    ds.Modality, ds.Rows, ds.Columns = "DX", *pixels.shape
-    ds.PatientOrientation = ["A", "F"]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelSpacing = ds.ImagerPixelSpacing = list(spacing)
-    ds.PixelData = pixels.astype("<u2").tobytes()
-    ds.save_as(out, enforce_file_format=True)
-    return out
-
-
 def _walk(items):
     for item in items:
         yield item
@@ -680,7 +653,7 @@ def test_dicom_sr_has_a_measurement_group_per_vertebra(model, tmp_path):
     from models.inference import Predictor, run_inference
 
     spacing = (0.5, 0.25)  # (row, col) mm, anisotropic
-    dcm = _film_as_dicom(model["films"][0], tmp_path / "film.dcm", spacing)
+    dcm = phantom_as_dicom(model["films"][0], tmp_path / "film.dcm", spacing, orientation=("A", "F"))
     predictor = Predictor(model["plain"], device="cpu")
     _rig(predictor, [str(dcm)], FILM_BODIES[:1])
     out = tmp_path / "out"
