@@ -1027,7 +1027,13 @@ def render_html(result: dict, images: dict[str, Path] | None = None) -> str:
     # grade confusion
     parts.append("<h2>Genant grade confusion (per vertebra)</h2>")
     gc = result.get("grade_confusion") or {}
-    if gc.get("available"):
+    if (result.get("vertebrae") or {}).get("available"):
+        # matching by level would fold level errors into the grade table: the position-matched one is shown
+        parts.append("<p>See <em>Per-vertebra localisation and grading</em> below: vertebrae there are matched "
+                     "by position, so a wrong level name does not count as a grading error. "
+                     "(<code>metrics.json</code> keeps the table matched by image and level under "
+                     "<code>grade_confusion</code>.)</p>")
+    elif gc.get("available"):
         mat = gc["matrix"]
         parts.append(_table(["true \\ predicted", "0", "1", "2", "3"], [[g] + mat[g] for g in range(4)]))
         parts.append(f"<p>{gc['n_matched']} vertebrae matched by image and level; accuracy {_f(gc.get('accuracy'))}, "
