@@ -660,15 +660,22 @@ def plot_roc_pr(df: pd.DataFrame, result: dict | None = None, fig=None):
     return fig
 
 
+def _panel_row(fig, n: int, width: float, height: float, empty_text: str):
+    """A row of ``n`` panels (one blank panel saying ``empty_text`` when ``n`` is 0)."""
+    fig = fig or _figure(width * max(1, n), height)
+    axes = np.atleast_1d(fig.subplots(1, max(1, n)))
+    if n == 0:
+        axes[0].text(0.5, 0.5, empty_text, ha="center", va="center")
+        axes[0].axis("off")
+    return fig, axes
+
+
 def plot_reliability(calibration: dict, fig=None):
     """Reliability diagrams (observed frequency against mean predicted probability per bin,
     marker area ~ bin count) of each entry of ``result["calibration"]``. Returns the Figure."""
     names = [k for k, v in calibration.items() if v and v.get("n")]
-    fig = fig or _figure(4.2 * max(1, len(names)), 4.2)
-    axes = np.atleast_1d(fig.subplots(1, max(1, len(names))))
+    fig, axes = _panel_row(fig, len(names), 4.2, 4.2, "no labelled images")
     if not names:
-        axes[0].text(0.5, 0.5, "no labelled images", ha="center", va="center")
-        axes[0].axis("off")
         return fig
     for ax, name in zip(axes, names):
         c = calibration[name]
@@ -696,11 +703,8 @@ def plot_confusions(result: dict, fig=None):
     st = result.get("stored_operating_point") or {}
     if st.get("available"):
         ops["stored"] = st
-    fig = fig or _figure(3.2 * max(1, len(ops)), 3.4)
-    axes = np.atleast_1d(fig.subplots(1, max(1, len(ops))))
+    fig, axes = _panel_row(fig, len(ops), 3.2, 3.4, "no operating points\n(needs both classes)")
     if not ops:
-        axes[0].text(0.5, 0.5, "no operating points\n(needs both classes)", ha="center", va="center")
-        axes[0].axis("off")
         return fig
     for ax, (name, op) in zip(axes, ops.items()):
         c = op["confusion"]

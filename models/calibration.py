@@ -381,18 +381,11 @@ def _film_probabilities(results: list[dict], combiner: dict | None = None) -> tu
     """Uncalibrated film probabilities exactly as inference combines them (film head and
     vertebrae, models.vertebrae.image_probabilities; the morphometry combiner applied to each
     vertebra when given), as float64 (a float32 threshold could flip a decision), and logits."""
-    from models.vertebrae import combine_with_morphometry, image_probabilities
+    from models.vertebrae import image_probabilities, with_morphometry
 
     probs = {h: [] for h in HEADS}
     for r in results:
-        vertebrae = []
-        for v in r.get("vertebrae") or []:
-            v = dict(v)
-            if combiner:
-                v["p_fracture"] = combine_with_morphometry(v["p_fracture"], v["height_loss"], combiner)
-                v["p_acute"] = v["p_fracture"] * v["p_acute_given_fracture"]
-            vertebrae.append(v)
-        film = image_probabilities(r["head"], vertebrae)
+        film = image_probabilities(r["head"], with_morphometry(r.get("vertebrae") or [], combiner))
         for h in HEADS:
             probs[h].append(float(film[h]))
     probs = {h: np.asarray(v, dtype=np.float64) for h, v in probs.items()}

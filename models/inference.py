@@ -30,7 +30,7 @@ from data.transforms import letterbox, normalize_intensity
 from models.calibration import CALIBRATION_KEY, predictor_calibration
 from models.checkpoint import build_network, build_vertebra_network, file_sha256, load_checkpoint
 from models.network import HEATMAP_STRIDE, FractureNet
-from models.vertebrae import analyse_film, combine_with_morphometry, image_probabilities
+from models.vertebrae import analyse_film, image_probabilities, with_morphometry
 from models.visualize import draw_vertebrae, overlay_heatmap
 
 PREDICTION_COLUMNS = ["image", "name", "p_fracture", "p_acute", "p_acute_given_fracture",
@@ -199,11 +199,7 @@ class Predictor:
                 except Exception as exc:  # one film's vertebra analysis must not end the batch
                     film["vertebra_error"] = f"{type(exc).__name__}: {exc}"
             combiner = self.calibrator.vertebra_combiner if self.calibrator is not None else None
-            if combiner:
-                for v in film["vertebrae"]:
-                    v["p_fracture_crop"] = v["p_fracture"]
-                    v["p_fracture"] = combine_with_morphometry(v["p_fracture"], v["height_loss"], combiner)
-                    v["p_acute"] = v["p_fracture"] * v["p_acute_given_fracture"]
+            film["vertebrae"] = with_morphometry(film["vertebrae"], combiner)
             combined_raw = image_probabilities(head, film["vertebrae"])
             head_raw = dict(head)
             probs = combined_raw

@@ -222,6 +222,21 @@ def combine_with_morphometry(p_crop: float, height_loss: float, combiner: dict) 
     return float(1.0 / (1.0 + np.exp(-z)))
 
 
+def with_morphometry(vertebrae: list[dict], combiner: dict | None) -> list[dict]:
+    """Copies of ``vertebrae`` whose ``p_fracture`` (and ``p_acute``) come from
+    :func:`combine_with_morphometry`, keeping the crop network's as ``p_fracture_crop``;
+    unchanged copies when there is no combiner."""
+    out = []
+    for v in vertebrae:
+        v = dict(v)
+        if combiner:
+            v["p_fracture_crop"] = v["p_fracture"]
+            v["p_fracture"] = combine_with_morphometry(v["p_fracture"], v["height_loss"], combiner)
+            v["p_acute"] = v["p_fracture"] * v["p_acute_given_fracture"]
+        out.append(v)
+    return out
+
+
 def image_probabilities(p_image: dict, vertebrae: list[dict]) -> dict:
     """The film's probabilities, agreeing with its vertebrae.
 
