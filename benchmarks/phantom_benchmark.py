@@ -72,34 +72,46 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--run-name", default="run", help="sub-folder of --out for this run (runs share the data)")
     p.add_argument("--section", default=SECTION, help="RESULTS.md heading to write or replace")
     p.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    p.add_argument("--skip-train", action="store_true",
+                   help="re-test the run's best.ckpt; the training time comes from its earlier result JSON")
     args = p.parse_args(argv)
     out = (ROOT / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/phantom_benchmark.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
 
-    train_manifest = ensure_data(out / "data" / "train", args.n_train, args.train_seed, args.size)
     test_manifest = ensure_data(out / "data" / "test", args.n_test, args.test_seed, args.size)
-
-    cfg = yaml.safe_load((ROOT / args.config).read_text())
     run = out / args.run_name
-    cfg["trainer"]["max_epochs"] = args.epochs
-    cfg["trainer"]["default_root_dir"] = str(run)
-    cfg["trainer"]["enable_progress_bar"] = False
-    cfg["trainer"]["logger"][0]["init_args"]["save_dir"] = str(run)
-    for cb in cfg["trainer"]["callbacks"]:
-        if cb["class_path"].endswith("ModelCheckpoint"):
-            cb["init_args"]["dirpath"] = str(run)
-    cfg["data"]["manifest"] = str(train_manifest)
-    cfg_path = out / f"config_{args.run_name}.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-
     py = sys.executable
-    t0 = time.time()
-    subprocess.run([py, "train.py", "fit", "--config", str(cfg_path), *shlex.split(args.extra)], cwd=ROOT, check=True)
-    fit_seconds = time.time() - t0
-    n_train_seen = len(open(train_manifest).readlines()) - 1
-    n_train_split = round(n_train_seen * (1 - cfg["data"].get("val_fraction", 0.15)))
-    train_ips = n_train_split * args.epochs / fit_seconds  # includes validation and loading
+    earlier = out / f"result_{args.run_name}.json"
+    if args.skip_train:
+        # the training record (data, epochs, time) is the earlier run's; nothing is regenerated
+        if not (run / "best.ckpt").is_file() or not earlier.is_file():
+            raise SystemExit(f"--skip-train needs {run / 'best.ckpt'} and {earlier} from an earlier run")
+        previous = json.loads(earlier.read_text())
+        train_record = previous["train"]
+        command = previous["command"] + "  (re-tested: " + command + ")"
+    else:
+        train_manifest = ensure_data(out / "data" / "train", args.n_train, args.train_seed, args.size)
+        cfg = yaml.safe_load((ROOT / args.config).read_text())
+        cfg["trainer"]["max_epochs"] = args.epochs
+        cfg["trainer"]["default_root_dir"] = str(run)
+        cfg["trainer"]["enable_progress_bar"] = False
+        cfg["trainer"]["logger"][0]["init_args"]["save_dir"] = str(run)
+        for cb in cfg["trainer"]["callbacks"]:
+            if cb["class_path"].endswith("ModelCheckpoint"):
+                cb["init_args"]["dirpath"] = str(run)
+        cfg["data"]["manifest"] = str(train_manifest)
+        cfg_path = out / f"config_{args.run_name}.yaml"
+        cfg_path.write_text(yaml.safe_dump(cfg))
+        t0 = time.time()
+        subprocess.run([py, "train.py", "fit", "--config", str(cfg_path), *shlex.split(args.extra)], cwd=ROOT,
+                       check=True)
+        fit_seconds = time.time() - t0
+        n_train_seen = len(open(train_manifest).readlines()) - 1
+        n_train_split = round(n_train_seen * (1 - cfg["data"].get("val_fraction", 0.15)))
+        train_ips = n_train_split * args.epochs / fit_seconds  # includes validation and loading
+        train_record = {"n_images": args.n_train, "seed": args.train_seed, "epochs": args.epochs,
+                        "fit_seconds": round(fit_seconds, 1), "train_images_per_second": round(train_ips, 2)}
 
     infer_dir = out / f"infer_{args.run_name}"
     t0 = time.time()
@@ -113,8 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": command,
         "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "machine": machine(),
-        "train": {"n_images": args.n_train, "seed": args.train_seed, "epochs": args.epochs,
-                  "fit_seconds": round(fit_seconds, 1), "train_images_per_second": round(train_ips, 2)},
+        "train": train_record,
         "test": {"n_images": n_test, "seed": args.test_seed},
         "inference_seconds_per_image": round(infer_seconds / n_test, 4),
         "metrics": summary,
@@ -158,6 +169,12 @@ def write_results(r: dict, section: str = SECTION) -> None:
                          f"| {_f(d.get('auroc'))} | |")
     lines += [
         f"| heatmap pointing game ({pg.get('hits')}/{pg.get('n')}) | {_f(pg.get('score'))} | >= 0.80 |",
+    ]
+    head = m.get("pointing_game_head")
+    if head:
+        lines.append(f"| pointing game of the dense head alone ({head.get('hits')}/{head.get('n')}) "
+                     f"| {_f(head.get('score'))} | |")
+    lines += [
         f"| training images / s (incl. validation and loading) | {r['train']['train_images_per_second']:.2f} | |",
         f"| inference s / image (incl. reading and writing outputs) | {r['inference_seconds_per_image']:.3f} | |",
         "",

@@ -323,11 +323,11 @@ def read_inference_jsons(infer_dir: str | os.PathLike | None) -> list[dict]:
     return records
 
 
-def _read_prediction_jsons(predictions_json_dir: str | os.PathLike) -> list[dict]:
-    """Records with a finite ``heatmap_peak``, for the pointing game."""
+def _read_prediction_jsons(predictions_json_dir: str | os.PathLike, peak_key: str = "heatmap_peak") -> list[dict]:
+    """Records with a finite peak (JSON key ``peak_key``), for the pointing game."""
     records = []
     for rec in read_inference_jsons(predictions_json_dir):
-        peak = rec.get("heatmap_peak")
+        peak = rec.get(peak_key)
         if not isinstance(peak, (list, tuple)) or len(peak) != 2:
             continue
         try:
@@ -341,7 +341,8 @@ def _read_prediction_jsons(predictions_json_dir: str | os.PathLike) -> list[dict
     return records
 
 
-def pointing_game_table(predictions_json_dir: str | os.PathLike, vertebrae_df: pd.DataFrame) -> pd.DataFrame:
+def pointing_game_table(predictions_json_dir: str | os.PathLike, vertebrae_df: pd.DataFrame,
+                        peak_key: str = "heatmap_peak") -> pd.DataFrame:
     """One row per fractured image (any vertebra with ``genant_grade > 0``) that has an ok
     per-image JSON in ``predictions_json_dir``: ``image``, ``name``, ``peak_x``, ``peak_y``,
     ``hit`` (peak inside the box of any fractured vertebra, edges included), ``levels``
@@ -352,7 +353,7 @@ def pointing_game_table(predictions_json_dir: str | os.PathLike, vertebrae_df: p
         boxes.setdefault(_path_key(row.image), []).append(
             (getattr(row, "level", ""), row.x_min, row.y_min, row.x_max, row.y_max))
     rows, seen = [], set()
-    for rec in _read_prediction_jsons(predictions_json_dir):
+    for rec in _read_prediction_jsons(predictions_json_dir, peak_key):
         key = _path_key(rec["image"])
         if key not in boxes or key in seen:
             continue
@@ -369,11 +370,14 @@ def pointing_game_table(predictions_json_dir: str | os.PathLike, vertebrae_df: p
     return pd.DataFrame(rows, columns=cols)
 
 
-def pointing_game(predictions_json_dir: str | os.PathLike, vertebrae_df: pd.DataFrame) -> dict:
+def pointing_game(predictions_json_dir: str | os.PathLike, vertebrae_df: pd.DataFrame,
+                  peak_key: str = "heatmap_peak") -> dict:
     """Pointing game: share of fractured images whose heatmap peak lies in a fractured
     vertebra's box. Returns ``{"hits", "n", "score"}`` (score NaN when n is 0).
-    See :func:`pointing_game_table` for the per-image rows."""
-    table = pointing_game_table(predictions_json_dir, vertebrae_df)
+    ``peak_key``: ``heatmap_peak`` (the written fracture map's, dense head and vertebrae) or
+    ``heatmap_peak_head`` (the dense head's alone). See :func:`pointing_game_table` for the
+    per-image rows."""
+    table = pointing_game_table(predictions_json_dir, vertebrae_df, peak_key)
     n = int(len(table))
     hits = int(table["hit"].sum()) if n else 0
     return {"hits": hits, "n": n, "score": hits / n if n else float("nan")}
@@ -407,7 +411,8 @@ def summarise(predictions_csv: str | os.PathLike, manifest_csv: str | os.PathLik
     for an unknown label, ``n_acute``, ``n_chronic``, ``n_acute_unknown`` = fractured images
     left out of the acute AUROC for an unknown label); ``auroc_fracture``; ``auroc_acute``;
     ``auroc_acute_given_fracture`` (when that column exists); ``by_grade`` and
-    ``pointing_game`` (``None`` without ``vertebrae_csv``, resp. ``infer_dir``).
+    ``pointing_game`` (``None`` without ``vertebrae_csv``, resp. ``infer_dir``), and
+    ``pointing_game_head`` (the dense head's peak alone) when the JSONs carry it.
     """
     df = join_predictions(predictions_csv, manifest_csv)
     counts = dict(df.attrs)
@@ -437,6 +442,9 @@ def summarise(predictions_csv: str | os.PathLike, manifest_csv: str | os.PathLik
         out["by_grade"] = auroc_by_grade(df, image_max_grade(vert))
         if infer_dir is not None:
             out["pointing_game"] = pointing_game(infer_dir, vert)
+            head = pointing_game(infer_dir, vert, peak_key="heatmap_peak_head")
+            if head["n"]:
+                out["pointing_game_head"] = head
     return _clean(out)
 
 

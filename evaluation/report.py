@@ -495,7 +495,8 @@ def evaluate(predictions_csv, manifest_csv, vertebrae_csv=None, infer_dir=None, 
     ``by_grade``, ``by_level``, ``operating_points``, ``stored_operating_point``,
     ``grade_confusion``, ``calibration`` (``p_fracture``, ``p_acute``, ``p_acute_given_fracture``
     and, when the JSONs carry it, ``p_fracture_uncalibrated``), ``inference_calibration`` (the
-    JSONs' ``calibration`` record, or ``None``), ``pointing_game``, ``gallery``, ``notes``; and
+    JSONs' ``calibration`` record, or ``None``), ``pointing_game`` (and ``pointing_game_head``,
+    the dense head's own peak, when the JSONs carry it), ``gallery``, ``notes``; and
     ``vertebrae`` (:func:`vertebrae_section`) only when ``infer_dir`` holds a ``vertebrae.csv``
     and ``vertebrae_csv`` is given.
     """
@@ -590,6 +591,8 @@ def evaluate(predictions_csv, manifest_csv, vertebrae_csv=None, infer_dir=None, 
     out["inference_calibration"] = (applied[0] if len(applied) == 1 else applied) or None
 
     out["pointing_game"] = base["pointing_game"]
+    if base.get("pointing_game_head"):
+        out["pointing_game_head"] = base["pointing_game_head"]
     bal = (ops.get("balanced") or {}).get("threshold")
     out["gallery"] = error_cases(df, infer_dir, gallery_n, bal)
     out["gallery"]["threshold"] = bal
@@ -1069,8 +1072,13 @@ def render_html(result: dict, images: dict[str, Path] | None = None) -> str:
     parts.append("<h2>Heatmap pointing game</h2>")
     pg = result.get("pointing_game")
     if pg:
-        parts.append(f"<p>{pg['hits']} / {pg['n']} fractured images have the heatmap peak inside a fractured "
-                     f"vertebra's box (score {_f(pg.get('score'))}).</p>")
+        parts.append(f"<p>{pg['hits']} / {pg['n']} fractured images have the fracture map's peak inside a "
+                     f"fractured vertebra's box (score {_f(pg.get('score'))}).</p>")
+        head = result.get("pointing_game_head")
+        if head:
+            parts.append(f"<p>The dense heatmap head's own peak: {head['hits']} / {head['n']} "
+                         f"(score {_f(head.get('score'))}). The map's peak is the likeliest fractured vertebra's "
+                         "centre where its p_fracture tops the dense head (docs/formats.md).</p>")
     else:
         parts.append("<p>not available (needs vertebrae.csv and the per-image JSONs)</p>")
 

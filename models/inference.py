@@ -30,7 +30,7 @@ from data.transforms import letterbox, normalize_intensity
 from models.calibration import CALIBRATION_KEY, predictor_calibration
 from models.checkpoint import build_network, build_vertebra_network, file_sha256, load_checkpoint
 from models.network import HEATMAP_STRIDE, FractureNet
-from models.vertebrae import analyse_film, image_probabilities, with_morphometry
+from models.vertebrae import analyse_film, fracture_map, fracture_peak, image_probabilities, with_morphometry
 from models.visualize import draw_vertebrae, overlay_heatmap
 
 PREDICTION_COLUMNS = ["image", "name", "p_fracture", "p_acute", "p_acute_given_fracture",
@@ -380,16 +380,19 @@ def _write_vertebrae_table(out: Path, table: pd.DataFrame) -> None:
 
 def _write_outputs(predictor: Predictor, out: Path, path: str, name: str, item: dict, p: dict,
                    options: OutputOptions = OutputOptions(), film: dict | None = None) -> dict:
-    heatmap = p["heatmap"].astype(np.float32)
+    head_map = p["heatmap"].astype(np.float32)
     to_image = item["box"].heatmap_to_image(HEATMAP_STRIDE)
-    peak, peak_value = _heatmap_peak(heatmap, to_image)
+    vertebrae = (film or {}).get("vertebrae") or []
+    # the written map and its peak follow the film's max rule: dense head or vertebra, whichever is higher
+    heatmap = fracture_map(head_map, vertebrae, to_image)
+    peak, peak_value = fracture_peak(head_map, vertebrae, to_image)
+    head_peak, head_peak_value = _heatmap_peak(head_map, to_image)
     atomic_save_npy(out / f"{name}_heatmap.npy", heatmap)
     display = item["display"]
     on_display = _heatmap_on_display(heatmap, item["box"], display.shape, item["image_size"])
     f = display.shape[1] / item["image_size"][1]
     overlay = overlay_heatmap(display, on_display, peak=(peak[0] * f, peak[1] * f),
                               label=f"p(fracture) {p['p_fracture']:.2f}  p(acute) {p['p_acute']:.2f}")
-    vertebrae = (film or {}).get("vertebrae") or []
     if vertebrae:
         overlay = draw_vertebrae(overlay, vertebrae, scale=f, levels_trusted=bool(film.get("levels_trusted")))
     atomic_write_image(out / f"{name}_heatmap.png", overlay)
@@ -402,6 +405,8 @@ def _write_outputs(predictor: Predictor, out: Path, path: str, name: str, item: 
         "p_fracture_image_head": float(p.get("p_fracture_image_head", p["p_fracture"])),
         "heatmap_peak": peak,
         "heatmap_peak_value": peak_value,
+        "heatmap_peak_head": head_peak,
+        "heatmap_peak_head_value": head_peak_value,
         "image_size": list(item["image_size"]),
         "pixel_spacing_mm": list(item["pixel_spacing_mm"]) if item["pixel_spacing_mm"] else None,
         "heatmap": {"npy": f"{name}_heatmap.npy", "png": f"{name}_heatmap.png", "shape": list(heatmap.shape),

@@ -260,6 +260,10 @@ def _metrics_section(metrics: dict, metrics_path: Path) -> str:
     if pg:
         rows.append(["heatmap pointing game (peak in a fractured vertebra)", _fmt(pg.get("score")),
                      f"{pg.get('hits')} hits", f"of {pg.get('n')}"])
+    head = metrics.get("pointing_game_head")
+    if head:
+        rows.append(["pointing game of the dense heatmap head alone", _fmt(head.get("score")),
+                     f"{head.get('hits')} hits", f"of {head.get('n')}"])
     lines.append(_md_table(["metric", "value", "positives", "negatives"], rows))
 
     by_grade = metrics.get("by_grade")

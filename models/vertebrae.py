@@ -7,8 +7,12 @@
    body goes through the crop network (models/vertebra_net.py), which places the six points at
    the film's own resolution and gives the vertebra's ``p_fracture`` and ``p_acute``. The crop
    is taken twice, the second time centred on the first pass's points.
+   **Gaps are filled** (:func:`gap_proposals`): where the counting below finds one or two
+   bodies missing between two found ones (a collapsed body whose heatmap peak merged with a
+   neighbour's, or a small one under the stride-8 grid), a window is placed where the missing
+   body should be, between its neighbours and shaped like them, and read the same way.
 3. **Label** (:func:`assign_levels`): levels are *counted*. The bodies are ordered down the
-   spine, gaps wider than 1.6 x the typical step count as missed bodies, and one offset
+   spine, gaps wider than 1.4 x the typical step count as missed bodies, and one offset
    places the whole run on T1-L5 (allowing a detected C6-C7 or S1-S2 at the ends); each offset
    is scored by the sum of the per-body level log-probabilities, so every body's appearance
    (ribs, size, the lumbosacral junction) votes for the anchor. ``level_confidence`` is the posterior of the chosen offset; below
@@ -23,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.path import Path as MplPath
 
 from data.morphometry import LEVELS, grade_vertebrae
 from data.vertebra_targets import (CROP_CONTEXT, CROP_SIZE, N_LEVELS, OFFSET_SCALE, apply_affine, body_centre,
@@ -31,10 +36,14 @@ from data.vertebra_targets import (CROP_CONTEXT, CROP_SIZE, N_LEVELS, OFFSET_SCA
 MIN_DETECTION_SCORE = 0.3
 MAX_VERTEBRAE = 30
 TRUSTED_LEVEL_CONFIDENCE = 0.8
-GAP_FACTOR = 1.6  # a centre-to-centre step this many times the typical step means a missed body
+# a centre-to-centre step this many times the typical step means a missed body; a missing
+# collapsed body (half height) widens the step by about 1.5 x, normal steps vary by under 1.3 x
+GAP_FACTOR = 1.4
 MIN_CROP_SIDE = 16.0  # original pixels
 CROP_PASSES = 2  # crops read per vertebra, each centred on the previous pass's points
 OVERHANG = 2  # placements may run this many levels past T1 or L5 (a detected C6-C7 or S1-S2)
+MAX_GAP_FILL = 2  # a gap is filled only when it misses at most this many bodies
+FILL_DRIFT = 0.3  # a filled body read farther than this x the step from its window is dropped
 
 
 def decode_detections(vertebra_logits: torch.Tensor, stride: int, min_score: float = MIN_DETECTION_SCORE,
@@ -78,7 +87,7 @@ def count_positions(points: np.ndarray) -> np.ndarray:
 
     A step is measured against the two bodies' own heights (bodies grow down the spine); the
     typical step is the median of the steps that are not gaps, and a step over ``GAP_FACTOR``
-    times it counts as ``round(step / typical)`` levels."""
+    times it counts as ``round(step / typical)`` levels, at least two."""
     n = len(points)
     positions = np.zeros(n, dtype=int)
     if n < 2:
@@ -88,7 +97,7 @@ def count_positions(points: np.ndarray) -> np.ndarray:
     steps = np.linalg.norm(np.diff(centres, axis=0), axis=1)
     relative = steps / np.maximum(0.5 * (heights[1:] + heights[:-1]), 1e-6)
     typical = float(np.median(relative[relative <= GAP_FACTOR * relative.min()]))
-    jumps = np.where(relative > GAP_FACTOR * typical, np.maximum(1, np.round(relative / typical)), 1).astype(int)
+    jumps = np.where(relative > GAP_FACTOR * typical, np.maximum(2, np.round(relative / typical)), 1).astype(int)
     positions[1:] = np.cumsum(jumps)
     return positions
 
@@ -253,9 +262,147 @@ def image_probabilities(p_image: dict, vertebrae: list[dict]) -> dict:
     return out
 
 
+def gap_proposals(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rough points (m, 6, 2) for the bodies that :func:`count_positions` counts as missing
+    between two found ones (``points`` in head-to-feet order): evenly spaced between the two
+    neighbours' centres, each with the neighbours' mean shape; and for each, the farthest its
+    refined centre may move (``FILL_DRIFT`` x the step between the proposals). Gaps of more
+    than ``MAX_GAP_FILL`` bodies are left alone (more likely the film's edge or a false
+    detection)."""
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 6, 2)
+    positions = count_positions(pts)
+    centres = body_centre(pts)
+    out, drift = [], []
+    for i in range(len(pts) - 1):
+        missing = int(positions[i + 1] - positions[i]) - 1
+        if not 1 <= missing <= MAX_GAP_FILL:
+            continue
+        shape = 0.5 * ((pts[i] - centres[i]) + (pts[i + 1] - centres[i + 1]))
+        step = np.linalg.norm(centres[i + 1] - centres[i]) / (missing + 1)
+        for k in range(1, missing + 1):
+            out.append(centres[i] + (centres[i + 1] - centres[i]) * k / (missing + 1) + shape)
+            drift.append(FILL_DRIFT * step)
+    return np.array(out, dtype=np.float64).reshape(-1, 6, 2), np.array(drift, dtype=np.float64)
+
+
+def _scores_at(vertebra_logits: torch.Tensor, box, stride: int, centres: np.ndarray) -> np.ndarray:
+    """The centre heatmap's value in the cells under ``centres`` (original pixels)."""
+    heat = vertebra_logits[0].float()
+    h, w = heat.shape
+    cells = np.floor((box.to_input(centres) + 0.5) / stride)
+    j = np.clip(np.nan_to_num(cells[:, 0]), 0, w - 1).astype(int)
+    i = np.clip(np.nan_to_num(cells[:, 1]), 0, h - 1).astype(int)
+    return torch.sigmoid(heat[torch.from_numpy(i), torch.from_numpy(j)]).cpu().numpy().astype(np.float64)
+
+
+def _measurable(points: np.ndarray) -> np.ndarray:
+    """A body squashed to under a pixel is a spurious peak, not a vertebra that can be measured."""
+    heights = np.linalg.norm(points[:, 3:] - points[:, :3], axis=-1)
+    return (heights.min(axis=1) >= 1.0) & np.isfinite(points).all(axis=(1, 2))
+
+
+def _fill_gaps(read: dict, scores: np.ndarray, logp: np.ndarray, vertebra_logits: torch.Tensor, box, stride: int,
+               vertebra_net: torch.nn.Module, image: np.ndarray, device: torch.device):
+    """The found bodies plus those read in the counted gaps (see :func:`gap_proposals`), in
+    head-to-feet order. A filled body is dropped when the crop network moved it away from its
+    window (``FILL_DRIFT``) or onto a found body. Filled bodies vote for no level (the level
+    head is trained at body centres it found) and their ``detection_score`` is the centre
+    heatmap's value under them. If the fills would change how the found bodies are counted,
+    none is kept."""
+    proposals, drift = gap_proposals(read["points"])
+    if not len(proposals):
+        return read, scores, logp
+    extra = read_crops(vertebra_net, image, proposals, device, passes=CROP_PASSES)
+    moved = np.linalg.norm(body_centre(extra["points"]) - body_centre(proposals), axis=1)
+    extra_scores = _scores_at(vertebra_logits, box, stride, body_centre(extra["points"]))
+    merged = {k: np.concatenate([read[k], extra[k]]) for k in read}
+    # found bodies outrank filled ones, whatever their heatmap scores
+    rank = np.concatenate([scores + 2.0, extra_scores])
+    keep = _measurable(merged["points"]) & ~duplicate_bodies(merged["points"], rank)
+    keep[len(scores):] &= moved <= drift
+    keep[:len(scores)] = True
+    if keep[len(scores):].any():
+        order = spine_order(merged["points"][keep])
+        found = np.flatnonzero(keep)[order] < len(scores)
+        before = count_positions(read["points"])
+        after = count_positions(merged["points"][keep][order])[found]
+        if not np.array_equal(after - after[0], before - before[0]):
+            return read, scores, logp
+    n_extra = int(keep[len(scores):].sum())
+    if not n_extra:
+        return read, scores, logp
+    merged = {k: v[keep] for k, v in merged.items()}
+    scores = np.concatenate([scores, extra_scores])[keep]
+    logp = np.concatenate([logp, np.full((len(extra_scores), logp.shape[1]), -np.log(logp.shape[1]))])[keep]
+    order = spine_order(merged["points"])
+    return {k: v[order] for k, v in merged.items()}, scores[order], logp[order]
+
+
+def _cells_covered(points: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and columns of the cells whose centres lie inside a body's outline (points in
+    heatmap cells), or of the cell under its centre when none does; empty off the grid."""
+    h, w = shape
+    outline = points[[0, 1, 2, 5, 4, 3]]  # around the body: superior left to right, inferior back
+    lo = np.clip(np.floor(outline.min(axis=0)).astype(int), 0, [w - 1, h - 1])
+    hi = np.clip(np.ceil(outline.max(axis=0)).astype(int), 0, [w - 1, h - 1])
+    jj, ii = np.meshgrid(np.arange(lo[0], hi[0] + 1), np.arange(lo[1], hi[1] + 1))
+    inside = MplPath(outline).contains_points(np.stack([jj.ravel(), ii.ravel()], axis=1)).reshape(jj.shape)
+    if inside.any():
+        return ii[inside], jj[inside]
+    j, i = np.round(points.mean(axis=0)).astype(int)
+    if 0 <= i < h and 0 <= j < w:
+        return np.array([i]), np.array([j])
+    return np.zeros(0, int), np.zeros(0, int)
+
+
+def _in_cells(v: dict, to_image: dict) -> np.ndarray | None:
+    """A vertebra's points in heatmap cells, or None when it has no usable points or score."""
+    pts = (np.asarray(v["points"], dtype=np.float64) - np.asarray(to_image["offset"], dtype=np.float64))
+    pts /= float(to_image["scale"])
+    if not np.isfinite(float(v["p_fracture"])) or pts.shape != (6, 2) or not np.isfinite(pts).all():
+        return None
+    return pts
+
+
+def fracture_map(heatmap: np.ndarray, vertebrae: list[dict], to_image: dict) -> np.ndarray:
+    """The film's fracture map: each cell of the film network's dense ``heatmap`` raised to the
+    ``p_fracture`` of any vertebra whose outline covers the cell's centre (the same max rule as
+    the film's ``p_fracture``), so the map shows where the vertebra reading finds a fracture
+    even where the dense head is unsure. A body smaller than a cell marks the cell under its
+    centre. ``to_image``: the heatmap-to-original affine (``scale``, ``offset``). The vertebra
+    values are their reported ``p_fracture`` (calibrated when the checkpoint is; the dense map
+    is not calibrated)."""
+    fused = np.array(heatmap, dtype=np.float32, copy=True)
+    for v in vertebrae:
+        pts = _in_cells(v, to_image)
+        if pts is None:
+            continue
+        i, j = _cells_covered(pts, fused.shape)
+        fused[i, j] = np.maximum(fused[i, j], float(v["p_fracture"]))
+    return fused
+
+
+def fracture_peak(heatmap: np.ndarray, vertebrae: list[dict], to_image: dict) -> tuple[list[float], float]:
+    """Peak ``[x, y]`` (original pixels) and value of :func:`fracture_map`: the centre of the most
+    likely fractured vertebra on the map when its ``p_fracture`` tops the dense head's maximum
+    (so the peak is a body's centre, not the first cell of its outline), else the dense head's
+    peak cell."""
+    i, j = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    head_value = float(heatmap[i, j])
+    on_map = [v for v in vertebrae
+              if (pts := _in_cells(v, to_image)) is not None and len(_cells_covered(pts, heatmap.shape)[0])]
+    if on_map:
+        best = max(on_map, key=lambda v: v["p_fracture"])
+        if best["p_fracture"] > head_value:
+            x, y = np.asarray(best["points"], dtype=np.float64).mean(axis=0)
+            return [float(x), float(y)], float(best["p_fracture"])
+    s, (ox, oy) = to_image["scale"], to_image["offset"]
+    return [float(s * j + ox), float(s * i + oy)], head_value
+
+
 def analyse_film(vertebra_logits: torch.Tensor, box, stride: int, vertebra_net: torch.nn.Module,
                  image: np.ndarray, device: torch.device, pixel_spacing_mm=None,
-                 min_score: float = MIN_DETECTION_SCORE) -> dict:
+                 min_score: float = MIN_DETECTION_SCORE, fill_gaps: bool = True) -> dict:
     """All four steps for one film. ``image``: the normalised original pixels; ``box``: the
     letterbox that made the network input. Returns ``vertebrae`` and the film's level summary."""
     found = decode_detections(vertebra_logits, stride, min_score=min_score)
@@ -267,14 +414,15 @@ def analyse_film(vertebra_logits: torch.Tensor, box, stride: int, vertebra_net: 
     scores = np.array([found[k]["score"] for k in order])
     logp = np.stack([found[k]["level_logp"] for k in order])
     read = read_crops(vertebra_net, image, rough, device, passes=CROP_PASSES)
-    # a body squashed to under a pixel is a spurious peak, not a vertebra that can be measured
-    heights = np.linalg.norm(read["points"][:, 3:] - read["points"][:, :3], axis=-1)
-    keep = (heights.min(axis=1) >= 1.0) & np.isfinite(read["points"]).all(axis=(1, 2))
-    keep &= ~duplicate_bodies(read["points"], scores)
+    keep = _measurable(read["points"]) & ~duplicate_bodies(read["points"], scores)
     if not keep.any():
         return {"vertebrae": [], "level_confidence": None, "levels_trusted": False}
-    read = {k: v[keep] for k, v in read.items()}
-    scores, logp = scores[keep], logp[keep]
+    # refined centres can swap two neighbours' order; the counting needs head-to-feet order
+    order = np.flatnonzero(keep)[spine_order(read["points"][keep])]
+    read = {k: v[order] for k, v in read.items()}
+    scores, logp = scores[order], logp[order]
+    if fill_gaps:
+        read, scores, logp = _fill_gaps(read, scores, logp, vertebra_logits, box, stride, vertebra_net, image, device)
     labels = assign_levels(read["points"], logp)
     vertebrae = describe_vertebrae(read["points"], labels, read, scores, pixel_spacing_mm)
     return {"vertebrae": vertebrae, "level_confidence": labels["level_confidence"], "levels_trusted": labels["trusted"]}

@@ -158,6 +158,25 @@ def test_pointing_game_moving_a_peak_flips_the_hit(tiny_eval_set):
     assert M.pointing_game(s["infer_dir"], vert)["hits"] == 3
 
 
+def test_pointing_game_of_the_dense_head_reads_its_own_peak(tiny_eval_set):
+    s = tiny_eval_set
+    vert = M.load_vertebrae_table(s["vertebrae"], s["manifest"])
+    assert "pointing_game_head" not in M.summarise(s["predictions"], s["manifest"], s["vertebrae"], s["infer_dir"])
+    for name in ("img_00", "img_01", "img_02", "img_03", "img_04"):
+        path = os.path.join(s["infer_dir"], f"{name}.json")
+        rec = json.loads(open(path).read())
+        rec["heatmap_peak_head"] = [0.0, 0.0] if name == "img_00" else rec["heatmap_peak"]  # img_00: outside
+        open(path, "w").write(json.dumps(rec))
+    assert M.pointing_game(s["infer_dir"], vert, peak_key="heatmap_peak_head")["hits"] == 2
+    out = M.summarise(s["predictions"], s["manifest"], s["vertebrae"], s["infer_dir"])
+    assert out["pointing_game"]["hits"] == 3 and out["pointing_game_head"] == {"hits": 2, "n": 5,
+                                                                               "score": pytest.approx(0.4)}
+    from evaluation import report as R
+
+    full = R.evaluate(s["predictions"], s["manifest"], s["vertebrae"], s["infer_dir"], n_boot=20)
+    assert full["pointing_game_head"]["hits"] == 2 and full["pointing_game"]["hits"] == 3
+
+
 def test_summarise_is_json_serialisable_and_counts_unknowns(tiny_eval_set):
     s = tiny_eval_set
     out = M.summarise(s["predictions"], s["manifest"], s["vertebrae"], s["infer_dir"])

@@ -20,8 +20,12 @@ from torch import nn
 from data.morphometry import LEVELS, grade_vertebrae
 from data.phantom import generate_dataset
 from data.vertebra_targets import CROP_CONTEXT, CROP_SIZE, OFFSET_SCALE, VERTEBRA_CHANNELS
-from models.vertebrae import (OVERHANG, TRUSTED_LEVEL_CONFIDENCE, assign_levels, decode_detections, describe_vertebrae,
-                              image_probabilities, read_crops, spine_order)
+from data.transforms import Letterbox
+from models.vertebrae import (FILL_DRIFT, MAX_GAP_FILL, OVERHANG, TRUSTED_LEVEL_CONFIDENCE, analyse_film, assign_levels,
+                              count_positions,
+                              decode_detections, describe_vertebrae, fracture_map, fracture_peak, gap_proposals,
+                              image_probabilities, read_crops,
+                              spine_order)
 from models.visualize import GRADE_COLOURS, draw_vertebrae
 from training_config import phantom_as_dicom, save_untrained_checkpoint
 
@@ -167,6 +171,15 @@ def test_assign_levels_skips_a_level_at_a_missed_body():
     # the same with the anchor at the other end
     out = assign_levels(bodies, _logp([None, None, None, "L5"]))
     assert out["levels"] == ["L1", "L2", "L4", "L5"]
+
+
+def test_count_positions_counts_a_missed_collapsed_body():
+    # bodies 24 px tall, 6 px discs; the missed second body had collapsed to 12 px, so its gap
+    # is only 1.6 x a normal step (2 x would be a missed normal body)
+    centres = [50.0, 50.0 + 48.0, 50.0 + 78.0, 50.0 + 108.0]
+    bodies = np.stack([_box(100.0, c, 36.0, 24.0) for c in centres])
+    assert count_positions(bodies).tolist() == [0, 2, 3, 4]
+    assert count_positions(_column(4)).tolist() == [0, 1, 2, 3]
 
 
 def test_assign_levels_counts_a_gap_among_three_bodies():
@@ -383,6 +396,137 @@ def test_square_template_is_a_fixed_point_of_the_crop_window():
     np.testing.assert_allclose(out["points"][0], rough, atol=1e-3)
 
 
+# --------------------------------------------------------------------------- gap filling
+def test_gap_proposals_place_missing_bodies_between_their_neighbours():
+    assert gap_proposals(_column(6))[0].shape == (0, 6, 2)
+    full = _column(6)
+    one, drift = gap_proposals(_column(6, skip=(3,)))
+    assert one.shape == (1, 6, 2)
+    np.testing.assert_allclose(one[0], full[3], atol=1e-9)
+    assert drift == pytest.approx([FILL_DRIFT * 30.0])  # 30 px between the bodies of _column
+    two, drift = gap_proposals(_column(7, skip=(2, 3)))
+    np.testing.assert_allclose(two, _column(7)[[2, 3]], atol=1e-9)
+    assert drift == pytest.approx([FILL_DRIFT * 30.0] * 2)
+    assert MAX_GAP_FILL == 2
+    assert gap_proposals(_column(8, skip=(2, 3, 4)))[0].shape == (0, 6, 2)  # too wide: left alone
+    # the shape is the mean of the two neighbours' shapes, centred between them
+    upper, lower = _box(100.0, 50.0, 30.0, 20.0), _box(110.0, 110.0, 40.0, 24.0)
+    between = gap_proposals(np.stack([_box(100.0, 20.0, 30.0, 20.0), upper, lower, _box(110.0, 140.0, 40.0, 24.0)]))[0]
+    np.testing.assert_allclose(between[0], _box(105.0, 80.0, 35.0, 22.0), atol=1e-9)
+
+
+class _DriftingCropNet(_StubCropNet):
+    """A square-template stub that, from its ``drift_from``-th call on, reads every crop as the
+    body one ``shift`` (crop pixels) above its centre."""
+
+    def __init__(self, drift_from, shift):
+        super().__init__()
+        self.drift_from, self.shift = drift_from, shift
+
+    def forward(self, crops):
+        out = super().forward(crops)
+        if len(self.seen) > self.drift_from:
+            out["points"][..., 1] -= self.shift
+        return out
+
+
+GAP_SIDE, GAP_STEP = 12.0, 21.0
+
+
+def _gap_film(skip):
+    """Six square bodies (T11-L4) down a 128 x 104 film, minus ``skip``; stage-1 logits with a
+    peak on each found body and, under each skipped one, a below-threshold centre logit (-2)
+    that favours L5 (a wrong level, which a filled body must not vote for); an identity
+    letterbox."""
+    box = Letterbox(scale=1.0, pad_left=0, pad_top=0, out_hw=(128, 104), in_hw=(128, 104))
+    levels = ["T11", "T12", "L1", "L2", "L3", "L4"]
+    spec, truth = [], []
+    for k, level in enumerate(levels):
+        pts = _box(52.0, 10.0 + GAP_STEP * k, GAP_SIDE, GAP_SIDE)
+        truth.append(pts)
+        gx, gy = (pts.mean(axis=0) + 0.5) / STRIDE - 0.5
+        cell = (int(np.floor(gy + 0.5)), int(np.floor(gx + 0.5)))
+        spec.append((cell, -2.0, pts, LEVELS.index("L5")) if k in skip else (cell, 4.0, pts, LEVELS.index(level)))
+    return _logits_with(spec, (16, 13)), box, np.stack(truth), levels
+
+
+def test_analyse_film_reads_a_body_in_a_counted_gap():
+    logits, box, truth, levels = _gap_film(skip=(3,))
+    image = np.zeros((128, 104), np.float32)
+    cpu = torch.device("cpu")
+
+    without = analyse_film(logits, box, STRIDE, _StubCropNet(), image, cpu, fill_gaps=False)
+    assert [v["level"] for v in without["vertebrae"]] == ["T11", "T12", "L1", "L3", "L4"]
+
+    stub = _StubCropNet()
+    film = analyse_film(logits, box, STRIDE, stub, image, cpu)
+    verts = film["vertebrae"]
+    assert [v["level"] for v in verts] == levels and film["levels_trusted"]
+    assert len(stub.seen) == 4 and stub.seen[2].shape[0] == 1  # two passes of the found, two of the filled
+    for v, pts in zip(verts, truth):  # the filled body sits where the missing one is, head-to-feet order kept
+        np.testing.assert_allclose(v["points"], pts, atol=1e-3)
+    filled = verts[3]
+    # its detection score is the stage-1 heatmap under it (a sub-threshold -2), not a found peak's;
+    # its level comes from the count, not from the L5 its cell's level logits favour
+    assert filled["detection_score"] == pytest.approx(_sigmoid(-2.0), abs=1e-6)
+    assert all(v["detection_score"] == pytest.approx(_sigmoid(4.0)) for k, v in enumerate(verts) if k != 3)
+    assert filled["level"] == "L2" and film["level_confidence"] == pytest.approx(
+        without["level_confidence"], abs=1e-6)
+
+    # a filled window that the crop network reads half a step away (onto a disc) is dropped
+    half = 0.5 * GAP_STEP * CROP_SIZE / (CROP_CONTEXT * GAP_SIDE)
+    onto_disc = analyse_film(logits, box, STRIDE, _DriftingCropNet(drift_from=2, shift=half), image, cpu)
+    assert [v["level"] for v in onto_disc["vertebrae"]] == ["T11", "T12", "L1", "L3", "L4"]
+
+    # a filled window that the crop network reads as the body above is a duplicate: dropped
+    shift = GAP_STEP * CROP_SIZE / (CROP_CONTEXT * GAP_SIDE)
+    drifting = analyse_film(logits, box, STRIDE, _DriftingCropNet(drift_from=2, shift=shift), image, cpu)
+    assert [v["level"] for v in drifting["vertebrae"]] == ["T11", "T12", "L1", "L3", "L4"]
+
+
+# --------------------------------------------------------------------------- fracture map
+TO_IMAGE = {"scale": 8.0, "offset": [3.5, 3.5]}  # heatmap cell (i, j) centres on x = 8 j + 3.5
+
+
+def _vert(points, p):
+    return {"points": np.asarray(points).tolist(), "p_fracture": p}
+
+
+def test_fracture_map_raises_cells_under_each_vertebra_to_its_probability():
+    head = np.full((10, 8), 0.1, np.float32)
+    head[2, 2] = 0.9  # a confident dense-head cell inside the first body keeps its value
+    big = _box(3.5 + 8 * 2, 3.5 + 8 * 2.5, 20.0, 12.0)  # covers the centres of cells (2-3, 1-3)
+    tiny = _box(3.5 + 8 * 6, 3.5 + 8 * 7, 3.0, 3.0)  # smaller than a cell: its centre cell
+    before = head.copy()
+    fused = fracture_map(head, [_vert(big, 0.7), _vert(tiny, 0.4), _vert(big + 200, 0.99)], TO_IMAGE)
+    np.testing.assert_array_equal(head, before)  # the dense map is not modified
+    expected = before.copy()
+    expected[2:4, 1:4] = 0.7
+    expected[2, 2] = 0.9
+    expected[7, 6] = 0.4
+    np.testing.assert_allclose(fused, expected)  # the off-film vertebra (+200 px) paints nothing
+    # a vertebra less likely fractured than the dense map changes nothing
+    np.testing.assert_allclose(fracture_map(before, [_vert(big, 0.05)], TO_IMAGE), before)
+    # only cells whose centres the outline covers: a body 5 x 3 cells wide, centred on a cell,
+    # paints 5 x 3 cells, not the 6 x 4 its outline touches
+    centred = _box(3.5 + 8 * 3, 3.5 + 8 * 4, 40.0, 24.0)
+    painted = fracture_map(np.zeros((10, 8), np.float32), [_vert(centred, 0.5)], TO_IMAGE) > 0
+    assert painted.sum() == 15 and painted[3:6, 1:6].all()
+
+
+def test_fracture_peak_is_the_likeliest_vertebra_when_it_tops_the_dense_head():
+    head = np.zeros((10, 8), np.float32)
+    head[5, 6] = 0.6
+    upper, lower = _box(20.0, 20.0, 24.0, 16.0), _box(22.0, 60.0, 24.0, 16.0)
+    peak, value = fracture_peak(head, [_vert(upper, 0.3), _vert(lower, 0.8)], TO_IMAGE)
+    assert peak == pytest.approx([22.0, 60.0]) and value == pytest.approx(0.8)
+    peak, value = fracture_peak(head, [_vert(upper, 0.3), _vert(lower, 0.5)], TO_IMAGE)
+    assert peak == pytest.approx([8 * 6 + 3.5, 8 * 5 + 3.5]) and value == pytest.approx(0.6)
+    assert fracture_peak(head, [], TO_IMAGE)[0] == pytest.approx([51.5, 43.5])
+    # a vertebra off the map does not give the peak either
+    assert fracture_peak(head, [_vert(lower + 500, 0.99)], TO_IMAGE)[0] == pytest.approx([51.5, 43.5])
+
+
 # --------------------------------------------------------------------------- draw_vertebrae
 def test_draw_vertebrae_grade_colours_level_names_and_no_side_effects():
     base = np.full((200, 160, 3), 60, np.uint8)
@@ -538,6 +682,11 @@ def _check_vertebrae(record, bodies, pixel_spacing=None):
         assert record["levels_trusted"] is False and record["level_confidence"] is None
 
 
+def row_peak(table, name):
+    row = table[table.name == name].iloc[0]
+    return [row.heatmap_peak_x, row.heatmap_peak_y]
+
+
 def _check_film_agrees(record):
     verts = record["vertebrae"]
     head = record["p_fracture_image_head"]
@@ -581,6 +730,17 @@ def test_predictor_reports_the_injected_vertebrae_in_original_pixels(model, tmp_
         assert "p_fracture_image_head" in record
     name0 = table[table.image == model["films"][0]].name.iloc[0]
     assert records[name0]["p_fracture"] > records[name0]["p_fracture_image_head"]  # the L3 drives the film
+    # ... and the written map and its peak: the peak is the wedged L3's centre, the map holds its value there
+    l3 = records[name0]["vertebrae"][2]
+    assert records[name0]["heatmap_peak"] == pytest.approx(np.mean(l3["points"], axis=0).tolist())
+    assert records[name0]["heatmap_peak_value"] == pytest.approx(l3["p_fracture"])
+    assert records[name0]["heatmap_peak_head_value"] < l3["p_fracture"]
+    assert row_peak(table, name0) == pytest.approx(records[name0]["heatmap_peak"])
+    fused = np.load(out / f"{name0}_heatmap.npy")
+    to_image = records[name0]["heatmap"]["to_image"]
+    cx, cy = (np.mean(l3["points"], axis=0) - to_image["offset"]) / to_image["scale"]
+    assert fused[int(round(cy)), int(round(cx))] == pytest.approx(l3["p_fracture"], abs=1e-6)
+    assert fused.max() == pytest.approx(l3["p_fracture"], abs=1e-6)
 
     vt = pd.read_csv(out / "vertebrae.csv")
     assert list(vt.columns) == VERTEBRA_COLUMNS
