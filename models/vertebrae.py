@@ -14,8 +14,9 @@
 3. **Label** (:func:`assign_levels`): levels are *counted*. The bodies are ordered down the
    spine, gaps wider than 1.4 x the typical step count as missed bodies, and one offset
    places the whole run on T1-L5 (allowing a detected C6-C7 or S1-S2 at the ends); each offset
-   is scored by the sum of the per-body level log-probabilities, so every body's appearance
-   (ribs, size, the lumbosacral junction) votes for the anchor. ``level_confidence`` is the posterior of the chosen offset; below
+   is scored by the per-body level log-probabilities (tempered) and by whether each body is
+   rib-bearing, so every body's appearance votes and the last rib (T12) anchors the count.
+   ``level_confidence`` is the posterior of the chosen offset; below
    ``TRUSTED_LEVEL_CONFIDENCE`` the film says its levels cannot be trusted.
 4. **Measure and grade** (data/morphometry.py): heights, ratios, Genant grade and shape from
    the refined points, in pixels and, where the file gives a pixel spacing, millimetres.
@@ -42,6 +43,8 @@ GAP_FACTOR = 1.4
 MIN_CROP_SIDE = 16.0  # original pixels
 CROP_PASSES = 2  # crops read per vertebra, each centred on the previous pass's points
 OVERHANG = 2  # placements may run this many levels past T1 or L5 (a detected C6-C7 or S1-S2)
+LEVEL_WEIGHT = 0.25  # weight of the per-body level evidence in the counting (see assign_levels)
+RIB_WEIGHT = 0.5  # weight of the thoracic (rib-bearing) or not evidence: the anchor
 MAX_GAP_FILL = 2  # a gap is filled only when it misses at most this many bodies
 FILL_DRIFT = 0.3  # a filled body read farther than this x the step from its window is dropped
 
@@ -111,14 +114,26 @@ def _level_name(index: int) -> str:
     return LEVELS[index]
 
 
-def assign_levels(points: np.ndarray, level_logp: np.ndarray) -> dict:
+def assign_levels(points: np.ndarray, level_logp: np.ndarray, level_weight: float = LEVEL_WEIGHT,
+                  rib_weight: float = RIB_WEIGHT) -> dict:
     """Count levels down the spine (see the module docstring).
 
     ``points`` (n, 6, 2) and ``level_logp`` (n, 17) in head-to-feet order. Every placement of
-    the counted run is scored by the sum of its bodies' level log-probabilities, including
-    placements that run up to ``OVERHANG`` levels past T1 or L5 (a detected C7 or S1): bodies
-    outside T1-L5 score as if uninformative (log 1/17). So flat evidence spreads the posterior
-    over many placements and is not trusted, however many bodies were found. Returns
+    the counted run on T1-L5 is scored by two sums over its bodies:
+
+    * ``level_weight`` x the level log-probabilities. The weight is below 1 because one film's
+      bodies are not independent witnesses: their level errors are shared (a film read one
+      level off is read one level off throughout), so the plain sum is overconfident;
+    * ``rib_weight`` x the log-probability that the body is thoracic (rib-bearing, the sum of
+      its T1-T12 probabilities) or not, as the placement says, over that of a flat posterior
+      (12/17 or 5/17). This is the anchor: the thoracolumbar junction (T12 the last
+      rib-bearing body) pins a run that contains it.
+
+    Placements may run up to ``OVERHANG`` levels past T1 or L5 (a detected C7 or S1): such a
+    body's level scores as if uninformative (log 1/17) and it counts as not rib-bearing. A body
+    whose ``level_logp`` row is NaN (a filled gap) votes for nothing. Flat
+    evidence spreads the posterior over many placements and is not trusted, however many bodies
+    were found. The weights were chosen on validation films (benchmarks/RESULTS.md). Returns
     ``levels``, ``level_confidence`` (posterior of the chosen placement), ``trusted`` and
     ``positions`` (the counted index of each body, gaps included)."""
     n = len(points)
@@ -127,16 +142,26 @@ def assign_levels(points: np.ndarray, level_logp: np.ndarray) -> dict:
     positions = count_positions(np.asarray(points, dtype=np.float64).reshape(-1, 6, 2))
     span = int(positions[-1])
     starts = np.arange(-OVERHANG, N_LEVELS + OVERHANG - span)
+    outside = np.log(1.0 / N_LEVELS)
+    known = np.isfinite(level_logp).all(axis=1)  # a NaN row: a body without level evidence (a filled gap)
+    level_logp = np.where(known[:, None], level_logp, outside)
     if len(starts) == 0:  # more bodies than the spine has: each body's own best level
         best = level_logp.argmax(axis=1)
         return {"levels": [LEVELS[b] for b in best], "level_confidence": float(np.exp(level_logp.max(axis=1)).mean()),
                 "trusted": False, "positions": positions.tolist()}
-    outside = np.log(1.0 / N_LEVELS)
+    thoracic = np.array([name.startswith("T") for name in LEVELS])
+    # as likelihood ratios against a flat level posterior, so that a flat body favours neither
+    log_thoracic = np.logaddexp.reduce(level_logp[:, thoracic], axis=1) - np.log(thoracic.mean())
+    log_not = np.logaddexp.reduce(level_logp[:, ~thoracic], axis=1) - np.log(1.0 - thoracic.mean())
+    log_thoracic, log_not = np.where(known, log_thoracic, 0.0), np.where(known, log_not, 0.0)
+    rows = np.arange(n)
     scores = []
     for s in starts:
         idx = s + positions
         inside = (idx >= 0) & (idx < N_LEVELS)
-        scores.append(level_logp[np.arange(n)[inside], idx[inside]].sum() + outside * (~inside).sum())
+        level = level_logp[rows[inside], idx[inside]].sum() + outside * (~inside).sum()
+        ribs = np.where(inside & thoracic[np.clip(idx, 0, N_LEVELS - 1)], log_thoracic, log_not).sum()
+        scores.append(level_weight * level + rib_weight * ribs)
     scores = np.array(scores)
     posterior = np.exp(scores - scores.max())
     posterior /= posterior.sum()
@@ -333,7 +358,7 @@ def _fill_gaps(read: dict, scores: np.ndarray, logp: np.ndarray, vertebra_logits
         return read, scores, logp
     merged = {k: v[keep] for k, v in merged.items()}
     scores = np.concatenate([scores, extra_scores])[keep]
-    logp = np.concatenate([logp, np.full((len(extra_scores), logp.shape[1]), -np.log(logp.shape[1]))])[keep]
+    logp = np.concatenate([logp, np.full((len(extra_scores), logp.shape[1]), np.nan)])[keep]  # no level vote
     order = spine_order(merged["points"])
     return {k: v[order] for k, v in merged.items()}, scores[order], logp[order]
 

@@ -167,10 +167,37 @@ def test_assign_levels_skips_a_level_at_a_missed_body():
     out = assign_levels(bodies, _logp(["L1", None, None, None]))
     assert out["positions"] == [0, 1, 3, 4]
     assert out["levels"] == ["L1", "L2", "L4", "L5"]
-    assert out["trusted"]
     # the same with the anchor at the other end
     out = assign_levels(bodies, _logp([None, None, None, "L5"]))
     assert out["levels"] == ["L1", "L2", "L4", "L5"]
+    # one body's word is not enough to trust a film; two that agree across the gap are
+    assert not out["trusted"]
+    both = assign_levels(bodies, _logp(["L1", None, None, "L5"]))
+    assert both["levels"] == ["L1", "L2", "L4", "L5"] and both["trusted"]
+
+
+def test_assign_levels_the_last_rib_anchors_a_film_whose_level_reads_disagree():
+    # every body is sure whether it is thoracic (98 %), but its level read is one off:
+    # the thoracic bodies' one too high, the lumbar ones' one too low. The level reads alone
+    # favour the thoracic majority's placement; the rib evidence puts the junction where the
+    # ribs end
+    truth = ["T9", "T10", "T11", "T12", "L1", "L2", "L3"]
+    read = ["T8", "T9", "T10", "T11", "L2", "L3", "L4"]
+    thoracic = np.array([name.startswith("T") for name in LEVELS])
+    logp = np.zeros((7, 17))
+    for k, (level, said) in enumerate(zip(truth, read)):
+        same = thoracic == level.startswith("T")
+        logp[k, same] = np.log(0.48 / (same.sum() - 1))
+        logp[k, ~same] = np.log(0.02 / (~same).sum())
+        logp[k, LEVELS.index(said)] = np.log(0.5)
+    logp -= np.logaddexp.reduce(logp, axis=1, keepdims=True)
+    assert assign_levels(_column(7), logp, rib_weight=0.0)["levels"] == read[:4] + ["T12", "L1", "L2"]
+    out = assign_levels(_column(7), logp)
+    assert out["levels"] == truth
+    # a body without level evidence (NaN: a filled gap) leaves the count where it was
+    gappy = logp.copy()
+    gappy[2] = np.nan
+    assert assign_levels(_column(7), gappy)["levels"] == truth
 
 
 def test_count_positions_counts_a_missed_collapsed_body():
