@@ -39,7 +39,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q --runslow
 
 benchmark: $(STAMP)
-	$(PY) benchmarks/phantom_benchmark.py
+	$(PY) benchmarks/phantom_benchmark.py --epochs 16 --extra '--trainer.precision bf16-mixed'
 
 # Evaluate the phantom + simulated-real model (runs/mix/best.ckpt; see mixed-data below) on its held-out
 # simulated-real films, the real held-out AASCE films and phantom films of seed 1000.

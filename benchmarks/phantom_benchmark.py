@@ -1,6 +1,6 @@
 """Phantom benchmark: train the default config, test on a phantom set of an unseen seed.
 
-    python benchmarks/phantom_benchmark.py [--n-train 2500] [--n-test 400] [--epochs 30] [--extra "--trainer.precision bf16-mixed"]
+    python benchmarks/phantom_benchmark.py [--n-train 2500] [--n-test 400] [--epochs 16] [--extra "--trainer.precision bf16-mixed"]
 
 Reports image-level AUROC for fracture and for acute vs chronic (fractured images), AUROC by
 Genant grade, the heatmap pointing game, training images per second and inference seconds
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n-train", type=int, default=2500)
     p.add_argument("--n-test", type=int, default=400)
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=16)
     p.add_argument("--size", type=int, default=512, help="phantom image height")
     p.add_argument("--train-seed", type=int, default=1)
     p.add_argument("--test-seed", type=int, default=1000)
