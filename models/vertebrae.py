@@ -346,15 +346,13 @@ def _fill_gaps(read: dict, scores: np.ndarray, logp: np.ndarray, vertebra_logits
     keep = _measurable(merged["points"]) & ~duplicate_bodies(merged["points"], rank)
     keep[len(scores):] &= moved <= drift
     keep[:len(scores)] = True
-    if keep[len(scores):].any():
-        order = spine_order(merged["points"][keep])
-        found = np.flatnonzero(keep)[order] < len(scores)
-        before = count_positions(read["points"])
-        after = count_positions(merged["points"][keep][order])[found]
-        if not np.array_equal(after - after[0], before - before[0]):
-            return read, scores, logp
-    n_extra = int(keep[len(scores):].sum())
-    if not n_extra:
+    if not keep[len(scores):].any():
+        return read, scores, logp
+    order = spine_order(merged["points"][keep])
+    found = np.flatnonzero(keep)[order] < len(scores)
+    before = count_positions(read["points"])
+    after = count_positions(merged["points"][keep][order])[found]
+    if not np.array_equal(after - after[0], before - before[0]):
         return read, scores, logp
     merged = {k: v[keep] for k, v in merged.items()}
     scores = np.concatenate([scores, extra_scores])[keep]
