@@ -133,9 +133,11 @@ def assign_levels(points: np.ndarray, level_logp: np.ndarray, level_weight: floa
     body's level scores as if uninformative (log 1/17) and it counts as not rib-bearing. A body
     whose ``level_logp`` row is NaN (a filled gap) votes for nothing. Flat
     evidence spreads the posterior over many placements and is not trusted, however many bodies
-    were found. The weights were chosen on validation films (benchmarks/RESULTS.md). Returns
-    ``levels``, ``level_confidence`` (posterior of the chosen placement), ``trusted`` and
-    ``positions`` (the counted index of each body, gaps included)."""
+    were found. The weights were chosen on validation films (benchmarks/RESULTS.md,
+    benchmarks/level_counting_study.py). Returns ``levels``, ``level_confidence`` (posterior of
+    the chosen placement), ``trusted``, ``positions`` (the counted index of each body, gaps
+    included) and, when the run fits on the spine, ``placements`` (``starts``: the level index
+    of position 0 of each placement, ``posterior``: their posterior)."""
     n = len(points)
     if n == 0:
         return {"levels": [], "level_confidence": None, "trusted": False, "positions": []}
@@ -168,7 +170,8 @@ def assign_levels(points: np.ndarray, level_logp: np.ndarray, level_weight: floa
     best = int(np.argmax(posterior))
     conf = float(posterior[best])
     return {"levels": [_level_name(int(starts[best] + p)) for p in positions], "level_confidence": conf,
-            "trusted": conf >= TRUSTED_LEVEL_CONFIDENCE, "positions": positions.tolist()}
+            "trusted": conf >= TRUSTED_LEVEL_CONFIDENCE, "positions": positions.tolist(),
+            "placements": {"starts": starts.tolist(), "posterior": posterior.tolist()}}
 
 
 @torch.no_grad()
