@@ -222,6 +222,9 @@ def test_assign_levels_flat_evidence_is_not_trusted():
     # 13 placements inside T1-L5 and 2 x OVERHANG running past its ends, all equally likely
     assert out["level_confidence"] == pytest.approx(1.0 / (13 + 2 * OVERHANG))
     assert out["level_confidence"] < TRUSTED_LEVEL_CONFIDENCE and out["trusted"] is False
+    # every placement, from C6 (-2) at position 0 to the one ending on S2, equally likely
+    assert out["placements"]["starts"] == list(range(-OVERHANG, 13 + OVERHANG))
+    assert out["placements"]["posterior"] == pytest.approx([1.0 / (13 + 2 * OVERHANG)] * (13 + 2 * OVERHANG))
     # the counted levels are consecutive whatever the placement (C6-C7 and S1-S2 past the ends)
     order = [f"C{k}" for k in (6, 7)] + list(LEVELS) + ["S1", "S2"]
     idx = [order.index(lvl) for lvl in out["levels"]]
