@@ -57,6 +57,30 @@ def test_resume_from_last_checkpoint(trained, tmp_path):
     assert cli.trainer.global_step == 2 * before["global_step"]
 
 
+def test_last_checkpoint_follows_every_epoch_when_best_stops_improving(tmp_path):
+    """last.ckpt is the latest epoch even when the monitored metric never improves after the
+    first epoch (here: a validation split with no fracture, so its AUROC cannot rise). Under
+    Lightning 2.6, `save_last: true` alone would leave last.ckpt at epoch 0."""
+    import train
+
+    data = tmp_path / "data"
+    generate_dataset(data, n=20, seed=23, size=128, workers=1, progress=False)
+    manifest = pd.read_csv(data / "manifest.csv")
+    manifest = manifest[manifest["fracture"] == 0]
+    manifest.to_csv(data / "manifest.csv", index=False)
+    vertebrae = pd.read_csv(data / "vertebrae.csv")
+    kept = {Path(i).name for i in manifest["image"]}
+    vertebrae[[Path(i).name in kept for i in vertebrae["image"]]].to_csv(data / "vertebrae.csv", index=False)
+    cfg = compose_config(tmp_path / "run", data / "manifest.csv",
+                         trainer={"max_epochs": 3, "limit_train_batches": 1, "limit_val_batches": 1},
+                         model={"fpn_dim": 16}, data={"image_size": [96, 64]})
+    train.main(["fit", "--config", str(cfg)])
+    best = torch.load(tmp_path / "run" / "best.ckpt", weights_only=True)
+    last = torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)
+    assert best["epoch"] == 0
+    assert last["epoch"] == 2 and last["global_step"] == 3 * best["global_step"]
+
+
 def test_infer_end_to_end(trained, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")

@@ -11,7 +11,9 @@ def compose_config(tmp: Path, manifest: Path, trainer: dict | None = None, model
     cfg = yaml.safe_load((ROOT / "configs" / "debug.yaml").read_text())
     cfg["trainer"]["default_root_dir"] = str(tmp)
     cfg["trainer"]["logger"][0]["init_args"]["save_dir"] = str(tmp)
-    cfg["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(tmp)
+    for callback in cfg["trainer"]["callbacks"]:
+        if "dirpath" in callback.get("init_args", {}):
+            callback["init_args"]["dirpath"] = str(tmp)
     cfg["trainer"].update(trainer or {})
     cfg["model"].update(model or {})
     cfg["data"]["manifest"] = str(manifest)
