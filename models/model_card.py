@@ -130,7 +130,7 @@ def _calibration_details(cal) -> str:
                 "sigmoid outputs).")
     rows = []
     for k, v in cal.items():
-        if k in ("operating_points", "metrics"):
+        if k in ("operating_points", "metrics", "method_selection"):
             continue
         if k == "isotonic" and isinstance(v, dict):  # knots can be long: summarised
             v = {head: (f"{len(h.get('x', []))} knots" if isinstance(h, dict) else "identity") for head, h in v.items()}
@@ -151,6 +151,14 @@ def _calibration_details(cal) -> str:
         if mrows:
             parts += ["", "Calibration fit (on its fitting images):", "",
                       _md_table(["head", "NLL before", "NLL after", "ECE before", "ECE after"], mrows)]
+    sel = cal.get("method_selection")
+    if isinstance(sel, dict) and isinstance(sel.get("scores"), dict):
+        srows = [[name + (" (chosen)" if name == sel.get("chosen") else "")]
+                 + [_fmt(s.get(k), 4) for k in ("brier", "ece", "nll")]
+                 for name, s in sel["scores"].items() if isinstance(s, dict)]
+        parts += ["", f"Out-of-fold `p_fracture` of each method ({sel.get('folds')} patient-grouped folds of "
+                  f"{sel.get('n_images')} fitting images; method requested: {sel.get('requested')}):", "",
+                  _md_table(["method", "Brier", "ECE", "NLL"], srows)]
     ops = cal.get("operating_points")
     if isinstance(ops, dict) and ops:
         orows = []

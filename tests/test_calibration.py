@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from models.calibration import (CALIBRATION_KEY, CalibrationError, Calibrator, calibrate_checkpoint,
-                                expected_calibration_error, fit_isotonic, fit_temperature, main,
-                                operating_points)
+                                choose_method, cross_validate_methods, expected_calibration_error, fit_isotonic,
+                                fit_temperature, main, operating_points)
 
 
 def _synthetic(n=20000, t_true=2.5, seed=0):
@@ -79,6 +79,54 @@ def test_operating_points_satisfy_their_constraints():
     best_j = max(sum(rates(t)) - 1 for t in cands)
     assert np.isclose(bal["youden_j"], best_j) and np.isclose(bal["sensitivity"] + bal["specificity"] - 1, best_j)
     assert hs["threshold"] <= bal["threshold"] <= sp["threshold"]
+
+
+def _patients(n, per_patient=2):
+    return np.arange(n) // per_patient
+
+
+def test_cross_validation_prefers_the_method_that_fits_the_miscalibration():
+    rng = np.random.default_rng(5)
+    n = 4000
+    p_true = rng.uniform(0.01, 0.99, n)
+    y = (rng.random(n) < p_true).astype(float)
+    logit = lambda p: np.log(p) - np.log1p(-p)  # noqa: E731
+    groups = _patients(n)
+
+    # already calibrated: no method beats leaving it alone by more than the tie margin (the
+    # Brier score decides: the 10-bin ECE alone moves by about 0.005 between such fits)
+    sel = cross_validate_methods(logit(p_true), p_true, y, groups)
+    assert sel["folds"] == 5 and sel["n_images"] == n
+    assert choose_method(sel) == "none", sel
+
+    # too confident by a temperature: temperature scaling (or isotonic) fixes it, 'none' does not
+    z_hot = 3.0 * logit(p_true)
+    sel = cross_validate_methods(z_hot, 1 / (1 + np.exp(-z_hot)), y, groups)
+    s = sel["scores"]
+    assert s["temperature"]["ece"] < s["none"]["ece"] / 3 and s["temperature"]["brier"] < s["none"]["brier"]
+    assert choose_method(sel) in ("temperature", "isotonic")
+
+    # a shape no temperature can fix (every probability too high): isotonic wins out of fold
+    p_high = np.sqrt(p_true)
+    sel = cross_validate_methods(logit(p_high), p_high, y, groups)
+    s = sel["scores"]
+    assert s["isotonic"]["ece"] < s["temperature"]["ece"] and s["isotonic"]["brier"] < s["temperature"]["brier"]
+    assert choose_method(sel) == "isotonic" and choose_method(sel, by="ece") == "isotonic"
+    with pytest.raises(ValueError, match="selection score"):
+        choose_method(sel, by="auroc")
+
+
+def test_cross_validation_skips_unknown_labels_and_needs_two_patients():
+    rng = np.random.default_rng(6)
+    p = rng.uniform(0.05, 0.95, 400)
+    y = (rng.random(400) < p).astype(float)
+    y[::10] = np.nan
+    z = np.log(p) - np.log1p(-p)
+    sel = cross_validate_methods(z, p, y, _patients(400))
+    assert sel["n_images"] == 360
+    one_patient = cross_validate_methods(z, p, y, np.zeros(400))
+    assert one_patient["folds"] == 1 and np.isnan(one_patient["scores"]["isotonic"]["ece"])
+    assert choose_method(one_patient) == "temperature"
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +241,17 @@ def test_val_split_and_isotonic(tiny, tmp_path):
     assert Calibrator.from_dict(stored).threshold() == cal.operating_points["balanced"]["threshold"]
     with pytest.raises(ValueError, match="operating point"):
         calibrate_checkpoint(ckpt_path, split_manifest, out=out, default_point="nope")
+
+
+def test_auto_method_stores_its_cross_validation(tiny, tmp_path, capsys):
+    _, ckpt_path, manifest = tiny
+    out = tmp_path / "auto.ckpt"
+    assert main(["--checkpoint", str(ckpt_path), "--manifest", str(manifest), "--method", "auto", "--select-by", "ece",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "out-of-fold p_fracture" in printed and "(chosen)" in printed
+    stored = torch.load(out, weights_only=True)[CALIBRATION_KEY]
+    sel = stored["method_selection"]
+    assert sel["requested"] == "auto" and sel["chosen"] == stored["method"] and stored["method"] in ("none", "temperature", "isotonic")
+    assert set(sel["scores"]) == {"none", "temperature", "isotonic"} and sel["folds"] == 5
+    assert choose_method(sel, by="ece") == sel["chosen"] and "ece" in sel["criterion"]

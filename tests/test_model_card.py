@@ -45,7 +45,12 @@ def test_model_card_sections(tmp_path, metrics_json):
                                                          "criterion": "lowest threshold with specificity >= 0.95"}},
                                 "default": "balanced", "fitted_heads": {"p_fracture": True, "p_acute_given_fracture": False},
                                 "n_images": 30, "metrics": {"p_fracture": {"nll_before": 0.61, "nll_after": 0.52,
-                                                                           "ece_before": 0.12, "ece_after": 0.04}}})
+                                                                           "ece_before": 0.12, "ece_after": 0.04}},
+                                "method_selection": {"requested": "auto", "chosen": "temperature", "folds": 5,
+                                                     "n_images": 30, "criterion": "lowest out-of-fold Brier score",
+                                                     "scores": {"none": {"brier": 0.2111, "ece": 0.15, "nll": 0.7},
+                                                                "temperature": {"brier": 0.1822, "ece": 0.06, "nll": 0.55},
+                                                                "isotonic": {"brier": 0.1933, "ece": 0.08, "nll": 0.9}}}})
     out = tmp_path / "card" / "MODEL_CARD.md"
     model_card.main(["--checkpoint", str(ckpt), "--metrics", str(metrics_json), "--out", str(out)])
     card = out.read_text()
@@ -58,6 +63,7 @@ def test_model_card_sections(tmp_path, metrics_json):
     assert "FractureNet" in card and "resnet18" in card and "| FPN width | 16 |" in card
     assert "temperature" in card and "p_fracture: 1.7000" in card
     assert "| balanced (default) | 0.4200 |" in card and "0.0400" in card  # operating point; ECE after
+    assert "| temperature (chosen) | 0.1822 | 0.0600 | 0.5500 |" in card and "method requested: auto" in card
     # training data: phantom by default, manifest from the data module settings
     assert "data/phantom.py" in card and "runs/x/data/manifest.csv" in card
     assert "no real fracture data" in low and "acuity" in low
