@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from matplotlib.path import Path as MplPath
 
 from data.morphometry import LEVELS, grade_vertebrae
-from data.vertebra_targets import (CROP_CONTEXT, CROP_SIZE, N_LEVELS, OFFSET_SCALE, apply_affine, body_centre,
-                                   body_extent, crop_matrix, extract_crop, invert_affine)
+from data.vertebra_targets import (AP_MIRROR, CROP_CONTEXT, CROP_SIZE, N_LEVELS, OFFSET_SCALE, apply_affine,
+                                   body_centre, body_extent, crop_matrix, extract_crop, invert_affine)
 
 MIN_DETECTION_SCORE = 0.3
 MAX_VERTEBRAE = 30
@@ -42,6 +42,7 @@ TRUSTED_LEVEL_CONFIDENCE = 0.8
 GAP_FACTOR = 1.4
 MIN_CROP_SIDE = 16.0  # original pixels
 CROP_PASSES = 2  # crops read per vertebra, each centred on the previous pass's points
+FLIP_CROPS = False  # average the last pass with its mirror image (read_crops' flip)
 OVERHANG = 2  # placements may run this many levels past T1 or L5 (a detected C6-C7 or S1-S2)
 LEVEL_WEIGHT = 0.25  # weight of the per-body level evidence in the counting (see assign_levels)
 RIB_WEIGHT = 0.5  # weight of the thoracic (rib-bearing) or not evidence: the anchor
@@ -174,25 +175,48 @@ def assign_levels(points: np.ndarray, level_logp: np.ndarray, level_weight: floa
             "placements": {"starts": starts.tolist(), "posterior": posterior.tolist()}}
 
 
+def _unmirror_points(mirrored: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Points read on horizontally mirrored crops, mapped back onto the unmirrored crops.
+
+    Training mirrors lateral crops without relabelling (anterior stays anterior) and AP crops
+    with the sides swapped (``AP_MIRROR``), so which labelling comes back depends on the view,
+    which inference need not know: each body takes whichever of the two lies closer to the
+    points read on the unmirrored crop."""
+    back = mirrored.copy()
+    back[..., 0] = CROP_SIZE - 1 - back[..., 0]
+    swapped = back[:, AP_MIRROR]
+    keep = np.linalg.norm(back - reference, axis=-1).sum(-1) <= np.linalg.norm(swapped - reference, axis=-1).sum(-1)
+    return np.where(keep[:, None, None], back, swapped)
+
+
 @torch.no_grad()
 def read_crops(vertebra_net: torch.nn.Module, image: np.ndarray, points: np.ndarray, device: torch.device,
-               passes: int = 2) -> dict:
-    """Refined points (n, 6, 2) in original pixels and the crop network's probabilities."""
+               passes: int = 2, flip: bool = False) -> dict:
+    """Refined points (n, 6, 2) in original pixels and the crop network's probabilities.
+
+    ``flip``: the last pass also reads each crop mirrored left to right and averages the two
+    readings (points and probabilities), a test-time augmentation at twice that pass's cost."""
     if passes < 1:
         raise ValueError(f"passes must be at least 1, got {passes}")
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 6, 2)
     if len(pts) == 0:
         empty = np.zeros(0)
         return {"points": pts, "p_fracture": empty, "p_acute": empty, "p_acute_given_fracture": empty}
-    for _ in range(passes):
+    for k in range(passes):
         # a collapsed stage-1 guess still gets a window a body could fit in
         matrices = [crop_matrix(c, max(CROP_CONTEXT * e, MIN_CROP_SIDE)) for c, e in zip(body_centre(pts), body_extent(pts))]
         crops = np.stack([extract_crop(image, m) for m in matrices])[:, None].astype(np.float32)
         out = vertebra_net(torch.from_numpy(crops).to(device))
         crop_pts = out["points"].float().cpu().numpy().astype(np.float64)
+        probs = torch.sigmoid(out["logits"].float()).cpu().numpy().astype(np.float64)
+        if flip and k == passes - 1:
+            out_m = vertebra_net(torch.from_numpy(np.ascontiguousarray(crops[..., ::-1])).to(device))
+            mirrored = _unmirror_points(out_m["points"].float().cpu().numpy().astype(np.float64), crop_pts)
+            crop_pts = (crop_pts + mirrored) / 2
+            probs = (probs + torch.sigmoid(out_m["logits"].float()).cpu().numpy().astype(np.float64)) / 2
         pts = np.stack([apply_affine(invert_affine(m), p) for m, p in zip(matrices, crop_pts)])
-    p = torch.sigmoid(out["logits"].float()).cpu().numpy().astype(np.float64)
-    return {"points": pts, "p_fracture": p[:, 0], "p_acute_given_fracture": p[:, 1], "p_acute": p[:, 0] * p[:, 1]}
+    return {"points": pts, "p_fracture": probs[:, 0], "p_acute_given_fracture": probs[:, 1],
+            "p_acute": probs[:, 0] * probs[:, 1]}
 
 
 def duplicate_bodies(points: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -340,7 +364,7 @@ def _fill_gaps(read: dict, scores: np.ndarray, logp: np.ndarray, vertebra_logits
     proposals, drift = gap_proposals(read["points"])
     if not len(proposals):
         return read, scores, logp
-    extra = read_crops(vertebra_net, image, proposals, device, passes=CROP_PASSES)
+    extra = read_crops(vertebra_net, image, proposals, device, passes=CROP_PASSES, flip=FLIP_CROPS)
     moved = np.linalg.norm(body_centre(extra["points"]) - body_centre(proposals), axis=1)
     extra_scores = _scores_at(vertebra_logits, box, stride, body_centre(extra["points"]))
     merged = {k: np.concatenate([read[k], extra[k]]) for k in read}
@@ -439,7 +463,7 @@ def analyse_film(vertebra_logits: torch.Tensor, box, stride: int, vertebra_net: 
     rough = rough[order]
     scores = np.array([found[k]["score"] for k in order])
     logp = np.stack([found[k]["level_logp"] for k in order])
-    read = read_crops(vertebra_net, image, rough, device, passes=CROP_PASSES)
+    read = read_crops(vertebra_net, image, rough, device, passes=CROP_PASSES, flip=FLIP_CROPS)
     keep = _measurable(read["points"]) & ~duplicate_bodies(read["points"], scores)
     if not keep.any():
         return {"vertebrae": [], "level_confidence": None, "levels_trusted": False}

@@ -426,6 +426,53 @@ def test_square_template_is_a_fixed_point_of_the_crop_window():
     np.testing.assert_allclose(out["points"][0], rough, atol=1e-3)
 
 
+
+class _CentroidCropNet(nn.Module):
+    """Reads six points around the crop's intensity centroid, p1 on the image left (as an AP
+    reading labels by side), shifted right by ``bias`` pixels; the logits grow with the
+    centroid's x, so a mirrored crop reads different probabilities."""
+
+    OFFSETS = np.array([[-10, -6], [0, -6], [10, -6], [-10, 6], [0, 6], [10, 6]], dtype=np.float64)
+
+    def __init__(self, bias=0.0):
+        super().__init__()
+        self.bias = bias
+
+    def forward(self, crops):
+        c = crops[:, 0].double()
+        w = c / c.sum(dim=(1, 2), keepdim=True)
+        ys, xs = torch.meshgrid(torch.arange(c.shape[1], dtype=torch.float64),
+                                torch.arange(c.shape[2], dtype=torch.float64), indexing="ij")
+        centre = torch.stack([(w * xs).sum(dim=(1, 2)), (w * ys).sum(dim=(1, 2))], dim=-1)
+        points = centre[:, None, :] + torch.from_numpy(self.OFFSETS)[None] + torch.tensor([self.bias, 0.0])
+        logits = torch.stack([centre[:, 0] / 20.0 - 2.0, torch.zeros(len(c), dtype=torch.float64)], dim=-1)
+        return {"points": points.float(), "logits": logits.float()}
+
+
+def test_flip_averaging_maps_mirrored_readings_back_and_cancels_a_side_bias():
+    image = np.zeros((200, 160), np.float32)
+    image[88:98, 74:90] = 1.0  # an off-centre body in its crop
+    image = cv2.GaussianBlur(image, (0, 0), 2.0) + 0.01
+    rough = _box(80.0, 90.0, 20.0, 16.0)[None]
+    plain = read_crops(_CentroidCropNet(), image, rough, torch.device("cpu"), passes=1)
+    flipped = read_crops(_CentroidCropNet(), image, rough, torch.device("cpu"), passes=1, flip=True)
+    # an equivariant network reads the same points either way: the mirrored reading is put
+    # back in place and relabelled (its p1 came back on the right), not averaged across sides
+    np.testing.assert_allclose(flipped["points"], plain["points"], atol=0.05)
+    # probabilities are the mean of the two readings (the mirrored centroid lies elsewhere)
+    side = CROP_CONTEXT * _extent(rough[0])
+    cx = plain["points"][0].mean(axis=0)[0]
+    x_crop = HALF + (cx - rough[0].mean(axis=0)[0]) * CROP_SIZE / side
+    expected = 0.5 * (_sigmoid(x_crop / 20.0 - 2.0) + _sigmoid((CROP_SIZE - 1 - x_crop) / 20.0 - 2.0))
+    assert flipped["p_fracture"][0] == pytest.approx(expected, abs=2e-3)
+    assert abs(flipped["p_fracture"][0] - plain["p_fracture"][0]) > 0.01
+    # a reading biased to one side of the crop: the mirror's bias points the other way
+    biased = read_crops(_CentroidCropNet(bias=3.0), image, rough, torch.device("cpu"), passes=1)
+    unbiased = read_crops(_CentroidCropNet(bias=3.0), image, rough, torch.device("cpu"), passes=1, flip=True)
+    shift = 3.0 * side / CROP_SIZE
+    np.testing.assert_allclose(biased["points"][0, :, 0] - plain["points"][0, :, 0], shift, atol=0.05)
+    np.testing.assert_allclose(unbiased["points"], plain["points"], atol=0.05)
+
 # --------------------------------------------------------------------------- gap filling
 def test_gap_proposals_place_missing_bodies_between_their_neighbours():
     assert gap_proposals(_column(6))[0].shape == (0, 6, 2)
