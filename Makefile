@@ -48,6 +48,7 @@ benchmark-mixed: $(STAMP)
 
 # Phantom films + fractures simulated on the real AASCE films (not part of this repository),
 # with 20 % of the AASCE patients held out as split = test. Train: configs/phantom_plus_simulated.yaml
+# (CPU) or configs/phantom_plus_simulated_tall.yaml (GPU)
 AASCE ?= ../shared/data/aasce
 mixed-data: $(STAMP)
 	$(PY) -m data.phantom --out runs/mix/phantom --n 2000 --seed 1
