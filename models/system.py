@@ -22,7 +22,7 @@ from torchmetrics.classification import BinaryAUROC
 
 from data.vertebra_targets import CROP_SIZE, VERTEBRA_CHANNELS
 from models.network import HEATMAP_STRIDE, TARGETS, FractureNet
-from models.vertebra_net import VertebraNet
+from models.vertebra_net import VertebraNet, point_map_loss
 
 CHECKPOINT_FORMAT = 2  # 2: adds the vertebra head and the crop network
 
@@ -49,7 +49,7 @@ class FractureSystem(L.LightningModule):
                  dropout: float = 0.2, lr: float = 1e-3, weight_decay: float = 1e-4,
                  warmup_fraction: float = 0.05, acute_weight: float = 1.0, heatmap_weight: float = 1.0,
                  init_from: str | None = None, image_size: tuple[int, int] = (384, 320),
-                 vertebra_weight: float = 1.0, crop_backbone: str = "resnet18"):
+                 vertebra_weight: float = 1.0, crop_backbone: str = "resnet18", crop_map_weight: float = 0.0):
         super().__init__()
         self.save_hyperparameters()
         self.net = FractureNet(backbone=backbone, pretrained=pretrained, fpn_dim=fpn_dim, dropout=dropout)
@@ -116,15 +116,27 @@ class FractureSystem(L.LightningModule):
                 losses["level"] = zero
         else:
             losses["points"] = losses["level"] = zero
+        losses.update(self.crop_losses(batch, out, crop_zero))
+        return losses
+
+    def crop_losses(self, batch: dict, out: dict | None = None, zero: torch.Tensor | None = None) -> dict:
+        """The crop network's losses on the batch's crops (points, fracture, acute, and the point
+        map term when ``crop_map_weight`` > 0); ``zero`` for each when the batch has no crop.
+        Puts the crop outputs into ``out`` for validation metrics."""
         crops = self._crop_outputs(batch)
         if crops is None:
-            losses.update(crop_points=crop_zero, crop_fracture=crop_zero, crop_acute=crop_zero)
-        else:
-            crop_out, sel = crops
-            target = batch["crop_points"][sel]
-            losses["crop_points"] = (crop_out["points"] - target).abs().mean() / CROP_SIZE * 10
-            losses["crop_fracture"] = masked_bce(crop_out["logits"][:, 0].float(), batch["crop_fracture"][sel])
-            losses["crop_acute"] = masked_bce(crop_out["logits"][:, 1].float(), batch["crop_acute"][sel])
+            if zero is None:
+                zero = sum(p.sum() for p in self.vertebra_net.parameters()) * 0.0
+            return {"crop_points": zero, "crop_fracture": zero, "crop_acute": zero}
+        crop_out, sel = crops
+        target = batch["crop_points"][sel]
+        losses = {"crop_points": (crop_out["points"] - target).abs().mean() / CROP_SIZE * 10}
+        if self.hparams.crop_map_weight > 0:  # off in the benchmarked recipes (see point_map_loss)
+            losses["crop_map"] = self.hparams.crop_map_weight * point_map_loss(
+                crop_out["log_prob"], target, self.vertebra_net.stride)
+        losses["crop_fracture"] = masked_bce(crop_out["logits"][:, 0].float(), batch["crop_fracture"][sel])
+        losses["crop_acute"] = masked_bce(crop_out["logits"][:, 1].float(), batch["crop_acute"][sel])
+        if out is not None:
             out["crop_out"], out["crop_sel"] = crop_out, sel
         return losses
 

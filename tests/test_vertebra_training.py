@@ -5,6 +5,7 @@ vertebra losses of FractureSystem and checkpoint format 2 (models/checkpoint.py)
 Everything runs on tiny phantom films (128 x 104 px) and random-initialised resnet18s on CPU.
 """
 import logging
+import math
 
 import numpy as np
 import pandas as pd
@@ -678,3 +679,47 @@ def test_unexpected_or_missing_shared_keys_still_raise(tmp_path, trained_system)
     partial_crop = _save(tmp_path, trained_system, "partial_crop.ckpt", drop=("vertebra_net.class_head.",))
     with pytest.raises(CheckpointError, match="missing key"):
         load_network_weights(FractureNet(fpn_dim=16), partial_crop, VertebraNet())
+
+
+# --------------------------------------------------------------------------- point-map term
+def test_point_map_loss_is_zero_on_its_target_and_prefers_a_compact_map_at_the_point():
+    from models.vertebra_net import point_map_loss
+
+    stride, h, w = 4, 24, 24
+    points = torch.tensor([[[10.0, 20.0], [40.0, 22.0], [70.0, 18.0], [12.0, 60.0], [45.0, 62.0], [80.0, 64.0]]])
+    xs = (torch.arange(w) + 0.5) * stride - 0.5
+    ys = (torch.arange(h) + 0.5) * stride - 0.5
+
+    def gaussian(centres, sigma_cells):
+        s = sigma_cells * stride
+        logits = -((xs.view(1, 1, 1, w) - centres[..., 0, None, None]) ** 2
+                   + (ys.view(1, 1, h, 1) - centres[..., 1, None, None]) ** 2) / (2 * s * s)
+        return torch.log_softmax(logits.reshape(1, 6, -1), -1).reshape(1, 6, h, w)
+
+    on_target = point_map_loss(gaussian(points, 1.0), points, stride)
+    assert abs(on_target.item()) < 1e-5
+    wide = point_map_loss(gaussian(points, 4.0), points, stride)
+    shifted = point_map_loss(gaussian(points + torch.tensor([8.0, 0.0]), 1.0), points, stride)
+    uniform = point_map_loss(torch.full((1, 6, h, w), -math.log(h * w)), points, stride)
+    assert 0.3 < wide.item() < uniform.item() and shifted.item() > 0.3
+    # its gradient moves a map's mass towards the point
+    logits = torch.zeros(1, 6, h, w, requires_grad=True)
+    point_map_loss(torch.log_softmax(logits.reshape(1, 6, -1), -1).reshape(1, 6, h, w), points, stride).backward()
+    g = logits.grad[0, 0]
+    at = (int((20.0 + 0.5) // stride), int((10.0 + 0.5) // stride))
+    assert g[at] < 0 and g[at] == g.min() and g[20, 20] > 0
+
+
+def test_crop_map_weight_adds_the_term_to_the_loss(batches):
+    batch = batches["truth"]
+    torch.manual_seed(0)
+    plain = FractureSystem(fpn_dim=16, image_size=IMAGE_SIZE)
+    with_map = FractureSystem(fpn_dim=16, image_size=IMAGE_SIZE, crop_map_weight=0.5)
+    with_map.load_state_dict(plain.state_dict())
+    plain.eval(), with_map.eval()
+    with torch.no_grad():
+        a = plain._losses(batch, plain(batch["image"]))
+        b = with_map._losses(batch, with_map(batch["image"]))
+    assert "crop_map" not in a and b["crop_map"] > 0
+    assert torch.allclose(b["loss"] - a["loss"], with_map.hparams.vertebra_weight * b["crop_map"], atol=1e-5)
+    assert with_map.crop_losses(batches["none"]).keys() == {"crop_points", "crop_fracture", "crop_acute"}
