@@ -59,10 +59,12 @@ class VertebraNet(nn.Module):
 def point_map_loss(log_prob: torch.Tensor, points: torch.Tensor, stride: int, sigma: float = 1.0) -> torch.Tensor:
     """KL divergence from a Gaussian around each true point to the predicted point map.
 
-    A soft-argmax trained only on its coordinates may keep a wide map whose mean is right on
-    average but pulled towards the crop centre when the evidence is weak (on AP films the
-    points came out about 4 % too close together). This term asks for a compact map around
-    the point. ``log_prob``: ``(N, 6, h, w)`` from :class:`VertebraNet`; ``points``: ``(N, 6, 2)``
+    A soft-argmax trained only on its coordinates may keep a wide map whose mean is pulled
+    towards the crop centre when the evidence is weak (on AP films the points come out 3-4 %
+    too close together); this term asks for a compact map around the point. Measured, it did
+    not help: a crop-only fine-tune with weight 0.5 raised the median point error on real
+    AASCE validation films from 14.1 to 14.7 % of the body height (benchmarks/RESULTS.md), so
+    ``crop_map_weight`` stays 0 in every config. ``log_prob``: ``(N, 6, h, w)`` from :class:`VertebraNet`; ``points``: ``(N, 6, 2)``
     in crop pixels; ``sigma`` in grid cells. Zero for a map equal to the target."""
     n, k, h, w = log_prob.shape
     xs = (torch.arange(w, device=log_prob.device, dtype=torch.float32) + 0.5) * stride - 0.5
