@@ -115,6 +115,39 @@ def _level_name(index: int) -> str:
     return LEVELS[index]
 
 
+def ordered_levels(level_logp: np.ndarray) -> np.ndarray:
+    """Each body's level index, strictly increasing head to feet, maximising the summed level
+    log-probabilities (levels may be skipped; a NaN row scores as uninformative). The fallback
+    when the counted run does not fit on the spine: the bodies' own readings, without two
+    bodies on one level. Only with more bodies than T1-L5 may indices run up to ``OVERHANG``
+    past them (a C7 or S1, scoring as uninformative); with more bodies than that, each body's
+    most likely level."""
+    n = len(level_logp)
+    extra = OVERHANG if n > N_LEVELS else 0
+    slots = np.arange(-extra, N_LEVELS + extra)
+    if n > len(slots):
+        return np.nan_to_num(level_logp, nan=0.0).argmax(axis=1)
+    outside = np.log(1.0 / N_LEVELS)
+    inside = (slots >= 0) & (slots < N_LEVELS)
+    score = np.full((n, len(slots)), outside - 1e-6)  # on a tie, T1-L5 rather than past them
+    score[:, inside] = np.where(np.isfinite(level_logp), level_logp, outside)
+    best = np.full((n, len(slots)), -np.inf)
+    best[0] = score[0]
+    back = np.zeros((n, len(slots)), dtype=int)
+    for i in range(1, n):
+        # the best total for body i-1 on any slot before j
+        run = np.maximum.accumulate(best[i - 1])
+        arg = np.array([int(np.argmax(best[i - 1][:j + 1])) for j in range(len(slots))])
+        best[i, 1:] = score[i, 1:] + run[:-1]
+        back[i, 1:] = arg[:-1]
+    j = int(np.argmax(best[-1]))
+    picked = [j]
+    for i in range(n - 1, 0, -1):
+        j = back[i, j]
+        picked.append(j)
+    return slots[np.array(picked[::-1])]
+
+
 def assign_levels(points: np.ndarray, level_logp: np.ndarray, level_weight: float = LEVEL_WEIGHT,
                   rib_weight: float = RIB_WEIGHT) -> dict:
     """Count levels down the spine (see the module docstring).
@@ -132,7 +165,10 @@ def assign_levels(points: np.ndarray, level_logp: np.ndarray, level_weight: floa
 
     Placements may run up to ``OVERHANG`` levels past T1 or L5 (a detected C7 or S1): such a
     body's level scores as if uninformative (log 1/17) and it counts as not rib-bearing. A body
-    whose ``level_logp`` row is NaN (a filled gap) votes for nothing. Flat
+    whose ``level_logp`` row is NaN (a filled gap) votes for nothing. When the counted run is
+    longer than the spine (a spuriously short step makes normal steps look like gaps), the
+    bodies' own readings are used instead, kept distinct and in order (:func:`ordered_levels`),
+    and the film is not trusted. Flat
     evidence spreads the posterior over many placements and is not trusted, however many bodies
     were found. The weights were chosen on validation films (benchmarks/RESULTS.md,
     benchmarks/level_counting_study.py). Returns ``levels``, ``level_confidence`` (posterior of
@@ -148,9 +184,10 @@ def assign_levels(points: np.ndarray, level_logp: np.ndarray, level_weight: floa
     outside = np.log(1.0 / N_LEVELS)
     known = np.isfinite(level_logp).all(axis=1)  # a NaN row: a body without level evidence (a filled gap)
     level_logp = np.where(known[:, None], level_logp, outside)
-    if len(starts) == 0:  # more bodies than the spine has: each body's own best level
-        best = level_logp.argmax(axis=1)
-        return {"levels": [LEVELS[b] for b in best], "level_confidence": float(np.exp(level_logp.max(axis=1)).mean()),
+    if len(starts) == 0:  # the counted run is longer than the spine: read each body's own level
+        idx = ordered_levels(level_logp)
+        conf = float(np.exp([level_logp[i, k] if 0 <= k < N_LEVELS else outside for i, k in enumerate(idx)]).mean())
+        return {"levels": [_level_name(int(k)) for k in idx], "level_confidence": conf,
                 "trusted": False, "positions": positions.tolist()}
     thoracic = np.array([name.startswith("T") for name in LEVELS])
     # as likelihood ratios against a flat level posterior, so that a flat body favours neither
