@@ -68,8 +68,8 @@ def finetune(checkpoint: Path, manifest: Path, out: Path, epochs: int, lr: float
             step += 1
             n += 1
             for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+                sums[k] = sums.get(k, 0.0) + v.item()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
         history.append({"epoch": epoch, **{k: v / max(n, 1) for k, v in sums.items()}})
         print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in history[-1].items() if k != "epoch"))
     new_state = dict(ckpt["state_dict"])

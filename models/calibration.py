@@ -45,9 +45,9 @@ are never used):
 
 Whatever the method, the fit reports that cross-validation (``method_selection`` in the stored
 calibration): each method is fitted on all but one of up to ``CV_FOLDS`` patient-grouped folds
-and scored on the fold left out, so the Brier score, ECE and NLL it prints are honest estimates on unseen
-patients of the same site, unlike the in-sample figures after the fit (isotonic regression's
-in-sample ECE is 0 by construction). The per-vertebra combiner below is fitted once on all the
+and scored on the fold left out, so the Brier score, ECE and NLL it prints are honest
+estimates on unseen patients of the same site, unlike the in-sample figures after the fit
+(isotonic regression's in-sample ECE is 0 by construction). The per-vertebra combiner below is fitted once on all the
 images, not per fold.
 
 A head without both classes among its labelled images keeps the identity map
@@ -208,10 +208,12 @@ def cross_validate_methods(logits, probs, labels, groups, n_folds: int = CV_FOLD
     for train, test in GroupKFold(n_splits=k).split(z, y, g):
         if not _both_classes(y[train]):
             continue
+        # each fold's map applied as inference applies it (Calibrator.apply)
         oof["none"][test] = p[test]
-        oof["temperature"][test] = _sigmoid(z[test] / fit_temperature(z[train], y[train]))
-        table = fit_isotonic(p[train], y[train])
-        oof["isotonic"][test] = np.interp(p[test], table["x"], table["y"])
+        temperature = Calibrator("temperature", temperature={"p_fracture": fit_temperature(z[train], y[train])})
+        oof["temperature"][test] = temperature.apply(z[test], logits=True)
+        isotonic = Calibrator("isotonic", isotonic={"p_fracture": fit_isotonic(p[train], y[train])})
+        oof["isotonic"][test] = isotonic.apply(p[test])
     scored = ~np.isnan(oof["none"])
     if scored.sum() == 0 or len(np.unique(g[scored])) < 2:
         return {"folds": int(k), "n_images": int(len(y)), "scores": nan}

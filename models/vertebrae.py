@@ -135,11 +135,12 @@ def ordered_levels(level_logp: np.ndarray) -> np.ndarray:
     best[0] = score[0]
     back = np.zeros((n, len(slots)), dtype=int)
     for i in range(1, n):
-        # the best total for body i-1 on any slot before j
-        run = np.maximum.accumulate(best[i - 1])
-        arg = np.array([int(np.argmax(best[i - 1][:j + 1])) for j in range(len(slots))])
-        best[i, 1:] = score[i, 1:] + run[:-1]
-        back[i, 1:] = arg[:-1]
+        # for each slot j, the best slot at or before it for body i-1 (body i then takes j + 1)
+        prefix = np.zeros(len(slots), dtype=int)
+        for j in range(1, len(slots)):
+            prefix[j] = j if best[i - 1, j] > best[i - 1, prefix[j - 1]] else prefix[j - 1]
+        best[i, 1:] = score[i, 1:] + best[i - 1, prefix[:-1]]
+        back[i, 1:] = prefix[:-1]
     j = int(np.argmax(best[-1]))
     picked = [j]
     for i in range(n - 1, 0, -1):
