@@ -10,7 +10,7 @@ model's metadata) then reports calibrated probabilities and a yes/no decision.
 Refit for a new site on that site's labelled validation films (every labelled row is used)::
 
     python -m models.calibration --checkpoint best.ckpt --manifest SITE_VAL.csv \\
-        [--method temperature|isotonic|none|auto] [--select-by brier|ece] \\
+        [--method temperature|platt|isotonic|none|auto] [--select-by brier|ece] \\
         [--operating-point balanced|high_sensitivity|high_specificity] [--out NEW.ckpt]
 
 It prints the fitted parameters, the operating points with their validation sensitivity and
@@ -32,11 +32,15 @@ are never used):
 
 * ``temperature``: ``p = sigmoid(logit / T)`` with one ``T > 0`` per head minimising the
   negative log-likelihood (bounded to 0.01-100). Monotone: the ranking (AUROC) is unchanged.
+* ``platt``: ``p = sigmoid(a * logit + b)`` with ``a > 0`` and ``b`` per head minimising the
+  negative log-likelihood (Platt scaling on the logit). Temperature scaling can only sharpen or
+  soften; the intercept also corrects a model that over- or under-calls fractures as a whole
+  (a shifted base rate at a new site). Monotone: the ranking is unchanged.
 * ``isotonic``: a non-decreasing piecewise-linear map fitted by scikit-learn's
   ``IsotonicRegression``; its knots are stored as plain lists. Monotone but not strictly
   (ties appear); needs more data than temperature scaling.
 * ``none``: probabilities are left as they are; only the operating points are fitted.
-* ``auto``: the one of the three whose film ``p_fracture`` has the lowest out-of-fold Brier
+* ``auto``: the one of the four whose film ``p_fracture`` has the lowest out-of-fold Brier
   score in a patient-grouped cross-validation on the same images (below); ties go to the
   simpler method. The Brier score is a proper score (it rewards calibration and sharpness
   together) and, on a few hundred films, much less noisy than the 10-bin ECE.
@@ -88,13 +92,16 @@ from models.checkpoint import CheckpointError
 
 CALIBRATION_KEY = "vcf_calibration"
 CALIBRATION_FORMAT = 1
-METHODS = ("temperature", "isotonic", "none")
+METHODS = ("temperature", "platt", "isotonic", "none")
+SIMPLEST_FIRST = ("none", "temperature", "platt", "isotonic")  # choose_method's tie order
 CV_FOLDS = 5  # patient-grouped folds of the method-selection cross-validation
 HEADS = ("p_fracture", "p_acute_given_fracture")
 OPERATING_POINTS = ("high_sensitivity", "balanced", "high_specificity")
 TARGET_SENSITIVITY = 0.90
 TARGET_SPECIFICITY = 0.95
 TEMPERATURE_BOUNDS = (0.01, 100.0)
+PLATT_SLOPE_BOUNDS = (0.01, 100.0)  # a > 0 keeps the map increasing (the ranking unchanged)
+PLATT_INTERCEPT_BOUND = 20.0
 MIN_PER_CLASS = 30  # the CLI warns below this many fractured or normal images
 PROB_EPS = 1e-7  # probabilities are clipped to [eps, 1 - eps] before taking their logit
 
@@ -145,6 +152,34 @@ def fit_temperature(logits, labels) -> float:
 
     res = minimize_scalar(nll, bounds=(lo, hi), method="bounded", options={"xatol": 1e-6})
     return float(math.exp(res.x))
+
+
+def fit_platt(logits, labels) -> dict:
+    """``{"a", "b"}`` minimising the NLL of ``sigmoid(a * logit + b)``, with ``a`` in
+    ``PLATT_SLOPE_BOUNDS`` (an increasing map) and ``|b| <= PLATT_INTERCEPT_BOUND``.
+
+    Only entries whose label is known are used; both classes must be present."""
+    from scipy.optimize import minimize
+
+    z, y = _known(logits, labels)
+    if not _both_classes(y):
+        raise CalibrationError("Platt scaling needs labelled images of both classes")
+
+    def nll_and_grad(params: np.ndarray) -> tuple[float, np.ndarray]:
+        a, b = params
+        s = a * z + b
+        r = _sigmoid(s) - y  # d NLL / d s
+        return float(np.mean(np.logaddexp(0.0, s) - y * s)), np.array([np.mean(r * z), np.mean(r)])
+
+    bounds = [PLATT_SLOPE_BOUNDS, (-PLATT_INTERCEPT_BOUND, PLATT_INTERCEPT_BOUND)]
+    res = minimize(nll_and_grad, x0=np.array([1.0, 0.0]), jac=True, method="L-BFGS-B", bounds=bounds)
+    return {"a": float(res.x[0]), "b": float(res.x[1])}
+
+
+def platt_formula(ab: dict) -> str:
+    """``sigmoid(a * logit + b)`` with the fitted numbers, for printing."""
+    a, b = float(ab["a"]), float(ab["b"])
+    return f"sigmoid({a:.4g} * logit {'-' if b < 0 else '+'} {abs(b):.4g})"
 
 
 def fit_isotonic(probs, labels) -> dict:
@@ -212,6 +247,8 @@ def cross_validate_methods(logits, probs, labels, groups, n_folds: int = CV_FOLD
         oof["none"][test] = p[test]
         temperature = Calibrator("temperature", temperature={"p_fracture": fit_temperature(z[train], y[train])})
         oof["temperature"][test] = temperature.apply(z[test], logits=True)
+        platt = Calibrator("platt", platt={"p_fracture": fit_platt(z[train], y[train])})
+        oof["platt"][test] = platt.apply(z[test], logits=True)
         isotonic = Calibrator("isotonic", isotonic={"p_fracture": fit_isotonic(p[train], y[train])})
         oof["isotonic"][test] = isotonic.apply(p[test])
     scored = ~np.isnan(oof["none"])
@@ -228,14 +265,15 @@ SELECTION_SCORES = {"brier": 5e-4, "ece": 1e-3}  # criterion -> tie margin
 
 def choose_method(selection: dict, by: str = "brier") -> str:
     """The method with the lowest out-of-fold score ``by`` (``brier``, the default, or ``ece``);
-    ties (within the criterion's margin) go to the simpler one (none, then temperature, then
+    ties (within the criterion's margin) go to the simpler one (none, then temperature, Platt,
     isotonic). Temperature when nothing could be scored."""
     if by not in SELECTION_SCORES:
         raise ValueError(f"unknown selection score {by!r} (expected {', '.join(SELECTION_SCORES)})")
     scores = selection["scores"]
-    order = ("none", "temperature", "isotonic")
+    # a selection stored before a method existed does not score it: choose among those scored
+    order = [m for m in SIMPLEST_FIRST if m in scores]
     values = [scores[m][by] for m in order]
-    if not all(math.isfinite(v) for v in values):
+    if not values or not all(math.isfinite(v) for v in values):
         return "temperature"
     best = min(values)
     return next(m for m, v in zip(order, values) if v <= best + SELECTION_SCORES[by])
@@ -284,7 +322,8 @@ class Calibrator:
     holds the operating points. ``to_dict`` / ``from_dict`` give the stored form."""
 
     def __init__(self, method: str = "none", temperature: dict | None = None, isotonic: dict | None = None,
-                 points: dict | None = None, default: str = "balanced", info: dict | None = None):
+                 points: dict | None = None, default: str = "balanced", info: dict | None = None,
+                 platt: dict | None = None):
         if method not in METHODS:
             raise CalibrationError(f"unknown calibration method {method!r} (expected {', '.join(METHODS)})")
         self.method = method
@@ -296,6 +335,16 @@ class Calibrator:
         for h, t in self.temperature.items():
             if not (t > 0 and math.isfinite(t)):
                 raise CalibrationError(f"temperature of {h} is {t}; it must be positive")
+        self.platt = {}
+        for h in HEADS:  # identity (a = 1, b = 0) where a head was not fitted
+            ab = (platt or {}).get(h) or {"a": 1.0, "b": 0.0}
+            try:
+                a, b = float(ab["a"]), float(ab["b"])
+            except (KeyError, TypeError, ValueError):
+                raise CalibrationError(f"Platt parameters of {h} are malformed: {ab!r}") from None
+            if not (a > 0 and math.isfinite(a) and math.isfinite(b)):
+                raise CalibrationError(f"Platt slope of {h} is {a} (intercept {b}); the slope must be positive and finite")
+            self.platt[h] = {"a": a, "b": b}
         self.operating_points = dict(points or {})
         if self.operating_points and default not in self.operating_points:
             raise CalibrationError(f"default operating point {default!r} is not one of "
@@ -319,6 +368,9 @@ class Calibrator:
         if self.method == "temperature":
             z = x if logits else _logit(x)
             return _sigmoid(z / self.temperature[head])
+        if self.method == "platt":
+            z = x if logits else _logit(x)
+            return _sigmoid(self.platt[head]["a"] * z + self.platt[head]["b"])
         p = _sigmoid(x) if logits else x
         table = self.isotonic.get(head) if self.method == "isotonic" else None
         if table is None:
@@ -355,6 +407,8 @@ class Calibrator:
         d = {"format": CALIBRATION_FORMAT, "method": self.method}
         if self.method == "temperature":
             d["temperature"] = dict(self.temperature)
+        elif self.method == "platt":
+            d["platt"] = {h: dict(ab) for h, ab in self.platt.items()}
         elif self.method == "isotonic":
             d["isotonic"] = {h: (None if t is None else {"x": list(t["x"]), "y": list(t["y"])})
                              for h, t in self.isotonic.items()}
@@ -369,15 +423,17 @@ class Calibrator:
             raise CalibrationError(f"stored calibration is a {type(d).__name__}, not a dict")
         if d.get("format", CALIBRATION_FORMAT) != CALIBRATION_FORMAT:
             raise CalibrationError(f"calibration format {d.get('format')} but this code reads format {CALIBRATION_FORMAT}")
-        known = {"format", "method", "temperature", "isotonic", "operating_points", "default"}
+        known = {"format", "method", "temperature", "platt", "isotonic", "operating_points", "default"}
         return cls(method=d.get("method", "none"), temperature=d.get("temperature"), isotonic=d.get("isotonic"),
                    points=d.get("operating_points"), default=d.get("default", "balanced"),
-                   info={k: v for k, v in d.items() if k not in known})
+                   info={k: v for k, v in d.items() if k not in known}, platt=d.get("platt"))
 
     def describe(self) -> str:
         """The fitted parameters in a line."""
         if self.method == "temperature":
             return "temperature: " + ", ".join(f"{h} T={t:.4g}" for h, t in self.temperature.items())
+        if self.method == "platt":
+            return "platt: " + ", ".join(f"{h} {platt_formula(ab)}" for h, ab in self.platt.items())
         if self.method == "isotonic":
             parts = [f"{h} " + ("identity" if t is None else f"{len(t['x'])} knots") for h, t in self.isotonic.items()]
             return "isotonic: " + ", ".join(parts)
@@ -576,7 +632,7 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, manifest: str | os.PathL
                      if requested == "auto" else "requested")
 
     fitted = {}
-    temperature, isotonic = {}, {}
+    temperature, platt, isotonic = {}, {}, {}
     for col, head, y in ((0, "p_fracture", y_frac), (1, "p_acute_given_fracture", y_acute)):
         known = ~np.isnan(y)
         fitted[head] = method != "none" and _both_classes(y[known])
@@ -584,9 +640,11 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, manifest: str | os.PathL
             continue
         if method == "temperature":
             temperature[head] = fit_temperature(logits[:, col], y)
+        elif method == "platt":
+            platt[head] = fit_platt(logits[:, col], y)
         else:
             isotonic[head] = fit_isotonic(probs[head], y)
-    cal = Calibrator(method, temperature=temperature, isotonic=isotonic)
+    cal = Calibrator(method, temperature=temperature, isotonic=isotonic, platt=platt)
     p_cal = cal.apply_probabilities(probs)  # the same path inference takes
     points = operating_points(p_cal["p_fracture"], y_frac)
     metrics = {}
@@ -614,7 +672,7 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, manifest: str | os.PathL
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     cal = Calibrator(method, temperature=temperature, isotonic=isotonic, points=points, default=default_point,
-                     info=info)
+                     info=info, platt=platt)
     ckpt[CALIBRATION_KEY] = cal.to_dict()
     path = Path(out) if out else default_output(checkpoint)
     _atomic_torch_save(ckpt, path)

@@ -134,6 +134,10 @@ def _calibration_details(cal) -> str:
             continue
         if k == "isotonic" and isinstance(v, dict):  # knots can be long: summarised
             v = {head: (f"{len(h.get('x', []))} knots" if isinstance(h, dict) else "identity") for head, h in v.items()}
+        if k == "platt" and isinstance(v, dict):
+            from models.calibration import platt_formula
+
+            v = {head: (platt_formula(h) if isinstance(h, dict) else "identity") for head, h in v.items()}
         if isinstance(v, dict):
             v = ", ".join(f"{kk}: {_fmt(vv, 4)}" for kk, vv in v.items())
         elif isinstance(v, (list, tuple)):

@@ -19,7 +19,8 @@
    ``level_confidence`` is the posterior of the chosen offset; below
    ``TRUSTED_LEVEL_CONFIDENCE`` the film says its levels cannot be trusted.
 4. **Measure and grade** (data/morphometry.py): heights, ratios, Genant grade and shape from
-   the refined points, in pixels and, where the file gives a pixel spacing, millimetres.
+   the refined points, in pixels and, where the file gives a pixel spacing, millimetres. Bodies
+   named beyond T1-L5 are measured but not graded.
 
 The film's ``p_fracture`` and ``p_acute`` follow the vertebrae: see :func:`image_probabilities`.
 """
@@ -281,8 +282,17 @@ def _length_mm(a: np.ndarray, b: np.ndarray, spacing: tuple[float, float]) -> fl
 
 def describe_vertebrae(points: np.ndarray, labels: dict, probs: dict, scores: np.ndarray,
                        pixel_spacing_mm: tuple[float, float] | None = None) -> list[dict]:
-    """The ``vertebrae`` list of a film's JSON (docs/formats.md), head to feet."""
+    """The ``vertebrae`` list of a film's JSON (docs/formats.md), head to feet.
+
+    Only bodies named T1-L5 are graded: one named beyond them (C7, S1, ... where the counted
+    run is longer than the spine) has ``genant_grade`` and ``morphology`` None, because the
+    Genant grade is defined for thoracolumbar bodies and the sacrum's shape would read as a
+    severe fracture. Graded bodies take only graded neighbours as references."""
     graded = grade_vertebrae(points) if len(points) else []
+    in_range = np.array([lvl in LEVELS for lvl in labels["levels"][:len(graded)]], dtype=bool)
+    if in_range.any():
+        for k, g in zip(np.flatnonzero(in_range), grade_vertebrae(points[in_range])):
+            graded[k] = g
     out = []
     for k, g in enumerate(graded):
         p = points[k]
@@ -300,8 +310,8 @@ def describe_vertebrae(points: np.ndarray, labels: dict, probs: dict, scores: np
             "heights_mm": mm,
             "height_ratios": {k2: float(v) for k2, v in g["height_ratios"].items()},
             "height_loss": float(g["height_loss"]),
-            "genant_grade": int(g["genant_grade"]),
-            "morphology": g["morphology"],
+            "genant_grade": int(g["genant_grade"]) if in_range[k] else None,
+            "morphology": g["morphology"] if in_range[k] else None,
             "p_fracture": float(probs["p_fracture"][k]),
             "p_acute": float(probs["p_acute"][k]),
             "p_acute_given_fracture": float(probs["p_acute_given_fracture"][k]),

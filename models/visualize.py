@@ -28,6 +28,7 @@ def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45,
 
 # Genant grade colours (BGR): normal green, mild yellow, moderate orange, severe red.
 GRADE_COLOURS = {0: (80, 200, 80), 1: (0, 220, 255), 2: (0, 140, 255), 3: (0, 0, 255)}
+UNGRADED_COLOUR = (170, 170, 170)
 _OUTLINE = [0, 1, 2, 5, 4, 3]  # p1 p2 p3 p6 p5 p4
 
 
@@ -43,7 +44,10 @@ def draw_vertebrae(overlay: np.ndarray, vertebrae: list[dict], scale: float = 1.
     thick = max(1, int(round(2 * s)))
     for v in vertebrae:
         pts = np.asarray(v["points"], dtype=np.float64) * scale
-        colour = GRADE_COLOURS.get(int(v.get("genant_grade", 0)), (255, 255, 255))
+        grade = v.get("genant_grade")
+        grade = None if grade is None or not np.isfinite(float(grade)) else int(grade)
+        # ungraded (a body named beyond T1-L5): grey, so it cannot be read as normal or fractured
+        colour = GRADE_COLOURS.get(grade, UNGRADED_COLOUR)
         poly = np.round(pts[_OUTLINE] * 16).astype(np.int32)
         cv2.polylines(out, [poly], True, colour, thick, cv2.LINE_AA, shift=4)
         for x, y in pts:
@@ -51,8 +55,8 @@ def draw_vertebrae(overlay: np.ndarray, vertebrae: list[dict], scale: float = 1.
         conf = v.get("level_confidence")
         doubtful = (not levels_trusted) if levels_trusted is not None else (conf is not None and conf < 0.8)
         name = str(v.get("level", "")) + ("?" if doubtful else "")
-        if int(v.get("genant_grade", 0)) > 0:
-            name += f" G{int(v['genant_grade'])}"
+        if grade is not None and grade > 0:
+            name += f" G{grade}"
         x_text = int(round(pts[:, 0].max() + 6 * s))
         y_text = int(round(pts[:, 1].mean() + 5 * s))
         cv2.putText(out, name, (x_text, y_text), cv2.FONT_HERSHEY_SIMPLEX, max(0.35, 0.55 * s), (0, 0, 0),

@@ -8,7 +8,7 @@ import torch
 
 from models.calibration import (CALIBRATION_KEY, CalibrationError, Calibrator, calibrate_checkpoint,
                                 choose_method, cross_validate_methods, expected_calibration_error, fit_isotonic,
-                                fit_temperature, main, operating_points)
+                                fit_platt, fit_temperature, main, operating_points)
 
 
 def _synthetic(n=20000, t_true=2.5, seed=0):
@@ -33,6 +33,48 @@ def test_temperature_recovers_known_temperature_and_lowers_ece():
     assert np.allclose(cal.apply(p_raw[:100]), cal.apply(z[:100], logits=True), atol=1e-6)
     with pytest.raises(CalibrationError, match="both classes"):
         fit_temperature(z[:10], np.ones(10))
+
+
+def test_platt_recovers_slope_and_intercept_where_temperature_cannot(tmp_path):
+    rng = np.random.default_rng(11)
+    z = rng.normal(0.0, 4.0, 20000)
+    y = (rng.random(len(z)) < 1.0 / (1.0 + np.exp(-(0.5 * z - 1.5)))).astype(float)
+    y_with_unknown = y.copy()
+    y_with_unknown[::40] = np.nan  # skipped, not taken as negative
+    ab = fit_platt(z, y_with_unknown)
+    assert abs(ab["a"] - 0.5) < 0.04 and abs(ab["b"] + 1.5) < 0.1, ab
+    platt = Calibrator("platt", platt={"p_fracture": ab})
+    temperature = Calibrator("temperature", temperature={"p_fracture": fit_temperature(z, y)})
+    p_raw = 1.0 / (1.0 + np.exp(-z))
+    ece_raw = expected_calibration_error(p_raw, y)
+    ece_platt = expected_calibration_error(platt.apply(z, logits=True), y)
+    ece_temperature = expected_calibration_error(temperature.apply(z, logits=True), y)
+    # a temperature cannot move the 0.5 point; the intercept can
+    assert ece_platt < ece_temperature / 3 and ece_platt < ece_raw / 3, (ece_raw, ece_temperature, ece_platt)
+    assert np.allclose(platt.apply(p_raw[:100]), platt.apply(z[:100], logits=True), atol=1e-6)
+    q = np.linspace(0.01, 0.99, 50)
+    assert np.all(np.diff(platt.apply(q)) > 0)  # increasing: the ranking is kept
+    assert np.allclose(platt.apply(q, "p_acute_given_fracture"), q, rtol=0, atol=1e-12)  # identity where not fitted
+
+    torch.save({"vcf_calibration": Calibrator("platt", platt={"p_fracture": ab}, points=operating_points(
+        platt.apply(z, logits=True), y)).to_dict()}, tmp_path / "c.pt")
+    stored = torch.load(tmp_path / "c.pt", weights_only=True)["vcf_calibration"]
+    assert stored["method"] == "platt" and stored["platt"]["p_fracture"] == ab
+    back = Calibrator.from_dict(stored)
+    assert np.array_equal(back.apply(q), platt.apply(q))
+    assert f"p_fracture sigmoid({ab['a']:.4g} * logit - {-ab['b']:.4g})" in back.describe()
+    from models.model_card import _calibration_details
+
+    card = _calibration_details(stored)  # the model card shows the map, not a raw dict
+    assert f"| platt | p_fracture: sigmoid({ab['a']:.4g} * logit - {-ab['b']:.4g})" in card, card
+    assert "p_acute_given_fracture: sigmoid(1 * logit + 0)" in card, card
+
+    with pytest.raises(CalibrationError, match="both classes"):
+        fit_platt(z[:10], np.zeros(10))
+    with pytest.raises(CalibrationError, match="slope"):
+        Calibrator("platt", platt={"p_fracture": {"a": -1.0, "b": 0.0}})
+    with pytest.raises(CalibrationError, match="malformed"):
+        Calibrator("platt", platt={"p_fracture": {"a": 1.0}})
 
 
 def test_isotonic_lowers_ece_and_round_trips_weights_only(tmp_path):
@@ -106,14 +148,31 @@ def test_cross_validation_prefers_the_method_that_fits_the_miscalibration():
     assert s["temperature"]["ece"] < s["none"]["ece"] / 3 and s["temperature"]["brier"] < s["none"]["brier"]
     assert choose_method(sel) in ("temperature", "isotonic")
 
-    # a shape no temperature can fix (every probability too high): isotonic wins out of fold
-    p_high = np.sqrt(p_true)
-    sel = cross_validate_methods(logit(p_high), p_high, y, groups)
+    # a shape no affine map of the logit fixes (calibrated below 0.5, far too confident above):
+    # isotonic wins out of fold
+    z_true = logit(p_true)
+    z_kinked = np.where(z_true > 0, 4.0 * z_true, z_true)
+    sel = cross_validate_methods(z_kinked, 1 / (1 + np.exp(-z_kinked)), y, groups)
     s = sel["scores"]
-    assert s["isotonic"]["ece"] < s["temperature"]["ece"] and s["isotonic"]["brier"] < s["temperature"]["brier"]
+    for affine in ("temperature", "platt"):
+        assert s["isotonic"]["ece"] < s[affine]["ece"] and s["isotonic"]["brier"] < s[affine]["brier"], s
     assert choose_method(sel) == "isotonic" and choose_method(sel, by="ece") == "isotonic"
     with pytest.raises(ValueError, match="selection score"):
         choose_method(sel, by="auroc")
+
+    # every logit shifted (a site that over-calls as a whole): only an intercept (Platt or
+    # isotonic) fixes it; Platt, with two parameters, is the better fit out of fold
+    z_shift = logit(p_true) + 1.5
+    sel = cross_validate_methods(z_shift, 1 / (1 + np.exp(-z_shift)), y, groups)
+    s = sel["scores"]
+    assert s["platt"]["brier"] < s["temperature"]["brier"] and s["platt"]["ece"] < s["temperature"]["ece"] / 3
+    assert choose_method(sel) == "platt"
+
+
+def test_choose_method_reads_a_selection_stored_before_platt_existed():
+    old = {"scores": {m: {"brier": b, "ece": 0.05, "nll": 0.4}
+                      for m, b in (("none", 0.12), ("temperature", 0.11), ("isotonic", 0.10))}}
+    assert choose_method(old) == "isotonic"
 
 
 def test_cross_validation_skips_unknown_labels_and_needs_two_patients():
@@ -252,6 +311,6 @@ def test_auto_method_stores_its_cross_validation(tiny, tmp_path, capsys):
     assert "out-of-fold p_fracture" in printed and "(chosen)" in printed
     stored = torch.load(out, weights_only=True)[CALIBRATION_KEY]
     sel = stored["method_selection"]
-    assert sel["requested"] == "auto" and sel["chosen"] == stored["method"] and stored["method"] in ("none", "temperature", "isotonic")
-    assert set(sel["scores"]) == {"none", "temperature", "isotonic"} and sel["folds"] == 5
+    assert sel["requested"] == "auto" and sel["chosen"] == stored["method"] and stored["method"] in ("none", "temperature", "platt", "isotonic")
+    assert set(sel["scores"]) == {"none", "temperature", "platt", "isotonic"} and sel["folds"] == 5
     assert choose_method(sel, by="ece") == sel["chosen"] and "ece" in sel["criterion"]

@@ -336,6 +336,43 @@ def test_describe_vertebrae_matches_morphometry_and_uses_row_col_spacing():
     assert describe_vertebrae(np.zeros((0, 6, 2)), {"levels": [], "level_confidence": None}, probs, scores) == []
 
 
+def test_bodies_named_beyond_t1_l5_are_measured_but_not_graded(tmp_path):
+    # L4, L5 and a sacrum-like S1 whose posterior half is low: it would read as a severe wedge
+    points = np.stack([_box(60.0, 40.0, 30.0, 20.0), _box(60.0, 70.0, 30.0, 20.0),
+                       _wedge(60.0, 100.0, 30.0, 20.0, 0.5)[[2, 1, 0, 5, 4, 3]]])
+    assert grade_vertebrae(points)[2]["genant_grade"] == 3
+    probs = {"p_fracture": np.array([0.1, 0.2, 0.05]), "p_acute": np.array([0.0, 0.1, 0.0]),
+             "p_acute_given_fracture": np.array([0.1, 0.5, 0.1])}
+    labels = {"levels": ["L4", "L5", "S1"], "level_confidence": 0.9, "trusted": True}
+    out = describe_vertebrae(points, labels, probs, np.ones(3))
+    assert [v["genant_grade"] for v in out] == [0, 0, None]
+    assert out[2]["morphology"] is None and out[2]["heights"]["posterior"] == pytest.approx(10.0)
+    assert out[2]["p_fracture"] == 0.05  # still scored by the crop network
+    # a graded body takes only graded neighbours: a crushed L5 is compared with L4, not with C7/S1
+    crushed = np.stack([_box(60.0, 40.0, 30.0, 20.0), _box(60.0, 70.0, 30.0, 12.0), _box(60.0, 100.0, 30.0, 4.0)])
+    assert grade_vertebrae(crushed)[1]["genant_grade"] == 0  # the sacrum drags the reference down to 12
+    alone = describe_vertebrae(crushed, labels, probs, np.ones(3))
+    assert alone[1]["genant_grade"] == grade_vertebrae(crushed[:2])[1]["genant_grade"] == 3  # 1 - 12/20
+    assert alone[1]["morphology"] == "crush" and alone[2]["genant_grade"] is None
+    # the JSON and CSV forms: null / empty, and evaluation reads it as a missing grade
+    from evaluation.vertebrae import load_predicted_vertebrae
+    from models.inference import vertebra_rows
+
+    record = {"image": "film.png", "name": "film", "levels_trusted": True, "vertebrae": out}
+    json.loads(json.dumps(record))
+    rows = pd.DataFrame(vertebra_rows(record))
+    rows.to_csv(tmp_path / "vertebrae.csv", index=False)
+    back = load_predicted_vertebrae(tmp_path / "vertebrae.csv")
+    assert back["genant_grade"].isna().tolist() == [False, False, True]
+    # the overlay draws it grey, without a grade
+    drawn = draw_vertebrae(np.full((200, 160, 3), 60, np.uint8), [dict(out[2], level_confidence=0.9)])
+    from models.visualize import UNGRADED_COLOUR
+
+    x, y = out[2]["points"][0]
+    assert tuple(drawn[int(round(y)), int(round(x))]) == UNGRADED_COLOUR
+    assert not np.all(drawn == (0, 0, 255), axis=-1).any()
+
+
 # --------------------------------------------------------------------------- image_probabilities
 def test_image_probabilities_follow_the_most_fractured_vertebra():
     head = {"p_fracture": 0.30, "p_acute": 0.12, "p_acute_given_fracture": 0.40, "heatmap": "kept"}
