@@ -1,0 +1,69 @@
+"""benchmarks/point_error_study.py: the crop study's geometry, and the whole script on tiny data."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from data.vertebra_targets import CROP_CONTEXT, CROP_SIZE
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+HALF = (CROP_SIZE - 1) / 2.0
+# a square body whose side is 1 / CROP_CONTEXT of its crop window, read in crop pixels
+SQUARE = np.array([[-1, -1], [0, -1], [1, -1], [-1, 1], [0, 1], [1, 1]], float) * CROP_SIZE / (2 * CROP_CONTEXT) + HALF
+
+
+class _ConstantCropNet(nn.Module):
+    """Reads the same crop points whatever the crop shows."""
+
+    def forward(self, crops):
+        n = crops.shape[0]
+        return {"points": torch.tensor(np.repeat(SQUARE[None], n, axis=0), dtype=torch.float32),
+                "logits": torch.zeros(n, 2)}
+
+
+def _square(cx, cy, s):
+    return np.array([[cx - s / 2, cy - s / 2], [cx, cy - s / 2], [cx + s / 2, cy - s / 2],
+                     [cx - s / 2, cy + s / 2], [cx, cy + s / 2], [cx + s / 2, cy + s / 2]], float)
+
+
+def test_crop_study_measures_exactly_what_each_window_costs():
+    import point_error_study
+
+    films = [(np.zeros((200, 120), np.float32), np.stack([_square(60, 50 + 30 * k, 20) for k in range(4)])),
+             (np.zeros((150, 100), np.float32), np.stack([_square(50, 40 + 30 * k, 24) for k in range(3)]))]
+    out = point_error_study.crop_study(_ConstantCropNet(), films)
+    v = out["variants"]
+    assert out["n_vertebrae"] == 7
+    # square bodies read in windows placed from their own points come back exactly
+    assert v["truth"]["median"] == pytest.approx(0, abs=1e-3) and v["multi-scale"]["median"] == pytest.approx(0, abs=2e-3)
+    # a 10 % larger or smaller window scales the reading about the centre: corners move by
+    # 0.1 x half the diagonal (7.07 % of the height), endplate midpoints by 5 %
+    for name in ("scale 0.9", "scale 1.1"):
+        assert v[name]["median"] == pytest.approx(100 * 0.1 / np.sqrt(2), rel=1e-3)
+        assert v[name]["p90"] == pytest.approx(100 * 0.1 / np.sqrt(2), rel=1e-3)
+    # a shifted window moves all six points together, by the shift
+    assert 0.5 < v["jitter"]["median"] < 20
+    assert out["without_each_films_mean_error"]["median"] == pytest.approx(0, abs=1e-3)
+    assert np.allclose(out["mean_signed_error_pct"]["x"], 0, atol=1e-2)
+
+
+def test_point_error_study_runs_on_phantom_films(tmp_path, capsys):
+    import point_error_study
+    from data.phantom import generate_dataset
+    from training_config import save_untrained_checkpoint
+
+    generate_dataset(tmp_path / "data", n=2, seed=3, size=128, workers=1, progress=False)
+    _, ckpt = save_untrained_checkpoint(tmp_path / "model.ckpt", image_size=(64, 48))
+    out = tmp_path / "study.json"
+    assert point_error_study.main(["--checkpoint", str(ckpt), "--vertebrae", str(tmp_path / "data" / "vertebrae.csv"),
+                                   "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["n_films"] == 2 and result["crop"]["n_vertebrae"] > 10
+    assert set(result["pipeline"]) == {"2 passes", "3 passes", "2 passes, neighbour-median extent"}
+    assert "crop network on crops placed from the truth" in capsys.readouterr().out
