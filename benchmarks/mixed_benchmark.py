@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.phantom_benchmark import ensure_data, machine  # noqa: E402
 from evaluation import bootstrap as B  # noqa: E402
 from evaluation import metrics as M  # noqa: E402
+from models.calibration import platt_formula  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Phantom + simulated-real model (issues 3 and 4)"
@@ -238,7 +239,7 @@ def calibrate(args, checkpoint: Path, ckpt_info: dict, mix_manifest: Path, out: 
         if not stored:
             raise BenchmarkError(f"{cal_ckpt}: no calibration stored after models.calibration")
     info = {"checkpoint": str(cal_ckpt), "manifest": str(manifest), "seconds": seconds,
-            **{k: stored.get(k) for k in ("method", "temperature", "default", "fitted_heads", "split", "n_images",
+            **{k: stored.get(k) for k in ("method", "temperature", "platt", "default", "fitted_heads", "split", "n_images",
                                           "n_pos", "n_neg", "n_acute_pos", "n_acute_neg", "n_unreadable",
                                           "metrics", "vertebra_combiner")}}
     info["operating_points"] = stored.get("operating_points")
@@ -497,7 +498,8 @@ def results_section(r: dict, section: str = SECTION) -> str:
         + (f"{ck.get('max_epochs')} (`{_rel(ck['run_config'])}`)" if ck.get("run_config") else
            "unknown (no run config.yaml found beside the checkpoint)"),
         f"- calibration: {cal.get('method')} ("
-        + ", ".join(f"{h} T={_f(t, 3)}" for h, t in (cal.get("temperature") or {}).items())
+        + ", ".join([f"{h} T={_f(t, 3)}" for h, t in (cal.get("temperature") or {}).items()]
+                    + [f"{h} {platt_formula(ab)}" for h, ab in (cal.get("platt") or {}).items()])
         + f") on the validation split of `{_rel(cal['manifest'])}`: {cal.get('n_images')} films "
         f"({cal.get('n_pos')} fractured, {cal.get('n_neg')} normal); default operating point {cal.get('default')}; "
         + _combiner_text(cal.get("vertebra_combiner")),

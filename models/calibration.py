@@ -532,6 +532,8 @@ def fit_vertebra_combiner(results: list[dict], paths: list[str], vertebrae_csv, 
     rows = []
     for path, r in zip(paths, results):
         for v in r.get("vertebrae") or []:
+            if v.get("height_loss") is None:  # ungraded (named beyond T1-L5): not combined, so not fitted
+                continue
             row = {"image": path, "level": v["level"], "p_fracture": v["p_fracture"], "p_acute": v["p_acute"],
                    "genant_grade": v["genant_grade"], "height_loss": v["height_loss"]}
             for k, (x, y) in enumerate(v["points"], start=1):

@@ -375,7 +375,9 @@ def _write_vertebrae_table(out: Path, table: pd.DataFrame) -> None:
         except (OSError, ValueError):
             continue
         rows += vertebra_rows(record)
-    atomic_write_text(out / "vertebrae.csv", pd.DataFrame(rows, columns=VERTEBRA_COLUMNS).to_csv(index=False))
+    vertebrae = pd.DataFrame(rows, columns=VERTEBRA_COLUMNS)
+    vertebrae["genant_grade"] = vertebrae["genant_grade"].astype("Int64")  # 0-3 or empty, never "2.0"
+    atomic_write_text(out / "vertebrae.csv", vertebrae.to_csv(index=False))
 
 
 def _write_outputs(predictor: Predictor, out: Path, path: str, name: str, item: dict, p: dict,

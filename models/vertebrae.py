@@ -284,10 +284,12 @@ def describe_vertebrae(points: np.ndarray, labels: dict, probs: dict, scores: np
                        pixel_spacing_mm: tuple[float, float] | None = None) -> list[dict]:
     """The ``vertebrae`` list of a film's JSON (docs/formats.md), head to feet.
 
-    Only bodies named T1-L5 are graded: one named beyond them (C7, S1, ... where the counted
-    run is longer than the spine) has ``genant_grade`` and ``morphology`` None, because the
-    Genant grade is defined for thoracolumbar bodies and the sacrum's shape would read as a
-    severe fracture. Graded bodies take only graded neighbours as references."""
+    Only bodies named T1-L5 are graded: one the count names beyond them (C6-C7, S1-S2: a
+    detected sacrum or cervical body, or a T1 / L5 of a count that is off by a level) has
+    ``genant_grade``, ``morphology`` and ``height_loss`` None, because the Genant grade is
+    defined for thoracolumbar bodies and the sacrum's shape would read as a severe fracture;
+    its ``p_fracture`` is the crop network's. Graded bodies take only graded neighbours as
+    references."""
     graded = grade_vertebrae(points) if len(points) else []
     in_range = np.array([lvl in LEVELS for lvl in labels["levels"][:len(graded)]], dtype=bool)
     if in_range.any():
@@ -309,7 +311,8 @@ def describe_vertebrae(points: np.ndarray, labels: dict, probs: dict, scores: np
             "heights": heights,
             "heights_mm": mm,
             "height_ratios": {k2: float(v) for k2, v in g["height_ratios"].items()},
-            "height_loss": float(g["height_loss"]),
+            # None where ungraded: the combiner must not read a sacrum's shape as a fracture
+            "height_loss": float(g["height_loss"]) if in_range[k] else None,
             "genant_grade": int(g["genant_grade"]) if in_range[k] else None,
             "morphology": g["morphology"] if in_range[k] else None,
             "p_fracture": float(probs["p_fracture"][k]),
@@ -334,11 +337,11 @@ def combine_with_morphometry(p_crop: float, height_loss: float, combiner: dict) 
 def with_morphometry(vertebrae: list[dict], combiner: dict | None) -> list[dict]:
     """Copies of ``vertebrae`` whose ``p_fracture`` (and ``p_acute``) come from
     :func:`combine_with_morphometry`, keeping the crop network's as ``p_fracture_crop``;
-    unchanged copies when there is no combiner."""
+    unchanged copies when there is no combiner, and for ungraded bodies (``height_loss`` None)."""
     out = []
     for v in vertebrae:
         v = dict(v)
-        if combiner:
+        if combiner and v.get("height_loss") is not None:  # an ungraded body keeps the crop network's
             v["p_fracture_crop"] = v["p_fracture"]
             v["p_fracture"] = combine_with_morphometry(v["p_fracture"], v["height_loss"], combiner)
             v["p_acute"] = v["p_fracture"] * v["p_acute_given_fracture"]

@@ -80,6 +80,17 @@ def test_unmatched_detection_counts_as_unfractured(tmp_path):
     assert combiner["n_vertebrae"] == 73 and combiner["n_fractured"] == 24
 
 
+def test_ungraded_bodies_are_left_out_of_the_combiner(tmp_path):
+    results, paths, vertebrae_csv, manifest = _films(tmp_path)
+    # a sacrum below each film's last body: ungraded (height_loss None), so neither combined
+    # at inference nor fitted here, where it would count as an unfractured body with a large loss
+    for r in results:
+        r["vertebrae"].append(dict(r["vertebrae"][-1], level="S1", points=_box_points(100.0, 420.0, 30.0),
+                                   genant_grade=None, height_loss=None))
+    combiner = fit_vertebra_combiner(results, paths, vertebrae_csv, manifest)
+    assert combiner["n_vertebrae"] == 72 and combiner["n_fractured"] == 24
+
+
 def test_film_probabilities_follow_the_combined_vertebrae(tmp_path):
     results, paths, vertebrae_csv, manifest = _films(tmp_path)
     combiner = fit_vertebra_combiner(results, paths, vertebrae_csv, manifest)

@@ -24,8 +24,8 @@ from data.transforms import Letterbox
 from models.vertebrae import (FILL_DRIFT, MAX_GAP_FILL, OVERHANG, TRUSTED_LEVEL_CONFIDENCE, analyse_film, assign_levels,
                               count_positions,
                               decode_detections, describe_vertebrae, fracture_map, fracture_peak, gap_proposals,
-                              image_probabilities, read_crops,
-                              spine_order)
+                              combine_with_morphometry, image_probabilities, read_crops,
+                              spine_order, with_morphometry)
 from models.visualize import GRADE_COLOURS, draw_vertebrae
 from training_config import phantom_as_dicom, save_untrained_checkpoint
 
@@ -348,6 +348,16 @@ def test_bodies_named_beyond_t1_l5_are_measured_but_not_graded(tmp_path):
     assert [v["genant_grade"] for v in out] == [0, 0, None]
     assert out[2]["morphology"] is None and out[2]["heights"]["posterior"] == pytest.approx(10.0)
     assert out[2]["p_fracture"] == 0.05  # still scored by the crop network
+    assert out[2]["height_loss"] is None and out[1]["height_loss"] == pytest.approx(0.0)
+    # the morphometry combiner leaves an ungraded body's crop probability alone, so a sacrum's
+    # shape cannot raise the film's p_fracture; graded bodies are combined as before
+    combiner = {"coef": [1.0, 10.0], "intercept": -2.0}
+    combined = with_morphometry(out, combiner)
+    assert combined[2]["p_fracture"] == 0.05 and "p_fracture_crop" not in combined[2]
+    assert combined[1]["p_fracture"] == pytest.approx(combine_with_morphometry(0.2, 0.0, combiner))
+    # (combined with its height loss of 0.5, the sacrum would read 0.51 and carry the film)
+    assert image_probabilities({"p_fracture": 0.01, "p_acute": 0.0, "p_acute_given_fracture": 0.1},
+                               combined)["p_fracture"] == pytest.approx(0.05)
     # a graded body takes only graded neighbours: a crushed L5 is compared with L4, not with C7/S1
     crushed = np.stack([_box(60.0, 40.0, 30.0, 20.0), _box(60.0, 70.0, 30.0, 12.0), _box(60.0, 100.0, 30.0, 4.0)])
     assert grade_vertebrae(crushed)[1]["genant_grade"] == 0  # the sacrum drags the reference down to 12
@@ -364,6 +374,15 @@ def test_bodies_named_beyond_t1_l5_are_measured_but_not_graded(tmp_path):
     rows.to_csv(tmp_path / "vertebrae.csv", index=False)
     back = load_predicted_vertebrae(tmp_path / "vertebrae.csv")
     assert back["genant_grade"].isna().tolist() == [False, False, True]
+    # OUT/vertebrae.csv as inference writes it: grades stay integers beside an empty one
+    from models.inference import _write_vertebrae_table
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "film.json").write_text(json.dumps(record))
+    _write_vertebrae_table(tmp_path / "out", pd.DataFrame({"status": ["ok"], "name": ["film"]}))
+    grades = (tmp_path / "out" / "vertebrae.csv").read_text().splitlines()
+    column = grades[0].split(",").index("genant_grade")
+    assert [line.split(",")[column] for line in grades[1:]] == ["0", "0", ""]
     # the overlay draws it grey, without a grade
     drawn = draw_vertebrae(np.full((200, 160, 3), 60, np.uint8), [dict(out[2], level_confidence=0.9)])
     from models.visualize import UNGRADED_COLOUR
