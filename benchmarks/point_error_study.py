@@ -38,8 +38,7 @@ sys.path.insert(0, str(ROOT))
 import models.vertebrae as V  # noqa: E402
 from data.readers import read_image  # noqa: E402
 from data.transforms import normalize_intensity  # noqa: E402
-from data.vertebra_targets import (CROP_CONTEXT, apply_affine, body_centre, body_extent, crop_matrix,  # noqa: E402
-                                   extract_crop, invert_affine)
+from data.vertebra_targets import body_centre, body_extent  # noqa: E402
 from evaluation.metrics import load_vertebrae_table  # noqa: E402
 from evaluation.vertebrae import summarise_vertebrae  # noqa: E402
 from models.checkpoint import build_vertebra_network, load_checkpoint  # noqa: E402
@@ -53,12 +52,9 @@ def _quantiles(err: np.ndarray) -> dict:
     return {"median": float(np.median(err)), "p90": float(np.percentile(err, 90))}
 
 
-@torch.no_grad()
-def _read(net, pixels: np.ndarray, centres: np.ndarray, sides: np.ndarray) -> np.ndarray:
-    mats = [crop_matrix(c, s) for c, s in zip(centres, sides)]
-    crops = np.stack([extract_crop(pixels, m) for m in mats])[:, None].astype(np.float32)
-    pts = net(torch.from_numpy(crops))["points"].float().numpy().astype(np.float64)
-    return np.stack([apply_affine(invert_affine(m), p) for m, p in zip(mats, pts)])
+def _read(net, pixels: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """One crop pass of inference's reader, its windows placed from ``points``."""
+    return V.read_crops(net, pixels, points, torch.device("cpu"), passes=1)["points"]
 
 
 def crop_study(net, films: list[tuple[np.ndarray, np.ndarray]], seed: int = 0) -> dict:
@@ -68,10 +64,12 @@ def crop_study(net, films: list[tuple[np.ndarray, np.ndarray]], seed: int = 0) -
     truth = []
     for pixels, pts in films:
         c, e = body_centre(pts), body_extent(pts)
-        reads["truth"].append(_read(net, pixels, c, CROP_CONTEXT * e))
-        reads["jitter"].append(_read(net, pixels, c + JITTER * e[:, None] * rng.normal(0, 1, c.shape), CROP_CONTEXT * e))
-        reads["scale 0.9"].append(_read(net, pixels, c, 0.9 * CROP_CONTEXT * e))
-        reads["scale 1.1"].append(_read(net, pixels, c, 1.1 * CROP_CONTEXT * e))
+        # the window follows the points it is placed from: shift them to move it, scale them to resize it
+        shift = JITTER * e[:, None] * rng.normal(0, 1, c.shape)
+        reads["truth"].append(_read(net, pixels, pts))
+        reads["jitter"].append(_read(net, pixels, pts + shift[:, None, :]))
+        reads["scale 0.9"].append(_read(net, pixels, c[:, None] + 0.9 * (pts - c[:, None])))
+        reads["scale 1.1"].append(_read(net, pixels, c[:, None] + 1.1 * (pts - c[:, None])))
         truth.append(pts)
     t = np.concatenate(truth)
     height = np.linalg.norm(t[:, 3:] - t[:, :3], axis=-1).mean(axis=1)
@@ -91,31 +89,18 @@ def crop_study(net, films: list[tuple[np.ndarray, np.ndarray]], seed: int = 0) -
     return out
 
 
-def _smoothed_extent_reader(window: int):
-    """read_crops with each body's window from the median extent of it and its neighbours."""
-    def read_crops(net, image, points, device, passes=2, flip=False):
-        pts = np.asarray(points, dtype=np.float64).reshape(-1, 6, 2)
-        if len(pts) < 3:
-            return ORIGINAL_READ_CROPS(net, image, points, device, passes=passes, flip=flip)
-        half = window // 2
-        for _ in range(passes):
-            order = np.argsort(body_centre(pts)[:, 1])
-            ext = body_extent(pts)
-            smooth = ext.copy()
-            smooth[order] = [np.median(ext[order][max(0, i - half): i + half + 1]) for i in range(len(ext))]
-            mats = [crop_matrix(c, max(CROP_CONTEXT * e, V.MIN_CROP_SIDE)) for c, e in zip(body_centre(pts), smooth)]
-            crops = np.stack([extract_crop(image, m) for m in mats])[:, None].astype(np.float32)
-            with torch.no_grad():
-                out = net(torch.from_numpy(crops).to(device))
-            crop_pts = out["points"].float().cpu().numpy().astype(np.float64)
-            probs = torch.sigmoid(out["logits"].float()).cpu().numpy().astype(np.float64)
-            pts = np.stack([apply_affine(invert_affine(m), p) for m, p in zip(mats, crop_pts)])
-        return {"points": pts, "p_fracture": probs[:, 0], "p_acute_given_fracture": probs[:, 1],
-                "p_acute": probs[:, 0] * probs[:, 1]}
-    return read_crops
-
-
-ORIGINAL_READ_CROPS = V.read_crops
+def _neighbour_median_extent(window: int):
+    """``body_extent`` with each body's value replaced by the median of it and its neighbours
+    (head to feet), for read_crops' window sizes."""
+    def extent(points: np.ndarray) -> np.ndarray:
+        ext = body_extent(points)
+        if len(ext) < 3:
+            return ext
+        order, half = np.argsort(body_centre(points)[:, 1]), window // 2
+        smooth = ext.copy()
+        smooth[order] = [np.median(ext[order][max(0, i - half): i + half + 1]) for i in range(len(ext))]
+        return smooth
+    return extent
 
 
 def pipeline_study(checkpoint: Path, paths: list[str], truth: pd.DataFrame) -> dict:
@@ -129,13 +114,14 @@ def pipeline_study(checkpoint: Path, paths: list[str], truth: pd.DataFrame) -> d
         with torch.no_grad():
             logits = predictor.net(item["image"][None].to(predictor.device))["vertebra_logits"][0]
         films.append((item, logits))
-    variants = {"2 passes": (2, ORIGINAL_READ_CROPS), "3 passes": (3, ORIGINAL_READ_CROPS),
-                "2 passes, neighbour-median extent": (2, _smoothed_extent_reader(5))}
+    # read_crops sizes its windows with models.vertebrae's body_extent: swapped for one variant
+    variants = {"2 passes": (2, body_extent), "3 passes": (3, body_extent),
+                "2 passes, neighbour-median extent": (2, _neighbour_median_extent(5))}
     out = {}
-    saved = V.CROP_PASSES, V.read_crops
+    saved = V.CROP_PASSES, V.body_extent
     try:
-        for name, (passes, reader) in variants.items():
-            V.CROP_PASSES, V.read_crops = passes, reader
+        for name, (passes, extent) in variants.items():
+            V.CROP_PASSES, V.body_extent = passes, extent
             rows = []
             for path, (item, logits) in zip(paths, films):
                 film = V.analyse_film(logits, item["box"], HEATMAP_STRIDE, predictor.vertebra_net,
@@ -148,7 +134,7 @@ def pipeline_study(checkpoint: Path, paths: list[str], truth: pd.DataFrame) -> d
             out[name] = {**summary["point_error"]["percent_height"], "recall": summary["detection"]["recall"],
                          "precision": summary["detection"]["precision"]}
     finally:
-        V.CROP_PASSES, V.read_crops = saved
+        V.CROP_PASSES, V.body_extent = saved
     return out
 
 
