@@ -72,7 +72,7 @@ def capture_films(checkpoint: str, manifest: str, vertebrae: str, split: str | N
             with torch.no_grad():
                 out = predictor.net(item["image"][None].to(predictor.device))
                 V.analyse_film(out["vertebra_logits"][0], item["box"], 8, predictor.vertebra_net, item["pixels"],
-                               predictor.device)
+                               predictor.device, point_refiner=predictor.point_refiner)
             if not seen:
                 continue
             rows = np.flatnonzero(keys == M._path_key(images[n]))

@@ -16,7 +16,8 @@ the truth vertebra's mean height, the unit of the benchmark's point error.
 2. ``pipeline``: the whole per-vertebra analysis of inference (models.vertebrae.analyse_film)
    with 2 and 3 crop passes, and with each body's crop window taken from the median extent of
    it and its neighbours (window 5): the median and 90th percentile against the truth bodies
-   matched as evaluation/vertebrae.py matches them.
+   matched as evaluation/vertebrae.py matches them. A checkpoint with a point refiner
+   (models/point_refiner.py) is read with it, and once more without it.
 
 Comparing the crop rows of training films with those of validation films tells whether the
 crop network fits its own training labels any better than unseen ones.
@@ -43,6 +44,7 @@ from evaluation.metrics import load_vertebrae_table  # noqa: E402
 from evaluation.vertebrae import summarise_vertebrae  # noqa: E402
 from models.checkpoint import build_vertebra_network, load_checkpoint  # noqa: E402
 from models.network import HEATMAP_STRIDE  # noqa: E402
+from models.point_refiner import load_refiner, refine_points  # noqa: E402
 
 POINTS = [f"p{k}{c}" for k in range(1, 7) for c in "xy"]
 JITTER = 0.06  # centre shift, fraction of the body extent per axis (the training jitter's scale)
@@ -57,10 +59,14 @@ def _read(net, pixels: np.ndarray, points: np.ndarray) -> np.ndarray:
     return V.read_crops(net, pixels, points, torch.device("cpu"), passes=1)["points"]
 
 
-def crop_study(net, films: list[tuple[np.ndarray, np.ndarray]], seed: int = 0) -> dict:
-    """``films``: (normalised pixels, truth points (n, 6, 2)) per film."""
+def crop_study(net, films: list[tuple[np.ndarray, np.ndarray]], seed: int = 0, refiner=None) -> dict:
+    """``films``: (normalised pixels, truth points (n, 6, 2)) per film. With a ``refiner``
+    (models/point_refiner.py), two more rows: its reading from windows placed on the truth
+    (``refiner on truth``) and from the crop network's truth-placed reading (``crop + refiner``)."""
     rng = np.random.default_rng(seed)
     reads = {"truth": [], "jitter": [], "scale 0.9": [], "scale 1.1": []}
+    if refiner is not None:
+        reads.update({"refiner on truth": [], "crop + refiner": []})
     truth = []
     for pixels, pts in films:
         c, e = body_centre(pts), body_extent(pts)
@@ -70,6 +76,9 @@ def crop_study(net, films: list[tuple[np.ndarray, np.ndarray]], seed: int = 0) -
         reads["jitter"].append(_read(net, pixels, pts + shift[:, None, :]))
         reads["scale 0.9"].append(_read(net, pixels, c[:, None] + 0.9 * (pts - c[:, None])))
         reads["scale 1.1"].append(_read(net, pixels, c[:, None] + 1.1 * (pts - c[:, None])))
+        if refiner is not None:
+            reads["refiner on truth"].append(refine_points(refiner, pixels, pts, torch.device("cpu")))
+            reads["crop + refiner"].append(refine_points(refiner, pixels, reads["truth"][-1], torch.device("cpu")))
         truth.append(pts)
     t = np.concatenate(truth)
     height = np.linalg.norm(t[:, 3:] - t[:, :3], axis=-1).mean(axis=1)
@@ -115,17 +124,20 @@ def pipeline_study(checkpoint: Path, paths: list[str], truth: pd.DataFrame) -> d
             logits = predictor.net(item["image"][None].to(predictor.device))["vertebra_logits"][0]
         films.append((item, logits))
     # read_crops sizes its windows with models.vertebrae's body_extent: swapped for one variant
-    variants = {"2 passes": (2, body_extent), "3 passes": (3, body_extent),
-                "2 passes, neighbour-median extent": (2, _neighbour_median_extent(5))}
+    refiner = predictor.point_refiner
+    variants = {"2 passes": (2, body_extent, refiner), "3 passes": (3, body_extent, refiner),
+                "2 passes, neighbour-median extent": (2, _neighbour_median_extent(5), refiner)}
+    if refiner is not None:
+        variants["2 passes, without the point refiner"] = (2, body_extent, None)
     out = {}
     saved = V.CROP_PASSES, V.body_extent
     try:
-        for name, (passes, extent) in variants.items():
+        for name, (passes, extent, refiner) in variants.items():
             V.CROP_PASSES, V.body_extent = passes, extent
             rows = []
             for path, (item, logits) in zip(paths, films):
                 film = V.analyse_film(logits, item["box"], HEATMAP_STRIDE, predictor.vertebra_net,
-                                      item["pixels"], predictor.device)
+                                      item["pixels"], predictor.device, point_refiner=refiner)
                 rows += vertebra_rows({"image": path, "name": path, "levels_trusted": film["levels_trusted"],
                                        "vertebrae": film["vertebrae"]})
             pred = pd.DataFrame(rows, columns=VERTEBRA_COLUMNS)  # the columns even where nothing was found
@@ -149,13 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     truth = load_vertebrae_table(args.vertebrae, args.vertebrae.parent / "manifest.csv")
     paths = list(dict.fromkeys(truth["image"]))[: args.limit]
     truth = truth[truth["image"].isin(paths)].reset_index(drop=True)
-    net = build_vertebra_network(load_checkpoint(args.checkpoint), args.checkpoint).eval()
+    ckpt = load_checkpoint(args.checkpoint)
+    net = build_vertebra_network(ckpt, args.checkpoint).eval()
+    refiner = load_refiner(ckpt, args.checkpoint)
     films = []
     for path in tqdm(paths, desc="crop study", leave=False):
         pts = truth.loc[truth["image"] == path, POINTS].to_numpy(float).reshape(-1, 6, 2)
         films.append((normalize_intensity(read_image(path).pixels), pts[np.isfinite(pts).all(axis=(1, 2))]))
     result = {"checkpoint": str(args.checkpoint), "vertebrae": str(args.vertebrae), "n_films": len(paths),
-              "crop": crop_study(net, films)}
+              "crop": crop_study(net, films, refiner=refiner)}
     crop = result["crop"]
     print(f"crop network on crops placed from the truth ({crop['n_vertebrae']} vertebrae of {len(paths)} films), "
           f"point error as % of body height:")

@@ -124,7 +124,7 @@ class RadiographDataset(Dataset):
                         p[:, 0] = CROP_SIZE - 1 - p[:, 0]
                         if ap:
                             p = p[AP_MIRROR]
-                    crop = _photometric(crop, self.rng)
+                    crop = photometric(crop, self.rng)
                 crops[slot, 0] = crop
                 points[slot] = p
                 fracture[slot], acute[slot], valid[slot] = frac[k], acu[k], 1.0
@@ -178,7 +178,7 @@ class RadiographDataset(Dataset):
         return sample
 
 
-def _photometric(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def photometric(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Gamma, contrast and noise on a [0, 1] crop."""
     crop = np.clip(crop, 0, 1) ** float(np.exp(rng.normal(0, 0.15)))
     crop = (crop - 0.5) * float(rng.uniform(0.85, 1.15)) + 0.5 + float(rng.normal(0, 0.04))

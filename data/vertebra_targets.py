@@ -76,7 +76,8 @@ def invert_affine(matrix: np.ndarray) -> np.ndarray:
 def extract_crop(image: np.ndarray, matrix: np.ndarray, out: int = CROP_SIZE) -> np.ndarray:
     """Resample the crop; a large window is blurred first so the downsampling does not alias."""
     matrix = np.asarray(matrix, dtype=np.float64)
-    zoom = float(np.hypot(matrix[0, 0], matrix[0, 1]))
+    # the smaller of the two axes' scales (a point-refiner window scales them differently)
+    zoom = float(min(np.hypot(matrix[0, 0], matrix[0, 1]), np.hypot(matrix[1, 0], matrix[1, 1])))
     src = image
     if zoom < 0.5:
         # blur only the window's source region (plus the kernel's reach), not the whole film

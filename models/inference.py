@@ -28,7 +28,8 @@ from data.discovery import find_inputs
 from data.readers import ImageReadError, read_image
 from data.transforms import letterbox, normalize_intensity
 from models.calibration import CALIBRATION_KEY, predictor_calibration
-from models.checkpoint import build_network, build_vertebra_network, file_sha256, load_checkpoint
+from models.checkpoint import CheckpointError, build_network, build_vertebra_network, file_sha256, load_checkpoint
+from models.point_refiner import load_refiner
 from models.network import HEATMAP_STRIDE, FractureNet
 from models.vertebrae import analyse_film, fracture_map, fracture_peak, image_probabilities, with_morphometry
 from models.visualize import draw_vertebrae, overlay_heatmap
@@ -159,6 +160,10 @@ class Predictor:
         ckpt = load_checkpoint(self.checkpoint, sha256=sha256)
         self.net, self.meta = build_network(ckpt, self.checkpoint)
         self.vertebra_net = build_vertebra_network(ckpt, self.checkpoint) if "crop_size" in self.meta else None
+        try:
+            self.point_refiner = load_refiner(ckpt, self.checkpoint) if self.vertebra_net is not None else None
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from exc
         stored = ckpt.get(CALIBRATION_KEY) if calibrated else None
         self.calibrator, self.operating_point = predictor_calibration(stored, self.checkpoint, operating_point)
         self.checkpoint_id = file_sha256(self.checkpoint)[:16]
@@ -168,6 +173,8 @@ class Predictor:
         self.net.to(self.device)
         if self.vertebra_net is not None:
             self.vertebra_net.to(self.device)
+        if self.point_refiner is not None:
+            self.point_refiner.to(self.device)
         self.image_size = tuple(self.meta["image_size"])
 
     @torch.no_grad()
@@ -195,7 +202,8 @@ class Predictor:
             if self.vertebra_net is not None:
                 try:
                     film = analyse_film(out["vertebra_logits"][k], item["box"], HEATMAP_STRIDE, self.vertebra_net,
-                                        item["pixels"], self.device, item.get("pixel_spacing_mm"))
+                                        item["pixels"], self.device, item.get("pixel_spacing_mm"),
+                                        point_refiner=self.point_refiner)
                 except Exception as exc:  # one film's vertebra analysis must not end the batch
                     film["vertebra_error"] = f"{type(exc).__name__}: {exc}"
             combiner = self.calibrator.vertebra_combiner if self.calibrator is not None else None

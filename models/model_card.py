@@ -118,8 +118,30 @@ def _model_details(ckpt: dict, checkpoint_path: Path, sha256: str) -> str:
             _md_table(["field", "value"], rows)]
     if not meta:
         text += ["", "*The checkpoint carries no `vcf_model` metadata.*"]
+    refiner = ckpt.get("point_refiner")
+    if isinstance(refiner, dict):
+        text += ["", "### Point refiner", "", _refiner_details(refiner)]
     text += ["", "### Calibration stored in the checkpoint", "", _calibration_details(ckpt.get("vcf_calibration"))]
     return "\n".join(text)
+
+
+def _refiner_details(entry: dict) -> str:
+    """The ``point_refiner`` entry of ``python -m models.point_refiner`` (docs/formats.md)."""
+    cfg, tr = entry.get("config") or {}, entry.get("training") or {}
+    text = ("A point refiner re-reads each vertebra's six points in a window of the body's own frame "
+            f"({cfg.get('width_context', '?')} x its width by {cfg.get('height_context', '?')} x its height, turned "
+            f"to its endplates, {cfg.get('size', '?')} px, {cfg.get('passes', '?')} passes, backbone "
+            f"{cfg.get('backbone', '?')}); the vertebra probabilities stay the crop network's.")
+    if tr:
+        best = next((h for h in tr.get("history", []) if h.get("epoch") == tr.get("best_epoch")), {})
+        err = best.get("val_median_error_pct") or {}
+        text += (f" Trained for {tr.get('epochs')} epochs ({tr.get('films_per_epoch')} films each, drawn from "
+                 f"{tr.get('n_train_films')} training films of {', '.join(f'`{Path(m).name}`' for m in tr.get('manifests', []))}); "
+                 f"epoch {tr.get('best_epoch')} kept, validation median point error "
+                 + ", ".join(f"{k} {v:.1f} %" for k, v in err.items() if k != "score")
+                 + f" of the body height on {tr.get('n_val_films')} validation films (one read from windows jittered as in "
+                   "training).")
+    return text
 
 
 def _calibration_details(cal) -> str:

@@ -6,7 +6,9 @@
 2. **Refine and score** (:func:`read_crops`): a square crop of the original film around each
    body goes through the crop network (models/vertebra_net.py), which places the six points at
    the film's own resolution and gives the vertebra's ``p_fracture`` and ``p_acute``. The crop
-   is taken twice, the second time centred on the first pass's points.
+   is taken twice, the second time centred on the first pass's points. A checkpoint that holds
+   a **point refiner** (models/point_refiner.py) then re-reads each body's points in a window
+   of its own frame (rotated to its endplates, sized by its width and height).
    **Gaps are filled** (:func:`gap_proposals`): where the counting below finds one or two
    bodies missing between two found ones (a collapsed body whose heatmap peak merged with a
    neighbour's, or a small one under the stride-8 grid), a window is placed where the missing
@@ -34,6 +36,7 @@ from matplotlib.path import Path as MplPath
 from data.morphometry import LEVELS, grade_vertebrae
 from data.vertebra_targets import (AP_MIRROR, CROP_CONTEXT, CROP_SIZE, N_LEVELS, OFFSET_SCALE, apply_affine,
                                    body_centre, body_extent, crop_matrix, extract_crop, invert_affine)
+from models.point_refiner import refine_points
 
 MIN_DETECTION_SCORE = 0.3
 MAX_VERTEBRAE = 30
@@ -503,9 +506,14 @@ def fracture_peak(heatmap: np.ndarray, vertebrae: list[dict], to_image: dict) ->
 
 def analyse_film(vertebra_logits: torch.Tensor, box, stride: int, vertebra_net: torch.nn.Module,
                  image: np.ndarray, device: torch.device, pixel_spacing_mm=None,
-                 min_score: float = MIN_DETECTION_SCORE, fill_gaps: bool = True) -> dict:
+                 min_score: float = MIN_DETECTION_SCORE, fill_gaps: bool = True,
+                 point_refiner: torch.nn.Module | None = None) -> dict:
     """All four steps for one film. ``image``: the normalised original pixels; ``box``: the
-    letterbox that made the network input. Returns ``vertebrae`` and the film's level summary."""
+    letterbox that made the network input. Returns ``vertebrae`` and the film's level summary.
+
+    ``point_refiner`` (models/point_refiner.py), when given, re-reads every body's points in
+    its own frame after the crop network and the gap filling; the probabilities stay the crop
+    network's."""
     found = decode_detections(vertebra_logits, stride, min_score=min_score)
     if not found:
         return {"vertebrae": [], "level_confidence": None, "levels_trusted": False}
@@ -524,6 +532,11 @@ def analyse_film(vertebra_logits: torch.Tensor, box, stride: int, vertebra_net: 
     scores, logp = scores[order], logp[order]
     if fill_gaps:
         read, scores, logp = _fill_gaps(read, scores, logp, vertebra_logits, box, stride, vertebra_net, image, device)
+    if point_refiner is not None:
+        read = {**read, "points": refine_points(point_refiner, image, read["points"], device)}
+        order = spine_order(read["points"])
+        read = {k: v[order] for k, v in read.items()}
+        scores, logp = scores[order], logp[order]
     labels = assign_levels(read["points"], logp)
     vertebrae = describe_vertebrae(read["points"], labels, read, scores, pixel_spacing_mm)
     return {"vertebrae": vertebrae, "level_confidence": labels["level_confidence"], "levels_trusted": labels["trusted"]}

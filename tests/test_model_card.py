@@ -112,3 +112,26 @@ def test_model_card_refuses_unsafe_checkpoint(tmp_path):
     (tmp_path / "metrics.json").write_text("{}")
     with pytest.raises(CheckpointError):
         model_card.build_model_card(path, tmp_path / "metrics.json")
+
+
+def test_model_card_describes_a_stored_point_refiner(tmp_path, tiny_eval_set):
+    from data.io_utils import atomic_write_json
+    from evaluation.report import evaluate
+    from models import model_card
+
+    metrics_json = atomic_write_json(tmp_path / "metrics.json", evaluate(
+        tiny_eval_set["predictions"], tiny_eval_set["manifest"], n_boot=50))
+    path = _tiny_checkpoint(tmp_path / "model.ckpt")
+    assert "Point refiner" not in model_card.build_model_card(path, metrics_json)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["point_refiner"] = {  # as python -m models.point_refiner writes it (docs/formats.md)
+        "state_dict": {}, "config": {"backbone": "resnet18", "size": 96, "width_context": 1.5, "height_context": 2.2,
+                                     "passes": 2},
+        "training": {"manifests": ["/data/mix/manifest.csv"], "epochs": 8, "films_per_epoch": 800,
+                     "n_train_films": 2300, "n_val_films": 433, "best_epoch": 2,
+                     "history": [{"epoch": 1, "val_median_error_pct": {"ap": 11.0, "lateral": 2.5, "score": 6.75}},
+                                 {"epoch": 2, "val_median_error_pct": {"ap": 9.51, "lateral": 2.04, "score": 5.8}}]}}
+    torch.save(ckpt, path)
+    card = model_card.build_model_card(path, metrics_json)
+    assert "### Point refiner" in card and "1.5 x its width by 2.2 x its height" in card  # the stored window, not today's default
+    assert "epoch 2 kept" in card and "ap 9.5 %, lateral 2.0 %" in card and "`manifest.csv`" in card

@@ -53,6 +53,33 @@ def test_crop_study_measures_exactly_what_each_window_costs():
     assert np.allclose(out["mean_signed_error_pct"]["x"], 0, atol=1e-2)
 
 
+class _CanonicalRefiner(nn.Module):
+    """A point refiner that reads every body exactly where its window was placed for it."""
+
+    context = (1.7, 2.2)
+    passes = 2
+
+    def forward(self, crops):
+        from models.point_refiner import REFINE_SIZE
+
+        unit = np.array([[-1, -1], [0, -1], [1, -1], [-1, 1], [0, 1], [1, 1]], float)
+        template = unit * [REFINE_SIZE / (2 * self.context[0]), REFINE_SIZE / (2 * self.context[1])] + (REFINE_SIZE - 1) / 2
+        n = crops.shape[0]
+        return {"points": torch.tensor(np.repeat(template[None], n, 0), dtype=torch.float32), "logits": torch.zeros(n, 2)}
+
+
+def test_crop_study_reads_the_refiner_from_the_truth_and_from_the_crop_reading():
+    import point_error_study
+
+    films = [(np.zeros((200, 120), np.float32), np.stack([_square(60, 50 + 30 * k, 20) for k in range(4)]))]
+    v = point_error_study.crop_study(_ConstantCropNet(), films, refiner=_CanonicalRefiner())["variants"]
+    # a window placed on the truth puts the body where the canonical reader reads it: no error;
+    # from the crop reading (exact here too) the same
+    assert v["refiner on truth"]["median"] == pytest.approx(0, abs=1e-3)
+    assert v["crop + refiner"]["median"] == pytest.approx(0, abs=1e-3)
+    assert "refiner on truth" not in point_error_study.crop_study(_ConstantCropNet(), films)["variants"]
+
+
 def test_point_error_study_runs_on_phantom_films(tmp_path, capsys):
     import point_error_study
     from data.phantom import generate_dataset

@@ -1026,3 +1026,44 @@ def test_dicom_sr_has_a_measurement_group_per_vertebra(model, tmp_path):
     grades = {(it.ConceptNameCodeSequence[0].CodeValue, it.ConceptCodeSequence[0].CodeValue)
               for it in _walk(sr.ContentSequence) if it.ValueType == "CODE"}
     assert ("VCF004", "VCF012") in grades  # the L3 wedge: Genant grade 2
+
+
+class _ShrinkingRefiner(nn.Module):
+    """A point refiner that reads every body in its window 0.8 x as tall as the window was
+    placed for (a visible, known change per pass)."""
+
+    def __init__(self):
+        super().__init__()
+        from models.point_refiner import HEIGHT_CONTEXT, REFINE_SIZE, WIDTH_CONTEXT
+
+        half = (REFINE_SIZE - 1) / 2.0
+        unit = np.array([[-1, -1], [0, -1], [1, -1], [-1, 1], [0, 1], [1, 1]], float)
+        self.template = unit * [REFINE_SIZE / (2 * WIDTH_CONTEXT), 0.8 * REFINE_SIZE / (2 * HEIGHT_CONTEXT)] + half
+        self.calls = 0
+
+    def forward(self, crops):
+        self.calls += 1
+        n = crops.shape[0]
+        return {"points": torch.tensor(np.repeat(self.template[None], n, 0), dtype=torch.float32),
+                "logits": torch.zeros(n, 2)}
+
+
+def test_analyse_film_measures_the_point_refiners_reading_and_keeps_the_crop_probabilities():
+    from models.point_refiner import REFINE_PASSES
+
+    logits, box, truth, levels = _gap_film(skip=())
+    image = np.zeros((128, 104), np.float32)
+    cpu = torch.device("cpu")
+    crop = _StubCropNet(logits=((1.0, -1.0),))
+    plain = analyse_film(logits, box, STRIDE, crop, image, cpu)
+    refiner = _ShrinkingRefiner()
+    refined = analyse_film(logits, box, STRIDE, _StubCropNet(logits=((1.0, -1.0),)), image, cpu, point_refiner=refiner)
+    assert refiner.calls == REFINE_PASSES == 2
+    assert [v["level"] for v in refined["vertebrae"]] == levels
+    for a, b, pts in zip(plain["vertebrae"], refined["vertebrae"], truth):
+        np.testing.assert_allclose(a["points"], pts, atol=1e-3)
+        centre = pts.mean(axis=0)
+        shrunk = centre + (pts - centre) * [1.0, 0.8 ** REFINE_PASSES]  # each pass: 0.8 x the height
+        np.testing.assert_allclose(b["points"], shrunk, atol=1e-3)
+        assert b["heights"]["posterior"] == pytest.approx(0.64 * a["heights"]["posterior"], rel=1e-3)
+        assert b["p_fracture"] == a["p_fracture"] and b["p_acute"] == a["p_acute"]

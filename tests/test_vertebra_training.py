@@ -366,7 +366,7 @@ def test_mirror_keeps_ap_p1_on_the_image_left(phantom, monkeypatch, view, coin):
     so the expected targets are exact."""
     import data.dataset as dataset_module
 
-    monkeypatch.setattr(dataset_module, "_photometric", lambda crop, rng: np.ascontiguousarray(crop, np.float32))
+    monkeypatch.setattr(dataset_module, "photometric", lambda crop, rng: np.ascontiguousarray(crop, np.float32))
     man = phantom[view]
     ds = _forced_dataset(man, coin, max_crops=20)
     flip = coin < 0.5

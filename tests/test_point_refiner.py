@@ -1,0 +1,226 @@
+"""models/point_refiner.py: the body-frame window, reading through it, training and storage."""
+import math
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from data.phantom import generate_dataset
+from data.vertebra_targets import AP_MIRROR, apply_affine, invert_affine
+from models.point_refiner import (HEIGHT_CONTEXT, REFINE_SIZE, REFINER_KEY, WIDTH_CONTEXT, RefinerCrops, body_frames, build_refiner,
+                                  fit_refiner, frame_matrices, frame_matrix, load_refiner, main, refine_points,
+                                  window_error_pct)
+from models.vertebra_net import VertebraNet
+
+HALF = (REFINE_SIZE - 1) / 2.0
+
+
+def _body(cx, cy, width, height, angle_deg=0.0):
+    """Six points of a rectangular body (p1..p3 superior, left to right), turned by ``angle_deg``."""
+    local = np.array([[-1, -1], [0, -1], [1, -1], [-1, 1], [0, 1], [1, 1]], float) * [width / 2, height / 2]
+    a = math.radians(angle_deg)
+    rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    return local @ rot.T + [cx, cy]
+
+
+def test_body_frame_reads_tilt_size_and_never_turns_a_body_upside_down():
+    f = body_frames(_body(100, 80, 60, 30, angle_deg=20)[None])
+    assert math.degrees(f["angle"][0]) == pytest.approx(20)
+    assert f["width"][0] == pytest.approx(60) and f["height"][0] == pytest.approx(30)
+    assert f["centre"][0] == pytest.approx([100, 80])
+    # the same body labelled right to left (a lateral film facing the other way): same tilt, not 200 degrees
+    mirrored = _body(100, 80, 60, 30, angle_deg=20)[[2, 1, 0, 5, 4, 3]]
+    assert math.degrees(body_frames(mirrored[None])["angle"][0]) == pytest.approx(20)
+
+
+@pytest.mark.parametrize("angle", [0.0, 25.0, -40.0])
+def test_window_puts_the_body_upright_at_a_fixed_place_whatever_its_tilt(angle):
+    pts = _body(300, 200, 80, 40, angle)
+    m = frame_matrix(*[body_frames(pts[None])[k][0] for k in ("centre", "angle", "width", "height")])
+    inside = apply_affine(m, pts)
+    half_w, half_h = REFINE_SIZE / (2 * WIDTH_CONTEXT), REFINE_SIZE / (2 * HEIGHT_CONTEXT)
+    expected = np.array([[-1, -1], [0, -1], [1, -1], [-1, 1], [0, 1], [1, 1]], float) * [half_w, half_h] + HALF
+    np.testing.assert_allclose(inside, expected, atol=1e-9)
+    np.testing.assert_allclose(apply_affine(invert_affine(m), inside), pts, atol=1e-9)
+
+
+def test_window_of_a_collapsed_guess_keeps_a_readable_shape():
+    m = frame_matrix((50, 50), 0.0, width=60, height=0.5)
+    sx, sy = np.linalg.norm(m[0, :2]), np.linalg.norm(m[1, :2])
+    assert REFINE_SIZE / sy == pytest.approx(WIDTH_CONTEXT * 60 / 3)  # height side at least a third of the width
+
+
+class _FindBrightBox(nn.Module):
+    """Reads the corners and endplate midpoints of the bright pixels' bounding box: a stand-in
+    for a perfect refiner, so the test checks only the geometry around it."""
+
+    def forward(self, crops):
+        out = []
+        for c in crops[:, 0].numpy():
+            ys, xs = np.nonzero(c > 0.5)
+            x0, x1, y0, y1 = xs.min() - 0.5, xs.max() + 0.5, ys.min() - 0.5, ys.max() + 0.5
+            xm = (x0 + x1) / 2
+            out.append([[x0, y0], [xm, y0], [x1, y0], [x0, y1], [xm, y1], [x1, y1]])
+        return {"points": torch.tensor(np.array(out), dtype=torch.float32), "logits": torch.zeros(len(out), 2)}
+
+
+@pytest.mark.parametrize("angle", [0.0, 30.0])
+def test_refine_points_maps_a_reading_back_to_the_film(angle):
+    truth = np.stack([_body(200, 150, 120, 60, angle), _body(200, 330, 110, 70, angle)])
+    image = np.zeros((480, 400), np.float32)
+    for body in truth:
+        corners = body[[0, 2, 5, 3]] - 0.5  # pixel centres: the filled polygon's edge is half a pixel out
+        cv2.fillPoly(image, [np.round(corners * 16).astype(np.int32)], 1.0, lineType=cv2.LINE_AA, shift=4)
+    rng = np.random.default_rng(0)
+    # start off by 8 % of the height and 10 % in size, at the right tilt (a box reader cannot see tilt)
+    start = truth.mean(axis=1, keepdims=True) + 1.1 * (truth - truth.mean(axis=1, keepdims=True)) + rng.normal(0, 5, (2, 1, 2))
+    refined = refine_points(_FindBrightBox(), image, start, torch.device("cpu"), passes=2)
+    before = np.abs(start - truth).max()
+    assert before > 8
+    # within the box reader's own half-pixel steps (about 2 film pixels here); a window turned
+    # the wrong way or scaled on the wrong axis would miss by tens of pixels
+    assert np.abs(refined - truth).max() < 3.0
+    with pytest.raises(ValueError, match="passes"):
+        refine_points(_FindBrightBox(), image, start, torch.device("cpu"), passes=0)
+    assert refine_points(_FindBrightBox(), image, np.zeros((0, 6, 2)), torch.device("cpu")).shape == (0, 6, 2)
+
+
+def test_training_windows_hold_the_truth_and_mirror_ap_labels(tmp_path):
+    image = np.zeros((300, 200), np.uint8)
+    image[100:160, 60:140] = 200
+    path = tmp_path / "film.png"
+    cv2.imwrite(str(path), image)
+    pts = _body(100, 130, 80, 60)[None]
+    film = {"image": str(path), "points": pts, "ap": True}
+    item = RefinerCrops([film], augment=False)[0]
+    back = np.stack([apply_affine(np.concatenate([L, np.zeros((2, 1))], 1), t) for L, t in
+                     zip(item["to_original"].numpy().astype(float), item["points"].numpy().astype(float))])
+    # the window's linear part maps window steps back to film steps: the body's own sides come back
+    assert np.linalg.norm(back[0, 2] - back[0, 0]) == pytest.approx(80, rel=1e-4)
+    assert np.linalg.norm(back[0, 3] - back[0, 0]) == pytest.approx(60, rel=1e-4)
+    err = window_error_pct(item["points"] + torch.tensor([1.0, 0.0]), item["points"], item["to_original"], item["height"])
+    step = float(np.linalg.norm(item["to_original"][0, :, 0]))
+    assert err.numpy() == pytest.approx(np.full((1, 6), 100 * step / 60), rel=1e-5)
+    torch.manual_seed(0)
+    for _ in range(8):  # mirrored AP windows keep p1 on the image-left side
+        aug = RefinerCrops([film], augment=True)[0]
+        p = aug["points"][0].numpy()
+        assert p[0, 0] < p[2, 0] and p[3, 0] < p[5, 0]
+    assert AP_MIRROR == [2, 1, 0, 5, 4, 3]
+
+
+@pytest.fixture(scope="module")
+def phantom_manifest(tmp_path_factory):
+    root = tmp_path_factory.mktemp("refiner_data")
+    generate_dataset(root, n=12, seed=3, size=160, workers=1, progress=False)
+    return root / "manifest.csv"
+
+
+def _checkpoint(net: VertebraNet) -> dict:
+    return {"state_dict": {f"vertebra_net.{k}": v for k, v in net.state_dict().items()},
+            "datamodule_hyper_parameters": {"val_fraction": 0.3, "split_seed": 0},
+            "vcf_model": {"crop_backbone": "resnet18"}}
+
+
+def test_fit_refiner_learns_and_stores_a_loadable_entry(phantom_manifest, tmp_path):
+    torch.manual_seed(0)
+    ckpt = _checkpoint(VertebraNet())
+    entry = fit_refiner(ckpt, [phantom_manifest], epochs=6, lr=3e-3, batch_films=2, num_workers=0)
+    history = entry["training"]["history"]
+    assert [h["epoch"] for h in history] == list(range(7))
+    assert entry["training"]["n_train_films"] > 0 and entry["training"]["n_val_films"] > 0
+    before = history[0]["val_median_error_pct"]["lateral"]
+    best = min(h["val_median_error_pct"]["lateral"] for h in history[1:])
+    assert best < 0.8 * before  # it learns, from an untrained start
+    ckpt[REFINER_KEY] = entry
+    path = tmp_path / "refined.ckpt"
+    torch.save(ckpt, path)
+    loaded = load_refiner(torch.load(path, weights_only=True), path)
+    weights = entry["state_dict"]
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in weights.items())
+    assert load_refiner({"state_dict": {}}, path) is None
+
+
+def test_load_refiner_names_the_file_for_a_broken_entry(tmp_path):
+    with pytest.raises(ValueError, match="broken.ckpt.*malformed"):
+        load_refiner({REFINER_KEY: {"weights": 1}}, tmp_path / "broken.ckpt")
+    small = VertebraNet(backbone="resnet18", width=32).state_dict()
+    with pytest.raises(ValueError, match="broken.ckpt.*do not fit"):
+        load_refiner({REFINER_KEY: {"state_dict": small, "config": {}}}, tmp_path / "broken.ckpt")
+
+
+def test_cli_refuses_to_overwrite_its_source(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(tmp_path / "a.ckpt"), "--manifest", "m.csv", "--out", str(tmp_path / "a.ckpt")])
+    assert "must differ" in capsys.readouterr().err
+
+
+def test_jittered_windows_stay_near_the_body():
+    pts = _body(100, 100, 60, 40)[None].repeat(2000, axis=0)
+    mats = frame_matrices(pts, rng=np.random.default_rng(1))
+    inside = np.stack([apply_affine(m, p) for m, p in zip(mats, pts)])
+    # the windows miss as far as the crop network's readings do, yet nearly every point stays in view
+    in_view = ((inside > 0) & (inside < REFINE_SIZE - 1)).all(axis=-1)
+    assert in_view.mean() > 0.99 and in_view.all(axis=1).mean() > 0.97
+    assert np.std([m[0, 2] for m in mats]) > 1  # and the windows do move
+
+
+def test_predictor_runs_the_stored_refiner_and_refuses_a_broken_one(tmp_path, phantom_manifest):
+    from models.checkpoint import CheckpointError
+    from models.inference import InferenceDataset, Predictor
+    from models.system import FractureSystem
+
+    torch.manual_seed(0)
+    system = FractureSystem(fpn_dim=16, image_size=(64, 48))
+    ckpt = {"state_dict": system.state_dict(), "hyper_parameters": dict(system.hparams)}
+    system.on_save_checkpoint(ckpt)
+    plain = tmp_path / "plain.ckpt"
+    torch.save(ckpt, plain)
+    assert Predictor(plain, device="cpu").point_refiner is None
+    refiner = VertebraNet()
+    ckpt[REFINER_KEY] = {"state_dict": refiner.state_dict(), "config": {"backbone": "resnet18", "size": REFINE_SIZE},
+                         "training": {}}
+    refined = tmp_path / "refined.ckpt"
+    torch.save(ckpt, refined)
+    predictor = Predictor(refined, device="cpu")
+    assert isinstance(predictor.point_refiner, VertebraNet) and not predictor.point_refiner.training
+    image = str(next((phantom_manifest.parent / "images").glob("*.png")))
+    item = InferenceDataset([image], predictor.image_size)[0]
+    assert len(predictor.predict([item])) == 1  # loads and predicts (analyse_film's refiner path: test_vertebra_inference)
+    ckpt[REFINER_KEY] = {"state_dict": {"bad": torch.zeros(1)}, "config": {}}
+    broken = tmp_path / "broken.ckpt"
+    torch.save(ckpt, broken)
+    with pytest.raises(CheckpointError, match="broken.ckpt"):
+        Predictor(broken, device="cpu")
+
+
+class _CanonicalReader(nn.Module):
+    """Reads every body exactly where a window of ``context`` would have put it."""
+
+    def __init__(self, context):
+        super().__init__()
+        unit = np.array([[-1, -1], [0, -1], [1, -1], [-1, 1], [0, 1], [1, 1]], float)
+        self.template = unit * [REFINE_SIZE / (2 * context[0]), REFINE_SIZE / (2 * context[1])] + HALF
+
+    def forward(self, crops):
+        n = crops.shape[0]
+        return {"points": torch.tensor(np.repeat(self.template[None], n, 0), dtype=torch.float32),
+                "logits": torch.zeros(n, 2)}
+
+
+def test_refine_points_uses_the_window_the_refiner_was_trained_with():
+    net = build_refiner({"width_context": 1.5, "height_context": 2.0, "passes": 3})
+    assert net.context == (1.5, 2.0) and net.passes == 3
+    pts = _body(100, 100, 60, 40, angle_deg=10)[None]
+    image = np.zeros((200, 200), np.float32)
+    reader = _CanonicalReader((1.5, 2.0))
+    reader.context = net.context
+    np.testing.assert_allclose(refine_points(reader, image, pts, torch.device("cpu")), pts, atol=1e-4)
+    # read through today's default window instead, each pass stretches the body by the ratio
+    reader.context = (WIDTH_CONTEXT, HEIGHT_CONTEXT)
+    out = refine_points(reader, image, pts, torch.device("cpu"), passes=1)
+    f = body_frames(out)
+    assert f["width"][0] == pytest.approx(60 * WIDTH_CONTEXT / 1.5, rel=1e-4)
+    assert f["height"][0] == pytest.approx(40 * HEIGHT_CONTEXT / 2.0, rel=1e-4)
