@@ -137,10 +137,13 @@ def _refiner_details(entry: dict) -> str:
         err = best.get("val_median_error_pct") or {}
         text += (f" Trained for {tr.get('epochs')} epochs ({tr.get('films_per_epoch')} films each, drawn from "
                  f"{tr.get('n_train_films')} training films of {', '.join(f'`{Path(m).name}`' for m in tr.get('manifests', []))}); "
-                 f"epoch {tr.get('best_epoch')} kept, validation median point error "
-                 + ", ".join(f"{k} {v:.1f} %" for k, v in err.items() if k != "score")
-                 + f" of the body height on {tr.get('n_val_films')} validation films (one read from windows jittered as in "
-                   "training).")
+                 f"epoch {tr.get('best_epoch')} kept")
+        if err:
+            text += (", validation median point error " + ", ".join(f"{k} {v:.1f} %" for k, v in err.items() if k != "score")
+                     + f" of the body height on {tr.get('n_val_films')} validation films (one read from windows "
+                       "jittered as in training).")
+        else:
+            text += " (the last; no validation score)."
     return text
 
 

@@ -65,7 +65,10 @@ def body_frames(points: np.ndarray) -> dict[str, np.ndarray]:
     is never turned upside down (anterior stays on whichever side the film has it)."""
     p = np.asarray(points, dtype=np.float64).reshape(-1, 6, 2)
     direction = (p[:, 2] - p[:, 0]) + (p[:, 5] - p[:, 3])
-    direction = np.where(direction[:, :1] < 0, -direction, direction)
+    # fold into (-90, 90]: point the endplate direction rightwards (straight down counts as up)
+    eps = 1e-9 * np.linalg.norm(direction, axis=1)
+    flip = (direction[:, 0] < -eps) | ((np.abs(direction[:, 0]) <= eps) & (direction[:, 1] < 0))
+    direction = np.where(flip[:, None], -direction, direction)
     width = 0.5 * (np.linalg.norm(p[:, 2] - p[:, 0], axis=-1) + np.linalg.norm(p[:, 5] - p[:, 3], axis=-1))
     height = np.linalg.norm(p[:, 3:] - p[:, :3], axis=-1).mean(axis=-1)
     return {"centre": p.mean(axis=1), "angle": np.arctan2(direction[:, 1], direction[:, 0]),
@@ -228,6 +231,8 @@ def _evaluate(net: VertebraNet, loader: DataLoader, device: torch.device) -> dic
             pred = net(batch["crops"].to(device))["points"].float().cpu()
             errors.append(window_error_pct(pred, batch["points"], batch["to_original"], batch["height"]))
             ap.append(batch["ap"])
+    if not errors:
+        return {}  # no readable validation film
     err, ap = torch.cat(errors), torch.cat(ap)
     out = {}
     for name, sel in (("ap", ap), ("lateral", ~ap)):
@@ -241,20 +246,28 @@ def fit_refiner(checkpoint: dict, manifests: list[str | Path], epochs: int = 6, 
                 films_per_epoch: int | None = None, batch_films: int = 4, num_workers: int = 1,
                 seed: int = 0, limit_val: int | None = None, device: str = "cpu") -> dict:
     """Train a refiner on the training split of ``manifests`` (split by patient with the
-    checkpoint's ``val_fraction`` and seed, so its validation patients stay unseen) and return
-    the ``point_refiner`` entry: the best epoch's weights by the validation median point error
-    (one read, from windows jittered as in training), the config and the training record.
+    checkpoint's ``val_fraction`` and seed, so its validation patients stay unseen; rows with
+    ``split = test`` are never read) and return the ``point_refiner`` entry: the best epoch's
+    weights by the validation median point error (one read, from windows jittered as in
+    training), the config and the training record. A checkpoint validated on a separate
+    ``val_manifest`` scores on that manifest's films, and ``manifests`` are then all training.
 
-    Each epoch draws ``films_per_epoch`` training films (default: all), AP and lateral films
-    weighted to equal shares, so that a mixed manifest's many phantom films do not crowd out
-    the real AP ones."""
+    Each epoch draws ``films_per_epoch`` training films (default: as many as there are), with
+    replacement, AP and lateral films weighted to equal shares, so that a mixed manifest's many
+    phantom films do not crowd out the AP ones."""
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
     torch.manual_seed(seed)
-    dhp = checkpoint.get("datamodule_hyper_parameters", {})
-    val_fraction, split_seed = dhp.get("val_fraction", 0.15), dhp.get("split_seed", 0)
+    dhp = checkpoint.get("datamodule_hyper_parameters") or {}
+    split_seed = int(dhp.get("split_seed", 0) or 0)
+    val_fraction = 0.0 if dhp.get("val_manifest") else float(dhp.get("val_fraction", 0.15))
     train, val = [], []
     for m in manifests:
         train += labelled_films(m, "train", val_fraction, split_seed)
-        val += labelled_films(m, "val", val_fraction, split_seed)
+        if not dhp.get("val_manifest"):
+            val += labelled_films(m, "val", val_fraction, split_seed)
+    if dhp.get("val_manifest"):
+        val = labelled_films(dhp["val_manifest"], "train", 0.0, split_seed)  # all its films but split = test rows
     if not train:
         raise ValueError(f"{', '.join(map(str, manifests))}: no training film with labelled points")
     if limit_val:
@@ -279,7 +292,7 @@ def fit_refiner(checkpoint: dict, manifests: list[str | Path], epochs: int = 6, 
     steps = epochs * math.ceil(per_epoch / batch_films)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    history, best, best_state, t0 = [], math.inf, None, time.time()
+    history, best, best_state, best_epoch, t0 = [], math.inf, None, 0, time.time()
     if val_loader is not None:
         history.append({"epoch": 0, "train_loss": None, "val_median_error_pct": _evaluate(net, val_loader, dev)})
         print(f"before training (crop network weights, refiner windows): validation median error "
@@ -300,37 +313,43 @@ def fit_refiner(checkpoint: dict, manifests: list[str | Path], epochs: int = 6, 
             total, n = total + loss.item(), n + 1
             bar.set_postfix(loss=f"{loss.item():.4f}")
         record = {"epoch": epoch, "train_loss": total / max(n, 1)}
+        score = -epoch  # without a validation score: the last epoch
         if val_loader is not None:
             record["val_median_error_pct"] = _evaluate(net, val_loader, dev)
-            score = record["val_median_error_pct"]["score"]
-        else:
-            score = -epoch  # no validation films: the last epoch
-        if score < best:
-            best, best_state = score, {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+            score = record["val_median_error_pct"].get("score", score)
+        if score < best or best_state is None:
+            best, best_epoch = score, epoch
+            best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
         history.append(record)
         print(f"epoch {epoch}: train loss {record['train_loss']:.4f}"
               + (f", validation median error {record['val_median_error_pct']}" if "val_median_error_pct" in record else "")
               + f" ({time.time() - t0:.0f} s)")
     training = {"manifests": [str(m) for m in manifests], "epochs": epochs, "lr": lr, "films_per_epoch": per_epoch,
                 "n_train_films": len(train), "n_val_films": len(val), "seed": seed, "history": history,
-                "best_epoch": int(min((h for h in history if h["epoch"] > 0 and "val_median_error_pct" in h),
-                                      key=lambda h: h["val_median_error_pct"]["score"])["epoch"]) if val else epochs,
+                "best_epoch": best_epoch,
                 "seconds": round(time.time() - t0, 1)}
     return {"state_dict": best_state, "config": config, "training": training}
 
 
 def load_refiner(ckpt: dict, path: str | Path = "checkpoint") -> VertebraNet | None:
-    """The refiner stored in a checkpoint, ready to run, or None when it holds none."""
+    """The refiner stored in a checkpoint, ready to run, or None when it holds none. A malformed
+    entry raises ValueError naming ``path``."""
     entry = ckpt.get(REFINER_KEY)
     if entry is None:
         return None
     if not isinstance(entry, dict) or not isinstance(entry.get("state_dict"), dict):
         raise ValueError(f"{path}: malformed {REFINER_KEY!r} entry (expected a dict with a state_dict)")
-    net = build_refiner(entry.get("config") or {})
+    config = entry.get("config") or {}
     try:
+        if not isinstance(config, dict):
+            raise TypeError(f"config is a {type(config).__name__}, not a dict")
+        net = build_refiner(config)
+        if net.passes < 1 or min(net.context) <= 0 or net.crop_size < 16:
+            raise ValueError(f"passes {net.passes}, context {net.context}, size {net.crop_size} out of range")
         net.load_state_dict(entry["state_dict"])
-    except RuntimeError as exc:
-        raise ValueError(f"{path}: the point refiner's weights do not fit its config: {str(exc).splitlines()[0]}") from exc
+    except Exception as exc:  # any shape, key or value problem: the file is at fault, say which
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"{path}: the point refiner's weights or config do not fit ({detail})") from exc
     return net.eval()
 
 
@@ -340,8 +359,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, required=True, help="a trained checkpoint with a crop network")
-    p.add_argument("--manifest", type=Path, action="append", required=True,
-                   help="manifest.csv with vertebrae.csv beside it (repeat for more); only its training split is read")
+    p.add_argument("--manifest", type=Path, action="append", default=None,
+                   help="manifest.csv with vertebrae.csv beside it (repeat for more); only its training split is read "
+                        "(default: the manifest the checkpoint was trained on)")
     p.add_argument("--out", type=Path, required=True, help="the new checkpoint (a copy with the refiner added)")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -358,11 +378,25 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = load_checkpoint(args.checkpoint)
     if not any(k.startswith("vertebra_net.") for k in ckpt["state_dict"]):
         p.error(f"{args.checkpoint}: no crop network to start the refiner from")
-    entry = fit_refiner(ckpt, args.manifest, epochs=args.epochs, lr=args.lr, films_per_epoch=args.films_per_epoch,
+    dhp = ckpt.get("datamodule_hyper_parameters") or {}
+    manifests = args.manifest or ([Path(dhp["manifest"])] if dhp.get("manifest") else None)
+    if not manifests:
+        p.error(f"{args.checkpoint}: no training manifest recorded; give --manifest")
+    held_out = {Path(dhp[k]).resolve() for k in ("test_manifest", "val_manifest") if dhp.get(k)}
+    for m in manifests:
+        if m.resolve() in held_out:
+            p.error(f"{m}: the checkpoint's test or validation manifest; the refiner must not train on it")
+        if dhp.get("manifest") and m.resolve() != Path(dhp["manifest"]).resolve():
+            log.warning("%s is not the checkpoint's training manifest (%s): its patients are split with the same "
+                        "seed, so make sure it holds none of that run's validation or test patients outside "
+                        "their split", m, dhp["manifest"])
+    entry = fit_refiner(ckpt, manifests, epochs=args.epochs, lr=args.lr, films_per_epoch=args.films_per_epoch,
                         batch_films=args.batch_films, num_workers=args.num_workers, seed=args.seed,
                         limit_val=args.limit_val, device=device)
     entry["training"]["base_checkpoint"] = str(args.checkpoint)
     ckpt[REFINER_KEY] = entry
+    if ckpt.pop("vcf_calibration", None) is not None:  # its combiner was fitted on the crop network's heights
+        print("dropped the checkpoint's calibration: it was fitted without the refiner")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_with(args.out, lambda tmp: torch.save(ckpt, tmp))
     print(f"wrote {args.out} (best epoch {entry['training']['best_epoch']}); re-run python -m models.calibration on it")

@@ -33,6 +33,9 @@ def test_body_frame_reads_tilt_size_and_never_turns_a_body_upside_down():
     # the same body labelled right to left (a lateral film facing the other way): same tilt, not 200 degrees
     mirrored = _body(100, 80, 60, 30, angle_deg=20)[[2, 1, 0, 5, 4, 3]]
     assert math.degrees(body_frames(mirrored[None])["angle"][0]) == pytest.approx(20)
+    # endplates running straight down the image fold to +90, inside (-90, 90]
+    assert math.degrees(body_frames(_body(0, 0, 60, 30, angle_deg=-90)[None])["angle"][0]) == pytest.approx(90)
+    assert math.degrees(body_frames(_body(0, 0, 60, 30, angle_deg=90)[None])["angle"][0]) == pytest.approx(90)
 
 
 @pytest.mark.parametrize("angle", [0.0, 25.0, -40.0])
@@ -48,7 +51,7 @@ def test_window_puts_the_body_upright_at_a_fixed_place_whatever_its_tilt(angle):
 
 def test_window_of_a_collapsed_guess_keeps_a_readable_shape():
     m = frame_matrix((50, 50), 0.0, width=60, height=0.5)
-    sx, sy = np.linalg.norm(m[0, :2]), np.linalg.norm(m[1, :2])
+    sy = np.linalg.norm(m[1, :2])
     assert REFINE_SIZE / sy == pytest.approx(WIDTH_CONTEXT * 60 / 3)  # height side at least a third of the width
 
 
@@ -103,12 +106,33 @@ def test_training_windows_hold_the_truth_and_mirror_ap_labels(tmp_path):
     err = window_error_pct(item["points"] + torch.tensor([1.0, 0.0]), item["points"], item["to_original"], item["height"])
     step = float(np.linalg.norm(item["to_original"][0, :, 0]))
     assert err.numpy() == pytest.approx(np.full((1, 6), 100 * step / 60), rel=1e-5)
-    torch.manual_seed(0)
-    for _ in range(8):  # mirrored AP windows keep p1 on the image-left side
-        aug = RefinerCrops([film], augment=True)[0]
-        p = aug["points"][0].numpy()
-        assert p[0, 0] < p[2, 0] and p[3, 0] < p[5, 0]
     assert AP_MIRROR == [2, 1, 0, 5, 4, 3]
+
+
+@pytest.mark.parametrize("view", ["ap", "lateral"])
+def test_mirrored_training_windows_move_pixels_and_labels_together(tmp_path, view):
+    image = np.full((300, 200), 60, np.uint8)
+    image[100:160, 60:140] = 140
+    image[100:118, 60:82] = 255  # a bright marker in p1's corner (superior, image-left), above the 99.5th percentile
+    path = tmp_path / "film.png"
+    cv2.imwrite(str(path), image)
+    film = {"image": str(path), "points": _body(100, 130, 80, 60)[None], "ap": view == "ap"}
+    torch.manual_seed(0)
+    flipped_seen = set()
+    for _ in range(12):
+        aug = RefinerCrops([film], augment=True)[0]
+        crop, p = aug["crops"][0, 0].numpy(), aug["points"][0].numpy()
+        blurred = cv2.GaussianBlur(np.ascontiguousarray(crop), (0, 0), 3)
+        y, x = np.unravel_index(np.argmax(blurred), blurred.shape)
+        nearest = int(np.argmin(np.linalg.norm(p - [x, y], axis=1)))  # the labelled point the marker sits at
+        flipped = x > (REFINE_SIZE - 1) / 2  # the marker crossed to the right: this window was mirrored
+        flipped_seen.add(bool(flipped))
+        if view == "lateral":  # anterior stays anterior: p1 goes with the marker
+            assert nearest == 0
+        else:  # AP: relabelled, so p1 is the image-left corner and the marker sits at p3 when mirrored
+            assert p[0, 0] < p[2, 0] and p[3, 0] < p[5, 0]
+            assert nearest == (2 if flipped else 0)
+    assert flipped_seen == {True, False}
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +171,14 @@ def test_load_refiner_names_the_file_for_a_broken_entry(tmp_path):
     with pytest.raises(ValueError, match="broken.ckpt.*malformed"):
         load_refiner({REFINER_KEY: {"weights": 1}}, tmp_path / "broken.ckpt")
     small = VertebraNet(backbone="resnet18", width=32).state_dict()
-    with pytest.raises(ValueError, match="broken.ckpt.*do not fit"):
-        load_refiner({REFINER_KEY: {"state_dict": small, "config": {}}}, tmp_path / "broken.ckpt")
+    good = VertebraNet().state_dict()
+    for entry in ({"state_dict": small, "config": {}}, {"state_dict": good, "config": "resnet18"},
+                  {"state_dict": good, "config": {"passes": 0}}, {"state_dict": good, "config": {"passes": "x"}},
+                  {"state_dict": good, "config": {"backbone": "no_such_net"}},
+                  {"state_dict": good, "config": {"width_context": -1}}):
+        with pytest.raises(ValueError, match="broken.ckpt.*do not fit"):
+            load_refiner({REFINER_KEY: entry}, tmp_path / "broken.ckpt")
+    assert load_refiner({REFINER_KEY: {"state_dict": good}}, tmp_path / "fine.ckpt").passes == 2
 
 
 def test_cli_refuses_to_overwrite_its_source(tmp_path, capsys):
@@ -167,7 +197,7 @@ def test_jittered_windows_stay_near_the_body():
     assert np.std([m[0, 2] for m in mats]) > 1  # and the windows do move
 
 
-def test_predictor_runs_the_stored_refiner_and_refuses_a_broken_one(tmp_path, phantom_manifest):
+def test_predictor_runs_the_stored_refiner_and_refuses_a_broken_one(tmp_path, phantom_manifest, monkeypatch):
     from models.checkpoint import CheckpointError
     from models.inference import InferenceDataset, Predictor
     from models.system import FractureSystem
@@ -188,7 +218,19 @@ def test_predictor_runs_the_stored_refiner_and_refuses_a_broken_one(tmp_path, ph
     assert isinstance(predictor.point_refiner, VertebraNet) and not predictor.point_refiner.training
     image = str(next((phantom_manifest.parent / "images").glob("*.png")))
     item = InferenceDataset([image], predictor.image_size)[0]
-    assert len(predictor.predict([item])) == 1  # loads and predicts (analyse_film's refiner path: test_vertebra_inference)
+    import models.inference as inference_module
+
+    seen = {}
+    real = inference_module.analyse_film
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inference_module, "analyse_film", spy)
+    result = predictor.predict([item])[0]
+    assert seen["point_refiner"] is predictor.point_refiner  # what analyse_film does with it: test_vertebra_inference
+    assert "vertebra_error" not in result
     ckpt[REFINER_KEY] = {"state_dict": {"bad": torch.zeros(1)}, "config": {}}
     broken = tmp_path / "broken.ckpt"
     torch.save(ckpt, broken)
@@ -224,3 +266,64 @@ def test_refine_points_uses_the_window_the_refiner_was_trained_with():
     f = body_frames(out)
     assert f["width"][0] == pytest.approx(60 * WIDTH_CONTEXT / 1.5, rel=1e-4)
     assert f["height"][0] == pytest.approx(40 * HEIGHT_CONTEXT / 2.0, rel=1e-4)
+
+
+def _split_manifest(phantom_manifest, tmp_path):
+    """The phantom manifest with its first two films marked ``split = test``."""
+    import pandas as pd
+
+    m = pd.read_csv(phantom_manifest)
+    m["split"] = ""
+    m.loc[:1, "split"] = "test"
+    out = phantom_manifest.parent / "manifest_with_test.csv"  # beside the images its paths name
+    m.to_csv(out, index=False)
+    return out, m
+
+
+def test_refiner_data_keep_test_and_validation_patients_out_of_training(phantom_manifest, tmp_path):
+    from data.manifest import assign_splits, load_manifest
+    from models.point_refiner import labelled_films
+
+    path, _ = _split_manifest(phantom_manifest, tmp_path)
+    images = load_manifest(path).images
+    train = {f["image"] for f in labelled_films(path, "train", 0.3, 0)}
+    val = {f["image"] for f in labelled_films(path, "val", 0.3, 0)}
+    splits = assign_splits(images, val_fraction=0.3, seed=0).to_numpy()
+    assert train and val and not train & val
+    assert train == set(images["image"][splits == "train"]) and val == set(images["image"][splits == "val"])
+    test = set(images["image"][:2])
+    assert set(images["split"][:2]) == {"test"} and not (train | val) & test  # split = test: never read
+
+
+def test_fit_refiner_scores_on_a_separate_validation_manifest(phantom_manifest, tmp_path):
+    path, m = _split_manifest(phantom_manifest, tmp_path)
+    ckpt = _checkpoint(VertebraNet())
+    ckpt["datamodule_hyper_parameters"] = {"val_fraction": 0.3, "split_seed": 0, "val_manifest": str(path)}
+    entry = fit_refiner(ckpt, [phantom_manifest], epochs=1, lr=1e-3, batch_films=4, num_workers=0,
+                        films_per_epoch=2)
+    # all 12 films of the training manifest train (no fraction split off); the validation
+    # manifest's 10 films outside split = test score
+    assert entry["training"]["n_train_films"] == 12 and entry["training"]["n_val_films"] == 10
+    with pytest.raises(ValueError, match="epochs"):
+        fit_refiner(ckpt, [phantom_manifest], epochs=0)
+
+
+def test_cli_trains_from_the_recorded_manifest_and_drops_a_stale_calibration(phantom_manifest, tmp_path, capsys):
+    torch.manual_seed(0)
+    ckpt = _checkpoint(VertebraNet())
+    ckpt["datamodule_hyper_parameters"]["manifest"] = str(phantom_manifest)
+    ckpt["vcf_calibration"] = {"method": "none"}
+    source, out = tmp_path / "model.ckpt", tmp_path / "refined.ckpt"
+    torch.save(ckpt, source)
+    assert main(["--checkpoint", str(source), "--out", str(out), "--epochs", "1", "--films-per-epoch", "2",
+                 "--num-workers", "0", "--limit-val", "2"]) == 0
+    written = torch.load(out, weights_only=True)
+    assert "vcf_calibration" not in written and written[REFINER_KEY]["training"]["manifests"] == [str(phantom_manifest)]
+    assert written[REFINER_KEY]["training"]["best_epoch"] == 1
+    assert load_refiner(written, out) is not None
+    assert "dropped the checkpoint's calibration" in capsys.readouterr().out
+    ckpt["datamodule_hyper_parameters"]["test_manifest"] = str(phantom_manifest)
+    torch.save(ckpt, source)
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(source), "--out", str(out), "--manifest", str(phantom_manifest)])
+    assert "must not train on it" in capsys.readouterr().err
