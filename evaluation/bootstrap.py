@@ -192,6 +192,24 @@ def ece_bins(p, n_bins: int = 10) -> np.ndarray:
     return np.searchsorted(edges, np.asarray(p, dtype=float), side="right") - 1
 
 
+def ece_if_calibrated(p, n_bins: int = 10, n_draws: int = 1000, seed: int = 0) -> dict:
+    """The ECE that perfectly calibrated probabilities ``p`` would still show on a set of this
+    size and spread: outcomes drawn as Bernoulli(p), ``n_draws`` times. Binned ECE is never 0
+    on a finite set, so a measured ECE is read against this (its ``mean`` and ``p95``)."""
+    p = np.clip(np.asarray(p, dtype=float), 0.0, 1.0)
+    if p.size == 0:
+        return {"mean": float("nan"), "p95": float("nan"), "n_draws": n_draws, "seed": seed}
+    rng = np.random.default_rng(seed)
+    bins = ece_bins(p, n_bins)
+    onehot = np.zeros((p.size, n_bins + 1))
+    onehot[np.arange(p.size), bins] = 1.0
+    eces = np.empty(n_draws)
+    for start in range(0, n_draws, 100):  # bounded memory: 100 draws x n at a time
+        y = (rng.random((min(100, n_draws - start), p.size)) < p).astype(float)
+        eces[start:start + len(y)] = np.abs((y - p) @ onehot).sum(axis=1) / p.size
+    return {"mean": float(eces.mean()), "p95": float(np.percentile(eces, 95)), "n_draws": n_draws, "seed": seed}
+
+
 def weighted_ece(y, p, W, n_bins: int = 10) -> np.ndarray:
     """Expected calibration error (L1) of each weight row, binned like torchmetrics'
     ``BinaryCalibrationError(n_bins)``: ``sum_b |sum_{i in b} w_i (y_i - p_i)| / sum_i w_i``,

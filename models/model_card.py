@@ -331,10 +331,13 @@ def _calibration_section(metrics: dict) -> str:
     if not cal:
         lines.append("Not available in the metrics file.")
         return "\n".join(lines)
-    rows = [[k, v.get("population", ""), _ci(v.get("ece"), "ece"), _fmt(v.get("brier")), v.get("n")]
+    rows = [[k, v.get("population", ""), _ci(v.get("ece"), "ece"),
+             _fmt((v.get("ece_if_calibrated") or {}).get("p95")), _fmt(v.get("brier")), v.get("n")]
             for k, v in cal.items()]
-    lines += ["Expected calibration error (10 equal-width bins, L1) and Brier score on the evaluation set:", "",
-              _md_table(["probability", "population", "ECE", "Brier", "n"], rows)]
+    lines += ["Expected calibration error (10 equal-width bins, L1) and Brier score on the evaluation set. The ECE "
+              "of perfectly calibrated probabilities on a finite set is not 0: 'chance (95th pct)' is the value that "
+              "these probabilities, if calibrated, would stay under 95 % of the time.", "",
+              _md_table(["probability", "population", "ECE", "chance (95th pct)", "Brier", "n"], rows)]
     ic = metrics.get("inference_calibration")
     if ic:
         lines += ["", f"The evaluated predictions were calibrated at inference ({json.dumps(ic)})."]

@@ -72,6 +72,7 @@ def test_model_card_sections(tmp_path, metrics_json):
     auc = m["roc"]["fracture"]
     assert f"{auc['auroc']:.3f} (95% CI {auc['ci_low']:.3f}-{auc['ci_high']:.3f})" in card
     assert f"{m['calibration']['p_fracture']['ece']['ece']:.3f}" in card
+    assert "chance (95th pct)" in card and f"{m['calibration']['p_fracture']['ece_if_calibrated']['p95']:.3f}" in card
     assert "high_specificity" in card
     assert "2 with an unknown fracture label" in card
     # versions

@@ -323,6 +323,21 @@ def test_ece_small_when_calibrated_large_when_not():
     assert all(abs(b["observed"] - b["mean_predicted"]) < 0.05 for b in good["reliability"])
 
 
+def test_ece_if_calibrated_is_the_floor_that_chance_alone_gives():
+    rng = np.random.default_rng(1)
+    p = rng.random(300)
+    null = B.ece_if_calibrated(p, n_draws=400, seed=0)
+    assert null == B.ece_if_calibrated(p, n_draws=400, seed=0)  # seeded
+    # on 300 films even calibrated probabilities score well above 0 (about 0.03-0.06)
+    assert 0.02 < null["mean"] < null["p95"] < 0.1
+    calibrated = [R.expected_calibration_error((rng.random(300) < p).astype(float), p) for _ in range(200)]
+    assert abs(np.mean(calibrated) - null["mean"]) < 0.005  # the same binning as the reported ECE
+    y = (rng.random(300) < p).astype(float)
+    summary = R.calibration_summary(y, p ** 3, patients=np.arange(300), n_boot=20)
+    assert summary["ece"]["ece"] > summary["ece_if_calibrated"]["p95"]  # a real miscalibration stands out
+    assert np.isnan(B.ece_if_calibrated([])["mean"])
+
+
 # --------------------------------------------------------------------------- DeLong and paired tests
 def _naive_delong_var(y, a, b):
     """Textbook DeLong (O(m n) placement values) variance of AUROC(a) - AUROC(b)."""
