@@ -381,11 +381,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep-flagged", action="store_true",
                         help="keep films whose landmarks have problems (see landmark_problems); "
                              "by default they are left out and listed in OUT/excluded.csv")
+    parser.add_argument("--test-patients-from", default=None, metavar="MANIFEST",
+                        help="mark split = test on the films of every patient that has a split = test row in "
+                             "MANIFEST (e.g. the simulated-real training manifest), so that training on this "
+                             "manifest too never reads the held-out patients' films")
     args = parser.parse_args(argv)
     records = read_aasce(args.aasce)
     flagged = [r for r in records if r.get("problems")]
     kept = records if args.keep_flagged else [r for r in records if not r.get("problems")]
     manifest = write_vertebrae_dataset(kept, args.out)
+    if args.test_patients_from:
+        held = pd.read_csv(args.test_patients_from, dtype=str, keep_default_na=False)
+        if "split" not in held or "patient_id" not in held:
+            parser.error(f"{args.test_patients_from}: needs patient_id and split columns")
+        test_ids = set(held.loc[held["split"].str.strip() == "test", "patient_id"])
+        rows = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+        rows["split"] = np.where(rows["patient_id"].isin(test_ids), "test", "")
+        atomic_write_text(manifest, rows.to_csv(index=False))
+        print(f"{int((rows['split'] == 'test').sum())} films of {rows.loc[rows['split'] == 'test', 'patient_id'].nunique()} "
+              f"patients marked split = test ({len(test_ids)} held-out patients in {args.test_patients_from})")
     excluded = [] if args.keep_flagged else flagged
     atomic_write_text(Path(args.out) / "excluded.csv", pd.DataFrame(
         [{"image": r["image"], "problems": "; ".join(r["problems"])} for r in excluded],

@@ -155,6 +155,20 @@ def test_cli_writes_manifest_and_vertebrae(tiny_aasce, tmp_path, capsys):
     assert pd.read_csv(out / "excluded.csv").empty
 
 
+def test_cli_marks_held_out_patients_as_test(tiny_aasce, tmp_path, capsys):
+    from data.manifest import assign_splits
+
+    held = tmp_path / "held.csv"
+    pd.DataFrame({"image": ["x.png", "y.png"], "patient_id": ["pat-7", "pat-9"], "split": ["test", ""]}).to_csv(held, index=False)
+    out = tmp_path / "cli"
+    main(["--aasce", str(tiny_aasce[0]), "--out", str(out), "--test-patients-from", str(held)])
+    m = load_manifest(out / "manifest.csv").images
+    assert set(m.loc[m["split"] == "test", "patient_id"]) == {"pat-7"} and (m["split"] != "test").sum() == 1
+    # a training split of this manifest keeps them out, whatever the fractions
+    assert set(assign_splits(m, val_fraction=0.5)[m["patient_id"] == "pat-7"]) == {"test"}
+    assert "marked split = test" in capsys.readouterr().out
+
+
 def test_landmark_problems_flag_annotation_errors(tiny_aasce):
     (rec,) = [r for r in read_aasce(tiny_aasce[0]) if r["patient_id"] == "pat-9"]
     pts = points_array(rec)
