@@ -136,7 +136,7 @@ def _refiner_details(entry: dict) -> str:
         best = next((h for h in tr.get("history", []) if h.get("epoch") == tr.get("best_epoch")), {})
         err = best.get("val_median_error_pct") or {}
         text += (f" Trained for {tr.get('epochs')} epochs ({tr.get('films_per_epoch')} films each, drawn from "
-                 f"{tr.get('n_train_films')} training films of {', '.join(f'`{Path(m).name}`' for m in tr.get('manifests', []))}); "
+                 f"{tr.get('n_train_films')} training films of {', '.join(f'`{Path(m).parent.name}/{Path(m).name}`' for m in tr.get('manifests', []))}); "
                  f"epoch {tr.get('best_epoch')} kept")
         if err:
             text += (", validation median point error " + ", ".join(f"{k} {v:.1f} %" for k, v in err.items() if k != "score")
