@@ -49,19 +49,21 @@ def body_extent(points: np.ndarray) -> np.ndarray:
     return np.maximum(width, height)
 
 
-def crop_matrix(centre, side: float, angle_deg: float = 0.0, out: int = CROP_SIZE) -> np.ndarray:
+def crop_matrix(centre, side, angle_deg: float = 0.0, out: int = CROP_SIZE) -> np.ndarray:
     """2x3 affine map from original-image pixel centres to crop pixel centres.
 
-    The crop is a square of ``side`` original pixels centred on ``centre``, rotated by
-    ``angle_deg`` (training jitter), resampled to ``out`` x ``out``.
+    The crop is a square of ``side`` original pixels (or ``(side_x, side_y)``: a rectangle,
+    each axis scaled on its own) centred on ``centre``, rotated by ``angle_deg`` (training
+    jitter; the point refiner's tilt), resampled to ``out`` x ``out``.
     """
     cx, cy = float(centre[0]), float(centre[1])
-    s = out / max(float(side), 1e-3)
+    side_x, side_y = (side, side) if np.ndim(side) == 0 else side
+    sx, sy = out / max(float(side_x), 1e-3), out / max(float(side_y), 1e-3)
     a = np.deg2rad(angle_deg)
-    c, si = np.cos(a) * s, np.sin(a) * s
+    c, si = np.cos(a), np.sin(a)
     half = (out - 1) / 2.0
-    return np.array([[c, si, half - c * cx - si * cy],
-                     [-si, c, half + si * cx - c * cy]], dtype=np.float64)
+    return np.array([[sx * c, sx * si, half - sx * (c * cx + si * cy)],
+                     [-sy * si, sy * c, half - sy * (-si * cx + c * cy)]], dtype=np.float64)
 
 
 def apply_affine(matrix: np.ndarray, xy: np.ndarray) -> np.ndarray:

@@ -192,6 +192,13 @@ def ece_bins(p, n_bins: int = 10) -> np.ndarray:
     return np.searchsorted(edges, np.asarray(p, dtype=float), side="right") - 1
 
 
+def _bin_onehot(p: np.ndarray, n_bins: int) -> np.ndarray:
+    """(n, n_bins + 1): 1 in each probability's :func:`ece_bins` column."""
+    onehot = np.zeros((p.size, n_bins + 1))
+    onehot[np.arange(p.size), ece_bins(p, n_bins)] = 1.0
+    return onehot
+
+
 def ece_if_calibrated(p, n_bins: int = 10, n_draws: int = 1000, seed: int = 0) -> dict:
     """The ECE that perfectly calibrated probabilities ``p`` would still show on a set of this
     size and spread: outcomes drawn as Bernoulli(p), ``n_draws`` times. Binned ECE is never 0
@@ -200,9 +207,7 @@ def ece_if_calibrated(p, n_bins: int = 10, n_draws: int = 1000, seed: int = 0) -
     if p.size == 0:
         return {"mean": float("nan"), "p95": float("nan"), "n_draws": n_draws, "seed": seed}
     rng = np.random.default_rng(seed)
-    bins = ece_bins(p, n_bins)
-    onehot = np.zeros((p.size, n_bins + 1))
-    onehot[np.arange(p.size), bins] = 1.0
+    onehot = _bin_onehot(p, n_bins)
     eces = np.empty(n_draws)
     for start in range(0, n_draws, 100):  # bounded memory: 100 draws x n at a time
         y = (rng.random((min(100, n_draws - start), p.size)) < p).astype(float)
@@ -215,9 +220,7 @@ def weighted_ece(y, p, W, n_bins: int = 10) -> np.ndarray:
     ``BinaryCalibrationError(n_bins)``: ``sum_b |sum_{i in b} w_i (y_i - p_i)| / sum_i w_i``,
     i.e. the bin-size-weighted mean of |observed frequency - mean probability|."""
     y, p, W = _check(y, p, W)
-    bins = ece_bins(p, n_bins)
-    onehot = np.zeros((p.size, n_bins + 1))
-    onehot[np.arange(p.size), bins] = 1.0
+    onehot = _bin_onehot(p, n_bins)
     gap = (W * (y - p)) @ onehot
     tot = W.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -38,7 +38,8 @@ from data.dataset import POINT_COLUMNS, photometric
 from data.manifest import assign_splits, load_manifest
 from data.readers import ImageReadError, read_image
 from data.transforms import normalize_intensity
-from data.vertebra_targets import AP_MIRROR, apply_affine, extract_crop, invert_affine
+from data.vertebra_targets import AP_MIRROR, apply_affine, crop_matrix, extract_crop, invert_affine
+from models.checkpoint import network_state
 from models.vertebra_net import VertebraNet
 
 log = logging.getLogger(__name__)
@@ -84,13 +85,7 @@ def frame_matrix(centre, angle: float, width: float, height: float, out: int = R
     side_x = max(context[0] * float(width), MIN_SIDE)
     side_y = max(context[1] * float(height), MIN_SIDE, side_x / 3)
     side_x = max(side_x, side_y / 3)
-    sx, sy = out / side_x, out / side_y
-    c, s = math.cos(angle), math.sin(angle)
-    rot = np.array([[c, s], [-s, c]])  # original -> frame with the endplates along +x
-    lin = np.diag([sx, sy]) @ rot
-    half = (out - 1) / 2.0
-    shift = np.array([half, half]) - lin @ np.asarray(centre, dtype=np.float64)
-    return np.concatenate([lin, shift[:, None]], axis=1)
+    return crop_matrix(centre, (side_x, side_y), math.degrees(angle), out)
 
 
 def frame_matrices(points: np.ndarray, rng: np.random.Generator | None = None, out: int = REFINE_SIZE,
@@ -276,7 +271,7 @@ def fit_refiner(checkpoint: dict, manifests: list[str | Path], epochs: int = 6, 
     config = {"backbone": meta.get("crop_backbone", "resnet18"), "size": REFINE_SIZE, "width_context": WIDTH_CONTEXT,
               "height_context": HEIGHT_CONTEXT, "passes": REFINE_PASSES}
     net = build_refiner(config)
-    crop_state = {k[len("vertebra_net."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("vertebra_net.")}
+    crop_state = network_state(checkpoint, "vertebra_net.")
     if crop_state:  # the crop network's features already know vertebrae
         net.load_state_dict(crop_state)
     dev = torch.device(device)
