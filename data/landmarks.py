@@ -347,8 +347,11 @@ def vertebra_row(image: str, v: dict, decimals: int = 3) -> dict:
 def manifest_row(image: str, record: dict) -> dict:
     fracture = _csv_value(record.get("fracture"))
     acute = _csv_value(record.get("acute")) if fracture == 1 else ""
-    return {"image": image, "patient_id": record["patient_id"], "fracture": fracture,
-            "acute": acute, "view": record.get("view", "") or ""}
+    row = {"image": image, "patient_id": record["patient_id"], "fracture": fracture,
+           "acute": acute, "view": record.get("view", "") or ""}
+    if "split" in record:  # e.g. held-out patients marked by --test-patients-from
+        row["split"] = record["split"]
+    return row
 
 
 def write_vertebrae_dataset(records: list[dict], out_dir: str | Path,
@@ -389,17 +392,16 @@ def main(argv: list[str] | None = None) -> None:
     records = read_aasce(args.aasce)
     flagged = [r for r in records if r.get("problems")]
     kept = records if args.keep_flagged else [r for r in records if not r.get("problems")]
-    manifest = write_vertebrae_dataset(kept, args.out)
     if args.test_patients_from:
         held = pd.read_csv(args.test_patients_from, dtype=str, keep_default_na=False)
         if "split" not in held or "patient_id" not in held:
             parser.error(f"{args.test_patients_from}: needs patient_id and split columns")
         test_ids = set(held.loc[held["split"].str.strip() == "test", "patient_id"])
-        rows = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-        rows["split"] = np.where(rows["patient_id"].isin(test_ids), "test", "")
-        atomic_write_text(manifest, rows.to_csv(index=False))
-        print(f"{int((rows['split'] == 'test').sum())} films of {rows.loc[rows['split'] == 'test', 'patient_id'].nunique()} "
-              f"patients marked split = test ({len(test_ids)} held-out patients in {args.test_patients_from})")
+        kept = [{**r, "split": "test" if r["patient_id"] in test_ids else ""} for r in kept]
+        marked = [r for r in kept if r["split"] == "test"]
+        print(f"{len(marked)} films of {len({r['patient_id'] for r in marked})} patients marked split = test "
+              f"({len(test_ids)} held-out patients in {args.test_patients_from})")
+    manifest = write_vertebrae_dataset(kept, args.out)
     excluded = [] if args.keep_flagged else flagged
     atomic_write_text(Path(args.out) / "excluded.csv", pd.DataFrame(
         [{"image": r["image"], "problems": "; ".join(r["problems"])} for r in excluded],
