@@ -17,7 +17,9 @@ the truth vertebra's mean height, the unit of the benchmark's point error.
    with 2 and 3 crop passes, and with each body's crop window taken from the median extent of
    it and its neighbours (window 5): the median and 90th percentile against the truth bodies
    matched as evaluation/vertebrae.py matches them. A checkpoint with a point refiner
-   (models/point_refiner.py) is read with it, and once more without it.
+   (models/point_refiner.py) is read with it, once more without it, and once with the other
+   setting of its mirrored last pass (``flip``: the last pass also reads each window
+   mirrored and averages the two readings).
 
 Comparing the crop rows of training films with those of validation films tells whether the
 crop network fits its own training labels any better than unseen ones.
@@ -125,15 +127,20 @@ def pipeline_study(checkpoint: Path, paths: list[str], truth: pd.DataFrame) -> d
         films.append((item, logits))
     # read_crops sizes its windows with models.vertebrae's body_extent: swapped for one variant
     refiner = predictor.point_refiner
-    variants = {"2 passes": (2, body_extent, refiner), "3 passes": (3, body_extent, refiner),
-                "2 passes, neighbour-median extent": (2, _neighbour_median_extent(5), refiner)}
+    variants = {"2 passes": (2, body_extent, refiner, None), "3 passes": (3, body_extent, refiner, None),
+                "2 passes, neighbour-median extent": (2, _neighbour_median_extent(5), refiner, None)}
     if refiner is not None:
-        variants["2 passes, without the point refiner"] = (2, body_extent, None)
+        stored_flip = bool(getattr(refiner, "flip", False))
+        variants["2 passes, without the point refiner"] = (2, body_extent, None, None)
+        other = "refiner's last pass not mirrored" if stored_flip else "refiner's last pass also mirrored"
+        variants[f"2 passes, {other}"] = (2, body_extent, refiner, not stored_flip)
     out = {}
     saved = V.CROP_PASSES, V.body_extent
     try:
-        for name, (passes, extent, refiner) in variants.items():
+        for name, (passes, extent, refiner, flip) in variants.items():
             V.CROP_PASSES, V.body_extent = passes, extent
+            if refiner is not None:
+                refiner.flip = stored_flip if flip is None else flip
             rows = []
             for path, (item, logits) in zip(paths, films):
                 film = V.analyse_film(logits, item["box"], HEATMAP_STRIDE, predictor.vertebra_net,
@@ -147,6 +154,8 @@ def pipeline_study(checkpoint: Path, paths: list[str], truth: pd.DataFrame) -> d
                          "precision": summary["detection"]["precision"]}
     finally:
         V.CROP_PASSES, V.body_extent = saved
+        if predictor.point_refiner is not None:
+            predictor.point_refiner.flip = stored_flip
     return out
 
 

@@ -49,6 +49,21 @@ def body_extent(points: np.ndarray) -> np.ndarray:
     return np.maximum(width, height)
 
 
+def unmirror_points(mirrored: np.ndarray, reference: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
+    """Points (n, 6, 2) read on horizontally mirrored ``size`` px windows, mapped back onto the
+    unmirrored windows.
+
+    Training mirrors lateral windows without relabelling (anterior stays anterior) and AP ones
+    with the sides swapped (``AP_MIRROR``), so which labelling comes back depends on the view,
+    which inference need not know: each body takes whichever of the two lies closer to
+    ``reference``, the points read on the unmirrored window."""
+    back = np.array(mirrored, dtype=np.float64)
+    back[..., 0] = size - 1 - back[..., 0]
+    swapped = back[:, AP_MIRROR]
+    keep = np.linalg.norm(back - reference, axis=-1).sum(-1) <= np.linalg.norm(swapped - reference, axis=-1).sum(-1)
+    return np.where(keep[:, None, None], back, swapped)
+
+
 def crop_matrix(centre, side, angle_deg: float = 0.0, out: int = CROP_SIZE) -> np.ndarray:
     """2x3 affine map from original-image pixel centres to crop pixel centres.
 

@@ -38,7 +38,7 @@ from data.dataset import POINT_COLUMNS, photometric
 from data.manifest import assign_splits, load_manifest
 from data.readers import ImageReadError, read_image
 from data.transforms import normalize_intensity
-from data.vertebra_targets import AP_MIRROR, apply_affine, crop_matrix, extract_crop, invert_affine
+from data.vertebra_targets import AP_MIRROR, apply_affine, crop_matrix, extract_crop, invert_affine, unmirror_points
 from models.checkpoint import network_state
 from models.vertebra_net import VertebraNet
 
@@ -49,6 +49,7 @@ REFINE_SIZE = 96
 WIDTH_CONTEXT = 1.7  # window width / mean endplate length
 HEIGHT_CONTEXT = 2.2  # window height / mean body height
 REFINE_PASSES = 2  # reads per body, each in the frame of the previous reading
+REFINE_FLIP = False  # the last pass also reads the window mirrored and averages the two readings
 MIN_SIDE = 8.0  # original pixels: a collapsed guess still gets a window
 # Training windows are placed as far off as the crop network's readings leave them. Measured on
 # 40 AASCE validation films (crop readings from truth-placed windows, 2 passes): centre off by
@@ -110,17 +111,21 @@ def build_refiner(config: dict) -> VertebraNet:
     net = VertebraNet(backbone=config.get("backbone", "resnet18"), crop_size=int(config.get("size", REFINE_SIZE)))
     net.context = (float(config.get("width_context", WIDTH_CONTEXT)), float(config.get("height_context", HEIGHT_CONTEXT)))
     net.passes = int(config.get("passes", REFINE_PASSES))
+    net.flip = bool(config.get("flip", False))  # refiners stored before the option: not mirrored
     return net
 
 
 @torch.no_grad()
 def refine_points(net: torch.nn.Module, image: np.ndarray, points: np.ndarray, device: torch.device,
-                  passes: int | None = None) -> np.ndarray:
+                  passes: int | None = None, flip: bool | None = None) -> np.ndarray:
     """Refined points (n, 6, 2) in original pixels, each pass read in the frame of the last.
 
     ``image``: the normalised original pixels; ``points``: (n, 6, 2) in original pixels. The
-    window and the number of passes are the ones ``net`` was trained with (:func:`build_refiner`)."""
+    window, the number of passes and ``flip`` (the last pass also reads each window mirrored
+    and averages the two readings) are the ones stored with ``net`` (:func:`build_refiner`)
+    unless given here."""
     passes = int(getattr(net, "passes", REFINE_PASSES)) if passes is None else passes
+    flip = bool(getattr(net, "flip", False)) if flip is None else flip
     context = tuple(getattr(net, "context", (WIDTH_CONTEXT, HEIGHT_CONTEXT)))
     if passes < 1:
         raise ValueError(f"passes must be at least 1, got {passes}")
@@ -128,10 +133,13 @@ def refine_points(net: torch.nn.Module, image: np.ndarray, points: np.ndarray, d
     if len(pts) == 0:
         return pts
     size = int(getattr(net, "crop_size", REFINE_SIZE))
-    for _ in range(passes):
+    for k in range(passes):
         mats = frame_matrices(pts, out=size, context=context)
         crops = np.stack([extract_crop(image, m, out=size) for m in mats])[:, None].astype(np.float32)
         read = net(torch.from_numpy(crops).to(device))["points"].float().cpu().numpy().astype(np.float64)
+        if flip and k == passes - 1:
+            mirrored = net(torch.from_numpy(np.ascontiguousarray(crops[..., ::-1])).to(device))["points"]
+            read = (read + unmirror_points(mirrored.float().cpu().numpy(), read, size)) / 2
         pts = np.stack([apply_affine(invert_affine(m), p) for m, p in zip(mats, read)])
     return pts
 
@@ -239,13 +247,18 @@ def _evaluate(net: VertebraNet, loader: DataLoader, device: torch.device) -> dic
 
 def fit_refiner(checkpoint: dict, manifests: list[str | Path], epochs: int = 6, lr: float = 5e-4,
                 films_per_epoch: int | None = None, batch_films: int = 4, num_workers: int = 1,
-                seed: int = 0, limit_val: int | None = None, device: str = "cpu") -> dict:
+                seed: int = 0, limit_val: int | None = None, device: str = "cpu", size: int = REFINE_SIZE,
+                start_state: dict | None = None, flip: bool = REFINE_FLIP) -> dict:
     """Train a refiner on the training split of ``manifests`` (split by patient with the
     checkpoint's ``val_fraction`` and seed, so its validation patients stay unseen; rows with
     ``split = test`` are never read) and return the ``point_refiner`` entry: the best epoch's
     weights by the validation median point error (one read, from windows jittered as in
     training), the config and the training record. A checkpoint validated on a separate
     ``val_manifest`` scores on that manifest's films, and ``manifests`` are then all training.
+
+    ``size``: the window's side in pixels. ``start_state``: a refiner's weights to start from
+    (a warm start, e.g. at a new ``size``), instead of the crop network's. ``flip``: stored for
+    inference (:func:`refine_points`); training is the same either way.
 
     Each epoch draws ``films_per_epoch`` training films (default: as many as there are), with
     replacement, AP and lateral films weighted to equal shares, so that a mixed manifest's many
@@ -268,11 +281,15 @@ def fit_refiner(checkpoint: dict, manifests: list[str | Path], epochs: int = 6, 
     if limit_val:
         val = [val[i] for i in np.random.default_rng(seed).permutation(len(val))[:limit_val]]
     meta = checkpoint.get("vcf_model") or {}
-    config = {"backbone": meta.get("crop_backbone", "resnet18"), "size": REFINE_SIZE, "width_context": WIDTH_CONTEXT,
-              "height_context": HEIGHT_CONTEXT, "passes": REFINE_PASSES}
+    if size < 32:
+        raise ValueError(f"size must be at least 32 pixels, got {size}")
+    config = {"backbone": meta.get("crop_backbone", "resnet18"), "size": int(size), "width_context": WIDTH_CONTEXT,
+              "height_context": HEIGHT_CONTEXT, "passes": REFINE_PASSES, "flip": bool(flip)}
     net = build_refiner(config)
     crop_state = network_state(checkpoint, "vertebra_net.")
-    if crop_state:  # the crop network's features already know vertebrae
+    if start_state is not None:
+        net.load_state_dict(start_state)
+    elif crop_state:  # the crop network's features already know vertebrae
         net.load_state_dict(crop_state)
     dev = torch.device(device)
     net.to(dev)
@@ -280,9 +297,9 @@ def fit_refiner(checkpoint: dict, manifests: list[str | Path], epochs: int = 6, 
     weights = [0.5 / n_ap if f["ap"] else 0.5 / (len(train) - n_ap) for f in train] if 0 < n_ap < len(train) else [1.0] * len(train)
     per_epoch = int(films_per_epoch or len(train))
     sampler = WeightedRandomSampler(weights, num_samples=per_epoch, replacement=True)
-    train_loader = DataLoader(RefinerCrops(train, augment=True), batch_size=batch_films, sampler=sampler,
+    train_loader = DataLoader(RefinerCrops(train, augment=True, size=size), batch_size=batch_films, sampler=sampler,
                               num_workers=num_workers, collate_fn=_collate, persistent_workers=num_workers > 0)
-    val_loader = DataLoader(RefinerCrops(val, augment=False, seed=seed), batch_size=batch_films,
+    val_loader = DataLoader(RefinerCrops(val, augment=False, size=size, seed=seed), batch_size=batch_films,
                             num_workers=num_workers, collate_fn=_collate) if val else None
     steps = epochs * math.ceil(per_epoch / batch_films)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
@@ -290,7 +307,7 @@ def fit_refiner(checkpoint: dict, manifests: list[str | Path], epochs: int = 6, 
     history, best, best_state, best_epoch, t0 = [], math.inf, None, 0, time.time()
     if val_loader is not None:
         history.append({"epoch": 0, "train_loss": None, "val_median_error_pct": _evaluate(net, val_loader, dev)})
-        print(f"before training (crop network weights, refiner windows): validation median error "
+        print(f"before training ({'the starting refiner' if start_state is not None else 'crop network weights'}, refiner windows): validation median error "
               f"{history[-1]['val_median_error_pct']}")
     for epoch in range(1, epochs + 1):
         net.train()
@@ -300,7 +317,7 @@ def fit_refiner(checkpoint: dict, manifests: list[str | Path], epochs: int = 6, 
             if batch is None:
                 continue
             pred = net(batch["crops"].to(dev))["points"].float()
-            loss = (pred - batch["points"].to(dev)).abs().mean() / REFINE_SIZE * 10
+            loss = (pred - batch["points"].to(dev)).abs().mean() / size * 10
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -321,6 +338,7 @@ def fit_refiner(checkpoint: dict, manifests: list[str | Path], epochs: int = 6, 
               + f" ({time.time() - t0:.0f} s)")
     training = {"manifests": [str(m) for m in manifests], "epochs": epochs, "lr": lr, "films_per_epoch": per_epoch,
                 "n_train_films": len(train), "n_val_films": len(val), "seed": seed, "history": history,
+                "warm_start": start_state is not None,
                 "best_epoch": best_epoch,
                 "seconds": round(time.time() - t0, 1)}
     return {"state_dict": best_state, "config": config, "training": training}
@@ -358,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="manifest.csv with vertebrae.csv beside it (repeat for more); only its training split is read "
                         "(default: the manifest the checkpoint was trained on)")
     p.add_argument("--out", type=Path, required=True, help="the new checkpoint (a copy with the refiner added)")
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=6,
+                   help="0 with --start-from: no training, the starting refiner stored with this run's --flip")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--films-per-epoch", type=int, default=None)
     p.add_argument("--batch-films", type=int, default=4, help="films per batch (all their bodies)")
@@ -366,6 +385,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit-val", type=int, default=None, help="validate on at most N films")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=None,
+                   help=f"window side in pixels (default {REFINE_SIZE}, or the --start-from refiner's)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=REFINE_FLIP,
+                   help="the last pass also reads each window mirrored and averages the two (inference only)")
+    p.add_argument("--start-from", type=Path, default=None,
+                   help="a refined checkpoint of the same training run whose refiner to start from (a warm start)")
     args = p.parse_args(argv)
     if args.out.resolve() == args.checkpoint.resolve():
         p.error("--out must differ from --checkpoint")
@@ -385,10 +410,40 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("%s is not the checkpoint's training manifest (%s): its patients are split with the same "
                         "seed, so make sure it holds none of that run's validation or test patients outside "
                         "their split", m, dhp["manifest"])
-    entry = fit_refiner(ckpt, manifests, epochs=args.epochs, lr=args.lr, films_per_epoch=args.films_per_epoch,
-                        batch_films=args.batch_films, num_workers=args.num_workers, seed=args.seed,
-                        limit_val=args.limit_val, device=device)
-    entry["training"]["base_checkpoint"] = str(args.checkpoint)
+    start_state = None
+    if args.start_from is not None:
+        start = load_checkpoint(args.start_from)
+        # a refiner fitted on another split may have trained on this run's validation patients
+        split_keys = ("manifest", "val_manifest", "test_manifest", "val_fraction", "split_seed")
+        start_dhp = start.get("datamodule_hyper_parameters") or {}
+        differ = [k for k in split_keys if start_dhp.get(k) != dhp.get(k)]
+        if differ:
+            p.error(f"{args.start_from}: not from the same training run as {args.checkpoint} "
+                    f"(differs in {', '.join(differ)}); its refiner may have seen this run's held-out patients")
+        try:
+            refiner = load_refiner(start, args.start_from)
+        except ValueError as exc:
+            p.error(str(exc))
+        if refiner is None:
+            p.error(f"{args.start_from}: holds no point refiner to start from")
+        start_state = refiner.state_dict()
+        if args.size is None:
+            args.size = refiner.crop_size
+    if args.epochs == 0 and start_state is not None:  # the same weights, new inference settings
+        entry = {**start[REFINER_KEY], "config": {**start[REFINER_KEY]["config"], "flip": bool(args.flip)}}
+        if args.size != refiner.crop_size:
+            p.error(f"--size {args.size}: without training, the window stays the starting refiner's ({refiner.crop_size})")
+        entry["training"] = {**entry["training"], "copied_from": str(args.start_from)}
+    else:
+        if args.epochs < 1:
+            p.error("--epochs must be at least 1 (0 only with --start-from)")
+        entry = fit_refiner(ckpt, manifests, epochs=args.epochs, lr=args.lr, films_per_epoch=args.films_per_epoch,
+                            batch_films=args.batch_films, num_workers=args.num_workers, seed=args.seed,
+                            limit_val=args.limit_val, device=device, size=args.size or REFINE_SIZE,
+                            start_state=start_state, flip=args.flip)
+        entry["training"]["base_checkpoint"] = str(args.checkpoint)
+        if args.start_from is not None:
+            entry["training"]["started_from"] = str(args.start_from)
     ckpt[REFINER_KEY] = entry
     if ckpt.pop("vcf_calibration", None) is not None:  # its combiner was fitted on the crop network's heights
         print("dropped the checkpoint's calibration: it was fitted without the refiner")

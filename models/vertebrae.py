@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from matplotlib.path import Path as MplPath
 
 from data.morphometry import LEVELS, grade_vertebrae
-from data.vertebra_targets import (AP_MIRROR, CROP_CONTEXT, CROP_SIZE, N_LEVELS, OFFSET_SCALE, apply_affine,
-                                   body_centre, body_extent, crop_matrix, extract_crop, invert_affine)
+from data.vertebra_targets import (CROP_CONTEXT, N_LEVELS, OFFSET_SCALE, apply_affine, body_centre, body_extent,
+                                   crop_matrix, extract_crop, invert_affine, unmirror_points)
 from models.point_refiner import refine_points
 
 MIN_DETECTION_SCORE = 0.3
@@ -217,20 +217,6 @@ def assign_levels(points: np.ndarray, level_logp: np.ndarray, level_weight: floa
             "placements": {"starts": starts.tolist(), "posterior": posterior.tolist()}}
 
 
-def _unmirror_points(mirrored: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Points read on horizontally mirrored crops, mapped back onto the unmirrored crops.
-
-    Training mirrors lateral crops without relabelling (anterior stays anterior) and AP crops
-    with the sides swapped (``AP_MIRROR``), so which labelling comes back depends on the view,
-    which inference need not know: each body takes whichever of the two lies closer to the
-    points read on the unmirrored crop."""
-    back = mirrored.copy()
-    back[..., 0] = CROP_SIZE - 1 - back[..., 0]
-    swapped = back[:, AP_MIRROR]
-    keep = np.linalg.norm(back - reference, axis=-1).sum(-1) <= np.linalg.norm(swapped - reference, axis=-1).sum(-1)
-    return np.where(keep[:, None, None], back, swapped)
-
-
 @torch.no_grad()
 def read_crops(vertebra_net: torch.nn.Module, image: np.ndarray, points: np.ndarray, device: torch.device,
                passes: int = 2, flip: bool = False) -> dict:
@@ -253,7 +239,7 @@ def read_crops(vertebra_net: torch.nn.Module, image: np.ndarray, points: np.ndar
         probs = torch.sigmoid(out["logits"].float()).cpu().numpy().astype(np.float64)
         if flip and k == passes - 1:
             out_m = vertebra_net(torch.from_numpy(np.ascontiguousarray(crops[..., ::-1])).to(device))
-            mirrored = _unmirror_points(out_m["points"].float().cpu().numpy().astype(np.float64), crop_pts)
+            mirrored = unmirror_points(out_m["points"].float().cpu().numpy().astype(np.float64), crop_pts)
             crop_pts = (crop_pts + mirrored) / 2
             probs = (probs + torch.sigmoid(out_m["logits"].float()).cpu().numpy().astype(np.float64)) / 2
         pts = np.stack([apply_affine(invert_affine(m), p) for m, p in zip(matrices, crop_pts)])
@@ -534,7 +520,11 @@ def analyse_film(vertebra_logits: torch.Tensor, box, stride: int, vertebra_net: 
         read, scores, logp = _fill_gaps(read, scores, logp, vertebra_logits, box, stride, vertebra_net, image, device)
     if point_refiner is not None:
         read = {**read, "points": refine_points(point_refiner, image, read["points"], device)}
-        order = spine_order(read["points"])
+        # the refiner may collapse a body or pull two onto one vertebra: checked as the crop reads were
+        keep = _measurable(read["points"]) & ~duplicate_bodies(read["points"], scores)
+        if not keep.any():
+            return {"vertebrae": [], "level_confidence": None, "levels_trusted": False}
+        order = np.flatnonzero(keep)[spine_order(read["points"][keep])]
         read = {k: v[order] for k, v in read.items()}
         scores, logp = scores[order], logp[order]
     labels = assign_levels(read["points"], logp)

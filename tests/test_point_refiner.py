@@ -327,3 +327,117 @@ def test_cli_trains_from_the_recorded_manifest_and_drops_a_stale_calibration(pha
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(source), "--out", str(out), "--manifest", str(phantom_manifest)])
     assert "must not train on it" in capsys.readouterr().err
+
+
+class _BiasedBoxReader(_FindBrightBox):
+    """The bright-box reader, every reading pushed ``bias`` window pixels to the right: a
+    reader with a left-right lean, which a mirrored second reading cancels."""
+
+    def __init__(self, bias):
+        super().__init__()
+        self.bias = bias
+
+    def forward(self, crops):
+        out = super().forward(crops)
+        out["points"][..., 0] += self.bias
+        return out
+
+
+@pytest.mark.parametrize("size", [REFINE_SIZE, 128])
+def test_mirrored_last_pass_cancels_a_left_right_lean(size):
+    truth = _body(200, 150, 120, 60, 10.0)[None]
+    image = np.zeros((320, 400), np.float32)
+    cv2.fillPoly(image, [np.round((truth[0][[0, 2, 5, 3]] - 0.5) * 16).astype(np.int32)], 1.0,
+                 lineType=cv2.LINE_AA, shift=4)
+    reader = _BiasedBoxReader(bias=4.0)
+    reader.crop_size = size
+    leaning = refine_points(reader, image, truth, torch.device("cpu"), passes=1)
+    mirrored = refine_points(reader, image, truth, torch.device("cpu"), passes=1, flip=True)
+    # 4 window pixels are several film pixels along the endplates; the mirrored reading leans the other way
+    assert np.abs(leaning - truth).max() > 3 * (WIDTH_CONTEXT * 120 / size)
+    unbiased = _BiasedBoxReader(bias=0.0)
+    unbiased.crop_size = size
+    straight = refine_points(unbiased, image, truth, torch.device("cpu"), passes=1)
+    np.testing.assert_allclose(mirrored, straight, atol=1e-4)  # the lean cancels exactly
+    assert np.abs(mirrored - truth).max() < 3.0  # within the box reader's own half-pixel steps
+    # AP-labelled (p1 on the left): the mirrored reading comes back relabelled, not crossed over
+    assert (mirrored[0, [0, 3], 0] < mirrored[0, [2, 5], 0]).all()
+    # the stored setting is the default
+    reader.flip = True
+    np.testing.assert_allclose(refine_points(reader, image, truth, torch.device("cpu"), passes=1), mirrored)
+    assert build_refiner({"flip": True}).flip and not build_refiner({}).flip
+
+
+def test_unmirror_points_keeps_lateral_labels_and_swaps_ap_ones():
+    from data.vertebra_targets import unmirror_points
+
+    size = 128
+    body = _body(50, 64, 40, 30)[None]  # p1 at the left
+    mirrored_view = body.copy()
+    mirrored_view[..., 0] = size - 1 - mirrored_view[..., 0]
+    # a lateral reader keeps the labels on mirrored windows (p1 now on the right)
+    np.testing.assert_allclose(unmirror_points(mirrored_view, body, size), body)
+    # an AP reader relabels sides (p1 on the left again, where p3 was)
+    np.testing.assert_allclose(unmirror_points(mirrored_view[:, AP_MIRROR], body, size), body)
+
+
+def test_fit_refiner_warm_starts_at_a_chosen_window_size(phantom_manifest):
+    torch.manual_seed(0)
+    ckpt = _checkpoint(VertebraNet())
+    first = fit_refiner(ckpt, [phantom_manifest], epochs=2, lr=3e-3, batch_films=2, num_workers=0, size=64)
+    assert first["config"]["size"] == 64 and build_refiner(first["config"]).crop_size == 64
+    assert not first["training"]["warm_start"]
+    item = RefinerCrops(labelled_films_for_test(phantom_manifest), augment=False, size=64)[0]
+    assert item["crops"].shape[-2:] == (64, 64)
+    second = fit_refiner(ckpt, [phantom_manifest], epochs=1, lr=1e-4, batch_films=2, num_workers=0, size=64,
+                         start_state=first["state_dict"])
+    # the same validation windows (fixed per film), read by the starting weights: the first run's best score
+    start = second["training"]["history"][0]["val_median_error_pct"]
+    best_first = first["training"]["history"][first["training"]["best_epoch"]]["val_median_error_pct"]
+    assert second["training"]["warm_start"]
+    assert start["lateral"] == pytest.approx(best_first["lateral"], rel=1e-5)
+    with pytest.raises(ValueError, match="size"):
+        fit_refiner(ckpt, [phantom_manifest], epochs=1, size=16)
+
+
+def labelled_films_for_test(manifest):
+    from models.point_refiner import labelled_films
+
+    return labelled_films(manifest, "train", 0.3, 0)
+
+
+def test_cli_warm_start_refuses_a_refiner_of_another_split(phantom_manifest, tmp_path, capsys):
+    torch.manual_seed(0)
+    ckpt = _checkpoint(VertebraNet())
+    ckpt["datamodule_hyper_parameters"]["manifest"] = str(phantom_manifest)
+    source, first, second = tmp_path / "model.ckpt", tmp_path / "refined.ckpt", tmp_path / "refined2.ckpt"
+    torch.save(ckpt, source)
+    args = ["--checkpoint", str(source), "--epochs", "1", "--films-per-epoch", "2", "--num-workers", "0",
+            "--limit-val", "2", "--size", "64"]
+    assert main(args + ["--out", str(first)]) == 0
+    assert main(args + ["--out", str(second), "--start-from", str(first)]) == 0
+    written = torch.load(second, weights_only=True)[REFINER_KEY]
+    assert written["training"]["started_from"] == str(first) and written["config"]["size"] == 64
+    # no training: the same weights and record, stored with the mirrored last pass switched on
+    third = tmp_path / "refined3.ckpt"
+    assert main(args + ["--out", str(third), "--start-from", str(first), "--epochs", "0", "--flip"]) == 0
+    copied, original = torch.load(third, weights_only=True)[REFINER_KEY], torch.load(first, weights_only=True)[REFINER_KEY]
+    assert copied["config"]["flip"] and not original["config"]["flip"] and load_refiner({REFINER_KEY: copied}).flip
+    assert all(torch.equal(copied["state_dict"][k], v) for k, v in original["state_dict"].items())
+    assert copied["training"]["history"] == original["training"]["history"]
+    assert copied["training"]["copied_from"] == str(first)
+    with pytest.raises(SystemExit):  # a new window needs training
+        main(args + ["--out", str(third), "--start-from", str(first), "--epochs", "0", "--size", "96"])
+    assert "stays the starting refiner's" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(args + ["--out", str(third), "--epochs", "0"])
+    assert "0 only with --start-from" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the source holds no refiner
+        main(args + ["--out", str(second), "--start-from", str(source)])
+    assert "holds no point refiner" in capsys.readouterr().err
+    other = torch.load(first, weights_only=True)
+    other["datamodule_hyper_parameters"]["split_seed"] = 5
+    torch.save(other, tmp_path / "other.ckpt")
+    with pytest.raises(SystemExit):
+        main(args + ["--out", str(second), "--start-from", str(tmp_path / "other.ckpt")])
+    assert "split_seed" in capsys.readouterr().err

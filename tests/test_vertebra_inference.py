@@ -1067,3 +1067,33 @@ def test_analyse_film_measures_the_point_refiners_reading_and_keeps_the_crop_pro
         np.testing.assert_allclose(b["points"], shrunk, atol=1e-3)
         assert b["heights"]["posterior"] == pytest.approx(0.64 * a["heights"]["posterior"], rel=1e-3)
         assert b["p_fracture"] == a["p_fracture"] and b["p_acute"] == a["p_acute"]
+
+
+class _CollapsingRefiner(_ShrinkingRefiner):
+    """Reads the bodies with ``collapse`` (indices, in call order) flattened to a line."""
+
+    def __init__(self, collapse):
+        super().__init__()
+        self.collapse = list(collapse)
+
+    def forward(self, crops):
+        out = super().forward(crops)
+        for k in self.collapse:
+            out["points"][k, 3:, 1] = out["points"][k, :3, 1]
+        return out
+
+
+def test_analyse_film_drops_a_body_the_refiner_collapses():
+    logits, box, truth, levels = _gap_film(skip=())
+    image = np.zeros((128, 104), np.float32)
+    cpu = torch.device("cpu")
+    plain = analyse_film(logits, box, STRIDE, _StubCropNet(logits=((1.0, -1.0),)), image, cpu)
+    n = len(plain["vertebrae"])
+    collapsed = analyse_film(logits, box, STRIDE, _StubCropNet(logits=((1.0, -1.0),)), image, cpu,
+                             point_refiner=_CollapsingRefiner(collapse=[1]))
+    # one body read with no height is no measurement: dropped, as an unmeasurable crop reading is
+    assert len(collapsed["vertebrae"]) == n - 1
+    assert all(min(v["heights"].values()) >= 1.0 for v in collapsed["vertebrae"])
+    none_left = analyse_film(logits, box, STRIDE, _StubCropNet(logits=((1.0, -1.0),)), image, cpu,
+                             point_refiner=_CollapsingRefiner(collapse=range(n)))
+    assert none_left["vertebrae"] == [] and none_left["levels_trusted"] is False
