@@ -27,6 +27,7 @@ crop network fits its own training labels any better than unseen ones.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -114,7 +115,7 @@ def _neighbour_median_extent(window: int):
     return extent
 
 
-def pipeline_study(checkpoint: Path, paths: list[str], truth: pd.DataFrame) -> dict:
+def pipeline_study(checkpoint: Path, paths: list[str], truth: pd.DataFrame, only: list[str] | None = None) -> dict:
     from models.inference import VERTEBRA_COLUMNS, InferenceDataset, Predictor, vertebra_rows
 
     predictor = Predictor(checkpoint, device="cpu", calibrated=False)
@@ -134,6 +135,8 @@ def pipeline_study(checkpoint: Path, paths: list[str], truth: pd.DataFrame) -> d
         variants["2 passes, without the point refiner"] = (2, body_extent, None, None)
         other = "refiner's last pass not mirrored" if stored_flip else "refiner's last pass also mirrored"
         variants[f"2 passes, {other}"] = (2, body_extent, refiner, not stored_flip)
+    if only:  # names matching any of these regular expressions, whole
+        variants = {k: v for k, v in variants.items() if any(re.fullmatch(pattern, k) for pattern in only)}
     out = {}
     saved = V.CROP_PASSES, V.body_extent
     try:
@@ -165,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vertebrae", type=Path, required=True, help="vertebrae.csv with manifest.csv beside it")
     p.add_argument("--limit", type=int, default=None, help="only the first N films")
     p.add_argument("--skip-pipeline", action="store_true", help="the crop study only")
+    p.add_argument("--only", action="append", default=None,
+                   help="run only the pipeline variants whose whole name matches this regular expression "
+                        "(repeat for more), e.g. '2 passes|.*mirrored'")
     p.add_argument("--json", type=Path, default=None, help="write every number here")
     args = p.parse_args(argv)
     truth = load_vertebrae_table(args.vertebrae, args.vertebrae.parent / "manifest.csv")
@@ -187,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  each film's mean signed error removed: median {crop['without_each_films_mean_error']['median']:.2f}")
     print(f"  mean signed error per point p1..p6, x: {crop['mean_signed_error_pct']['x']}, y: {crop['mean_signed_error_pct']['y']}")
     if not args.skip_pipeline:
-        result["pipeline"] = pipeline_study(args.checkpoint, paths, truth)
+        result["pipeline"] = pipeline_study(args.checkpoint, paths, truth, only=args.only)
         print("whole per-vertebra analysis (matched vertebrae):")
         def fmt(v, digits):  # None where nothing was matched
             return "-" if v is None else f"{v:.{digits}f}"

@@ -130,8 +130,9 @@ def _refiner_details(entry: dict) -> str:
     cfg, tr = entry.get("config") or {}, entry.get("training") or {}
     text = ("A point refiner re-reads each vertebra's six points in a window of the body's own frame "
             f"({cfg.get('width_context', '?')} x its width by {cfg.get('height_context', '?')} x its height, turned "
-            f"to its endplates, {cfg.get('size', '?')} px, {cfg.get('passes', '?')} passes, backbone "
-            f"{cfg.get('backbone', '?')}); the vertebra probabilities stay the crop network's.")
+            f"to its endplates, {cfg.get('size', '?')} px, {cfg.get('passes', '?')} passes"
+            + (", the last also read mirrored and averaged" if cfg.get("flip") else "")
+            + f", backbone {cfg.get('backbone', '?')}); the vertebra probabilities stay the crop network's.")
     if tr:
         best = next((h for h in tr.get("history", []) if h.get("epoch") == tr.get("best_epoch")), {})
         err = best.get("val_median_error_pct") or {}
@@ -144,6 +145,8 @@ def _refiner_details(entry: dict) -> str:
                        "jittered as in training).")
         else:
             text += " (the last; no validation score)."
+        if tr.get("started_from"):
+            text += f" It started from the refiner of `{Path(tr['started_from']).parent.name}/{Path(tr['started_from']).name}` (a warm start)."
     return text
 
 

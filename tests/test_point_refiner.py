@@ -414,8 +414,9 @@ def test_cli_warm_start_refuses_a_refiner_of_another_split(phantom_manifest, tmp
     torch.save(ckpt, source)
     args = ["--checkpoint", str(source), "--epochs", "1", "--films-per-epoch", "2", "--num-workers", "0",
             "--limit-val", "2", "--size", "64"]
-    assert main(args + ["--out", str(first)]) == 0
+    assert main(args + ["--out", str(first), "--no-flip"]) == 0
     assert main(args + ["--out", str(second), "--start-from", str(first)]) == 0
+    assert torch.load(second, weights_only=True)[REFINER_KEY]["config"]["flip"]  # the default
     written = torch.load(second, weights_only=True)[REFINER_KEY]
     assert written["training"]["started_from"] == str(first) and written["config"]["size"] == 64
     # no training: the same weights and record, stored with the mirrored last pass switched on
