@@ -10,7 +10,7 @@ model's metadata) then reports calibrated probabilities and a yes/no decision.
 Refit for a new site on that site's labelled validation films (every labelled row is used)::
 
     python -m models.calibration --checkpoint best.ckpt --manifest SITE_VAL.csv \\
-        [--method temperature|platt|isotonic|none|auto] [--select-by brier|ece] \\
+        [--method temperature|platt|beta|isotonic|none|auto] [--select-by brier|ece] \\
         [--operating-point balanced|high_sensitivity|high_specificity] [--out NEW.ckpt]
 
 It prints the fitted parameters, the operating points with their validation sensitivity and
@@ -36,11 +36,15 @@ are never used):
   negative log-likelihood (Platt scaling on the logit). Temperature scaling can only sharpen or
   soften; the intercept also corrects a model that over- or under-calls fractures as a whole
   (a shifted base rate at a new site). Monotone: the ranking is unchanged.
+* ``beta``: ``p = sigmoid(a * ln p - b * ln(1 - p) + c)`` with ``a, b > 0`` and ``c`` per head
+  minimising the negative log-likelihood (beta calibration, Kull, Silva Filho and Flach 2017).
+  Platt scaling is the case ``a = b``; otherwise the low and the high end are corrected apart,
+  which a logistic map of the logit cannot do. Monotone: the ranking is unchanged.
 * ``isotonic``: a non-decreasing piecewise-linear map fitted by scikit-learn's
   ``IsotonicRegression``; its knots are stored as plain lists. Monotone but not strictly
   (ties appear); needs more data than temperature scaling.
 * ``none``: probabilities are left as they are; only the operating points are fitted.
-* ``auto``: the one of the four whose film ``p_fracture`` has the lowest out-of-fold Brier
+* ``auto``: the one of the five whose film ``p_fracture`` has the lowest out-of-fold Brier
   score in a patient-grouped cross-validation on the same images (below); ties go to the
   simpler method. The Brier score is a proper score (it rewards calibration and sharpness
   together) and, on a few hundred films, much less noisy than the 10-bin ECE.
@@ -92,8 +96,8 @@ from models.checkpoint import CheckpointError
 
 CALIBRATION_KEY = "vcf_calibration"
 CALIBRATION_FORMAT = 1
-METHODS = ("temperature", "platt", "isotonic", "none")
-SIMPLEST_FIRST = ("none", "temperature", "platt", "isotonic")  # choose_method's tie order
+METHODS = ("temperature", "platt", "beta", "isotonic", "none")
+SIMPLEST_FIRST = ("none", "temperature", "platt", "beta", "isotonic")  # choose_method's tie order
 CV_FOLDS = 5  # patient-grouped folds of the method-selection cross-validation
 HEADS = ("p_fracture", "p_acute_given_fracture")
 OPERATING_POINTS = ("high_sensitivity", "balanced", "high_specificity")
@@ -176,6 +180,45 @@ def fit_platt(logits, labels) -> dict:
     return {"a": float(res.x[0]), "b": float(res.x[1])}
 
 
+def _beta_features(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``ln p`` and ``-ln(1 - p)`` of ``p = sigmoid(z)``, computed stably from the logit."""
+    return -np.logaddexp(0.0, -z), np.logaddexp(0.0, z)
+
+
+def fit_beta(logits, labels) -> dict:
+    """``{"a", "b", "c"}`` minimising the NLL of ``sigmoid(a * ln p - b * ln(1 - p) + c)``,
+    ``p = sigmoid(logit)``: beta calibration (Kull, Silva Filho and Flach, AISTATS 2017).
+
+    With ``a = b`` it is Platt scaling; ``a != b`` bends the two ends apart, which a logistic map
+    cannot (e.g. probabilities too high at the bottom but right at the top). ``a`` and ``b`` lie
+    in ``PLATT_SLOPE_BOUNDS`` (an increasing map, the ranking unchanged), ``|c| <=
+    PLATT_INTERCEPT_BOUND``. Only entries whose label is known are used; both classes must be
+    present."""
+    from scipy.optimize import minimize
+
+    z, y = _known(logits, labels)
+    if not _both_classes(y):
+        raise CalibrationError("beta calibration needs labelled images of both classes")
+    log_p, neg_log_q = _beta_features(z)
+
+    def nll_and_grad(params: np.ndarray) -> tuple[float, np.ndarray]:
+        a, b, c = params
+        s = a * log_p + b * neg_log_q + c
+        r = _sigmoid(s) - y  # d NLL / d s
+        return (float(np.mean(np.logaddexp(0.0, s) - y * s)),
+                np.array([np.mean(r * log_p), np.mean(r * neg_log_q), np.mean(r)]))
+
+    bounds = [PLATT_SLOPE_BOUNDS, PLATT_SLOPE_BOUNDS, (-PLATT_INTERCEPT_BOUND, PLATT_INTERCEPT_BOUND)]
+    res = minimize(nll_and_grad, x0=np.array([1.0, 1.0, 0.0]), jac=True, method="L-BFGS-B", bounds=bounds)
+    return {"a": float(res.x[0]), "b": float(res.x[1]), "c": float(res.x[2])}
+
+
+def beta_formula(abc: dict) -> str:
+    """``sigmoid(a * ln p - b * ln(1 - p) + c)`` with the fitted numbers, for printing."""
+    a, b, c = float(abc["a"]), float(abc["b"]), float(abc["c"])
+    return f"sigmoid({a:.4g} * ln p - {b:.4g} * ln(1 - p) {'-' if c < 0 else '+'} {abs(c):.4g})"
+
+
 def platt_formula(ab: dict) -> str:
     """``sigmoid(a * logit + b)`` with the fitted numbers, for printing."""
     a, b = float(ab["a"]), float(ab["b"])
@@ -249,6 +292,8 @@ def cross_validate_methods(logits, probs, labels, groups, n_folds: int = CV_FOLD
         oof["temperature"][test] = temperature.apply(z[test], logits=True)
         platt = Calibrator("platt", platt={"p_fracture": fit_platt(z[train], y[train])})
         oof["platt"][test] = platt.apply(z[test], logits=True)
+        beta = Calibrator("beta", beta={"p_fracture": fit_beta(z[train], y[train])})
+        oof["beta"][test] = beta.apply(z[test], logits=True)
         isotonic = Calibrator("isotonic", isotonic={"p_fracture": fit_isotonic(p[train], y[train])})
         oof["isotonic"][test] = isotonic.apply(p[test])
     scored = ~np.isnan(oof["none"])
@@ -266,7 +311,7 @@ SELECTION_SCORES = {"brier": 5e-4, "ece": 1e-3}  # criterion -> tie margin
 def choose_method(selection: dict, by: str = "brier") -> str:
     """The method with the lowest out-of-fold score ``by`` (``brier``, the default, or ``ece``);
     ties (within the criterion's margin) go to the simpler one (none, then temperature, Platt,
-    isotonic). Temperature when nothing could be scored."""
+    beta, isotonic). Temperature when nothing could be scored."""
     if by not in SELECTION_SCORES:
         raise ValueError(f"unknown selection score {by!r} (expected {', '.join(SELECTION_SCORES)})")
     scores = selection["scores"]
@@ -323,7 +368,7 @@ class Calibrator:
 
     def __init__(self, method: str = "none", temperature: dict | None = None, isotonic: dict | None = None,
                  points: dict | None = None, default: str = "balanced", info: dict | None = None,
-                 platt: dict | None = None):
+                 platt: dict | None = None, beta: dict | None = None):
         if method not in METHODS:
             raise CalibrationError(f"unknown calibration method {method!r} (expected {', '.join(METHODS)})")
         self.method = method
@@ -345,6 +390,17 @@ class Calibrator:
             if not (a > 0 and math.isfinite(a) and math.isfinite(b)):
                 raise CalibrationError(f"Platt slope of {h} is {a} (intercept {b}); the slope must be positive and finite")
             self.platt[h] = {"a": a, "b": b}
+        self.beta = {}
+        for h in HEADS:  # identity (a = b = 1, c = 0) where a head was not fitted
+            abc = (beta or {}).get(h) or {"a": 1.0, "b": 1.0, "c": 0.0}
+            try:
+                a, b, c = float(abc["a"]), float(abc["b"]), float(abc["c"])
+            except (KeyError, TypeError, ValueError):
+                raise CalibrationError(f"beta calibration parameters of {h} are malformed: {abc!r}") from None
+            if not (a > 0 and b > 0 and all(map(math.isfinite, (a, b, c)))):
+                raise CalibrationError(f"beta calibration of {h} has a = {a}, b = {b}, c = {c}; "
+                                       "a and b must be positive and all finite")
+            self.beta[h] = {"a": a, "b": b, "c": c}
         self.operating_points = dict(points or {})
         if self.operating_points and default not in self.operating_points:
             raise CalibrationError(f"default operating point {default!r} is not one of "
@@ -371,6 +427,10 @@ class Calibrator:
         if self.method == "platt":
             z = x if logits else _logit(x)
             return _sigmoid(self.platt[head]["a"] * z + self.platt[head]["b"])
+        if self.method == "beta":
+            log_p, neg_log_q = _beta_features(x if logits else _logit(x))
+            abc = self.beta[head]
+            return _sigmoid(abc["a"] * log_p + abc["b"] * neg_log_q + abc["c"])
         p = _sigmoid(x) if logits else x
         table = self.isotonic.get(head) if self.method == "isotonic" else None
         if table is None:
@@ -409,6 +469,8 @@ class Calibrator:
             d["temperature"] = dict(self.temperature)
         elif self.method == "platt":
             d["platt"] = {h: dict(ab) for h, ab in self.platt.items()}
+        elif self.method == "beta":
+            d["beta"] = {h: dict(abc) for h, abc in self.beta.items()}
         elif self.method == "isotonic":
             d["isotonic"] = {h: (None if t is None else {"x": list(t["x"]), "y": list(t["y"])})
                              for h, t in self.isotonic.items()}
@@ -423,10 +485,10 @@ class Calibrator:
             raise CalibrationError(f"stored calibration is a {type(d).__name__}, not a dict")
         if d.get("format", CALIBRATION_FORMAT) != CALIBRATION_FORMAT:
             raise CalibrationError(f"calibration format {d.get('format')} but this code reads format {CALIBRATION_FORMAT}")
-        known = {"format", "method", "temperature", "platt", "isotonic", "operating_points", "default"}
+        known = {"format", "method", "temperature", "platt", "beta", "isotonic", "operating_points", "default"}
         return cls(method=d.get("method", "none"), temperature=d.get("temperature"), isotonic=d.get("isotonic"),
                    points=d.get("operating_points"), default=d.get("default", "balanced"),
-                   info={k: v for k, v in d.items() if k not in known}, platt=d.get("platt"))
+                   info={k: v for k, v in d.items() if k not in known}, platt=d.get("platt"), beta=d.get("beta"))
 
     def describe(self) -> str:
         """The fitted parameters in a line."""
@@ -434,6 +496,8 @@ class Calibrator:
             return "temperature: " + ", ".join(f"{h} T={t:.4g}" for h, t in self.temperature.items())
         if self.method == "platt":
             return "platt: " + ", ".join(f"{h} {platt_formula(ab)}" for h, ab in self.platt.items())
+        if self.method == "beta":
+            return "beta: " + ", ".join(f"{h} {beta_formula(abc)}" for h, abc in self.beta.items())
         if self.method == "isotonic":
             parts = [f"{h} " + ("identity" if t is None else f"{len(t['x'])} knots") for h, t in self.isotonic.items()]
             return "isotonic: " + ", ".join(parts)
@@ -634,7 +698,7 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, manifest: str | os.PathL
                      if requested == "auto" else "requested")
 
     fitted = {}
-    temperature, platt, isotonic = {}, {}, {}
+    temperature, platt, beta, isotonic = {}, {}, {}, {}
     for col, head, y in ((0, "p_fracture", y_frac), (1, "p_acute_given_fracture", y_acute)):
         known = ~np.isnan(y)
         fitted[head] = method != "none" and _both_classes(y[known])
@@ -644,9 +708,11 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, manifest: str | os.PathL
             temperature[head] = fit_temperature(logits[:, col], y)
         elif method == "platt":
             platt[head] = fit_platt(logits[:, col], y)
+        elif method == "beta":
+            beta[head] = fit_beta(logits[:, col], y)
         else:
             isotonic[head] = fit_isotonic(probs[head], y)
-    cal = Calibrator(method, temperature=temperature, isotonic=isotonic, platt=platt)
+    cal = Calibrator(method, temperature=temperature, isotonic=isotonic, platt=platt, beta=beta)
     p_cal = cal.apply_probabilities(probs)  # the same path inference takes
     points = operating_points(p_cal["p_fracture"], y_frac)
     metrics = {}
@@ -674,7 +740,7 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, manifest: str | os.PathL
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     cal = Calibrator(method, temperature=temperature, isotonic=isotonic, points=points, default=default_point,
-                     info=info, platt=platt)
+                     info=info, platt=platt, beta=beta)
     ckpt[CALIBRATION_KEY] = cal.to_dict()
     path = Path(out) if out else default_output(checkpoint)
     _atomic_torch_save(ckpt, path)

@@ -166,6 +166,10 @@ def _calibration_details(cal) -> str:
             from models.calibration import platt_formula
 
             v = {head: (platt_formula(h) if isinstance(h, dict) else "identity") for head, h in v.items()}
+        if k == "beta" and isinstance(v, dict):
+            from models.calibration import beta_formula
+
+            v = {head: (beta_formula(h) if isinstance(h, dict) else "identity") for head, h in v.items()}
         if isinstance(v, dict):
             v = ", ".join(f"{kk}: {_fmt(vv, 4)}" for kk, vv in v.items())
         elif isinstance(v, (list, tuple)):

@@ -8,7 +8,7 @@ import torch
 
 from models.calibration import (CALIBRATION_KEY, CalibrationError, Calibrator, calibrate_checkpoint,
                                 choose_method, cross_validate_methods, expected_calibration_error, fit_isotonic,
-                                fit_platt, fit_temperature, main, operating_points)
+                                fit_beta, fit_platt, fit_temperature, main, operating_points)
 
 
 def _synthetic(n=20000, t_true=2.5, seed=0):
@@ -149,14 +149,15 @@ def test_cross_validation_prefers_the_method_that_fits_the_miscalibration():
     assert choose_method(sel) in ("temperature", "isotonic")
 
     # a shape no affine map of the logit fixes (calibrated below 0.5, far too confident above):
-    # isotonic wins out of fold
+    # a map that bends the two ends apart (beta) or any monotone map (isotonic) wins out of fold
     z_true = logit(p_true)
     z_kinked = np.where(z_true > 0, 4.0 * z_true, z_true)
     sel = cross_validate_methods(z_kinked, 1 / (1 + np.exp(-z_kinked)), y, groups)
     s = sel["scores"]
     for affine in ("temperature", "platt"):
         assert s["isotonic"]["ece"] < s[affine]["ece"] and s["isotonic"]["brier"] < s[affine]["brier"], s
-    assert choose_method(sel) == "isotonic" and choose_method(sel, by="ece") == "isotonic"
+        assert s["beta"]["ece"] < s[affine]["ece"] and s["beta"]["brier"] < s[affine]["brier"], s
+    assert choose_method(sel) in ("beta", "isotonic") and choose_method(sel, by="ece") in ("beta", "isotonic")
     with pytest.raises(ValueError, match="selection score"):
         choose_method(sel, by="auroc")
 
@@ -167,6 +168,59 @@ def test_cross_validation_prefers_the_method_that_fits_the_miscalibration():
     s = sel["scores"]
     assert s["platt"]["brier"] < s["temperature"]["brier"] and s["platt"]["ece"] < s["temperature"]["ece"] / 3
     assert choose_method(sel) == "platt"
+
+
+def _beta_truth(z, a, b, c):
+    """sigmoid(a ln p - b ln(1 - p) + c) of p = sigmoid(z)."""
+    s = -a * np.logaddexp(0.0, -z) + b * np.logaddexp(0.0, z) + c
+    return 1.0 / (1.0 + np.exp(-s))
+
+
+def test_beta_calibration_bends_the_two_ends_apart_where_platt_cannot(tmp_path):
+    rng = np.random.default_rng(12)
+    z = rng.normal(0.0, 2.0, 20000)
+    # too high at the bottom, about right at the top: the miscalibration seen on simulated-real films
+    y = (rng.random(len(z)) < _beta_truth(z, a=1.6, b=0.7, c=-0.3)).astype(float)
+    y_with_unknown = y.copy()
+    y_with_unknown[::40] = np.nan  # skipped, not taken as negative
+    abc = fit_beta(z, y_with_unknown)
+    # a and c trade off against each other on a finite sample: checked loosely
+    assert abs(abc["a"] - 1.6) < 0.25 and abs(abc["b"] - 0.7) < 0.1 and abs(abc["c"] + 0.3) < 0.25, abc
+    beta = Calibrator("beta", beta={"p_fracture": abc})
+    platt = Calibrator("platt", platt={"p_fracture": fit_platt(z, y)})
+    ece_beta = expected_calibration_error(beta.apply(z, logits=True), y)
+    ece_platt = expected_calibration_error(platt.apply(z, logits=True), y)
+    assert ece_beta < 0.7 * ece_platt, (ece_beta, ece_platt)
+    p_raw = 1.0 / (1.0 + np.exp(-z))
+    assert np.allclose(beta.apply(p_raw[:100]), beta.apply(z[:100], logits=True), atol=1e-6)
+    q = np.linspace(0.01, 0.99, 50)
+    assert np.all(np.diff(beta.apply(q)) > 0)  # increasing: the ranking is kept
+    assert np.allclose(beta.apply(q, "p_acute_given_fracture"), q, rtol=0, atol=1e-9)  # identity where not fitted
+    # with a = b it is Platt scaling
+    same = Calibrator("beta", beta={"p_fracture": {"a": 0.5, "b": 0.5, "c": -1.5}})
+    assert np.allclose(same.apply(z[:200], logits=True),
+                       Calibrator("platt", platt={"p_fracture": {"a": 0.5, "b": -1.5}}).apply(z[:200], logits=True))
+    # extreme logits stay finite
+    assert np.isfinite(beta.apply(np.array([-800.0, 800.0]), logits=True)).all()
+
+    sel = cross_validate_methods(z, p_raw, y, _patients(len(z)))
+    assert sel["scores"]["beta"]["brier"] < sel["scores"]["platt"]["brier"]
+    assert choose_method(sel) in ("beta", "isotonic")
+
+    torch.save({"vcf_calibration": Calibrator("beta", beta={"p_fracture": abc}).to_dict()}, tmp_path / "c.pt")
+    stored = torch.load(tmp_path / "c.pt", weights_only=True)["vcf_calibration"]
+    assert stored["method"] == "beta" and stored["beta"]["p_fracture"] == abc
+    back = Calibrator.from_dict(stored)
+    assert np.array_equal(back.apply(q), beta.apply(q)) and "ln(1 - p)" in back.describe()
+    from models.model_card import _calibration_details
+
+    assert f"| beta | p_fracture: sigmoid({abc['a']:.4g} * ln p - {abc['b']:.4g} * ln(1 - p)" in _calibration_details(stored)
+    with pytest.raises(CalibrationError, match="both classes"):
+        fit_beta(z[:10], np.zeros(10))
+    with pytest.raises(CalibrationError, match="positive"):
+        Calibrator("beta", beta={"p_fracture": {"a": 1.0, "b": -1.0, "c": 0.0}})
+    with pytest.raises(CalibrationError, match="malformed"):
+        Calibrator("beta", beta={"p_fracture": {"a": 1.0, "b": 1.0}})
 
 
 def test_choose_method_reads_a_selection_stored_before_platt_existed():
@@ -311,6 +365,6 @@ def test_auto_method_stores_its_cross_validation(tiny, tmp_path, capsys):
     assert "out-of-fold p_fracture" in printed and "(chosen)" in printed
     stored = torch.load(out, weights_only=True)[CALIBRATION_KEY]
     sel = stored["method_selection"]
-    assert sel["requested"] == "auto" and sel["chosen"] == stored["method"] and stored["method"] in ("none", "temperature", "platt", "isotonic")
-    assert set(sel["scores"]) == {"none", "temperature", "platt", "isotonic"} and sel["folds"] == 5
+    assert sel["requested"] == "auto" and sel["chosen"] == stored["method"] and stored["method"] in ("none", "temperature", "platt", "beta", "isotonic")
+    assert set(sel["scores"]) == {"none", "temperature", "platt", "beta", "isotonic"} and sel["folds"] == 5
     assert choose_method(sel, by="ece") == sel["chosen"] and "ece" in sel["criterion"]
