@@ -94,3 +94,26 @@ def test_point_error_study_runs_on_phantom_films(tmp_path, capsys):
     assert result["n_films"] == 2 and result["crop"]["n_vertebrae"] > 10
     assert set(result["pipeline"]) == {"2 passes", "3 passes", "2 passes, neighbour-median extent"}
     assert "crop network on crops placed from the truth" in capsys.readouterr().out
+
+
+def test_point_error_study_reads_a_refined_checkpoint_both_ways_and_filters_variants(tmp_path):
+    import point_error_study
+    import torch
+    from data.phantom import generate_dataset
+    from models.point_refiner import REFINER_KEY, build_refiner
+    from training_config import save_untrained_checkpoint
+
+    generate_dataset(tmp_path / "data", n=1, seed=4, size=128, workers=1, progress=False)
+    _, ckpt_path = save_untrained_checkpoint(tmp_path / "model.ckpt", image_size=(64, 48))
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    config = {"flip": True}
+    ckpt[REFINER_KEY] = {"state_dict": build_refiner(config).state_dict(), "config": config}
+    torch.save(ckpt, ckpt_path)
+    out = tmp_path / "study.json"
+    assert point_error_study.main(["--checkpoint", str(ckpt_path), "--vertebrae", str(tmp_path / "data" / "vertebrae.csv"),
+                                   "--json", str(out), "--only", "2 passes|.*(mirrored|without).*"]) == 0
+    result = json.loads(out.read_text())
+    # the stored setting (mirrored), the other one, and no refiner; "3 passes" and the neighbour rows filtered out
+    assert set(result["pipeline"]) == {"2 passes", "2 passes, refiner's last pass not mirrored",
+                                       "2 passes, without the point refiner"}
+    assert {"refiner on truth", "crop + refiner"} <= set(result["crop"]["variants"])
