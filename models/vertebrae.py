@@ -490,6 +490,15 @@ def fracture_peak(heatmap: np.ndarray, vertebrae: list[dict], to_image: dict) ->
     return [float(s * j + ox), float(s * i + oy)], head_value
 
 
+def _measurable_in_spine_order(read: dict, scores: np.ndarray, logp: np.ndarray):
+    """The bodies of ``read`` that can be measured and are not a higher-scoring body's
+    duplicate, in head-to-feet order (read points can swap two neighbours' order; the level
+    counting needs it), with their ``scores`` and level ``logp``."""
+    keep = _measurable(read["points"]) & ~duplicate_bodies(read["points"], scores)
+    order = np.flatnonzero(keep)[spine_order(read["points"][keep])] if keep.any() else np.flatnonzero(keep)
+    return {k: v[order] for k, v in read.items()}, scores[order], logp[order]
+
+
 def analyse_film(vertebra_logits: torch.Tensor, box, stride: int, vertebra_net: torch.nn.Module,
                  image: np.ndarray, device: torch.device, pixel_spacing_mm=None,
                  min_score: float = MIN_DETECTION_SCORE, fill_gaps: bool = True,
@@ -509,24 +518,17 @@ def analyse_film(vertebra_logits: torch.Tensor, box, stride: int, vertebra_net: 
     scores = np.array([found[k]["score"] for k in order])
     logp = np.stack([found[k]["level_logp"] for k in order])
     read = read_crops(vertebra_net, image, rough, device, passes=CROP_PASSES, flip=FLIP_CROPS)
-    keep = _measurable(read["points"]) & ~duplicate_bodies(read["points"], scores)
-    if not keep.any():
+    read, scores, logp = _measurable_in_spine_order(read, scores, logp)
+    if not len(scores):
         return {"vertebrae": [], "level_confidence": None, "levels_trusted": False}
-    # refined centres can swap two neighbours' order; the counting needs head-to-feet order
-    order = np.flatnonzero(keep)[spine_order(read["points"][keep])]
-    read = {k: v[order] for k, v in read.items()}
-    scores, logp = scores[order], logp[order]
     if fill_gaps:
         read, scores, logp = _fill_gaps(read, scores, logp, vertebra_logits, box, stride, vertebra_net, image, device)
     if point_refiner is not None:
-        read = {**read, "points": refine_points(point_refiner, image, read["points"], device)}
         # the refiner may collapse a body or pull two onto one vertebra: checked as the crop reads were
-        keep = _measurable(read["points"]) & ~duplicate_bodies(read["points"], scores)
-        if not keep.any():
+        read, scores, logp = _measurable_in_spine_order(
+            {**read, "points": refine_points(point_refiner, image, read["points"], device)}, scores, logp)
+        if not len(scores):
             return {"vertebrae": [], "level_confidence": None, "levels_trusted": False}
-        order = np.flatnonzero(keep)[spine_order(read["points"][keep])]
-        read = {k: v[order] for k, v in read.items()}
-        scores, logp = scores[order], logp[order]
     labels = assign_levels(read["points"], logp)
     vertebrae = describe_vertebrae(read["points"], labels, read, scores, pixel_spacing_mm)
     return {"vertebrae": vertebrae, "level_confidence": labels["level_confidence"], "levels_trusted": labels["trusted"]}
