@@ -145,6 +145,9 @@ def _refiner_details(entry: dict) -> str:
                        "jittered as in training).")
         else:
             text += " (the last; no validation score)."
+        units = tr.get("loss_units", "window")  # refiners stored before the option: window pixels
+        text += (" Loss: point distance as a fraction of the body height." if units == "height"
+                 else " Loss: absolute point error in window pixels.")
         if tr.get("started_from"):
             text += f" It started from the refiner of `{Path(tr['started_from']).parent.name}/{Path(tr['started_from']).name}` (a warm start)."
     return text

@@ -60,6 +60,12 @@ MIN_SIDE = 8.0  # original pixels: a collapsed guess still gets a window
 JITTER_SHIFT, JITTER_SHIFT_MAX = (0.06, 0.10), 0.25  # (along, across) the endplates
 JITTER_SCALE, JITTER_SCALE_MAX = 0.14, 0.35  # log ratio, width and height drawn apart
 JITTER_ANGLE_DEG = 6.0
+# Training loss units. "height": each point's distance to the truth in original pixels, as a
+# fraction of the body's height, the unit the benchmark reports (the window is scaled more
+# along the endplates than across them, so window pixels under-weight the along-endplate error,
+# the larger part on AP films). "window": the mean absolute error in window pixels (refiners
+# stored before the option).
+LOSS_UNITS = ("height", "window")
 
 
 def body_frames(points: np.ndarray) -> dict[str, np.ndarray]:
@@ -226,6 +232,19 @@ def window_error_pct(pred: torch.Tensor, target: torch.Tensor, to_original: torc
     return d.norm(dim=-1) / height[:, None] * 100
 
 
+def refiner_loss(pred: torch.Tensor, batch: dict, units: str, size: int) -> torch.Tensor:
+    """The training loss of a batch's readings ``pred`` (k, 6, 2), in window pixels, in
+    ``units`` (:data:`LOSS_UNITS`); both are about 1 for a typical early error."""
+    diff = pred - batch["points"].to(pred.device)
+    if units == "window":
+        return diff.abs().mean() / size * 10
+    to_original = batch["to_original"].to(pred.device)
+    height = batch["height"].to(pred.device).clamp_min(1.0)
+    # a smooth Euclidean norm: its gradient stays finite at zero error
+    dist = ((diff @ to_original.transpose(1, 2)).pow(2).sum(-1) + 1e-6).sqrt()
+    return (dist / height[:, None]).mean() * 10
+
+
 def _evaluate(net: VertebraNet, loader: DataLoader, device: torch.device) -> dict:
     net.eval()
     errors, ap = [], []
@@ -250,7 +269,8 @@ def _evaluate(net: VertebraNet, loader: DataLoader, device: torch.device) -> dic
 def fit_refiner(checkpoint: dict, manifests: list[str | Path], epochs: int = 6, lr: float = 5e-4,
                 films_per_epoch: int | None = None, batch_films: int = 4, num_workers: int = 1,
                 seed: int = 0, limit_val: int | None = None, device: str = "cpu", size: int = REFINE_SIZE,
-                start_state: dict | None = None, flip: bool = REFINE_FLIP) -> dict:
+                start_state: dict | None = None, flip: bool = REFINE_FLIP, loss_units: str = "height",
+                passes: int = REFINE_PASSES) -> dict:
     """Train a refiner on the training split of ``manifests`` (split by patient with the
     checkpoint's ``val_fraction`` and seed, so its validation patients stay unseen; rows with
     ``split = test`` are never read) and return the ``point_refiner`` entry: the best epoch's
@@ -259,8 +279,9 @@ def fit_refiner(checkpoint: dict, manifests: list[str | Path], epochs: int = 6, 
     ``val_manifest`` scores on that manifest's films, and ``manifests`` are then all training.
 
     ``size``: the window's side in pixels. ``start_state``: a refiner's weights to start from
-    (a warm start, e.g. at a new ``size``), instead of the crop network's. ``flip``: stored for
-    inference (:func:`refine_points`); training is the same either way.
+    (a warm start, e.g. at a new ``size``), instead of the crop network's. ``flip`` and
+    ``passes``: stored for inference (:func:`refine_points`); training is the same either way.
+    ``loss_units``: one of :data:`LOSS_UNITS`.
 
     Each epoch draws ``films_per_epoch`` training films (default: as many as there are), with
     replacement, AP and lateral films weighted to equal shares, so that a mixed manifest's many
@@ -285,8 +306,12 @@ def fit_refiner(checkpoint: dict, manifests: list[str | Path], epochs: int = 6, 
     meta = checkpoint.get("vcf_model") or {}
     if size < 32:
         raise ValueError(f"size must be at least 32 pixels, got {size}")
+    if loss_units not in LOSS_UNITS:
+        raise ValueError(f"loss_units must be one of {LOSS_UNITS}, got {loss_units!r}")
+    if passes < 1:
+        raise ValueError(f"passes must be at least 1, got {passes}")
     config = {"backbone": meta.get("crop_backbone", "resnet18"), "size": int(size), "width_context": WIDTH_CONTEXT,
-              "height_context": HEIGHT_CONTEXT, "passes": REFINE_PASSES, "flip": bool(flip)}
+              "height_context": HEIGHT_CONTEXT, "passes": int(passes), "flip": bool(flip)}
     net = build_refiner(config)
     crop_state = network_state(checkpoint, "vertebra_net.")
     if start_state is not None:
@@ -319,7 +344,7 @@ def fit_refiner(checkpoint: dict, manifests: list[str | Path], epochs: int = 6, 
             if batch is None:
                 continue
             pred = net(batch["crops"].to(dev))["points"].float()
-            loss = (pred - batch["points"].to(dev)).abs().mean() / size * 10
+            loss = refiner_loss(pred, batch, loss_units, size)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -340,7 +365,7 @@ def fit_refiner(checkpoint: dict, manifests: list[str | Path], epochs: int = 6, 
               + f" ({time.time() - t0:.0f} s)")
     training = {"manifests": [str(m) for m in manifests], "epochs": epochs, "lr": lr, "films_per_epoch": per_epoch,
                 "n_train_films": len(train), "n_val_films": len(val), "seed": seed, "history": history,
-                "warm_start": start_state is not None,
+                "warm_start": start_state is not None, "loss_units": loss_units,
                 "best_epoch": best_epoch,
                 "seconds": round(time.time() - t0, 1)}
     return {"state_dict": best_state, "config": config, "training": training}
@@ -379,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: the manifest the checkpoint was trained on)")
     p.add_argument("--out", type=Path, required=True, help="the new checkpoint (a copy with the refiner added)")
     p.add_argument("--epochs", type=int, default=6,
-                   help="0 with --start-from: no training, the starting refiner stored with this run's --flip")
+                   help="0 with --start-from: no training, the starting refiner stored with this run's --flip "
+                        "and --passes")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--films-per-epoch", type=int, default=None)
     p.add_argument("--batch-films", type=int, default=4, help="films per batch (all their bodies)")
@@ -391,11 +417,19 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"window side in pixels (default {REFINE_SIZE}, or the --start-from refiner's)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=REFINE_FLIP,
                    help="the last pass also reads each window mirrored and averages the two (inference only)")
+    p.add_argument("--passes", type=int, default=None,
+                   help=f"reads per body at inference, each in the frame of the last (default {REFINE_PASSES}, "
+                        "or the --start-from refiner's)")
+    p.add_argument("--loss-units", choices=LOSS_UNITS, default="height",
+                   help="height: point distance as a fraction of the body height (the benchmark's unit); "
+                        "window: absolute error in window pixels (refiners before the option)")
     p.add_argument("--start-from", type=Path, default=None,
                    help="a refined checkpoint of the same training run whose refiner to start from (a warm start)")
     args = p.parse_args(argv)
     if args.out.resolve() == args.checkpoint.resolve():
         p.error("--out must differ from --checkpoint")
+    if args.passes is not None and args.passes < 1:
+        p.error(f"--passes must be at least 1, got {args.passes}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     ckpt = load_checkpoint(args.checkpoint)
     if not any(k.startswith("vertebra_net.") for k in ckpt["state_dict"]):
@@ -431,8 +465,11 @@ def main(argv: list[str] | None = None) -> int:
         start_state = refiner.state_dict()
         if args.size is None:
             args.size = refiner.crop_size
+        if args.passes is None:
+            args.passes = refiner.passes
     if args.epochs == 0 and start_state is not None:  # the same weights, new inference settings
-        entry = {**start[REFINER_KEY], "config": {**start[REFINER_KEY]["config"], "flip": bool(args.flip)}}
+        entry = {**start[REFINER_KEY], "config": {**start[REFINER_KEY]["config"], "flip": bool(args.flip),
+                                                  "passes": int(args.passes)}}
         if args.size != refiner.crop_size:
             p.error(f"--size {args.size}: without training, the window stays the starting refiner's ({refiner.crop_size})")
         entry["training"] = {**entry["training"], "copied_from": str(args.start_from)}
@@ -442,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
         entry = fit_refiner(ckpt, manifests, epochs=args.epochs, lr=args.lr, films_per_epoch=args.films_per_epoch,
                             batch_films=args.batch_films, num_workers=args.num_workers, seed=args.seed,
                             limit_val=args.limit_val, device=device, size=args.size or REFINE_SIZE,
-                            start_state=start_state, flip=args.flip)
+                            start_state=start_state, flip=args.flip, loss_units=args.loss_units,
+                            passes=args.passes or REFINE_PASSES)
         entry["training"]["base_checkpoint"] = str(args.checkpoint)
         if args.start_from is not None:
             entry["training"]["started_from"] = str(args.start_from)

@@ -137,10 +137,13 @@ def test_model_card_describes_a_stored_point_refiner(tmp_path, tiny_eval_set):
     assert "### Point refiner" in card and "1.5 x its width by 2.2 x its height" in card  # the stored window, not today's default
     assert "epoch 2 kept" in card and "ap 9.5 %, lateral 2.0 %" in card and "`mix/manifest.csv`" in card
     assert "mirrored" not in card and "warm start" not in card
+    assert "Loss: absolute point error in window pixels." in card  # stored before the option
     ckpt["point_refiner"]["config"]["flip"] = True
     ckpt["point_refiner"]["training"]["started_from"] = "/runs/refined_96/best.ckpt"
+    ckpt["point_refiner"]["training"]["loss_units"] = "height"
     torch.save(ckpt, path)
     card = model_card.build_model_card(path, metrics_json)
+    assert "Loss: point distance as a fraction of the body height." in card
     assert "2 passes, the last also read mirrored and averaged" in card
     assert "started from the refiner of `refined_96/best.ckpt` (a warm start)" in card
     ckpt["point_refiner"]["training"].update(history=[{"epoch": 1}], best_epoch=1, n_val_films=0)

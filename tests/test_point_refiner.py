@@ -10,7 +10,7 @@ from torch import nn
 from data.phantom import generate_dataset
 from data.vertebra_targets import AP_MIRROR, apply_affine, invert_affine
 from models.point_refiner import (HEIGHT_CONTEXT, REFINE_SIZE, REFINER_KEY, WIDTH_CONTEXT, RefinerCrops, body_frames, build_refiner,
-                                  fit_refiner, frame_matrices, frame_matrix, load_refiner, main, refine_points,
+                                  fit_refiner, frame_matrices, frame_matrix, load_refiner, main, refine_points, refiner_loss,
                                   window_error_pct)
 from models.vertebra_net import VertebraNet
 
@@ -427,6 +427,13 @@ def test_cli_warm_start_refuses_a_refiner_of_another_split(phantom_manifest, tmp
     assert all(torch.equal(copied["state_dict"][k], v) for k, v in original["state_dict"].items())
     assert copied["training"]["history"] == original["training"]["history"]
     assert copied["training"]["copied_from"] == str(first)
+    assert original["config"]["passes"] == 2 and original["training"]["loss_units"] == "height"
+    fourth = tmp_path / "refined4.ckpt"  # the number of reads, changed without training
+    assert main(args + ["--out", str(fourth), "--start-from", str(first), "--epochs", "0", "--passes", "3"]) == 0
+    assert load_refiner(torch.load(fourth, weights_only=True), fourth).passes == 3
+    with pytest.raises(SystemExit):
+        main(args + ["--out", str(fourth), "--start-from", str(first), "--epochs", "0", "--passes", "0"])
+    assert "--passes must be at least 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a new window needs training
         main(args + ["--out", str(third), "--start-from", str(first), "--epochs", "0", "--size", "96"])
     assert "stays the starting refiner's" in capsys.readouterr().err
@@ -442,3 +449,33 @@ def test_cli_warm_start_refuses_a_refiner_of_another_split(phantom_manifest, tmp
     with pytest.raises(SystemExit):
         main(args + ["--out", str(second), "--start-from", str(tmp_path / "other.ckpt")])
     assert "split_seed" in capsys.readouterr().err
+
+
+def test_refiner_loss_in_height_units_weighs_the_window_axes_as_the_film_does():
+    # one body, 40 px tall; its window is scaled 3 original px per window px along x, 1 along y
+    batch = {"points": torch.zeros(1, 6, 2), "height": torch.tensor([40.0]),
+             "to_original": torch.tensor([[[3.0, 0.0], [0.0, 1.0]]])}
+    along = torch.zeros(1, 6, 2)
+    along[..., 0] = 2.0  # 2 window px = 6 original px = 15 % of the height
+    across = torch.zeros(1, 6, 2)
+    across[..., 1] = 2.0  # 2 original px = 5 %
+    assert refiner_loss(along, batch, "height", 96).item() == pytest.approx(0.15 * 10, rel=1e-4)
+    assert refiner_loss(across, batch, "height", 96).item() == pytest.approx(0.05 * 10, rel=1e-4)
+    # in window pixels the two errors weigh the same
+    assert refiner_loss(along, batch, "window", 96).item() == pytest.approx(refiner_loss(across, batch, "window", 96).item())
+    assert refiner_loss(along, batch, "window", 96).item() == pytest.approx(1.0 / 96 * 10)
+    # the height unit agrees with the validation score's unit
+    pct = window_error_pct(along, batch["points"], batch["to_original"], batch["height"])
+    assert refiner_loss(along, batch, "height", 96).item() == pytest.approx(pct.mean().item() / 10, rel=1e-4)
+    # zero error has a finite gradient
+    zero = torch.zeros(1, 6, 2, requires_grad=True)
+    refiner_loss(zero, batch, "height", 96).backward()
+    assert torch.isfinite(zero.grad).all()
+
+
+def test_fit_refiner_refuses_unknown_loss_units_and_passes(phantom_manifest):
+    ckpt = _checkpoint(VertebraNet())
+    with pytest.raises(ValueError, match="loss_units"):
+        fit_refiner(ckpt, [phantom_manifest], epochs=1, loss_units="pixels")
+    with pytest.raises(ValueError, match="passes"):
+        fit_refiner(ckpt, [phantom_manifest], epochs=1, passes=0)
