@@ -1,4 +1,4 @@
-"""Where the per-vertebra point error comes from, on labelled films (issue 3's AASCE target).
+r"""Where the per-vertebra point error comes from, on labelled films (issue 3's AASCE target).
 
     python benchmarks/point_error_study.py --checkpoint CKPT --vertebrae V.csv [--limit N] [--json OUT.json]
 
@@ -20,6 +20,16 @@ the truth vertebra's mean height, the unit of the benchmark's point error.
    (models/point_refiner.py) is read with it, once more without it, and once with the other
    setting of its mirrored last pass (``flip``: the last pass also reads each window
    mirrored and averages the two readings).
+
+3. ``conventions`` (with ``--group-regex``): do the annotations follow one convention? The
+   films are grouped by the regular expression's first capture group, searched in each file
+   name (for the AASCE films, ``-(\w{3}-\d{4})-``: the acquisition month in the name). The
+   default analysis's signed point errors are taken in each truth body's own frame (along its
+   endplates and across them, % of its height); per group: the median error, how much wider
+   and taller than annotated the bodies are read, and the median error once the group's median
+   signed offset per point is removed, fitted on the other half of the group's films
+   (cross-fitted, so no film corrects itself). A large fall means the groups were annotated
+   differently: an error no reader of the pixels alone can remove.
 
 Comparing the crop rows of training films with those of validation films tells whether the
 crop network fits its own training labels any better than unseen ones.
@@ -115,7 +125,77 @@ def _neighbour_median_extent(window: int):
     return extent
 
 
-def pipeline_study(checkpoint: Path, paths: list[str], truth: pd.DataFrame, only: list[str] | None = None) -> dict:
+def body_frame_errors(pred_points: np.ndarray, truth_points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Signed errors (n, 6) of predicted points along the truth body's endplates (from its p1/p4
+    side towards p3/p6) and across them (towards its inferior endplate), % of its mean height."""
+    t = np.asarray(truth_points, float).reshape(-1, 6, 2)
+    d = np.asarray(pred_points, float).reshape(-1, 6, 2) - t
+    u = (t[:, 2] - t[:, 0]) + (t[:, 5] - t[:, 3])
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    v = np.stack([-u[:, 1], u[:, 0]], axis=1)
+    if len(t):  # across points from the superior towards the inferior endplate
+        v *= np.sign(((t[:, 3:] - t[:, :3]).mean(axis=1) * v).sum(axis=1, keepdims=True) + 1e-12)
+    height = np.linalg.norm(t[:, 3:] - t[:, :3], axis=-1).mean(axis=1)
+    scale = 100.0 / height[:, None]
+    return (d * u[:, None]).sum(-1) * scale, (d * v[:, None]).sum(-1) * scale
+
+
+def convention_study(pred: pd.DataFrame, truth: pd.DataFrame, group_regex: str, seed: int = 0) -> dict:
+    """Per group of films (``group_regex``'s first capture group in the file name; films it does
+    not match form the group ``"other"``): how the matched points' errors shift with the group.
+    See the module docstring, item 3."""
+    from evaluation.vertebrae import _points, match_vertebrae
+
+    pattern = re.compile(group_regex)
+    if pattern.groups < 1:
+        raise ValueError(f"--group-regex {group_regex!r} needs a capture group naming the film's group")
+    m = match_vertebrae(pred, truth)
+    m = m[m["matched"]]
+    along, across = body_frame_errors(_points(pred)[m["pred_index"].to_numpy()], _points(truth)[m["truth_index"].to_numpy()])
+    films = m["image"].to_numpy()
+
+    def group_of(path: str) -> str:
+        hit = pattern.search(Path(path).name)
+        return hit.group(1) if hit and hit.group(1) is not None else "other"
+
+    groups = np.array([group_of(f) for f in films], dtype=object)
+    error = np.hypot(along, across)
+    # cross-fitting: each group's films in two halves; one half's median offsets correct the other
+    rng = np.random.default_rng(seed)
+    names = np.array(sorted(set(films)), dtype=object)
+    first_half = set(rng.permutation(names)[: len(names) // 2])
+    half = np.array([f in first_half for f in films])
+    along_c, across_c = np.full_like(along, np.nan), np.full_like(across, np.nan)
+    for g in set(groups):
+        for fit, apply in ((half, ~half), (~half, half)):
+            s_fit, s_apply = (groups == g) & fit, (groups == g) & apply
+            if s_fit.any() and s_apply.any():
+                along_c[s_apply] = along[s_apply] - np.median(along[s_fit], axis=0)
+                across_c[s_apply] = across[s_apply] - np.median(across[s_fit], axis=0)
+    corrected = np.hypot(along_c, across_c)
+
+    def med(x):
+        x = x[np.isfinite(x)]
+        return float(np.median(x)) if x.size else None
+
+    out = {"group_regex": group_regex, "n_vertebrae": int(len(m)), "median_error_pct": med(error.ravel()),
+           "median_error_group_offsets_removed_pct": med(corrected.ravel()),
+           "n_vertebrae_corrected": int(np.isfinite(corrected).all(axis=1).sum()), "groups": {}}
+    for g in sorted(set(groups)):
+        s = groups == g
+        out["groups"][g] = {
+            "n_films": int(len(set(films[s]))), "n_vertebrae": int(s.sum()),
+            "median_error_pct": med(error[s].ravel()),
+            # read minus annotated: width (right minus left corners along), height (inferior minus superior across)
+            "read_wider_than_annotated_pct": med(along[s][:, [2, 5]].mean(1) - along[s][:, [0, 3]].mean(1)),
+            "read_taller_than_annotated_pct": med(across[s][:, 3:].mean(1) - across[s][:, :3].mean(1)),
+            "median_error_group_offsets_removed_pct": med(corrected[s].ravel()),
+        }
+    return out
+
+
+def pipeline_study(checkpoint: Path, paths: list[str], truth: pd.DataFrame, only: list[str] | None = None,
+                   tables: dict | None = None) -> dict:
     from models.inference import VERTEBRA_COLUMNS, InferenceDataset, Predictor, vertebra_rows
 
     predictor = Predictor(checkpoint, device="cpu", calibrated=False)
@@ -153,6 +233,8 @@ def pipeline_study(checkpoint: Path, paths: list[str], truth: pd.DataFrame, only
             pred = pd.DataFrame(rows, columns=VERTEBRA_COLUMNS)  # the columns even where nothing was found
             pred["genant_grade"] = pd.to_numeric(pred["genant_grade"])
             summary = summarise_vertebrae(pred, truth, evaluated_images=paths)
+            if tables is not None:  # the caller keeps each variant's predicted vertebrae
+                tables[name] = pred
             out[name] = {**summary["point_error"]["percent_height"], "recall": summary["detection"]["recall"],
                          "precision": summary["detection"]["precision"]}
     finally:
@@ -171,8 +253,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", action="append", default=None,
                    help="run only the pipeline variants whose whole name matches this regular expression "
                         "(repeat for more), e.g. '2 passes|.*mirrored'")
+    p.add_argument("--group-regex", default=None,
+                   help="also compare the errors of groups of films named by this regular expression's first "
+                        "capture group in the file name (e.g. '-(\\w{3}-\\d{4})-' for the AASCE acquisition "
+                        "month): do the groups follow different annotation conventions?")
     p.add_argument("--json", type=Path, default=None, help="write every number here")
     args = p.parse_args(argv)
+    if args.group_regex is not None:
+        if args.skip_pipeline:
+            p.error("--group-regex compares the whole analysis's errors: drop --skip-pipeline")
+        try:
+            if re.compile(args.group_regex).groups < 1:
+                p.error(f"--group-regex {args.group_regex!r} needs a capture group naming the film's group")
+        except re.error as exc:
+            p.error(f"--group-regex {args.group_regex!r}: {exc}")
     truth = load_vertebrae_table(args.vertebrae, args.vertebrae.parent / "manifest.csv")
     paths = list(dict.fromkeys(truth["image"]))[: args.limit]
     truth = truth[truth["image"].isin(paths)].reset_index(drop=True)
@@ -193,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  each film's mean signed error removed: median {crop['without_each_films_mean_error']['median']:.2f}")
     print(f"  mean signed error per point p1..p6, x: {crop['mean_signed_error_pct']['x']}, y: {crop['mean_signed_error_pct']['y']}")
     if not args.skip_pipeline:
-        result["pipeline"] = pipeline_study(args.checkpoint, paths, truth, only=args.only)
+        tables: dict = {}
+        result["pipeline"] = pipeline_study(args.checkpoint, paths, truth, only=args.only, tables=tables)
         print("whole per-vertebra analysis (matched vertebrae):")
         def fmt(v, digits):  # None where nothing was matched
             return "-" if v is None else f"{v:.{digits}f}"
@@ -201,6 +296,16 @@ def main(argv: list[str] | None = None) -> int:
         for name, q in result["pipeline"].items():
             print(f"  {name:<36} median {fmt(q['median'], 2)}  p90 {fmt(q['p90'], 2)}  recall {fmt(q['recall'], 3)}  "
                   f"precision {fmt(q['precision'], 3)}")
+        if args.group_regex is not None:
+            first = next(iter(tables))  # the default analysis unless --only left it out
+            conv = result["conventions"] = {"variant": first, **convention_study(tables[first], truth, args.group_regex)}
+            print(f"annotation groups ({first}; % of the body height; offsets removed: cross-fitted per group):")
+            for g, q in conv["groups"].items():
+                print(f"  {g:<16} films {q['n_films']:3d}  median {fmt(q['median_error_pct'], 2)}  "
+                      f"read wider {fmt(q['read_wider_than_annotated_pct'], 1)}  taller {fmt(q['read_taller_than_annotated_pct'], 1)}  "
+                      f"offsets removed {fmt(q['median_error_group_offsets_removed_pct'], 2)}")
+            print(f"  all groups: median {fmt(conv['median_error_pct'], 2)} -> "
+                  f"{fmt(conv['median_error_group_offsets_removed_pct'], 2)} with each group's offsets removed")
     if args.json:
         from data.io_utils import atomic_write_json
 

@@ -117,3 +117,64 @@ def test_point_error_study_reads_a_refined_checkpoint_both_ways_and_filters_vari
     assert set(result["pipeline"]) == {"2 passes", "2 passes, refiner's last pass not mirrored",
                                        "2 passes, without the point refiner"}
     assert {"refiner on truth", "crop + refiner"} <= set(result["crop"]["variants"])
+
+
+def _convention_tables(noise=0.3, seed=0):
+    """Two groups of films whose annotators disagree: group A marks each corner 5 px outside the
+    body along its endplates, group B 5 px inside it. The reader reads the body itself."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    cols = [f"p{k}{c}" for k in range(1, 7) for c in "xy"]
+    truth, pred = [], []
+    for group, outward in (("A", 5.0), ("B", -5.0)):
+        for film in range(6):
+            image = f"/films/scan-{group}-{film}.png"
+            for k in range(5):
+                cx, cy, w, h = 200.0 + 3 * film, 100.0 + 80 * k, 80.0, 50.0
+                body = np.array([[cx - w / 2, cy - h / 2], [cx, cy - h / 2], [cx + w / 2, cy - h / 2],
+                                 [cx - w / 2, cy + h / 2], [cx, cy + h / 2], [cx + w / 2, cy + h / 2]])
+                marked = body.copy()
+                marked[[0, 3], 0] -= outward
+                marked[[2, 5], 0] += outward
+                truth.append({"image": image, **dict(zip(cols, marked.ravel()))})
+                pred.append({"image": image, **dict(zip(cols, (body + rng.normal(0, noise, body.shape)).ravel()))})
+    return pd.DataFrame(pred), pd.DataFrame(truth)
+
+
+def test_convention_study_finds_groups_annotated_differently():
+    import point_error_study
+
+    pred, truth = _convention_tables()
+    out = point_error_study.convention_study(pred, truth, r"scan-([AB])-")
+    assert out["n_vertebrae"] == 60 and set(out["groups"]) == {"A", "B"}
+    a, b = out["groups"]["A"], out["groups"]["B"]
+    assert a["n_films"] == 6 and a["n_vertebrae"] == 30
+    # 10 px of width on a 50 px tall body: read 20 % of the height narrower (A) or wider (B) than annotated
+    assert a["read_wider_than_annotated_pct"] == pytest.approx(-20, abs=1.5)
+    assert b["read_wider_than_annotated_pct"] == pytest.approx(20, abs=1.5)
+    assert abs(a["read_taller_than_annotated_pct"]) < 1.5
+    # the corners are 10 % off, the middle points exact: median 10 %; each group's offsets, fitted on
+    # its other films, remove the disagreement down to the reader's noise
+    assert out["median_error_pct"] == pytest.approx(10, abs=1.0)
+    assert out["median_error_group_offsets_removed_pct"] < 2.0
+    assert a["median_error_group_offsets_removed_pct"] < 2.0
+    # one group for all: the opposite conventions cancel in the pooled offsets, nothing is removed
+    pooled = point_error_study.convention_study(pred, truth, r"(scan)-")
+    assert set(pooled["groups"]) == {"scan"}
+    assert pooled["median_error_group_offsets_removed_pct"] > 8.0
+    with pytest.raises(ValueError, match="capture group"):
+        point_error_study.convention_study(pred, truth, r"scan-[AB]-")
+
+
+def test_body_frame_errors_are_along_and_across_the_truth_body():
+    import point_error_study
+
+    truth = np.array([[[0, 0], [5, 0], [10, 0], [0, 4], [5, 4], [10, 4]]], float)  # 4 px tall, upright
+    turned = truth[:, :, ::-1] * [1, 1]  # the same body turned 90 degrees: endplates run down the film
+    shift = np.zeros_like(truth)
+    shift[0, 2] = [1.0, 0.0]  # p3 one pixel further along the endplate, outwards
+    along, across = point_error_study.body_frame_errors(truth + shift, truth)
+    assert along[0, 2] == pytest.approx(25.0) and abs(across).max() < 1e-9
+    along_t, across_t = point_error_study.body_frame_errors(turned + shift[:, :, ::-1], turned)
+    assert along_t[0, 2] == pytest.approx(25.0) and abs(across_t).max() < 1e-9
