@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(repeat for more), e.g. '2 passes|.*mirrored'")
     p.add_argument("--group-regex", default=None,
                    help="also compare the errors of groups of films named by this regular expression's first "
-                        "capture group in the file name (e.g. '-(\\w{3}-\\d{4})-' for the AASCE acquisition "
+                        "capture group in the file name (e.g. --group-regex='-(\\w{3}-\\d{4})-' for the AASCE acquisition "
                         "month): do the groups follow different annotation conventions?")
     p.add_argument("--json", type=Path, default=None, help="write every number here")
     args = p.parse_args(argv)
