@@ -23,7 +23,8 @@ the truth vertebra's mean height, the unit of the benchmark's point error.
 
 3. ``conventions`` (with ``--group-regex``): do the annotations follow one convention? The
    films are grouped by the regular expression's first capture group, searched in each file
-   name (for the AASCE films, ``-(\w{3}-\d{4})-``: the acquisition month in the name). The
+   name (for the AASCE films, ``--group-regex='-(\w{3}-\d{4})-'``, the acquisition month; the
+   ``=`` keeps a pattern that starts with a dash from reading as an option). The
    default analysis's signed point errors are taken in each truth body's own frame (along its
    endplates and across them, % of its height); per group: the median error, how much wider
    and taller than annotated the bodies are read, and the median error once the group's median

@@ -94,6 +94,18 @@ def test_point_error_study_runs_on_phantom_films(tmp_path, capsys):
     assert result["n_films"] == 2 and result["crop"]["n_vertebrae"] > 10
     assert set(result["pipeline"]) == {"2 passes", "3 passes", "2 passes, neighbour-median extent"}
     assert "crop network on crops placed from the truth" in capsys.readouterr().out
+    # annotation groups from the file names (an untrained reader may match nothing: counts only)
+    assert point_error_study.main(["--checkpoint", str(ckpt), "--vertebrae", str(tmp_path / "data" / "vertebrae.csv"),
+                                   "--json", str(out), "--only", "2 passes", "--group-regex=(.)"]) == 0
+    conv = json.loads(out.read_text())["conventions"]
+    assert conv["variant"] == "2 passes" and conv["group_regex"] == "(.)"
+    assert sum(g["n_vertebrae"] for g in conv["groups"].values()) == conv["n_vertebrae"]
+    assert "annotation groups" in capsys.readouterr().out
+    for bad, message in ((["--group-regex=a"], "capture group"), (["--group-regex=(", "--skip-pipeline"], "drop --skip-pipeline"),
+                         (["--group-regex=("], "--group-regex")):
+        with pytest.raises(SystemExit):
+            point_error_study.main(["--checkpoint", str(ckpt), "--vertebrae", str(tmp_path / "data" / "vertebrae.csv")] + bad)
+        assert message in capsys.readouterr().err
 
 
 def test_point_error_study_reads_a_refined_checkpoint_both_ways_and_filters_variants(tmp_path):
