@@ -225,24 +225,22 @@ def labelled_films(manifest_path: str | Path, split: str, val_fraction: float, s
 
 
 def window_error_pct(pred: torch.Tensor, target: torch.Tensor, to_original: torch.Tensor,
-                     height: torch.Tensor) -> torch.Tensor:
+                     height: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
     """(k, 6) distances from window-pixel points to the truth, in original pixels (through each
-    window's linear map back, ``to_original`` (k, 2, 2)) as a percentage of the body's height."""
+    window's linear map back, ``to_original`` (k, 2, 2)) as a percentage of the body's height.
+    ``eps`` > 0 (squared pixels) smooths the norm so that its gradient stays finite at zero error."""
     d = (pred - target) @ to_original.transpose(1, 2)
-    return d.norm(dim=-1) / height[:, None] * 100
+    return (d.pow(2).sum(-1) + eps).sqrt() / height[:, None] * 100
 
 
 def refiner_loss(pred: torch.Tensor, batch: dict, units: str, size: int) -> torch.Tensor:
     """The training loss of a batch's readings ``pred`` (k, 6, 2), in window pixels, in
     ``units`` (:data:`LOSS_UNITS`); both are about 1 for a typical early error."""
-    diff = pred - batch["points"].to(pred.device)
+    target = batch["points"].to(pred.device)
     if units == "window":
-        return diff.abs().mean() / size * 10
-    to_original = batch["to_original"].to(pred.device)
+        return (pred - target).abs().mean() / size * 10
     height = batch["height"].to(pred.device).clamp_min(1.0)
-    # a smooth Euclidean norm: its gradient stays finite at zero error
-    dist = ((diff @ to_original.transpose(1, 2)).pow(2).sum(-1) + 1e-6).sqrt()
-    return (dist / height[:, None]).mean() * 10
+    return window_error_pct(pred, target, batch["to_original"].to(pred.device), height, eps=1e-6).mean() / 10
 
 
 def _evaluate(net: VertebraNet, loader: DataLoader, device: torch.device) -> dict:
