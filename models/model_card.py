@@ -27,8 +27,8 @@ LIBRARIES = ("torch", "lightning", "timm", "monai", "numpy", "torchmetrics", "sc
 
 INTENDED_USE = (
     "**Research only. Not for clinical use. Not a medical device.** This model is a research "
-    "prototype for studying the detection of vertebral compression fractures on lateral spine "
-    "radiographs and the telling of acute from chronic fractures. It must not be used to diagnose, "
+    "prototype for studying the detection of vertebral compression fractures on spine radiographs "
+    "(the views it was trained on, listed under Training data) and the telling of acute from chronic fractures. It must not be used to diagnose, "
     "triage or treat patients, nor to inform any clinical decision. It has not been validated on "
     "real patient data and has no regulatory clearance."
 )
@@ -108,7 +108,7 @@ def _model_details(ckpt: dict, checkpoint_path: Path, sha256: str) -> str:
         if key in hp:
             rows.append([f"hyper-parameter `{key}`", "none" if hp[key] is None else hp[key]])
     text = ["## Model details", "",
-            "Convolutional network (timm encoder with a feature pyramid) that outputs, per lateral spine "
+            "Convolutional network (timm encoder with a feature pyramid) that outputs, per spine "
             "radiograph, the probability that a vertebral compression fracture is present (`p_fracture`), the "
             "probability that an acute fracture is present (`p_acute`), and a fracture heatmap locating it."
             + (" Per vertebra found, it gives the level (counted down the spine), six morphometry points, heights, "
@@ -214,19 +214,88 @@ def _calibration_details(cal) -> str:
     return "\n".join(parts)
 
 
-def _training_data(ckpt: dict, training_data: str | None) -> tuple[str, bool]:
-    """The section, and whether the training data are the phantom (default)."""
+def manifest_composition(manifest: str | None) -> dict | None:
+    """What a training manifest holds, read from its rows: ``{"n_images", "phantom", "simulated_real",
+    "real", "views": {view: n}}``; None when it cannot be read (not recorded, moved, another machine).
+
+    A row is a *phantom* film when its patient id starts with ``phantom-`` or its image folder has the
+    generator's ``phantom.json`` beside it; *simulated on a real film* when it names a ``source_image``
+    (``data/simulate.py``); *real* otherwise."""
+    import pandas as pd
+
+    if not manifest:
+        return None
+    for path in (Path(manifest), REPO / manifest):
+        if path.is_file():
+            break
+    else:
+        return None
+    try:
+        rows = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError):
+        return None
+    if "image" not in rows:
+        return None
+    source = rows["source_image"].str.strip() if "source_image" in rows else pd.Series("", index=rows.index)
+    patient = rows["patient_id"].str.strip() if "patient_id" in rows else pd.Series("", index=rows.index)
+    base = path.parent
+
+    def has_phantom_json(image: str) -> bool:
+        folder = Path(image) if Path(image).is_absolute() else base / image
+        return (folder.parent.parent / "phantom.json").is_file()
+
+    phantom = patient.str.startswith("phantom-") | pd.Series(
+        [not s and has_phantom_json(i) for i, s in zip(rows["image"], source)], index=rows.index)
+    simulated = (source != "") & ~phantom
+    views = rows["view"].str.strip().str.lower().replace("", "unknown") if "view" in rows else pd.Series(
+        "unknown", index=rows.index)
+    return {"n_images": int(len(rows)), "phantom": int(phantom.sum()), "simulated_real": int(simulated.sum()),
+            "real": int((~phantom & ~simulated).sum()), "views": {k: int(v) for k, v in views.value_counts().items()}}
+
+
+PHANTOM_TEXT = ("**synthetic phantom films** generated procedurally by `data/phantom.py` (lateral thoracolumbar "
+                "radiograph phantoms with exact per-vertebra truth: Genant grade 1-3 wedge, biconcave and crush "
+                "fractures, acute and chronic signs, and confounders)")
+
+
+def _composition_text(comp: dict) -> str:
+    parts = []
+    if comp["phantom"]:
+        parts.append(f"{comp['phantom']} {PHANTOM_TEXT}")
+    if comp["simulated_real"]:
+        parts.append(f"{comp['simulated_real']} **real radiographs with compression fractures simulated on them** by "
+                     "`data/simulate.py` (each fracture and its acute or chronic signs are drawn onto a real film "
+                     "from its vertebra landmarks; the labels are those of the simulation)")
+    if comp["real"]:
+        parts.append(f"{comp['real']} **real radiographs** with the labels their manifest gives (real films of a "
+                     "landmark data set without fractures, such as AASCE, are labelled unfractured)")
+    views = ", ".join(f"{k} {v}" for k, v in sorted(comp["views"].items()))
+    text = f"The model was trained on {comp['n_images']} films: " + "; ".join(parts) + f". Views: {views}."
+    if not comp["real"]:
+        text += " **No real fracture was seen in training: every fracture is synthetic or simulated.**"
+    if not comp["real"] and not comp["simulated_real"]:
+        text += " **No real patient radiographs were used.**"
+    return text
+
+
+def _training_data(ckpt: dict, training_data: str | None) -> tuple[str, dict | None]:
+    """The section, and the training manifest's composition (None when given as text or unreadable)."""
     dm = ckpt.get("datamodule_hyper_parameters") or {}
     hp = ckpt.get("hyper_parameters") or {}
     lines = ["## Training data", ""]
-    phantom = training_data is None
-    if training_data is None:
-        lines.append("The model was trained on **synthetic phantom films** generated procedurally by "
-                     "`data/phantom.py` (lateral thoracolumbar radiograph phantoms with exact per-vertebra truth: "
-                     "Genant grade 1-3 wedge, biconcave and crush fractures, acute and chronic signs, and "
-                     "confounders). **No real patient radiographs and no real fracture data were used.**")
-    else:
+    comp = None
+    if training_data is not None:
         lines.append(training_data.strip())
+    else:
+        comp = manifest_composition(dm.get("manifest"))
+        if comp is not None:
+            lines.append(_composition_text(comp))
+        elif dm.get("manifest"):
+            lines.append(f"The training manifest (`{dm['manifest']}`) cannot be read here, so this card cannot say "
+                         "what the model was trained on: write the card where the manifest is, or describe the data "
+                         "with `--training-data`.")
+        else:
+            lines.append("The checkpoint does not name its training manifest; describe the data with `--training-data`.")
     details = []
     for key, label in (("manifest", "training manifest"), ("val_manifest", "validation manifest"),
                        ("test_manifest", "test manifest"), ("vertebrae", "vertebrae table"),
@@ -245,7 +314,7 @@ def _training_data(ckpt: dict, training_data: str | None) -> tuple[str, bool]:
         lines += ["", "*The checkpoint does not record its data module settings (no `datamodule_hyper_parameters`).*"]
     if hp.get("init_from"):
         lines += ["", f"Fine-tuned from the weights of `{hp['init_from']}`."]
-    return "\n".join(lines), phantom
+    return "\n".join(lines), comp
 
 
 def _phantom_info(manifest: str | None) -> dict | None:
@@ -354,29 +423,40 @@ def _calibration_section(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def _limitations(phantom: bool) -> str:
+def _limitations(comp: dict | None) -> str:
     items = []
-    if phantom:
-        items += [
+    synthetic_only = comp is not None and not comp["real"]
+    if comp is not None and synthetic_only and not comp["simulated_real"]:
+        items.append(
             "Trained and evaluated on **synthetic phantom films only; no real fracture data** were used. The "
             "phantom is much simpler than real radiographs (anatomy, pathology, implants, positioning, "
             "projection and acquisition vary far more in real films), so performance on real images is unknown "
-            "and may be much lower.",
-            "**Acuity (acute vs chronic) was learned only from the synthetic signs the phantom draws** (endplate "
-            "step with cortical break, sclerotic condensation band, prevertebral swelling for acute; smooth "
-            "sclerotic margins, osteophytes, disc narrowing for chronic). In practice acuity is usually judged "
-            "with MRI (marrow oedema) or against prior films; nothing here shows that the learned signs carry "
-            "over to real radiographs.",
-        ]
+            "and may be much lower.")
+    elif synthetic_only:
+        items.append(
+            "**No real fracture data** were used: every fracture seen in training is drawn by the phantom or "
+            "simulated on a real film. Simulated fractures share the simulator's idea of a fracture; real ones vary "
+            "far more, so performance on real fractures is unknown and may be much lower. The real films are those "
+            "of the landmark data sets named by the manifest (for AASCE: AP films of adolescents with scoliosis).")
+    if synthetic_only:
+        items.append(
+            "**Acuity (acute vs chronic) was learned only from synthetic signs** (endplate step with cortical "
+            "break, sclerotic condensation band, prevertebral swelling for acute; smooth sclerotic margins, "
+            "osteophytes, disc narrowing for chronic), drawn by the phantom or rendered by the simulator. In "
+            "practice acuity is usually judged with MRI (marrow oedema) or against prior films; nothing here "
+            "shows that the learned signs carry over to real radiographs.")
     else:
         items.append("Check how closely the training data above match the intended population; the metrics "
                      "hold only for data like the evaluation set.")
+    views = sorted(v for v in (comp or {}).get("views", {}) if v != "unknown")
     items += [
         "Metrics come from one evaluation set; their confidence intervals cover sampling of patients only, "
         "not shifts between sites, devices or populations. Operating-point thresholds were chosen on the "
         "same set they are reported on.",
         "Probabilities may be miscalibrated on other data even where they are calibrated here.",
-        "Lateral views only; one image at a time (no prior films, no clinical context).",
+        (f"Views seen in training: {', '.join(views)}; other views are out of scope. " if views else
+         "The views seen in training are not known to this card. ") + "One image at a time (no prior films, no "
+        "clinical context).",
         "The heatmap is a coarse localisation aid, not a segmentation.",
     ]
     return "## Limitations\n\n" + "\n".join(f"- {x}" for x in items)
@@ -404,15 +484,16 @@ def build_model_card(checkpoint: str | Path, metrics_json: str | Path, training_
     sha = file_sha256(checkpoint)
     meta = ckpt.get("vcf_model") or {}
     title = f"# Model card: vertebral compression fracture detector ({meta.get('backbone', 'unknown backbone')}, {sha[:12]})"
-    training, phantom = _training_data(ckpt, training_data)
+    training, comp = _training_data(ckpt, training_data)
+    synthetic = comp is not None and not comp["real"]
     parts = [
         title,
         "",
         f"*Written {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by `python -m models.model_card`.*",
         "",
         "> **Not for clinical use.** Research code, not a medical device. "
-        + ("Trained on synthetic phantom films: the metrics below are **not clinical performance**."
-           if phantom else "The metrics below are not an estimate of clinical performance."),
+        + ("Every fracture it was trained on is synthetic or simulated: the metrics below are **not clinical "
+           "performance**." if synthetic else "The metrics below are not an estimate of clinical performance."),
         "",
         _model_details(ckpt, checkpoint, sha),
         "",
@@ -421,7 +502,7 @@ def build_model_card(checkpoint: str | Path, metrics_json: str | Path, training_
         INTENDED_USE,
         "",
         "Out of scope: any clinical, diagnostic, screening or triage use; use on patients; use without a "
-        "qualified reader; use on views, body parts or modalities other than lateral spine radiographs.",
+        "qualified reader; use on views, body parts or modalities other than the spine radiographs it was trained on.",
         "",
         training,
         "",
@@ -429,7 +510,7 @@ def build_model_card(checkpoint: str | Path, metrics_json: str | Path, training_
         "",
         _calibration_section(metrics),
         "",
-        _limitations(phantom),
+        _limitations(comp),
         "",
         _versions(ckpt),
         "",
@@ -443,7 +524,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--metrics", required=True, help="metrics.json written by evaluate.py")
     parser.add_argument("--out", required=True, help="output Markdown file, e.g. MODEL_CARD.md")
     parser.add_argument("--training-data", default=None,
-                        help="text describing the training data (default: the synthetic phantom of data/phantom.py)")
+                        help="text describing the training data (default: counted from the checkpoint's training manifest: "
+                             "phantom, simulated-on-real and real films, and their views)")
     args = parser.parse_args(argv)
     from data.io_utils import atomic_write_text
 

@@ -7,12 +7,12 @@ import torch
 from models.system import FractureSystem
 
 
-def _tiny_checkpoint(path, calibration=None, datamodule=True):
+def _tiny_checkpoint(path, calibration=None, datamodule=True, manifest="runs/x/data/manifest.csv"):
     system = FractureSystem(fpn_dim=16, image_size=(64, 48))
     ckpt = {"state_dict": system.state_dict(), "epoch": 3, "global_step": 42,
             "hyper_parameters": dict(system.hparams)}
     if datamodule:
-        ckpt["datamodule_hyper_parameters"] = {"manifest": "runs/x/data/manifest.csv", "vertebrae": "auto",
+        ckpt["datamodule_hyper_parameters"] = {"manifest": str(manifest), "vertebrae": "auto",
                                                "val_fraction": 0.15, "split_seed": 0, "image_size": [64, 48]}
     system.on_save_checkpoint(ckpt)
     if calibration is not None:
@@ -31,10 +31,21 @@ def metrics_json(tiny_eval_set, tmp_path):
     return out / "metrics.json"
 
 
+def _manifest(path, rows):
+    import pandas as pd
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
 def test_model_card_sections(tmp_path, metrics_json):
     from models import model_card
 
-    ckpt = _tiny_checkpoint(tmp_path / "model.ckpt",
+    phantom_manifest = _manifest(tmp_path / "x" / "data" / "manifest.csv", [
+        {"image": f"images/phantom_s0_{i:05d}.png", "patient_id": f"phantom-s0-{i:05d}", "fracture": i % 2,
+         "view": "lateral"} for i in range(4)])
+    ckpt = _tiny_checkpoint(tmp_path / "model.ckpt", manifest=phantom_manifest,
                             calibration={  # as models.calibration writes it (docs/formats.md)
                                 "format": 1, "method": "temperature",
                                 "temperature": {"p_fracture": 1.7, "p_acute_given_fracture": 1.0},
@@ -64,9 +75,12 @@ def test_model_card_sections(tmp_path, metrics_json):
     assert "temperature" in card and "p_fracture: 1.7000" in card
     assert "| balanced (default) | 0.4200 |" in card and "0.0400" in card  # operating point; ECE after
     assert "| temperature (chosen) | 0.1822 | 0.0600 | 0.5500 |" in card and "method requested: auto" in card
-    # training data: phantom by default, manifest from the data module settings
-    assert "data/phantom.py" in card and "runs/x/data/manifest.csv" in card
+    # training data: counted from the manifest named by the data module settings
+    assert "data/phantom.py" in card and "x/data/manifest.csv" in card
+    assert "trained on 4 films: 4 **synthetic phantom films**" in card and "Views: lateral 4." in card
+    assert "no real patient radiographs were used" in low and "synthetic phantom films only" in low
     assert "no real fracture data" in low and "acuity" in low
+    assert "Views seen in training: lateral; other views are out of scope." in card
     # metrics with confidence intervals and calibration from metrics.json
     m = json.loads(metrics_json.read_text())
     auc = m["roc"]["fracture"]
@@ -95,6 +109,44 @@ def test_model_card_custom_training_data_and_no_calibration(tmp_path, tiny_eval_
     assert "data/phantom.py" not in card
     assert "no `vcf_calibration` entry" in card
     assert "not for clinical use" in card.lower()
+
+
+def test_model_card_counts_simulated_and_real_films_and_never_calls_them_phantom(tmp_path, tiny_eval_set):
+    from data.io_utils import atomic_write_json
+    from evaluation.report import evaluate
+    from models import model_card
+
+    metrics_json = atomic_write_json(tmp_path / "metrics.json", evaluate(
+        tiny_eval_set["predictions"], tiny_eval_set["manifest"], n_boot=50))
+    (tmp_path / "mix" / "phantom").mkdir(parents=True)
+    (tmp_path / "mix" / "phantom" / "phantom.json").write_text("{}")
+    rows = [{"image": "phantom/images/a.png", "patient_id": "p1", "fracture": 1, "view": "lateral", "source_image": ""},
+            {"image": "sim/images/b.png", "patient_id": "aasce-1", "fracture": 1, "view": "ap",
+             "source_image": "/data/aasce/images/b.jpg"},
+            {"image": "sim/images/c.png", "patient_id": "aasce-2", "fracture": 0, "view": "ap",
+             "source_image": "/data/aasce/images/c.jpg"}]
+    mixed = _manifest(tmp_path / "mix" / "manifest.csv", rows)
+    assert model_card.manifest_composition(str(mixed)) == {
+        "n_images": 3, "phantom": 1, "simulated_real": 2, "real": 0, "views": {"ap": 2, "lateral": 1}}
+    card = model_card.build_model_card(_tiny_checkpoint(tmp_path / "mix.ckpt", manifest=mixed), metrics_json)
+    low = card.lower()
+    assert "no real patient radiographs were used" not in low and "synthetic phantom films only" not in low
+    assert "2 **real radiographs with compression fractures simulated on them**" in card
+    assert "every fracture is synthetic or simulated" in low and "acuity (acute vs chronic) was learned only" in low
+    assert "Views seen in training: ap, lateral" in card
+
+    # a real labelled film: no claim that every fracture is synthetic
+    real = _manifest(tmp_path / "site" / "manifest.csv", rows[1:] + [
+        {"image": "/site/d.png", "patient_id": "s1", "fracture": 1, "view": "lateral", "source_image": ""}])
+    card = model_card.build_model_card(_tiny_checkpoint(tmp_path / "site.ckpt", manifest=real), metrics_json)
+    assert "1 **real radiographs**" in card and "every fracture is synthetic" not in card.lower()
+    assert "Check how closely the training data" in card
+
+    # a manifest that is not here: the card says it cannot tell, and claims nothing
+    card = model_card.build_model_card(_tiny_checkpoint(tmp_path / "gone.ckpt", manifest="/nowhere/manifest.csv"),
+                                       metrics_json)
+    assert "cannot be read here" in card and "data/phantom.py" not in card
+    assert "no real patient radiographs" not in card.lower()
 
 
 def test_model_card_refuses_unsafe_checkpoint(tmp_path):
