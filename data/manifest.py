@@ -213,10 +213,15 @@ def _patient_fraction(patient: str, seed: int) -> float:
 
 def assign_splits(images: pd.DataFrame, val_fraction: float = 0.15, test_fraction: float = 0.0,
                   seed: int = 0) -> pd.Series:
-    """Split by patient: rows with a ``split`` keep it; the rest go by a hash of the patient id,
-    so a patient never lands in two splits and adding patients does not reshuffle old ones."""
+    """Split by patient: rows with a ``split`` keep it; a row without one takes the split given to
+    another row of its patient (a patient given ``test`` on one film must not train on another);
+    the rest go by a hash of the patient id, so a patient never lands in two splits and adding
+    patients does not reshuffle old ones."""
+    given_splits = images.get("split", pd.Series([""] * len(images), index=images.index)).fillna("").astype(str)
+    named = {p: s for p, s in zip(images["patient_id"], given_splits) if s}  # load_manifest refuses conflicts
     out = []
-    for patient, given in zip(images["patient_id"], images.get("split", pd.Series([""] * len(images)))):
+    for patient, given in zip(images["patient_id"], given_splits):
+        given = given or named.get(patient, "")
         if given:
             out.append(given)
             continue

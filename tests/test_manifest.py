@@ -105,3 +105,21 @@ def test_splits_group_patients(tmp_path):
     # stable: the same patient gets the same split when others are added
     more = pd.concat([images, pd.DataFrame({"patient_id": ["new"], "split": [""]})], ignore_index=True)
     assert (assign_splits(more, 0.2, seed=3).iloc[:400] == splits).all()
+
+
+def test_a_film_without_a_split_follows_its_patients_given_split(tmp_path):
+    """A held-out patient's other films never fall into training by the hash."""
+    import pandas as pd
+
+    patients = [f"p{i}" for i in range(200)]
+    # every patient: one film marked test, one film with no split
+    images = pd.DataFrame({"patient_id": [p for p in patients for _ in range(2)],
+                           "split": [s for _ in patients for s in ("test", "")]})
+    splits = assign_splits(images, val_fraction=0.3, seed=1)
+    assert (splits == "test").all()
+    # the same through load_manifest, which also reports no conflict
+    rows = ["image,patient_id,fracture,acute,split"] + [f"{p}_{k}.png,{p},0,,{'test' if k == 0 else ''}"
+                                                   for p in patients[:20] for k in range(2)]
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    man = load_manifest(tmp_path / "manifest.csv", check_files=False)
+    assert (assign_splits(man.images, val_fraction=0.3, seed=1) == "test").all()
