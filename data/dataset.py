@@ -9,6 +9,14 @@ Per-vertebra truth (``vertebrae.csv``) adds the stage-1 targets on the stride-8 
 (``vert_centre``, ``vert_offsets``, ``vert_offset_mask``, ``vert_level``, ``vert_known``) and up to
 ``max_crops`` crops of the original film, one per vertebra (``crops``, ``crop_points`` in crop
 pixels, ``crop_fracture``, ``crop_acute``, ``crop_valid``); see data/vertebra_targets.py.
+
+Fracture synthesis (``fracture_synthesis=p``, training only): with probability ``p`` a film with
+vertebra points gets one compression fracture simulated on an intact vertebra
+(:class:`data.simulate.FractureSynthesis`: the body warped to a drawn Genant grade and shape, acute
+or chronic signs rendered in the film's texture) before anything else is made from it, and every
+target follows: the film's ``fracture`` and ``acute``, the heatmaps, the stage-1 targets and the
+crops. For sites with few fractured films; films whose vertebrae carry unknown grades are only
+fractured where the grade is known (a film labelled normal counts its vertebrae as intact).
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from data.manifest import Manifest, assign_splits, label_arrays, load_manifest
 from data.readers import ImageReadError, read_image
+from data.simulate import FractureSynthesis
 from data.transforms import letterbox, normalize_intensity, rasterize_vertebrae, train_augmentation
 from data.vertebra_targets import (AP_MIRROR, CROP_CONTEXT, CROP_SIZE, apply_affine, body_centre, body_extent,
                                    crop_matrix, extract_crop, level_code, stage1_targets)
@@ -33,7 +42,7 @@ GRID_STRIDE = 8  # the network's heatmap stride (models.network.HEATMAP_STRIDE)
 class RadiographDataset(Dataset):
     def __init__(self, manifest: Manifest, indices: np.ndarray | None = None,
                  image_size: tuple[int, int] = (384, 320), augment: bool = False, max_crops: int | None = None,
-                 crop_jitter: float = 2.0):
+                 crop_jitter: float = 2.0, fracture_synthesis: float = 0.0):
         self.manifest = manifest
         self.images = manifest.images if indices is None else manifest.images.iloc[indices].reset_index(drop=True)
         self.image_size = tuple(image_size)
@@ -44,6 +53,11 @@ class RadiographDataset(Dataset):
         # of a body on collapsed vertebrae: training windows wander as far (1.0 = 6 % / 10 %)
         self.crop_jitter = float(crop_jitter)
         self.fracture, self.acute = label_arrays(self.images)
+        if not 0.0 <= float(fracture_synthesis) <= 1.0:
+            raise ValueError(f"fracture_synthesis is a probability in [0, 1], got {fracture_synthesis}")
+        # only training films are fractured on the fly: evaluation must see the films as labelled
+        self.synthesis = (FractureSynthesis(p=float(fracture_synthesis), assume_intact=False)
+                          if augment and fracture_synthesis > 0 else None)
         self._vertebrae = {}
         if manifest.vertebrae is not None:
             for image, group in manifest.vertebrae.groupby("image"):
@@ -52,35 +66,49 @@ class RadiographDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def _targets(self, image: str, fracture: float, box) -> tuple[np.ndarray, np.ndarray]:
-        """Masks for the heatmap channels (fracture, acute, vertebra) and which are known."""
+    def _targets(self, verts, fracture: float, box) -> tuple[np.ndarray, np.ndarray]:
+        """Masks for the heatmap channels (fracture, acute, vertebra) and which are known, from the
+        film's vertebra arrays (:meth:`_vertebra_arrays`, None without vertebrae) and its label."""
         target = np.zeros((3,) + self.image_size, np.uint8)
         known = np.zeros(3, np.float32)
-        rows = self._vertebrae.get(image)
-        if rows is not None:
-            all_pts = [box.to_input(r[POINT_COLUMNS].to_numpy(dtype=float).reshape(6, 2)) for _, r in rows.iterrows()]
-            target[2] = rasterize_vertebrae(all_pts, self.image_size)
+        if verts is not None:
+            pts, _, v_fracture, v_acute, _ = verts
+            in_input = [box.to_input(p) for p in pts]
+            target[2] = rasterize_vertebrae(in_input, self.image_size)
             known[2] = 1.0
         if fracture == 0:
             known[:2] = 1.0  # a normal film has no fractured pixel
             return target, known
-        if rows is None or fracture != 1:
+        if verts is None or fracture != 1 or np.isnan(v_fracture).any():
             return target, known
-        grades = rows["genant_grade"].to_numpy(dtype=float)
-        if np.isnan(grades).any():
-            return target, known
-        fractured = rows[grades > 0]
-        pts = [box.to_input(r[POINT_COLUMNS].to_numpy(dtype=float).reshape(6, 2)) for _, r in fractured.iterrows()]
-        target[0] = rasterize_vertebrae(pts, self.image_size)
+        fractured = np.flatnonzero(v_fracture == 1)
+        target[0] = rasterize_vertebrae([in_input[k] for k in fractured], self.image_size)
         known[0] = 1.0
-        acute = fractured["acute"].to_numpy(dtype=float)
-        if not np.isnan(acute).any():
-            target[1] = rasterize_vertebrae([p for p, a in zip(pts, acute) if a == 1], self.image_size)
+        if not np.isnan(v_acute[fractured]).any():
+            target[1] = rasterize_vertebrae([in_input[k] for k in fractured if v_acute[k] == 1], self.image_size)
             known[1] = 1.0
         return target, known
 
+    def _synthesise(self, full: np.ndarray, verts, fracture: float, acute: float):
+        """Fracture synthesis on one training film: ``(full, verts, fracture, acute)`` after it."""
+        pts, levels, _, v_acute, grade = verts
+        if fracture == 0:  # a normal film's vertebrae are intact, graded or not
+            grade = np.where(np.isnan(grade), 0.0, grade)
+        labels = {"genant_grade": grade, "acute_vertebrae": v_acute, "fracture": fracture,
+                  "acute": acute if fracture == 1 else float("nan"), "levels": [str(v) for v in levels]}
+        full, pts, labels = self.synthesis(full, pts, labels, rng=self.rng)
+        if labels["simulated"] is None:
+            return full, verts, fracture, acute
+        grade = np.asarray(labels["genant_grade"], dtype=float)
+        v_fracture = np.where(np.isnan(grade), np.nan, (grade > 0).astype(float))
+        v_acute = np.where(v_fracture == 1, np.asarray(labels["acute_vertebrae"], dtype=float), np.nan)
+        fracture = float(labels["fracture"])
+        acute = float(labels["acute"]) if fracture == 1 else float("nan")
+        return np.asarray(full, dtype=np.float32), (pts, levels, v_fracture, v_acute, grade), fracture, acute
+
     def _vertebra_arrays(self, image: str):
-        """Points (K, 6, 2), level codes, fracture and acute labels (NaN unknown) of one film."""
+        """Points (K, 6, 2), level codes, fracture and acute labels and Genant grades (NaN unknown)
+        of one film."""
         rows = self._vertebrae.get(image)
         if rows is None or len(rows) == 0:
             return None
@@ -94,7 +122,7 @@ class RadiographDataset(Dataset):
         acute = rows["acute"].to_numpy(dtype=float) if "acute" in rows else np.full(len(rows), np.nan)
         acute = np.where(fracture == 1, acute, np.nan)
         levels = [level_code(v) for v in rows["level"]] if "level" in rows else [-1] * len(rows)
-        return pts, levels, fracture, acute
+        return pts, levels, fracture, acute, grade
 
     def _crops(self, full: np.ndarray, verts, ap: bool) -> dict:
         m = self.max_crops
@@ -104,7 +132,7 @@ class RadiographDataset(Dataset):
         acute = np.full(m, np.nan, np.float32)
         valid = np.zeros(m, np.float32)
         if verts is not None and m > 0:
-            pts, _, frac, acu = verts
+            pts, _, frac, acu, _ = verts
             order = self.rng.permutation(len(pts)) if self.augment is not None else np.arange(len(pts))
             centres, extents = body_centre(pts), body_extent(pts)
             for slot, k in enumerate(order[:m]):
@@ -142,9 +170,12 @@ class RadiographDataset(Dataset):
         except ImageReadError as exc:
             log.warning("skipping unreadable training image: %s", exc)
             return {"failed": str(exc)}
-        pixels, box = letterbox(full, self.image_size)
-        target, known = self._targets(row["image"], float(self.fracture[i]), box)
+        fracture, acute = float(self.fracture[i]), float(self.acute[i])
         verts = self._vertebra_arrays(row["image"])
+        if self.synthesis is not None and verts is not None:
+            full, verts, fracture, acute = self._synthesise(full, verts, fracture, acute)
+        pixels, box = letterbox(full, self.image_size)
+        target, known = self._targets(verts, fracture, box)
         ap = str(row.get("view", "")).strip().lower() == "ap"
         keypoints = box.to_input(verts[0].reshape(-1, 2)) if verts is not None else np.zeros((0, 2))
         if self.augment is not None:
@@ -163,8 +194,8 @@ class RadiographDataset(Dataset):
         st1 = stage1_targets(keypoints.reshape(-1, 6, 2), levels, grid, GRID_STRIDE)
         sample = {
             "image": torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None],
-            "fracture": torch.tensor(self.fracture[i]),
-            "acute": torch.tensor(self.acute[i]),
+            "fracture": torch.tensor(fracture, dtype=torch.float32),
+            "acute": torch.tensor(acute, dtype=torch.float32),
             "heatmap_target": torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32)),
             "heatmap_known": torch.from_numpy(known),
             "vert_centre": torch.from_numpy(st1["centre"]),
@@ -202,7 +233,8 @@ class SpineDataModule(L.LightningDataModule):
     def __init__(self, manifest: str, vertebrae: str | None = "auto", val_manifest: str | None = None,
                  test_manifest: str | None = None, image_size: tuple[int, int] = (384, 320),
                  batch_size: int = 16, num_workers: int = 2, val_fraction: float = 0.15,
-                 split_seed: int = 0, augment: bool = True, crop_jitter: float = 2.0):
+                 split_seed: int = 0, augment: bool = True, crop_jitter: float = 2.0,
+                 fracture_synthesis: float = 0.0):
         super().__init__()
         self.save_hyperparameters()
         self.train_set = self.val_set = self.test_set = None
@@ -215,7 +247,7 @@ class SpineDataModule(L.LightningDataModule):
                                seed=hp.split_seed)
         size = tuple(hp.image_size)
         self.train_set = RadiographDataset(main, np.flatnonzero(splits == "train"), size, augment=hp.augment,
-                                           crop_jitter=hp.crop_jitter)
+                                           crop_jitter=hp.crop_jitter, fracture_synthesis=hp.fracture_synthesis)
         if hp.val_manifest:
             self.val_set = RadiographDataset(load_manifest(hp.val_manifest), None, size)
         else:

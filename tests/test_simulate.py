@@ -183,6 +183,48 @@ def test_fracture_synthesis_updates_the_labels():
     assert np.array_equal(a[0], b[0]) and a[2]["simulated"] == b[2]["simulated"]
 
 
+def test_fracture_synthesis_during_training_changes_every_target(tmp_path):
+    """RadiographDataset(fracture_synthesis=p) fractures training films on the fly: the film label,
+    the fracture heatmap and the crop labels all follow; evaluation sets never synthesise."""
+    import torch
+
+    from data.dataset import RadiographDataset, SpineDataModule
+
+    records = _synthetic_records(tmp_path, n=3)
+    manifest = write_vertebrae_dataset(records, tmp_path / "set")
+    man = load_manifest(manifest)
+    size = (256, 128)
+    plain = RadiographDataset(man, image_size=size, augment=True, max_crops=20)
+    synth = RadiographDataset(man, image_size=size, augment=True, max_crops=20, fracture_synthesis=1.0)
+    for i in range(len(man.images)):
+        torch.manual_seed(i)
+        before = plain[i]
+        assert float(before["fracture"]) == 0.0 and not before["heatmap_target"][0].any()
+        assert float(before["heatmap_known"][0]) == 1.0 and np.nansum(before["crop_fracture"].numpy()) == 0
+        torch.manual_seed(i)
+        after = synth[i]
+        assert float(after["fracture"]) == 1.0
+        assert float(after["acute"]) in (0.0, 1.0)  # known: the simulation says which
+        assert float(after["heatmap_known"][0]) == 1.0 and after["heatmap_target"][0].any()
+        assert (float(after["acute"]) == 1.0) == bool(after["heatmap_target"][1].any())
+        valid = after["crop_valid"].numpy() == 1
+        crop_fracture = after["crop_fracture"].numpy()[valid]
+        assert crop_fracture.sum() == 1 and set(np.unique(crop_fracture)) == {0.0, 1.0}
+        k = int(np.flatnonzero(crop_fracture == 1)[0])
+        assert float(after["crop_acute"][k]) == float(after["acute"])
+        assert not torch.equal(after["image"], before["image"])
+    # evaluation sets keep the films as labelled
+    still = RadiographDataset(man, image_size=size, augment=False, fracture_synthesis=1.0)
+    assert still.synthesis is None and float(still[0]["fracture"]) == 0.0
+    with pytest.raises(ValueError, match="fracture_synthesis"):
+        RadiographDataset(man, image_size=size, augment=True, fracture_synthesis=1.5)
+    dm = SpineDataModule(str(manifest), val_manifest=str(manifest), image_size=size, fracture_synthesis=0.3,
+                         num_workers=0)
+    dm.setup("fit")
+    assert dm.train_set.synthesis is not None and dm.train_set.synthesis.p == 0.3
+    assert dm.val_set.synthesis is None
+
+
 # ----------------------------------------------------------------------------- data sets
 
 
