@@ -61,10 +61,16 @@ def main(argv: list[str] | None = None) -> dict:
         vertebrae = str(candidate) if candidate.is_file() else None
     infer_dir = args.infer_dir or str(Path(args.predictions).parent)
 
+    for flag, path in (("--predictions", args.predictions), ("--manifest", args.manifest)):
+        if not Path(path).is_file():
+            parser.exit(2, f"error: {flag} {path}: file not found\n")
     t0 = time.perf_counter()
-    result = report.evaluate(args.predictions, args.manifest, vertebrae, infer_dir, n_boot=args.n_boot,
-                             seed=args.seed, min_level_positives=args.min_level_positives, gallery_n=args.gallery)
-    df = metrics.join_predictions(args.predictions, args.manifest)
+    try:
+        result = report.evaluate(args.predictions, args.manifest, vertebrae, infer_dir, n_boot=args.n_boot,
+                                 seed=args.seed, min_level_positives=args.min_level_positives, gallery_n=args.gallery)
+        df = metrics.join_predictions(args.predictions, args.manifest)
+    except (ValueError, KeyError, OSError) as exc:  # the readers name the file and the problem
+        parser.exit(2, f"error: {exc}\n")
     paths = report.write_report(result, df, out)
 
     def ci(d, key):

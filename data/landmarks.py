@@ -294,7 +294,10 @@ def read_vertebrae_csv(path: str | Path, manifest: str | Path | None = "auto",
         except ValueError as exc:
             raise LandmarkError(f"{path}: row {i + 2}: non-numeric point ({exc})") from None
         level = r["level"].strip()
-        level_index(level)  # raises on an unknown level
+        try:
+            level_index(level)
+        except ValueError as exc:
+            raise LandmarkError(f"{path}: row {i + 2}: {exc}") from None
         if all(c in raw.columns and r[c].strip() for c in BOX_COLUMNS):
             box = np.array([float(r[c]) for c in BOX_COLUMNS])
         else:
@@ -389,7 +392,10 @@ def main(argv: list[str] | None = None) -> None:
                              "MANIFEST (e.g. the simulated-real training manifest), so that training on this "
                              "manifest too never reads the held-out patients' films")
     args = parser.parse_args(argv)
-    records = read_aasce(args.aasce)
+    try:
+        records = read_aasce(args.aasce)
+    except LandmarkError as exc:
+        parser.exit(2, f"error: {exc}\n")
     flagged = [r for r in records if r.get("problems")]
     kept = records if args.keep_flagged else [r for r in records if not r.get("problems")]
     if args.test_patients_from:

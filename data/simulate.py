@@ -66,6 +66,7 @@ import argparse
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import cv2
@@ -73,7 +74,7 @@ import numpy as np
 import pandas as pd
 
 from data.io_utils import atomic_write_image, atomic_write_text
-from data.landmarks import (manifest_row, points_array, points_box, read_aasce,
+from data.landmarks import (LandmarkError, manifest_row, points_array, points_box, read_aasce,
                             read_vertebrae_csv, vertebra_row)
 from data.morphometry import CRUSH_POSTERIOR_RATIO, grade_vertebrae, heights_from_points
 from data.phantom import (ACUTE_GRADE_P, ACUTE_SHAPE_P, CHRONIC_GRADE_P, CHRONIC_SHAPE_P,
@@ -678,7 +679,7 @@ def simulate_dataset(records: list[dict], out_dir: str | Path, n_per_image: int 
     are skipped unless ``skip_flagged=False``: their neighbours and levels cannot be trusted.
     Returns the manifest path.
     """
-    from data.readers import read_image
+    from data.readers import ImageReadError, read_image
 
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -689,12 +690,17 @@ def simulate_dataset(records: list[dict], out_dir: str | Path, n_per_image: int 
         from tqdm import tqdm
 
         iterator = tqdm(iterator, total=len(records), desc="simulate")
-    n_skipped = 0
+    n_skipped, unreadable = 0, []
     for r, rec in iterator:
         if skip_flagged and rec.get("problems"):
             n_skipped += 1
             continue
-        base = read_image(rec["image"]).pixels
+        try:
+            base = read_image(rec["image"]).pixels
+        except ImageReadError as exc:  # one bad film must not cost the others
+            unreadable.append({"image": str(rec["image"]), "error": str(exc)})
+            print(f"warning: skipping unreadable source film: {exc}", file=sys.stderr)
+            continue
         pts0 = points_array(rec)
         if size is not None:
             h0, w0 = base.shape
@@ -730,6 +736,7 @@ def simulate_dataset(records: list[dict], out_dir: str | Path, n_per_image: int 
     manifest = atomic_write_text(out / "manifest.csv", pd.DataFrame(rows).to_csv(index=False))
     summary = {"generator": "data.simulate", "version": SIMULATE_VERSION, "seed": seed,
                "n_source_images": len(records), "n_skipped_flagged": n_skipped,
+               "n_skipped_unreadable": len(unreadable), "unreadable": unreadable,
                "n_per_image": n_per_image,
                "p_fracture": p_fracture, "size": size, "n_images": len(rows),
                "n_fractured_images": int(sum(1 for r in rows if r["fracture"] == 1)),
@@ -752,7 +759,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=None, help="output height in pixels")
     parser.add_argument("--limit", type=int, default=None, help="use only the first K source films")
     args = parser.parse_args(argv)
-    records = read_aasce(args.aasce) if args.aasce else read_vertebrae_csv(args.vertebrae_csv)
+    try:
+        records = read_aasce(args.aasce) if args.aasce else read_vertebrae_csv(args.vertebrae_csv)
+    except LandmarkError as exc:
+        parser.exit(2, f"error: {exc}\n")
     if args.limit is not None:
         records = records[: args.limit]
     manifest = simulate_dataset(records, args.out, n_per_image=args.n, p_fracture=args.p_fracture,
@@ -760,7 +770,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = json.loads((manifest.parent / "simulate.json").read_text())
     print(f"wrote {summary['n_images']} films ({summary['n_fractured_images']} with fractures) to "
           f"{manifest.parent} (manifest.csv, vertebrae.csv); {summary['n_skipped_flagged']} source films "
-          "with landmark problems skipped")
+          f"with landmark problems skipped, {summary.get('n_skipped_unreadable', 0)} unreadable")
 
 
 if __name__ == "__main__":

@@ -777,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
                                          default_point=args.operating_point, split=args.split, device=args.device,
                                          batch_size=args.batch_size, num_workers=args.num_workers, sha256=args.sha256,
                                          select_by=args.select_by)
-    except (CheckpointError, ManifestError) as exc:
+    except (CheckpointError, ManifestError, ValueError) as exc:  # ValueError: e.g. a bad vertebrae.csv, named
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

@@ -529,7 +529,16 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     from data.io_utils import atomic_write_text
 
-    card = build_model_card(args.checkpoint, args.metrics, args.training_data)
+    from models.checkpoint import CheckpointError
+
+    if not Path(args.metrics).is_file():
+        parser.exit(2, f"error: {args.metrics}: metrics file not found (write it with evaluate.py)\n")
+    try:
+        card = build_model_card(args.checkpoint, args.metrics, args.training_data)
+    except CheckpointError as exc:
+        parser.exit(2, f"error: {exc}\n")
+    except ValueError as exc:  # json.JSONDecodeError
+        parser.exit(2, f"error: {args.metrics}: not a metrics.json of evaluate.py ({exc})\n")
     path = atomic_write_text(args.out, card)
     print(f"wrote {path}")
     return path

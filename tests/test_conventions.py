@@ -13,17 +13,18 @@ from evaluation import conventions as C
 SPACING = 100.0
 
 
-def film(width: float, height: float, n: int = 12, tilt_deg: float = 0.0, seed: int = 0) -> np.ndarray:
+def film(width: float, height: float, n: int = 12, tilt_deg: float = 0.0, seed: int = 0,
+         jitter: float = 0.01) -> np.ndarray:
     """(n, 6, 2) points of a straight spine of ``n`` bodies, ``width`` x ``height`` times the centre
-    spacing, tilted by ``tilt_deg``; a little size jitter per body when ``seed`` is given."""
+    spacing, tilted by ``tilt_deg``, each body's size jittered by ``jitter`` (relative sd)."""
     rng = np.random.default_rng(seed)
     t = math.radians(tilt_deg)
     u, v = np.array([math.cos(t), math.sin(t)]), np.array([-math.sin(t), math.cos(t)])
     bodies = []
     for k in range(n):
         c = np.array([500.0, 200.0]) + k * SPACING * v
-        w = width * SPACING * (1 + 0.01 * rng.standard_normal())
-        h = height * SPACING * (1 + 0.01 * rng.standard_normal())
+        w = width * SPACING * (1 + jitter * rng.standard_normal())
+        h = height * SPACING * (1 + jitter * rng.standard_normal())
         top = [c - h / 2 * v + a * w / 2 * u for a in (-1, 0, 1)]
         bottom = [c + h / 2 * v + a * w / 2 * u for a in (-1, 0, 1)]
         bodies.append(np.array(top + bottom))
@@ -166,3 +167,16 @@ def test_cli_writes_json_and_plot(tmp_path, capsys):
     with pytest.raises(SystemExit):
         C.main(["--vertebrae", str(evaluated), "--group-regex=scan-[AB]-"])
     assert "capture group" in capsys.readouterr().err
+
+
+def test_scatter_bound_recovers_the_annotation_noise_of_smooth_spines():
+    rng = np.random.default_rng(3)
+    sd_px = 3.0  # per corner and axis, bodies 70 px tall: 4.3 % of the height
+    films = {f"/data/f{i}.png": film(1.2, 0.7, n=17, tilt_deg=i, jitter=0) + rng.normal(0, sd_px, (17, 6, 2)) for i in range(40)}
+    bound = C.scatter_bound(films)
+    expected = 100 * sd_px / 70.0
+    assert bound["along"] == pytest.approx(expected, rel=0.15)
+    assert bound["across"] == pytest.approx(expected, rel=0.15)
+    assert bound["n_differences"] == 40 * 15
+    clean = C.scatter_bound({"/data/a.png": film(1.2, 0.7, n=17, jitter=0)})
+    assert clean["along"] < 0.1 and clean["across"] < 0.1

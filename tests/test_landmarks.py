@@ -133,6 +133,12 @@ def test_read_vertebrae_csv_sorts_levels_and_keeps_labels(tmp_path):
     # without a manifest: patient from the file stem, fracture from the grades
     (rec2,) = read_vertebrae_csv(tmp_path / "vertebrae.csv", manifest=None)
     assert rec2["patient_id"] == "a" and rec2["fracture"] == 1
+    # an unknown level names the file and the row
+    bad = pd.DataFrame(rows)
+    bad.loc[1, "level"] = "X9"
+    bad.to_csv(tmp_path / "vertebrae.csv", index=False)
+    with pytest.raises(LandmarkError, match=r"vertebrae\.csv: row 3: unknown vertebral level 'X9'"):
+        read_vertebrae_csv(tmp_path / "vertebrae.csv")
 
 
 def test_bad_landmark_file_is_refused(tiny_aasce):
@@ -143,6 +149,10 @@ def test_bad_landmark_file_is_refused(tiny_aasce):
         read_aasce(root)
     with pytest.raises(LandmarkError, match="not found"):
         read_aasce(root / "nowhere")
+    # the command line says so in one line, no traceback
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--aasce", str(root), "--out", str(root / "out")])
+    assert exit_info.value.code == 2
 
 
 def test_cli_writes_manifest_and_vertebrae(tiny_aasce, tmp_path, capsys):

@@ -201,3 +201,23 @@ def test_model_card_describes_a_stored_point_refiner(tmp_path, tiny_eval_set):
     ckpt["point_refiner"]["training"].update(history=[{"epoch": 1}], best_epoch=1, n_val_films=0)
     torch.save(ckpt, path)
     assert "epoch 1 kept (the last; no validation score)." in model_card.build_model_card(path, metrics_json)
+
+
+def test_model_card_cli_names_bad_inputs(tmp_path, capsys):
+    from models import model_card
+
+    ckpt = _tiny_checkpoint(tmp_path / "model.ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        model_card.main(["--checkpoint", str(ckpt), "--metrics", str(tmp_path / "none.json"),
+                         "--out", str(tmp_path / "card.md")])
+    assert exit_info.value.code == 2 and "none.json: metrics file not found" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(SystemExit):
+        model_card.main(["--checkpoint", str(ckpt), "--metrics", str(tmp_path / "bad.json"), "--out", str(tmp_path / "c.md")])
+    assert "bad.json: not a metrics.json" in capsys.readouterr().err
+    (tmp_path / "m.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        model_card.main(["--checkpoint", str(tmp_path / "missing.ckpt"), "--metrics", str(tmp_path / "m.json"),
+                         "--out", str(tmp_path / "c.md")])
+    assert "missing.ckpt" in capsys.readouterr().err
+    assert not (tmp_path / "card.md").exists() and not (tmp_path / "c.md").exists()

@@ -408,3 +408,20 @@ def test_compare_two_prediction_files(tiny_eval_set, tmp_path):
     assert res["delong"]["difference"] == pytest.approx(0) and res["delong"]["p_value"] == 1.0  # monotone transform
     assert res["paired_bootstrap"]["p_value"] == 1.0
     assert res["n_unknown_left_out"] == 2 and (res["n_pos"], res["n_neg"]) == (5, 4)
+
+
+def test_evaluate_cli_names_a_missing_or_malformed_input(tiny_eval_set, tmp_path, capsys):
+    import evaluate
+
+    s = tiny_eval_set
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--predictions", str(tmp_path / "nope.csv"), "--manifest", s["manifest"],
+                       "--out", str(tmp_path / "r")])
+    assert exit_info.value.code == 2 and "nope.csv: file not found" in capsys.readouterr().err
+    broken = tmp_path / "predictions.csv"
+    broken.write_text("name,score\na.png,0.3\n")
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--predictions", str(broken), "--manifest", s["manifest"], "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "predictions.csv" in err and "Traceback" not in err
+    assert not (tmp_path / "r" / "metrics.json").exists()

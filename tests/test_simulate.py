@@ -1,4 +1,5 @@
 """Fractures simulated on films: exact truth, confined pixels, determinism, written data sets."""
+import json
 import math
 import os
 from pathlib import Path
@@ -181,6 +182,19 @@ def test_fracture_synthesis_updates_the_labels():
     a = FractureSynthesis(p=1.0)(img, pts, labels, rng=42)
     b = FractureSynthesis(p=1.0)(img, pts, labels, rng=42)
     assert np.array_equal(a[0], b[0]) and a[2]["simulated"] == b[2]["simulated"]
+
+
+def test_simulate_dataset_goes_on_past_an_unreadable_film(tmp_path, capsys):
+    records = _synthetic_records(tmp_path, n=2)
+    broken = tmp_path / "src" / "broken A AP.png"
+    broken.write_bytes(b"not a png")
+    records.insert(1, dict(records[0], image=str(broken), patient_id="patient-x"))
+    manifest = simulate_dataset(records, tmp_path / "out", n_per_image=2, seed=1)
+    written = pd.read_csv(manifest)
+    assert len(written) == 4 and set(written["patient_id"]) == {"patient-0", "patient-1"}
+    summary = json.loads((tmp_path / "out" / "simulate.json").read_text())
+    assert summary["n_skipped_unreadable"] == 1 and summary["unreadable"][0]["image"] == str(broken)
+    assert "broken A AP.png" in capsys.readouterr().err
 
 
 def test_fracture_synthesis_during_training_changes_every_target(tmp_path):
