@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.phantom_benchmark import ensure_data, machine  # noqa: E402
+from data.io_utils import atomic_write_text  # noqa: E402
 from evaluation import bootstrap as B  # noqa: E402
 from evaluation import metrics as M  # noqa: E402
 from models.calibration import platt_formula  # noqa: E402
@@ -111,7 +112,7 @@ def write_subset(manifest: pd.DataFrame, vertebrae: pd.DataFrame | None, out_dir
     ``out_dir``. Both tables must carry absolute image paths. Returns counts."""
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = manifest.reset_index(drop=True)
-    manifest.to_csv(out_dir / "manifest.csv", index=False)
+    atomic_write_text(out_dir / "manifest.csv", manifest.to_csv(index=False))
     info = {"manifest": str(out_dir / "manifest.csv"), "n_images": int(len(manifest)),
             "n_patients": int(manifest["patient_id"].nunique())}
     if "fracture" in manifest.columns:
@@ -120,7 +121,7 @@ def write_subset(manifest: pd.DataFrame, vertebrae: pd.DataFrame | None, out_dir
     if vertebrae is not None:
         keys = {_key(p) for p in manifest["image"]}
         sub = vertebrae[vertebrae["image"].map(_key).isin(keys)].reset_index(drop=True)
-        sub.to_csv(out_dir / "vertebrae.csv", index=False)
+        atomic_write_text(out_dir / "vertebrae.csv", sub.to_csv(index=False))
         with_rows = {_key(p) for p in sub["image"]}
         info.update(vertebrae=str(out_dir / "vertebrae.csv"), n_vertebrae=int(len(sub)),
                     n_images_without_vertebrae=int(sum(1 for k in keys if k not in with_rows)))
@@ -267,7 +268,7 @@ def infer_and_evaluate(args, name: str, cal_ckpt: Path, manifest: Path, vertebra
         rc, seconds = _run(cmd + [manifest], f"{name}: infer", ok_codes=(0, 1))
         if rc == 1:
             _log(f"{name}: some films failed in inference; see {infer_dir / 'errors.csv'} (counted in the report)")
-        stamp_path.write_text(json.dumps({**stamp, "seconds": seconds}))
+        atomic_write_text(stamp_path, json.dumps({**stamp, "seconds": seconds}))
     shutil.rmtree(report_dir, ignore_errors=True)
     _, eval_seconds = _run([sys.executable, "evaluate.py", "--predictions", infer_dir / "predictions.csv",
                             "--manifest", manifest, "--vertebrae", vertebrae, "--out", report_dir],
@@ -611,7 +612,7 @@ def write_results(r: dict, section: str = SECTION) -> None:
         text = re.sub(re.escape(section) + r".*?(?=\n## |\Z)", lambda _: block, text, flags=re.S)
     else:
         text = text.rstrip("\n") + "\n\n" + block
-    RESULTS.write_text(text.rstrip("\n") + "\n")
+    atomic_write_text(RESULTS, text.rstrip("\n") + "\n")
 
 
 # --------------------------------------------------------------------------- main
@@ -743,7 +744,7 @@ def main(argv: list[str] | None = None) -> dict:
                        ("phantom_kappa", s["phantom"].get("kappa_quadratic")),
                        ("phantom_level_accuracy", _get(s, "phantom", "level_accuracy", "accuracy"))):
         s["targets"][key].update(value=value, met=_met(value, key))
-    (out / "mixed_result.json").write_text(json.dumps(M._clean(result), indent=2))
+    atomic_write_text(out / "mixed_result.json", json.dumps(M._clean(result), indent=2))
     _log(f"wrote {out / 'mixed_result.json'}")
     if args.no_results:
         _log("--no-results: benchmarks/RESULTS.md left as it is")

@@ -26,6 +26,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from data.io_utils import atomic_write_text  # noqa: E402
 from data.phantom import generate_dataset  # noqa: E402
 from evaluation import metrics  # noqa: E402
 
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
                 cb["init_args"]["dirpath"] = str(run)
         cfg["data"]["manifest"] = str(train_manifest)
         cfg_path = out / f"config_{args.run_name}.yaml"
-        cfg_path.write_text(yaml.safe_dump(cfg))
+        atomic_write_text(cfg_path, yaml.safe_dump(cfg))
         t0 = time.time()
         subprocess.run([py, "train.py", "fit", "--config", str(cfg_path), *shlex.split(args.extra)], cwd=ROOT,
                        check=True)
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
         "inference_seconds_per_image": round(infer_seconds / n_test, 4),
         "metrics": summary,
     }
-    (out / f"result_{args.run_name}.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(out / f"result_{args.run_name}.json", json.dumps(result, indent=2))
     if not args.no_write:
         write_results(result, args.section)
     print(json.dumps({k: result[k] for k in ("train", "inference_seconds_per_image")}, indent=2))
@@ -185,7 +186,7 @@ def write_results(r: dict, section: str = SECTION) -> None:
         text = re.sub(re.escape(section) + r".*?(?=\n## |\Z)", block, text, flags=re.S)
     else:
         text = text.rstrip("\n") + "\n\n" + block
-    RESULTS.write_text(text.rstrip("\n") + "\n")
+    atomic_write_text(RESULTS, text.rstrip("\n") + "\n")
 
 
 if __name__ == "__main__":

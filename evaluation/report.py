@@ -831,8 +831,11 @@ def _ci(d: dict | None, key: str) -> str:
 
 
 def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=100)
-    return path
+    from data.io_utils import atomic_write_with
+
+    # the format from the name, since the temporary file's name does not end in .png
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    return atomic_write_with(path, lambda fh: fig.savefig(fh, dpi=100, format=fmt))
 
 
 def write_report(result: dict, df: pd.DataFrame, out_dir: str | os.PathLike) -> dict[str, Path]:

@@ -62,7 +62,8 @@ def test_evaluate_cli_writes_metrics_plots_and_html(tiny_eval_set, tmp_path):
     # the legacy point values are unchanged
     assert data["auroc_fracture"] == pytest.approx(M.summarise(s["predictions"], s["manifest"])["auroc_fracture"])
     for png in ("roc.png", "roc_pr.png", "confusion.png", "reliability.png", "by_level.png", "gallery.png"):
-        assert (out / png).stat().st_size > 0, png
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png  # a whole PNG, written atomically
+    assert not list(out.glob(".*.tmp")) and not list(out.glob("*.tmp"))
 
     html = (out / "report.html").read_text()
     assert "2 image(s) with an unknown fracture label" in html
