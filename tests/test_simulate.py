@@ -75,6 +75,23 @@ def check_simulation(img, pts, index, grade, shape, acute, seed=0):
     region = info["region"]
     assert region.shape == img.shape and region.dtype == bool and region.any()
     assert np.array_equal(new[~region], img[~region])  # bit for bit outside the region
+    # and that region is bounded without trusting it: in the body's own frame (along its
+    # endplates and across them), nothing changes beyond the neighbours' facing endplates, nor
+    # further out along the endplates than a quarter of the body's extent (the documented reach)
+    body = pts[index]
+    u = (body[2] - body[0]) + (body[5] - body[3])
+    u /= np.linalg.norm(u)
+    v = np.array([-u[1], u[0]]) * np.sign((body[3:] - body[:3]).mean(0) @ np.array([-u[1], u[0]]))
+    centre = body.mean(0)
+    yy, xx = np.mgrid[0:img.shape[0], 0:img.shape[1]]
+    along = (xx - centre[0]) * u[0] + (yy - centre[1]) * u[1]
+    across = (xx - centre[0]) * v[0] + (yy - centre[1]) * v[1]
+    extent = (body - centre) @ u
+    reach = 0.25 * float(extent.max() - extent.min()) + 2
+    top = float(((pts[index - 1][3:] - centre) @ v).min()) - 2 if index > 0 else -np.inf
+    bottom = float(((pts[index + 1][:3] - centre) @ v).max()) + 2 if index + 1 < len(pts) else np.inf
+    allowed = ((across > top) & (across < bottom) & (along >= extent.min() - reach) & (along <= extent.max() + reach))
+    assert np.array_equal(new[~allowed], img[~allowed])
     assert new.dtype == np.float32 and new.shape == img.shape
     assert float(new.min()) >= 0.0 and float(new.max()) <= 1.0
     assert (new[region] != img[region]).any()
