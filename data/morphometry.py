@@ -12,6 +12,12 @@ expected height of that vertebra: grade 0 (< 20 %), 1 (20-25 %), 2 (25-40 %), 3 
 The expected height is the vertebra's own posterior height, unless the posterior height
 has itself collapsed (more than 20 % below the neighbours' posterior heights, a crush
 fracture), in which case the neighbours' posterior heights stand in for it.
+
+On AP (or PA) films the two outer heights are the body's two sides, not anterior and
+posterior: ``grade_vertebrae(points, symmetric=True)`` grades them alike, taking the taller side
+as the reference (the role of the posterior height) and the shorter as the one that may have
+collapsed, so a lateral wedge reads the same on either side. The reported heights and ratios keep
+the points' order.
 """
 from __future__ import annotations
 
@@ -91,18 +97,26 @@ def morphology(heights: Heights, grade: int, neighbour_posterior: list[float] | 
     return "wedge" if heights.anterior <= heights.middle else "biconcave"
 
 
-def grade_vertebrae(points: np.ndarray) -> list[dict]:
+def _sides_sorted(h: Heights) -> Heights:
+    """The shorter side as ``anterior`` and the taller as ``posterior`` (AP films)."""
+    return Heights(min(h.anterior, h.posterior), h.middle, max(h.anterior, h.posterior))
+
+
+def grade_vertebrae(points: np.ndarray, symmetric: bool = False) -> list[dict]:
     """Grade every vertebra of one image. ``points``: (n, 6, 2), in cranio-caudal order.
 
-    Neighbours are the vertebrae directly above and below in the given order.
-    Returns one dict per vertebra with heights, ratios, loss, grade and morphology.
+    Neighbours are the vertebrae directly above and below in the given order. ``symmetric``:
+    the outer heights are the two sides of an AP film (module docstring). Returns one dict per
+    vertebra with heights, ratios, loss, grade and morphology.
     """
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 6, 2)
     all_heights = [heights_from_points(p) for p in pts]
+    graded_heights = [_sides_sorted(h) for h in all_heights] if symmetric else all_heights
     results = []
     for i, h in enumerate(all_heights):
-        neighbours = [all_heights[j].posterior for j in (i - 1, i + 1) if 0 <= j < len(all_heights)]
-        loss = height_loss(h, neighbours)
+        g = graded_heights[i]
+        neighbours = [graded_heights[j].posterior for j in (i - 1, i + 1) if 0 <= j < len(all_heights)]
+        loss = height_loss(g, neighbours)
         grade = genant_grade(loss)
         results.append(
             {
@@ -113,7 +127,7 @@ def grade_vertebrae(points: np.ndarray) -> list[dict]:
                 },
                 "height_loss": loss,
                 "genant_grade": grade,
-                "morphology": morphology(h, grade, neighbours),
+                "morphology": morphology(g, grade, neighbours),
             }
         )
     return results

@@ -203,7 +203,8 @@ class Predictor:
                 try:
                     film = analyse_film(out["vertebra_logits"][k], item["box"], HEATMAP_STRIDE, self.vertebra_net,
                                         item["pixels"], self.device, item.get("pixel_spacing_mm"),
-                                        point_refiner=self.point_refiner)
+                                        point_refiner=self.point_refiner,
+                                        view=(item.get("dicom") or {}).get("ViewPosition"))
                 except Exception as exc:  # one film's vertebra analysis must not end the batch
                     film["vertebra_error"] = f"{type(exc).__name__}: {exc}"
             combiner = self.calibrator.vertebra_combiner if self.calibrator is not None else None

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from matplotlib.path import Path as MplPath
 
 from data.morphometry import LEVELS, grade_vertebrae
+
+AP_VIEWS = ("AP", "PA")  # views whose outer heights are the body's two sides
 from data.vertebra_targets import (CROP_CONTEXT, N_LEVELS, OFFSET_SCALE, apply_affine, body_centre, body_extent,
                                    crop_matrix, extract_crop, invert_affine, unmirror_points)
 from models.point_refiner import refine_points
@@ -270,7 +272,7 @@ def _length_mm(a: np.ndarray, b: np.ndarray, spacing: tuple[float, float]) -> fl
 
 
 def describe_vertebrae(points: np.ndarray, labels: dict, probs: dict, scores: np.ndarray,
-                       pixel_spacing_mm: tuple[float, float] | None = None) -> list[dict]:
+                       pixel_spacing_mm: tuple[float, float] | None = None, view: str | None = None) -> list[dict]:
     """The ``vertebrae`` list of a film's JSON (docs/formats.md), head to feet.
 
     Only bodies named T1-L5 are graded: one the count names beyond them (C6-C7, S1-S2: a
@@ -278,11 +280,13 @@ def describe_vertebrae(points: np.ndarray, labels: dict, probs: dict, scores: np
     ``genant_grade``, ``morphology`` and ``height_loss`` None, because the Genant grade is
     defined for thoracolumbar bodies and the sacrum's shape would read as a severe fracture;
     its ``p_fracture`` is the crop network's. Graded bodies take only graded neighbours as
-    references."""
-    graded = grade_vertebrae(points) if len(points) else []
+    references. ``view``: ``"AP"`` or ``"PA"`` (e.g. DICOM ViewPosition) grades the two sides alike
+    (data.morphometry, ``symmetric``); anything else reads p1-p4 as anterior, as on lateral films."""
+    symmetric = str(view or "").strip().upper() in AP_VIEWS
+    graded = grade_vertebrae(points, symmetric=symmetric) if len(points) else []
     in_range = np.array([lvl in LEVELS for lvl in labels["levels"][:len(graded)]], dtype=bool)
     if in_range.any():
-        for k, g in zip(np.flatnonzero(in_range), grade_vertebrae(points[in_range])):
+        for k, g in zip(np.flatnonzero(in_range), grade_vertebrae(points[in_range], symmetric=symmetric)):
             graded[k] = g
     out = []
     for k, g in enumerate(graded):
@@ -502,7 +506,7 @@ def _measurable_in_spine_order(read: dict, scores: np.ndarray, logp: np.ndarray)
 def analyse_film(vertebra_logits: torch.Tensor, box, stride: int, vertebra_net: torch.nn.Module,
                  image: np.ndarray, device: torch.device, pixel_spacing_mm=None,
                  min_score: float = MIN_DETECTION_SCORE, fill_gaps: bool = True,
-                 point_refiner: torch.nn.Module | None = None) -> dict:
+                 point_refiner: torch.nn.Module | None = None, view: str | None = None) -> dict:
     """All four steps for one film. ``image``: the normalised original pixels; ``box``: the
     letterbox that made the network input. Returns ``vertebrae`` and the film's level summary.
 
@@ -530,5 +534,5 @@ def analyse_film(vertebra_logits: torch.Tensor, box, stride: int, vertebra_net: 
         if not len(scores):
             return {"vertebrae": [], "level_confidence": None, "levels_trusted": False}
     labels = assign_levels(read["points"], logp)
-    vertebrae = describe_vertebrae(read["points"], labels, read, scores, pixel_spacing_mm)
+    vertebrae = describe_vertebrae(read["points"], labels, read, scores, pixel_spacing_mm, view=view)
     return {"vertebrae": vertebrae, "level_confidence": labels["level_confidence"], "levels_trusted": labels["trusted"]}

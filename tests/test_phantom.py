@@ -83,3 +83,30 @@ def test_genant_thresholds():
     assert [genant_grade(x) for x in (0.0, 0.19, 0.2, 0.249, 0.25, 0.399, 0.4, 0.8)] == [0, 0, 1, 1, 2, 2, 3, 3]
     h = heights_from_points(np.array([[0, 0], [5, 0], [10, 0], [0, 6], [5, 9], [10, 10]], float))
     assert (h.anterior, h.middle, h.posterior) == (6, 9, 10)
+
+
+def test_ap_grading_treats_the_two_sides_alike():
+    """On AP films a lateral wedge grades the same on either side (symmetric=True); the lateral
+    reading (p1-p4 anterior) is unchanged."""
+    from data.morphometry import grade_vertebrae
+
+    def body(y, left, right, width=40.0):
+        top = [(0.0, y), (width / 2, y), (width, y)]
+        mid = (left + right) / 2
+        return np.array(top + [(0.0, y + left), (width / 2, y + mid), (width, y + right)])
+
+    normal = body(0, 30, 30)
+    left_low, right_low = body(40, 21, 30), body(40, 30, 21)  # 30 % loss on one side
+    for spine in (np.stack([normal, left_low, body(80, 30, 30)]), np.stack([normal, right_low, body(80, 30, 30)])):
+        g = grade_vertebrae(spine, symmetric=True)[1]
+        assert g["genant_grade"] == 2 and g["morphology"] == "wedge" and abs(g["height_loss"] - 0.3) < 1e-9
+    # alone, without neighbours, too
+    for b in (left_low, right_low):
+        assert grade_vertebrae(b[None], symmetric=True)[0]["genant_grade"] == 2
+    # the lateral reading: a low posterior (p3-p6) side is a crush against the neighbours, and
+    # without neighbours it is the reference itself
+    lateral = grade_vertebrae(np.stack([normal, right_low, body(80, 30, 30)]))[1]
+    assert lateral["morphology"] == "crush"
+    assert grade_vertebrae(right_low[None])[0]["genant_grade"] == 0
+    # heights keep the points' order either way
+    assert grade_vertebrae(right_low[None], symmetric=True)[0]["heights"][0] == 30.0

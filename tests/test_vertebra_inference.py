@@ -1097,3 +1097,18 @@ def test_analyse_film_drops_a_body_the_refiner_collapses():
     none_left = analyse_film(logits, box, STRIDE, _StubCropNet(logits=((1.0, -1.0),)), image, cpu,
                              point_refiner=_CollapsingRefiner(collapse=range(n)))
     assert none_left["vertebrae"] == [] and none_left["levels_trusted"] is False
+
+
+def test_describe_vertebrae_grades_the_sides_of_ap_films_alike():
+    """A DICOM ViewPosition of AP/PA grades a wedge on the p3-p6 side as one on the p1-p4 side."""
+    right = _wedge(62.0, 70.0, 30.0, 20.0, 0.30)[[2, 1, 0, 5, 4, 3]]  # the low side now p3-p6
+    points = np.stack([_box(60.0, 40.0, 30.0, 20.0), right, _box(64.0, 100.0, 30.0, 20.0)])
+    labels = {"levels": ["T11", "T12", "L1"], "level_confidence": 0.9, "trusted": True}
+    probs = {k: np.full(3, 0.5) for k in ("p_fracture", "p_acute", "p_acute_given_fracture")}
+    scores = np.ones(3)
+    for view in ("AP", "pa"):
+        v = describe_vertebrae(points, labels, probs, scores, view=view)[1]
+        assert v["genant_grade"] == 2 and v["morphology"] == "wedge" and v["height_loss"] == pytest.approx(0.3)
+    lateral = describe_vertebrae(points, labels, probs, scores, view="LATERAL")[1]
+    assert lateral["morphology"] == "crush"  # p3-p6 read as posterior, collapsed against the neighbours
+    assert describe_vertebrae(points, labels, probs, scores)[1]["morphology"] == "crush"
