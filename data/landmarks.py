@@ -254,8 +254,9 @@ def read_vertebrae_csv(path: str | Path, manifest: str | Path | None = "auto",
     ``manifest="auto"`` uses ``manifest.csv`` beside the vertebrae file when it exists (patient
     ids, view and image labels come from it); ``None`` (or no manifest) takes the patient id
     from the image file stem and leaves the image labels to the vertebrae (fracture 1 when a
-    vertebra is graded, 0 when all are graded 0). Relative image paths are resolved against the
-    CSV's folder. Vertebrae are sorted cranio-caudally. Images of the manifest without any
+    vertebra is graded, 0 when all are graded 0). Relative image paths are resolved as the
+    manifest's are, against the manifest's folder (docs/formats.md: ``image`` is as in the
+    manifest); without a manifest, against the CSV's folder. Vertebrae are sorted cranio-caudally. Images of the manifest without any
     vertebra row are left out.
     """
     path = Path(path).expanduser().resolve()
@@ -273,8 +274,10 @@ def read_vertebrae_csv(path: str | Path, manifest: str | Path | None = "auto",
 
     image_info: dict[str, dict] = {}
     order: list[str] = []
+    image_base = root
     mpath = root / "manifest.csv" if manifest == "auto" else (Path(manifest) if manifest else None)
     if mpath is not None and mpath.is_file():
+        image_base = mpath.parent.resolve()
         mdf = pd.read_csv(mpath, dtype=str, keep_default_na=False)
         for _, r in mdf.iterrows():
             img = absolute(r["image"], mpath.parent.resolve())
@@ -288,7 +291,7 @@ def read_vertebrae_csv(path: str | Path, manifest: str | Path | None = "auto",
 
     groups: dict[str, list[dict]] = {}
     for i, r in raw.iterrows():
-        img = absolute(r["image"], root)
+        img = absolute(r["image"], image_base)
         try:
             pts = np.array([float(r[c]) for c in POINT_COLUMNS], dtype=np.float64).reshape(6, 2)
         except ValueError as exc:

@@ -24,6 +24,14 @@ measured on the set. This audit measures it without a model:
    floor: the median point error as a function of ``s``, the largest ``s`` that keeps it at
    the target, and, given an observed median (``--observed-median``), the ``s`` it implies. Without
    the floor the median of such noise is ``s * sqrt(2 ln 2)``, about ``1.18 s``.
+5. **An upper bound on the annotators' own scatter.** Along a spine, body widths and heights
+   change smoothly, so the second differences of consecutive bodies' top-endplate lengths and
+   left heights (each between two corners) are mostly annotation noise: with independent
+   per-corner noise of sd ``s`` per axis their variance is ``12 s**2``. The robust (MAD) sd of
+   those differences over ``sqrt(12)``, in % of the film's median body height, bounds ``s``
+   from above (real changes between neighbours, such as scoliotic wedging, add to it). That
+   scatter is part of any reader's measured error: a reader can only come as close to the
+   annotations as they are to themselves.
 
 Command line::
 
@@ -149,6 +157,26 @@ def convention_offsets(points: np.ndarray, width_scale: float, height_scale: flo
     return np.stack([along, across], axis=-1) * (100.0 / body_heights(p))[:, None, None]
 
 
+def scatter_bound(films: dict[str, np.ndarray]) -> dict[str, float | int | None]:
+    """Item 5 of the module docstring: ``{"along", "across"}`` upper bounds of the per-corner
+    annotation sd (% of each film's median body height) and the number of second differences."""
+    along, across = [], []
+    for pts in films.values():
+        p = np.asarray(pts, float).reshape(-1, 6, 2)
+        scale = 100.0 / float(np.median(body_heights(p)))
+        for length, out in ((np.linalg.norm(p[:, 2] - p[:, 0], axis=1), along),
+                            (np.linalg.norm(p[:, 3] - p[:, 0], axis=1), across)):
+            out.append((length[:-2] - 2 * length[1:-1] + length[2:]) * scale)
+    along, across = np.concatenate(along), np.concatenate(across)
+
+    def bound(d):
+        if d.size == 0:
+            return None
+        return float(1.4826 * np.median(np.abs(d - np.median(d))) / math.sqrt(12))
+
+    return {"along": bound(along), "across": bound(across), "n_differences": int(along.size)}
+
+
 def median_with_noise(offsets: np.ndarray, sd: float, draws: np.ndarray) -> float:
     """Median point error (% of height) of ``offsets`` (n, 6, 2) plus ``sd`` x ``draws``."""
     e = offsets + sd * draws
@@ -229,6 +257,7 @@ def audit(eval_films: dict[str, np.ndarray], group_regex: str, fit_films: dict[s
         "reading_sd_for_target_without_floor": solve_sd(np.zeros_like(offsets), draws, target),
         "seed": seed,
     }
+    out["annotation_scatter_bound_pct"] = scatter_bound(eval_films)
     if observed_median is not None:
         out["observed_median_pct"] = float(observed_median)
         out["reading_sd_implied_by_observed"] = solve_sd(offsets, draws, observed_median)
@@ -305,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  reading sd {sd:>4}: median {med:5.2f} (without the floor {result['median_by_reading_sd_without_floor'][sd]:5.2f})")
     print(f"largest reading sd for a median of {args.target:g}: {_fmt(result['reading_sd_for_target'])} "
           f"(without the floor {_fmt(result['reading_sd_for_target_without_floor'])})")
+    bound = result["annotation_scatter_bound_pct"]
+    print(f"annotators' own scatter per corner, upper bound from roughness along the spine: along the endplates "
+          f"{_fmt(bound['along'])}, across {_fmt(bound['across'])} % of the body height")
     if args.observed_median is not None:
         print(f"an observed median of {args.observed_median:g} implies a reading sd of "
               f"{_fmt(result['reading_sd_implied_by_observed'])}")

@@ -648,14 +648,14 @@ def default_output(checkpoint: str | os.PathLike) -> Path:
 
 
 def calibrate_checkpoint(checkpoint: str | os.PathLike, manifest: str | os.PathLike, out: str | os.PathLike | None = None,
-                         method: str = "temperature", default_point: str = "balanced", split: str = "val",
+                         method: str = "temperature", default_point: str = "balanced", split: str = "all",
                          device: str = "cpu", batch_size: int = 8, num_workers: int = 0,
                          sha256: str | None = None, select_by: str = "brier") -> tuple[Path, Calibrator]:
     """Fit a calibration of ``checkpoint`` on ``manifest``'s labelled images and write a new
     checkpoint (the original dict plus ``vcf_calibration``), atomically.
 
-    ``split``: ``"val"`` (the patient-grouped validation split training used) or ``"all"``
-    (every labelled image: a site's own validation set). ``out`` defaults to
+    ``split``: ``"all"`` (default, as on the command line: every labelled image, a site's own
+    validation set) or ``"val"`` (the patient-grouped validation split training used). ``out`` defaults to
     ``<stem>_calibrated.ckpt`` beside ``checkpoint``. Returns ``(path, calibrator)``."""
     from data.manifest import label_arrays, load_manifest
     from models.checkpoint import file_sha256, load_checkpoint

@@ -133,6 +133,12 @@ def test_read_vertebrae_csv_sorts_levels_and_keeps_labels(tmp_path):
     # without a manifest: patient from the file stem, fracture from the grades
     (rec2,) = read_vertebrae_csv(tmp_path / "vertebrae.csv", manifest=None)
     assert rec2["patient_id"] == "a" and rec2["fracture"] == 1
+    # a vertebrae.csv kept elsewhere: its image paths are the manifest's, resolved as the manifest's
+    away = tmp_path / "tables"
+    away.mkdir()
+    pd.DataFrame(rows).to_csv(away / "vertebrae.csv", index=False)
+    (rec3,) = read_vertebrae_csv(away / "vertebrae.csv", manifest=tmp_path / "manifest.csv")
+    assert rec3["image"] == str(img.resolve()) and rec3["patient_id"] == "P1" and len(rec3["vertebrae"]) == 2
     # an unknown level names the file and the row
     bad = pd.DataFrame(rows)
     bad.loc[1, "level"] = "X9"
