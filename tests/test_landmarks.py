@@ -201,6 +201,7 @@ def test_landmark_problems_flag_annotation_errors(tiny_aasce):
     assert any("outside" in p for p in landmark_problems(pts + [0, 60], rec["size"]))
 
 
+@pytest.mark.aasce
 @pytest.mark.skipif(not aasce_dir().is_dir(), reason="real AASCE films not available")
 def test_real_aasce_folder():
     records = read_aasce(aasce_dir())

@@ -358,6 +358,7 @@ def real_films():
     return films
 
 
+@pytest.mark.aasce
 def test_real_films_every_grade_and_shape(real_films):
     for f, (rec, img, pts) in enumerate(real_films):
         for k, (grade, shape) in enumerate(GRADE_SHAPES):
@@ -367,6 +368,7 @@ def test_real_films_every_grade_and_shape(real_films):
             check_simulation(img, pts, index, grade, shape, acute=bool(k % 2), seed=k)
 
 
+@pytest.mark.aasce
 def test_real_films_dataset(real_films, tmp_path):
     records = [rec for rec, _, _ in real_films]
     size = real_films[0][1].shape[0]
