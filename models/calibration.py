@@ -55,8 +55,9 @@ Whatever the method, the fit reports that cross-validation (``method_selection``
 calibration): each method is fitted on all but one of up to ``CV_FOLDS`` patient-grouped folds
 and scored on the fold left out, so the Brier score, ECE and NLL it prints are honest
 estimates on unseen patients of the same site, unlike the in-sample figures after the fit
-(isotonic regression's in-sample ECE is 0 by construction). The per-vertebra combiner below is fitted once on all the
-images, not per fold.
+(isotonic regression's in-sample ECE is 0 by construction). The per-vertebra combiner below is
+refitted within each fold too (on the fold's training images), so no fold is scored with
+anything fitted on its own images; the stored combiner is the one fitted on all the images.
 
 A head without both classes among its labelled images keeps the identity map
 (``fitted_heads`` says which were fitted). ``p_acute`` is always recomputed as
@@ -263,12 +264,16 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(z, dtype=np.float64)))
 
 
-def cross_validate_methods(logits, probs, labels, groups, n_folds: int = CV_FOLDS) -> dict:
+def cross_validate_methods(logits, probs, labels, groups, n_folds: int = CV_FOLDS, refit=None) -> dict:
     """Out-of-fold Brier score, ECE and NLL of each method on one head, folds grouped by
     ``groups`` (patients).
 
-    ``logits`` and ``probs``: the raw head outputs; ``labels``: 0, 1 or NaN (left out). Returns
-    ``{"folds": k, "n_images": n, "scores": {method: {"brier", "ece", "nll"}}}``, NaN scores where
+    ``logits`` and ``probs``: the raw head outputs; ``labels``: 0, 1 or NaN (left out). ``refit``,
+    when given, is called per fold as ``refit(train, test)`` with the rows' positions in the
+    inputs, and returns ``(z_train, p_train, z_test, p_test)``: the raw outputs recomputed from
+    what is fitted on the ``train`` rows alone (the per-vertebra combiner), so that no fold's
+    score rests on anything fitted on its own images. Returns ``{"folds": k, "n_images": n,
+    "scores": {method: {"brier", "ece", "nll"}}, "refitted_per_fold": bool}``, NaN scores where
     fewer than two folds could be fitted (too few patients, or a fold without both classes)."""
     from sklearn.model_selection import GroupKFold
 
@@ -277,32 +282,36 @@ def cross_validate_methods(logits, probs, labels, groups, n_folds: int = CV_FOLD
     y = np.asarray(labels, dtype=np.float64)
     g = np.asarray(groups)
     known = ~np.isnan(y)
+    rows = np.flatnonzero(known)  # positions in the inputs, for refit
     z, p, y, g = z[known], p[known], y[known], g[known]
     k = min(n_folds, len(np.unique(g)))
     nan = {m: {"brier": float("nan"), "ece": float("nan"), "nll": float("nan")} for m in METHODS}
     if k < 2 or not _both_classes(y):
-        return {"folds": int(k), "n_images": int(len(y)), "scores": nan}
+        return {"folds": int(k), "n_images": int(len(y)), "scores": nan, "refitted_per_fold": refit is not None}
     oof = {m: np.full(len(y), np.nan) for m in METHODS}
     for train, test in GroupKFold(n_splits=k).split(z, y, g):
         if not _both_classes(y[train]):
             continue
+        z_tr, p_tr, z_te, p_te = z[train], p[train], z[test], p[test]
+        if refit is not None:
+            z_tr, p_tr, z_te, p_te = (np.asarray(a, dtype=np.float64) for a in refit(rows[train], rows[test]))
         # each fold's map applied as inference applies it (Calibrator.apply)
-        oof["none"][test] = p[test]
-        temperature = Calibrator("temperature", temperature={"p_fracture": fit_temperature(z[train], y[train])})
-        oof["temperature"][test] = temperature.apply(z[test], logits=True)
-        platt = Calibrator("platt", platt={"p_fracture": fit_platt(z[train], y[train])})
-        oof["platt"][test] = platt.apply(z[test], logits=True)
-        beta = Calibrator("beta", beta={"p_fracture": fit_beta(z[train], y[train])})
-        oof["beta"][test] = beta.apply(z[test], logits=True)
-        isotonic = Calibrator("isotonic", isotonic={"p_fracture": fit_isotonic(p[train], y[train])})
-        oof["isotonic"][test] = isotonic.apply(p[test])
+        oof["none"][test] = p_te
+        temperature = Calibrator("temperature", temperature={"p_fracture": fit_temperature(z_tr, y[train])})
+        oof["temperature"][test] = temperature.apply(z_te, logits=True)
+        platt = Calibrator("platt", platt={"p_fracture": fit_platt(z_tr, y[train])})
+        oof["platt"][test] = platt.apply(z_te, logits=True)
+        beta = Calibrator("beta", beta={"p_fracture": fit_beta(z_tr, y[train])})
+        oof["beta"][test] = beta.apply(z_te, logits=True)
+        isotonic = Calibrator("isotonic", isotonic={"p_fracture": fit_isotonic(p_tr, y[train])})
+        oof["isotonic"][test] = isotonic.apply(p_te)
     scored = ~np.isnan(oof["none"])
     if scored.sum() == 0 or len(np.unique(g[scored])) < 2:
-        return {"folds": int(k), "n_images": int(len(y)), "scores": nan}
+        return {"folds": int(k), "n_images": int(len(y)), "scores": nan, "refitted_per_fold": refit is not None}
     scores = {m: {"brier": float(np.mean((q[scored] - y[scored]) ** 2)),
                   "ece": expected_calibration_error(q[scored], y[scored]),
                   "nll": binary_nll(_logit(q[scored]), y[scored])} for m, q in oof.items()}
-    return {"folds": int(k), "n_images": int(scored.sum()), "scores": scores}
+    return {"folds": int(k), "n_images": int(scored.sum()), "scores": scores, "refitted_per_fold": refit is not None}
 
 
 SELECTION_SCORES = {"brier": 5e-4, "ece": 1e-3}  # criterion -> tie margin
@@ -689,7 +698,18 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, manifest: str | os.PathL
                                f"the {len(used)} usable image(s) have only one class")
 
     groups = used["patient_id"].astype(str).to_numpy() if "patient_id" in used else used["image"].astype(str).to_numpy()
-    selection = cross_validate_methods(logits[:, 0], probs["p_fracture"], y_frac, groups)
+    refit = None
+    if combiner is not None:
+        used_paths = [images["image"].iloc[i] for i in index]
+
+        def refit(train, test):  # the combiner fitted on the fold's training images only
+            fold = fit_vertebra_combiner([results[i] for i in train], [used_paths[i] for i in train],
+                                         vertebrae_csv, manifest)
+            z_tr, p_tr = _film_probabilities([results[i] for i in train], fold)
+            z_te, p_te = _film_probabilities([results[i] for i in test], fold)
+            return z_tr[:, 0], p_tr["p_fracture"], z_te[:, 0], p_te["p_fracture"]
+
+    selection = cross_validate_methods(logits[:, 0], probs["p_fracture"], y_frac, groups, refit=refit)
     requested = method
     if method == "auto":
         method = choose_method(selection, by=select_by)

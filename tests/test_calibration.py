@@ -242,6 +242,32 @@ def test_cross_validation_skips_unknown_labels_and_needs_two_patients():
     assert choose_method(one_patient) == "temperature"
 
 
+def test_cross_validation_refits_per_fold_what_the_outputs_depend_on():
+    """refit(train, test) is called per fold with disjoint rows (positions in the inputs, unknown
+    labels skipped), and the fold is scored on what it returns, not on the inputs."""
+    rng = np.random.default_rng(8)
+    p = rng.uniform(0.05, 0.95, 200)
+    y = (rng.random(200) < p).astype(float)
+    y[::7] = np.nan
+    z = np.log(p) - np.log1p(-p)
+    calls = []
+
+    def refit(train, test):
+        calls.append((set(train.tolist()), set(test.tolist())))
+        # a fold-wise "combiner" that knows nothing: every test film at 0.5
+        return z[train], p[train], np.zeros(len(test)), np.full(len(test), 0.5)
+
+    sel = cross_validate_methods(z, p, y, _patients(200), refit=refit)
+    assert sel["refitted_per_fold"] and len(calls) == sel["folds"] == 5
+    for train, test in calls:
+        assert not train & test and not {i for i in range(0, 200, 7)} & (train | test)
+    assert set().union(*(t for _, t in calls)) == set(range(200)) - set(range(0, 200, 7))
+    known = ~np.isnan(y)
+    assert sel["scores"]["none"]["brier"] == pytest.approx(float(np.mean((0.5 - y[known]) ** 2)))
+    plain = cross_validate_methods(z, p, y, _patients(200))
+    assert not plain["refitted_per_fold"] and plain["scores"]["none"]["brier"] < sel["scores"]["none"]["brier"]
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from data.phantom import generate_dataset

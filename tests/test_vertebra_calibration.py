@@ -114,3 +114,48 @@ def test_image_rule_keeps_the_head_without_vertebrae():
     film = image_probabilities(head, [{"p_fracture": 0.7, "p_acute": 0.6}])
     assert film["p_fracture"] == 0.7 and film["p_acute"] == 0.6
     assert film["p_acute_given_fracture"] == pytest.approx(0.6 / 0.7)
+
+
+def test_calibration_refits_the_combiner_inside_each_fold(tmp_path, monkeypatch):
+    """calibrate_checkpoint scores its methods with a combiner fitted without each fold's films
+    (the network is replaced by fixed per-film results)."""
+    import cv2
+    import torch
+
+    import models.calibration as C
+    import models.inference
+
+    results, paths, vertebrae_csv, _ = _films(tmp_path, n_films=45, per_film=2, seed=3)
+    for path in paths:
+        cv2.imwrite(path, np.zeros((8, 8), np.uint8))
+    truth = pd.read_csv(vertebrae_csv)
+    fractured = truth.groupby("image")["genant_grade"].max().gt(0)
+    # a film head that says little: the film probability rests on the vertebrae
+    rng = np.random.default_rng(4)
+    for r in results:
+        r["head"] = {"p_fracture": 0.2, "p_acute": 0.1, "p_acute_given_fracture": 0.5}
+        for v in r["vertebrae"]:
+            v["p_fracture"] = float(np.clip(v["p_fracture"] + rng.normal(0, 0.1), 0.05, 0.95))
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame({"image": paths, "patient_id": [f"p{i // 3}" for i in range(len(paths))],
+                  "fracture": [int(fractured[p]) for p in paths], "acute": ""}).to_csv(manifest, index=False)
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {}}, ckpt)
+
+    class FixedPredictor:
+        def __init__(self, *args, **kwargs):
+            pass
+
+    monkeypatch.setattr(models.inference, "Predictor", FixedPredictor)
+    monkeypatch.setattr(C, "_run_network", lambda predictor, p, bs, nw: (np.arange(len(p)), results, []))
+    out, cal = C.calibrate_checkpoint(ckpt, manifest, out=tmp_path / "cal.ckpt", method="platt")
+    assert C.CALIBRATION_KEY in torch.load(out, weights_only=True)
+    selection = cal.info["method_selection"]
+    assert cal.info["vertebra_combiner"] is not None and selection["refitted_per_fold"]
+    # the same folds scored with the combiner fitted on all the films read better: in-sample
+    logits, probs = C._film_probabilities(results, cal.info["vertebra_combiner"])
+    y = np.array([float(fractured[p]) for p in paths])
+    groups = np.array([f"p{i // 3}" for i in range(len(paths))])
+    in_sample = C.cross_validate_methods(logits[:, 0], probs["p_fracture"], y, groups)
+    assert not in_sample["refitted_per_fold"]
+    assert selection["scores"]["none"]["brier"] != pytest.approx(in_sample["scores"]["none"]["brier"])
