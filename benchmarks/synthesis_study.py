@@ -39,6 +39,7 @@ from data.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
 from data.landmarks import read_aasce, write_vertebrae_dataset  # noqa: E402
 from data.manifest import assign_splits  # noqa: E402
 from data.simulate import simulate_dataset  # noqa: E402
+from evaluation.compare import compare_aurocs, paired_frame  # noqa: E402
 
 CONFIG = ROOT / "configs" / "aasce_normals_synthesis.yaml"
 VAL_FRACTION, SPLIT_SEED = 0.15, 0  # the split of runs/mix's training (configs/phantom_plus_simulated*.yaml)
@@ -144,6 +145,10 @@ def main(argv: list[str] | None = None) -> dict:
         ckpt, seconds = train(run_config(template, run_dir, data, args.init, prob, args.epochs), run_dir)
         result["runs"][name] = {"fracture_synthesis": prob, "checkpoint": str(ckpt), "train_seconds": seconds,
                                 **score(ckpt, data["test"], run_dir)}
+    # the same films read by both: a paired test of the image-level AUROC difference
+    result["paired"] = compare_aurocs(paired_frame(
+        Path(result["runs"]["synthesis"]["report"]).parent / "infer_test" / "predictions.csv",
+        Path(result["runs"]["control"]["report"]).parent / "infer_test" / "predictions.csv", data["test"]["manifest"]))
     atomic_write_json(args.json or args.out / "synthesis_study.json", result)
     print(f"held-out simulated-real films: {data['test']['n_images']} of {data['test']['n_patients']} patients")
     print("| run | fracture synthesis | image AUROC [95% CI] | grade 2-3 vs normal | acute vs chronic | per-vertebra AUROC |")
@@ -152,6 +157,9 @@ def main(argv: list[str] | None = None) -> dict:
         va = r["vertebra_auroc"]
         print(f"| {name} | {r['fracture_synthesis']:g} | {_f(r['image_auroc'])} | {_f(r['grade23_auroc'])} | "
               f"{_f(r['acute_auroc'])} | {'n/a' if va is None else f'{va:.3f}'} |")
+    d = result["paired"].get("delong") or {}
+    print(f"paired (synthesis - control): DeLong p = {d.get('p_value')}, paired patient bootstrap "
+          f"p = {(result['paired'].get('paired_bootstrap') or {}).get('p_value')}")
     return result
 
 
