@@ -34,13 +34,12 @@ import torch.nn.functional as F
 from matplotlib.path import Path as MplPath
 
 from data.morphometry import LEVELS, grade_vertebrae
-
-AP_VIEWS = ("AP", "PA")  # views whose outer heights are the body's two sides
 from data.vertebra_targets import (CROP_CONTEXT, N_LEVELS, OFFSET_SCALE, apply_affine, body_centre, body_extent,
                                    crop_matrix, extract_crop, invert_affine, unmirror_points)
 from models.point_refiner import refine_points
 
 MIN_DETECTION_SCORE = 0.3
+AP_VIEWS = ("AP", "PA")  # DICOM ViewPositions whose outer heights are the body's two sides
 MAX_VERTEBRAE = 30
 TRUSTED_LEVEL_CONFIDENCE = 0.8
 # a centre-to-centre step this many times the typical step means a missed body; a missing
