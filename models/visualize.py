@@ -21,9 +21,18 @@ def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45,
         cv2.drawMarker(out, (int(round(peak[0])), int(round(peak[1]))), (255, 255, 255), cv2.MARKER_CROSS,
                        max(8, int(24 * scale)), max(1, int(2 * scale)))
     if label:
-        cv2.putText(out, label, (8, max(16, int(28 * scale))), cv2.FONT_HERSHEY_SIMPLEX, max(0.4, 0.8 * scale),
-                    (255, 255, 255), max(1, int(2 * scale)), cv2.LINE_AA)
+        thickness = max(1, int(2 * scale))
+        font = label_font_scale(label, out.shape[1] - 16, max(0.4, 0.8 * scale), thickness)
+        cv2.putText(out, label, (8, max(16, int(28 * scale))), cv2.FONT_HERSHEY_SIMPLEX, font,
+                    (255, 255, 255), thickness, cv2.LINE_AA)
     return out
+
+
+def label_font_scale(label: str, width: int, font_scale: float, thickness: int) -> float:
+    """``font_scale``, shrunk so that ``label`` fits in ``width`` pixels (AP films are narrow:
+    the probabilities line would run off the picture)."""
+    text_width = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)[0][0]
+    return font_scale * min(1.0, max(width, 1) / max(text_width, 1))
 
 
 # Genant grade colours (BGR): normal green, mild yellow, moderate orange, severe red.

@@ -1112,3 +1112,20 @@ def test_describe_vertebrae_grades_the_sides_of_ap_films_alike():
     lateral = describe_vertebrae(points, labels, probs, scores, view="LATERAL")[1]
     assert lateral["morphology"] == "crush"  # p3-p6 read as posterior, collapsed against the neighbours
     assert describe_vertebrae(points, labels, probs, scores)[1]["morphology"] == "crush"
+
+
+def test_overlay_label_fits_a_narrow_film():
+    """The probabilities line shrinks to the film's width instead of running off a narrow AP film."""
+    import cv2
+
+    from models.visualize import label_font_scale, overlay_heatmap
+
+    label = "p(fracture) 0.05 p(acute) 0.01"
+    narrow = overlay_heatmap(np.full((1024, 348), 0.0), np.zeros((1024, 348)), label=label)
+    # white text pixels stop before the right edge
+    white = (narrow == 255).all(axis=2)
+    cols = np.flatnonzero(white.any(axis=0))
+    assert cols.size and cols.max() < 348 - 4
+    font = label_font_scale(label, 348 - 16, 0.8, 2)
+    assert font < 0.8 and cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font, 2)[0][0] <= 348 - 16
+    assert label_font_scale("p 0.1", 1000, 0.8, 2) == 0.8  # a label that fits keeps its size
