@@ -129,15 +129,12 @@ def _neighbour_median_extent(window: int):
 def body_frame_errors(pred_points: np.ndarray, truth_points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Signed errors (n, 6) of predicted points along the truth body's endplates (from its p1/p4
     side towards p3/p6) and across them (towards its inferior endplate), % of its mean height."""
+    from evaluation.conventions import body_axes, body_heights
+
     t = np.asarray(truth_points, float).reshape(-1, 6, 2)
     d = np.asarray(pred_points, float).reshape(-1, 6, 2) - t
-    u = (t[:, 2] - t[:, 0]) + (t[:, 5] - t[:, 3])
-    u /= np.linalg.norm(u, axis=1, keepdims=True)
-    v = np.stack([-u[:, 1], u[:, 0]], axis=1)
-    if len(t):  # across points from the superior towards the inferior endplate
-        v *= np.sign(((t[:, 3:] - t[:, :3]).mean(axis=1) * v).sum(axis=1, keepdims=True) + 1e-12)
-    height = np.linalg.norm(t[:, 3:] - t[:, :3], axis=-1).mean(axis=1)
-    scale = 100.0 / height[:, None]
+    u, v = body_axes(t)
+    scale = 100.0 / body_heights(t)[:, None]
     return (d * u[:, None]).sum(-1) * scale, (d * v[:, None]).sum(-1) * scale
 
 
