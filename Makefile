@@ -39,12 +39,12 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q --runslow
 
 benchmark: $(STAMP)
-	$(PY) benchmarks/phantom_benchmark.py --epochs 16 --extra '--trainer.precision bf16-mixed'
+	$(PY) -m benchmarks.phantom_benchmark --epochs 16 --extra '--trainer.precision bf16-mixed'
 
 # Evaluate the phantom + simulated-real model (runs/mix/best.ckpt; see mixed-data below) on its held-out
 # simulated-real films, the real held-out AASCE films and phantom films of seed 1000.
 benchmark-mixed: $(STAMP)
-	$(PY) benchmarks/mixed_benchmark.py --aasce $(AASCE)
+	$(PY) -m benchmarks.mixed_benchmark --aasce $(AASCE)
 
 # Phantom films + fractures simulated on the real AASCE films (not part of this repository),
 # with 20 % of the AASCE patients held out as split = test. Train: configs/phantom_plus_simulated.yaml

@@ -4,7 +4,7 @@
 
 INPUT may be image files (PNG, JPEG, TIFF, DICOM), folders (walked recursively) or manifest
 CSVs. Outputs are described in docs/formats.md. A checkpoint calibrated by
-`python -m models.calibration` adds a yes/no decision per image at an operating point
+`python -m calibration.fit` adds a yes/no decision per image at an operating point
 (--operating-point overrides the stored default). Exit status: 0 if every input was processed,
 1 if any failed (each failure has an error row in predictions.csv), 2 on a usage error.
 """
@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from models.checkpoint import CheckpointError
-from models.inference import Predictor, run_inference
+from training.checkpoint import CheckpointError
+from inference.pipeline import Predictor, run_inference
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-pixels", type=int, default=50_000_000,
                         help="refuse images larger than this before decoding them")
     parser.add_argument("--backend", choices=("torch", "onnx"), default="torch",
-                        help="torch: a .ckpt; onnx: a model exported by `python -m models.export`")
+                        help="torch: a .ckpt; onnx: a model exported by `python -m inference.onnx`")
     parser.add_argument("--resume", action="store_true", help="skip inputs whose outputs are complete")
     parser.add_argument("--keep-identifiers", action="store_true",
                         help="copy patient name, ID and birth date into the outputs (left out by default)")
@@ -38,12 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dicom-sr", action="store_true", help="also write a DICOM Comprehensive SR (TID 1500)")
     parser.add_argument("--operating-point", choices=("high_sensitivity", "balanced", "high_specificity"),
                         default=None, help="threshold of the per-image decision (a calibrated checkpoint only; "
-                                           "default: the one stored by `python -m models.calibration`)")
+                                           "default: the one stored by `python -m calibration.fit`)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
         if args.backend == "onnx":
-            from models.export import OnnxPredictor
+            from inference.onnx import OnnxPredictor
 
             predictor = OnnxPredictor(args.checkpoint, device=args.device, sha256=args.sha256,
                                       operating_point=args.operating_point)

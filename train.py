@@ -12,7 +12,7 @@ from __future__ import annotations
 from lightning.pytorch.cli import LightningCLI
 
 from data.dataset import SpineDataModule
-from models.system import FractureSystem
+from training.system import FractureSystem
 
 
 class FractureCLI(LightningCLI):

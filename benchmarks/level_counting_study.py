@@ -1,11 +1,11 @@
-"""How the level counting's weights and gap factor were chosen (models/vertebrae.py).
+"""How the level counting's weights and gap factor were chosen (inference/vertebrae.py).
 
-    python benchmarks/level_counting_study.py weights --checkpoint CKPT --manifest M.csv [--split val] [--limit N]
-    python benchmarks/level_counting_study.py steps --manifest M.csv
+    python -m benchmarks.level_counting_study weights --checkpoint CKPT --manifest M.csv [--split val] [--limit N]
+    python -m benchmarks.level_counting_study steps --manifest M.csv
 
 ``weights``: runs the per-vertebra analysis on labelled films, keeps each film's counted
 bodies and level log-probabilities, and scores every (level weight, rib weight) pair of
-:func:`models.vertebrae.assign_levels`: level accuracy of the matched bodies, the mean
+:func:`inference.vertebrae.assign_levels`: level accuracy of the matched bodies, the mean
 log-probability of the true placement (a proper score: it also rates ``level_confidence``),
 and the share and accuracy of bodies in films whose levels are trusted. Use validation films,
 never the test set.
@@ -24,13 +24,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import models.vertebrae as V  # noqa: E402
-from data.morphometry import LEVELS  # noqa: E402
-from data.vertebra_targets import body_centre  # noqa: E402
-from evaluation import metrics as M  # noqa: E402
+import inference.vertebrae as V
+from data.morphometry import LEVELS
+from data.vertebra_targets import body_centre
+from evaluation import metrics as M
 
 
 def _truth_points(table: pd.DataFrame) -> np.ndarray:
@@ -43,7 +41,7 @@ def capture_films(checkpoint: str, manifest: str, vertebrae: str, split: str | N
     hands them to ``assign_levels``, and each body's truth level (None when unmatched)."""
     from tqdm import tqdm
 
-    from models.inference import InferenceDataset, Predictor
+    from inference.pipeline import InferenceDataset, Predictor
 
     predictor = Predictor(checkpoint, device="cpu")
     man = M.load_manifest_table(manifest)

@@ -1,13 +1,13 @@
 """Phantom + simulated-real benchmark (issues 3 and 4): evaluate one trained checkpoint of the
 phantom + simulated-real model on three held-out test sets and write benchmarks/RESULTS.md.
 
-    python benchmarks/mixed_benchmark.py [--checkpoint runs/mix/best.ckpt] [--aasce ../shared/data/aasce]
+    python -m benchmarks.mixed_benchmark [--checkpoint runs/mix/best.ckpt] [--aasce ../shared/data/aasce]
         [--out benchmarks/out/mixed] [--limit N] [--reuse] [--no-results] [--batch-size 8] [--device auto]
 
 Every step is a subprocess of the project's own command lines, so the benchmark measures what
 users run:
 
-1. calibrate: ``python -m models.calibration --checkpoint CKPT --manifest runs/mix/manifest.csv
+1. calibrate: ``python -m calibration.fit --checkpoint CKPT --manifest runs/mix/manifest.csv
    --split val --out OUT/calibrated.ckpt``;
 2. simulated-real held-out test: the ``split == test`` rows of runs/mix/manifest.csv (fractures
    simulated on the real AASCE films of the held-out patients; ``make mixed-data``), with their
@@ -44,13 +44,12 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from benchmarks.phantom_benchmark import ensure_data, machine  # noqa: E402
-from data.io_utils import atomic_write_text  # noqa: E402
-from evaluation import bootstrap as B  # noqa: E402
-from evaluation import metrics as M  # noqa: E402
-from models.calibration import platt_formula  # noqa: E402
+from benchmarks.phantom_benchmark import ensure_data, machine
+from data.io_utils import atomic_write_text
+from evaluation import bootstrap as B
+from evaluation import metrics as M
+from calibration.fit import platt_formula
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Phantom + simulated-real model (issues 3 and 4)"
@@ -161,7 +160,7 @@ def checkpoint_info(checkpoint: Path) -> dict:
     import torch
     import yaml
 
-    from models.checkpoint import file_sha256
+    from training.checkpoint import file_sha256
 
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
 
@@ -232,13 +231,13 @@ def calibrate(args, checkpoint: Path, ckpt_info: dict, mix_manifest: Path, out: 
     else:
         if args.reuse and cal_ckpt.is_file():
             _log(f"step 1: {cal_ckpt} is of another checkpoint or manifest: calibrating again")
-        _, seconds = _run([sys.executable, "-m", "models.calibration", "--checkpoint", checkpoint,
+        _, seconds = _run([sys.executable, "-m", "calibration.fit", "--checkpoint", checkpoint,
                            "--manifest", manifest, "--split", "val", "--out", cal_ckpt,
                            "--batch-size", args.batch_size, "--device", args.device,
                            "--num-workers", args.num_workers], "step 1: calibrate")
         stored = stored_calibration(cal_ckpt)
         if not stored:
-            raise BenchmarkError(f"{cal_ckpt}: no calibration stored after models.calibration")
+            raise BenchmarkError(f"{cal_ckpt}: no calibration stored after calibration.fit")
     info = {"checkpoint": str(cal_ckpt), "manifest": str(manifest), "seconds": seconds,
             **{k: stored.get(k) for k in ("method", "temperature", "platt", "default", "fitted_heads", "split", "n_images",
                                           "n_pos", "n_neg", "n_acute_pos", "n_acute_neg", "n_unreadable",
@@ -639,7 +638,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be >= 1")
-    command = "python benchmarks/mixed_benchmark.py " + " ".join(
+    command = "python -m benchmarks.mixed_benchmark " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     t_start = time.time()
     checkpoint, mix_manifest = _repo_path(args.checkpoint), _repo_path(args.manifest)
@@ -663,7 +662,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         # 1. calibration
         cal_ckpt, cal = calibrate(args, checkpoint, ck, mix_manifest, out)
-        from models.checkpoint import file_sha256
+        from training.checkpoint import file_sha256
 
         cal_sha = file_sha256(cal_ckpt)
 

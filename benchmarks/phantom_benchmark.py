@@ -1,6 +1,6 @@
 """Phantom benchmark: train the default config, test on a phantom set of an unseen seed.
 
-    python benchmarks/phantom_benchmark.py [--n-train 2500] [--n-test 400] [--epochs 16] [--extra "--trainer.precision bf16-mixed"]
+    python -m benchmarks.phantom_benchmark [--n-train 2500] [--n-test 400] [--epochs 16] [--extra "--trainer.precision bf16-mixed"]
 
 Reports image-level AUROC for fracture and for acute vs chronic (fractured images), AUROC by
 Genant grade, the heatmap pointing game, training images per second and inference seconds
@@ -24,11 +24,10 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from data.io_utils import atomic_write_text  # noqa: E402
-from data.phantom import generate_dataset  # noqa: E402
-from evaluation import metrics  # noqa: E402
+from data.io_utils import atomic_write_text
+from data.phantom import generate_dataset
+from evaluation import metrics
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Phantom benchmark (issue 2)"
@@ -78,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     out = (ROOT / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/phantom_benchmark.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = "python -m benchmarks.phantom_benchmark " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
 
     test_manifest = ensure_data(out / "data" / "test", args.n_test, args.test_seed, args.size)
     run = out / args.run_name

@@ -1,6 +1,6 @@
 r"""Where the per-vertebra point error comes from, on labelled films (issue 3's AASCE target).
 
-    python benchmarks/point_error_study.py --checkpoint CKPT --vertebrae V.csv [--limit N] [--json OUT.json]
+    python -m benchmarks.point_error_study --checkpoint CKPT --vertebrae V.csv [--limit N] [--json OUT.json]
 
 ``V.csv``: a project-format ``vertebrae.csv`` with its ``manifest.csv`` beside it (e.g. the
 AASCE validation films written by ``python -m data.landmarks``). Use validation or training
@@ -13,7 +13,7 @@ the truth vertebra's mean height, the unit of the benchmark's point error.
    of truth, 0.9 and 1.1 (``multi-scale``). Also: the mean signed error per point (x, y) and
    the share of the error that is common to a film's vertebrae (each film's mean signed error
    per point removed).
-2. ``pipeline``: the whole per-vertebra analysis of inference (models.vertebrae.analyse_film)
+2. ``pipeline``: the whole per-vertebra analysis of inference (inference.vertebrae.analyse_film)
    with 2 and 3 crop passes, and with each body's crop window taken from the median extent of
    it and its neighbours (window 5): the median and 90th percentile against the truth bodies
    matched as evaluation/vertebrae.py matches them. A checkpoint with a point refiner
@@ -47,18 +47,16 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import models.vertebrae as V  # noqa: E402
-from data.readers import read_image  # noqa: E402
-from data.transforms import normalize_intensity  # noqa: E402
-from data.vertebra_targets import body_centre, body_extent  # noqa: E402
-from evaluation.metrics import load_vertebrae_table  # noqa: E402
-from evaluation.vertebrae import summarise_vertebrae  # noqa: E402
-from models.checkpoint import build_vertebra_network, load_checkpoint  # noqa: E402
-from models.network import HEATMAP_STRIDE  # noqa: E402
-from models.point_refiner import load_refiner, refine_points  # noqa: E402
+import inference.vertebrae as V
+from data.readers import read_image
+from data.transforms import normalize_intensity
+from data.vertebra_targets import body_centre, body_extent
+from evaluation.metrics import load_vertebrae_table
+from evaluation.vertebrae import summarise_vertebrae
+from training.checkpoint import build_vertebra_network, load_checkpoint
+from models.network import HEATMAP_STRIDE
+from models.point_refiner import load_refiner, refine_points
 
 POINTS = [f"p{k}{c}" for k in range(1, 7) for c in "xy"]
 JITTER = 0.06  # centre shift, fraction of the body extent per axis (the training jitter's scale)
@@ -194,7 +192,7 @@ def convention_study(pred: pd.DataFrame, truth: pd.DataFrame, group_regex: str, 
 
 def pipeline_study(checkpoint: Path, paths: list[str], truth: pd.DataFrame, only: list[str] | None = None,
                    tables: dict | None = None) -> dict:
-    from models.inference import VERTEBRA_COLUMNS, InferenceDataset, Predictor, vertebra_rows
+    from inference.pipeline import VERTEBRA_COLUMNS, InferenceDataset, Predictor, vertebra_rows
 
     predictor = Predictor(checkpoint, device="cpu", calibrated=False)
     dataset = InferenceDataset(paths, predictor.image_size)
@@ -204,7 +202,7 @@ def pipeline_study(checkpoint: Path, paths: list[str], truth: pd.DataFrame, only
         with torch.no_grad():
             logits = predictor.net(item["image"][None].to(predictor.device))["vertebra_logits"][0]
         films.append((item, logits))
-    # read_crops sizes its windows with models.vertebrae's body_extent: swapped for one variant
+    # read_crops sizes its windows with inference.vertebrae's body_extent: swapped for one variant
     refiner = predictor.point_refiner
     variants = {"2 passes": (2, body_extent, refiner, None), "3 passes": (3, body_extent, refiner, None),
                 "2 passes, neighbour-median extent": (2, _neighbour_median_extent(5), refiner, None)}

@@ -1,6 +1,6 @@
 r"""Does fracture synthesis on the fly teach a model fractures from unfractured landmark films? (issue 4)
 
-    python benchmarks/synthesis_study.py --aasce ../shared/data/aasce --init runs/phantom_gpu/last.ckpt \
+    python -m benchmarks.synthesis_study --aasce ../shared/data/aasce --init runs/phantom_gpu/last.ckpt \
         [--epochs 6] [--p 0.5] [--out runs/synth] [--json OUT.json]
 
 The case it stands for: a site with vertebra landmarks on its films but few or no fractured
@@ -32,14 +32,13 @@ import pandas as pd
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from benchmarks.mixed_benchmark import grade_group_auroc, load_dataset, write_subset  # noqa: E402
-from data.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
-from data.landmarks import read_aasce, write_vertebrae_dataset  # noqa: E402
-from data.manifest import assign_splits  # noqa: E402
-from data.simulate import simulate_dataset  # noqa: E402
-from evaluation.compare import compare_aurocs, paired_frame  # noqa: E402
+from benchmarks.mixed_benchmark import grade_group_auroc, load_dataset, write_subset
+from data.io_utils import atomic_write_json, atomic_write_text
+from data.landmarks import read_aasce, write_vertebrae_dataset
+from data.manifest import assign_splits
+from data.simulate import simulate_dataset
+from evaluation.compare import compare_aurocs, paired_frame
 
 CONFIG = ROOT / "configs" / "aasce_normals_synthesis.yaml"
 VAL_FRACTION, SPLIT_SEED = 0.15, 0  # the split of runs/mix's training (configs/phantom_plus_simulated*.yaml)

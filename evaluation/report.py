@@ -16,7 +16,7 @@ Methods (also written into the report)
   candidate thresholds are the distinct scores, plus one just above the highest):
   ``high_sensitivity`` = the highest threshold whose sensitivity is >= 0.90; ``balanced`` = the
   threshold with the largest Youden J (sensitivity + specificity - 1; ties: the lowest, as in
-  ``models.calibration``);
+  ``calibration.fit``);
   ``high_specificity`` = the lowest threshold whose specificity is >= 0.95.
 * **Calibration**: expected calibration error with 10 equal-width bins (torchmetrics'
   ``BinaryCalibrationError``, L1 norm) and its bootstrap interval from the same binning
@@ -155,7 +155,7 @@ def choose_operating_points(y, s) -> dict[str, dict]:
     ok = np.flatnonzero(tpr >= TARGET_SENSITIVITY - 1e-12)  # thr descends: first index is the highest
     out["high_sensitivity"] = {"threshold": float(thr[ok[0]]), "achieved": bool(ok.size)}
     j = tpr - fpr
-    best = np.flatnonzero(j >= j.max() - 1e-12)[-1]  # ties: the lowest threshold (as models.calibration)
+    best = np.flatnonzero(j >= j.max() - 1e-12)[-1]  # ties: the lowest threshold (as calibration.fit)
     out["balanced"] = {"threshold": float(thr[best]), "achieved": True, "youden_j": float(j[best])}
     ok = np.flatnonzero(spec >= TARGET_SPECIFICITY - 1e-12)  # lowest threshold: last index
     out["high_specificity"] = {"threshold": float(thr[ok[-1]]), "achieved": bool(ok.size)}

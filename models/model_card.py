@@ -4,7 +4,7 @@
                                 [--training-data "text"]
 
 Model details come from the checkpoint's ``vcf_model`` metadata (read with
-``torch.load(weights_only=True)`` through :func:`models.checkpoint.load_checkpoint`) and, when
+``torch.load(weights_only=True)`` through :func:`training.checkpoint.load_checkpoint`) and, when
 present, its ``vcf_calibration`` entry; the training data from the Lightning checkpoint's
 ``datamodule_hyper_parameters`` (or ``--training-data``); metrics from the ``metrics.json`` of
 ``evaluate.py``. The card is written atomically.
@@ -126,7 +126,7 @@ def _model_details(ckpt: dict, checkpoint_path: Path, sha256: str) -> str:
 
 
 def _refiner_details(entry: dict) -> str:
-    """The ``point_refiner`` entry of ``python -m models.point_refiner`` (docs/formats.md)."""
+    """The ``point_refiner`` entry of ``python -m training.point_refiner`` (docs/formats.md)."""
     cfg, tr = entry.get("config") or {}, entry.get("training") or {}
     text = ("A point refiner re-reads each vertebra's six points in a window of the body's own frame "
             f"({cfg.get('width_context', '?')} x its width by {cfg.get('height_context', '?')} x its height, turned "
@@ -154,7 +154,7 @@ def _refiner_details(entry: dict) -> str:
 
 
 def _calibration_details(cal) -> str:
-    """The ``vcf_calibration`` entry of ``python -m models.calibration`` (docs/formats.md) as
+    """The ``vcf_calibration`` entry of ``python -m calibration.fit`` (docs/formats.md) as
     Markdown: method and parameters, fitting data, metrics per head, operating points."""
     if not isinstance(cal, dict) or not cal:
         return ("None: the checkpoint has no `vcf_calibration` entry (probabilities are the network's raw "
@@ -166,11 +166,11 @@ def _calibration_details(cal) -> str:
         if k == "isotonic" and isinstance(v, dict):  # knots can be long: summarised
             v = {head: (f"{len(h.get('x', []))} knots" if isinstance(h, dict) else "identity") for head, h in v.items()}
         if k == "platt" and isinstance(v, dict):
-            from models.calibration import platt_formula
+            from calibration.fit import platt_formula
 
             v = {head: (platt_formula(h) if isinstance(h, dict) else "identity") for head, h in v.items()}
         if k == "beta" and isinstance(v, dict):
-            from models.calibration import beta_formula
+            from calibration.fit import beta_formula
 
             v = {head: (beta_formula(h) if isinstance(h, dict) else "identity") for head, h in v.items()}
         if isinstance(v, dict):
@@ -476,7 +476,7 @@ def _versions(ckpt: dict) -> str:
 # --------------------------------------------------------------------------- card
 def build_model_card(checkpoint: str | Path, metrics_json: str | Path, training_data: str | None = None) -> str:
     """The Markdown model card of ``checkpoint`` with the metrics of ``metrics_json``."""
-    from models.checkpoint import file_sha256, load_checkpoint
+    from training.checkpoint import file_sha256, load_checkpoint
 
     checkpoint, metrics_json = Path(checkpoint), Path(metrics_json)
     ckpt = load_checkpoint(checkpoint)  # torch.load(weights_only=True)
@@ -529,7 +529,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     from data.io_utils import atomic_write_text
 
-    from models.checkpoint import CheckpointError
+    from training.checkpoint import CheckpointError
 
     if not Path(args.metrics).is_file():
         parser.exit(2, f"error: {args.metrics}: metrics file not found (write it with evaluate.py)\n")

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from models.calibration import (CALIBRATION_KEY, CalibrationError, Calibrator, calibrate_checkpoint,
+from calibration.fit import (CALIBRATION_KEY, CalibrationError, Calibrator, calibrate_checkpoint,
                                 choose_method, cross_validate_methods, expected_calibration_error, fit_isotonic,
                                 fit_beta, fit_platt, fit_temperature, main, operating_points)
 
@@ -271,7 +271,7 @@ def test_cross_validation_refits_per_fold_what_the_outputs_depend_on():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from data.phantom import generate_dataset
-    from models.system import FractureSystem
+    from training.system import FractureSystem
 
     tmp = tmp_path_factory.mktemp("cal")
     generate_dataset(tmp / "data", n=16, seed=3, size=128, workers=1, progress=False)
@@ -285,7 +285,7 @@ def tiny(tmp_path_factory):
 
 
 def test_calibrated_checkpoint_drives_inference(tiny, tmp_path, capsys):
-    from models.inference import PREDICTION_COLUMNS, Predictor, run_inference
+    from inference.pipeline import PREDICTION_COLUMNS, Predictor, run_inference
 
     tmp, ckpt_path, manifest = tiny
     labels = pd.read_csv(manifest)
@@ -340,7 +340,7 @@ def test_calibrated_checkpoint_drives_inference(tiny, tmp_path, capsys):
 
     # ONNX: the calibration travels in the metadata and OnnxPredictor applies it as Predictor does
     pytest.importorskip("onnxruntime")
-    from models.export import OnnxPredictor, export_onnx, read_onnx_metadata
+    from inference.onnx import OnnxPredictor, export_onnx, read_onnx_metadata
 
     onnx_path = export_onnx(out_path, tmp_path / "model.onnx")
     assert json.loads(read_onnx_metadata(onnx_path)[CALIBRATION_KEY]) == cal

@@ -4,9 +4,9 @@ import pickle
 import pytest
 import torch
 
-from models.checkpoint import CheckpointError, build_network, load_checkpoint
+from training.checkpoint import CheckpointError, build_network, load_checkpoint
 from models.network import FractureNet
-from models.system import FractureSystem
+from training.system import FractureSystem
 
 
 class _RunsCode:
@@ -35,7 +35,7 @@ def _saved_system(tmp_path, **kw):
 
 def test_roundtrip_and_sha256(tmp_path):
     system, path = _saved_system(tmp_path)
-    from models.checkpoint import file_sha256
+    from training.checkpoint import file_sha256
 
     ckpt = load_checkpoint(path, sha256=file_sha256(path))
     net, meta = build_network(ckpt, path)

@@ -1,4 +1,4 @@
-"""benchmarks/crop_finetune.py: only the crop network changes, and the result loads for inference."""
+"""training/crop_finetune.py: only the crop network changes, and the result loads for inference."""
 import sys
 from pathlib import Path
 
@@ -7,13 +7,12 @@ import torch
 from data.phantom import generate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def test_crop_finetune_changes_only_the_crop_network(tmp_path):
-    import crop_finetune
-    from models.inference import Predictor
-    from models.system import FractureSystem
+    from training import crop_finetune
+    from inference.pipeline import Predictor
+    from training.system import FractureSystem
 
     generate_dataset(tmp_path / "data", n=10, seed=5, size=128, workers=1, progress=False)
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""DICOM outputs (models/dicom_out.py): Secondary Capture and TID 1500 SR, read back with pydicom."""
+"""DICOM outputs (inference/dicom_out.py): Secondary Capture and TID 1500 SR, read back with pydicom."""
 import datetime
 import warnings
 
@@ -8,7 +8,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from models import dicom_out
+from inference import dicom_out
 
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"

@@ -8,9 +8,9 @@ import torch
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from models.checkpoint import CheckpointError, file_sha256  # noqa: E402
-from models.export import OUTPUT_NAMES, OnnxPredictor, main, read_onnx_metadata  # noqa: E402
-from models.inference import Predictor  # noqa: E402
+from training.checkpoint import CheckpointError, file_sha256  # noqa: E402
+from inference.onnx import OUTPUT_NAMES, OnnxPredictor, main, read_onnx_metadata  # noqa: E402
+from inference.pipeline import Predictor  # noqa: E402
 from training_config import save_untrained_checkpoint  # noqa: E402
 
 IMAGE_SIZE = (96, 64)

@@ -200,7 +200,7 @@ def test_dicom_outputs_and_onnx_backend(trained, tmp_path):
     import pydicom
 
     import infer
-    from models.export import main as export_main
+    from inference.onnx import main as export_main
 
     images = sorted((trained / "test" / "images").glob("*.png"))
     dcm = phantom_as_dicom(images[1], tmp_path / "film.dcm")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from data.manifest import ManifestError, assign_splits, label_arrays, load_manifest
-from models.system import masked_bce
+from training.system import masked_bce
 
 
 def write(path, text):

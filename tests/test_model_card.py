@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from models.system import FractureSystem
+from training.system import FractureSystem
 
 
 def _tiny_checkpoint(path, calibration=None, datamodule=True, manifest="runs/x/data/manifest.csv"):
@@ -46,7 +46,7 @@ def test_model_card_sections(tmp_path, metrics_json):
         {"image": f"images/phantom_s0_{i:05d}.png", "patient_id": f"phantom-s0-{i:05d}", "fracture": i % 2,
          "view": "lateral"} for i in range(4)])
     ckpt = _tiny_checkpoint(tmp_path / "model.ckpt", manifest=phantom_manifest,
-                            calibration={  # as models.calibration writes it (docs/formats.md)
+                            calibration={  # as calibration.fit writes it (docs/formats.md)
                                 "format": 1, "method": "temperature",
                                 "temperature": {"p_fracture": 1.7, "p_acute_given_fracture": 1.0},
                                 "operating_points": {
@@ -153,7 +153,7 @@ def test_model_card_refuses_unsafe_checkpoint(tmp_path):
     import pickle
 
     from models import model_card
-    from models.checkpoint import CheckpointError
+    from training.checkpoint import CheckpointError
 
     class _Evil:
         def __reduce__(self):
@@ -177,7 +177,7 @@ def test_model_card_describes_a_stored_point_refiner(tmp_path, tiny_eval_set):
     path = _tiny_checkpoint(tmp_path / "model.ckpt")
     assert "Point refiner" not in model_card.build_model_card(path, metrics_json)
     ckpt = torch.load(path, weights_only=True)
-    ckpt["point_refiner"] = {  # as python -m models.point_refiner writes it (docs/formats.md)
+    ckpt["point_refiner"] = {  # as python -m training.point_refiner writes it (docs/formats.md)
         "state_dict": {}, "config": {"backbone": "resnet18", "size": 96, "width_context": 1.5, "height_context": 2.2,
                                      "passes": 2},
         "training": {"manifests": ["/data/mix/manifest.csv"], "epochs": 8, "films_per_epoch": 800,

@@ -11,7 +11,6 @@ from torch import nn
 from data.vertebra_targets import CROP_CONTEXT, CROP_SIZE
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 HALF = (CROP_SIZE - 1) / 2.0
 # a square body whose side is 1 / CROP_CONTEXT of its crop window, read in crop pixels
@@ -33,7 +32,7 @@ def _square(cx, cy, s):
 
 
 def test_crop_study_measures_exactly_what_each_window_costs():
-    import point_error_study
+    from benchmarks import point_error_study
 
     films = [(np.zeros((200, 120), np.float32), np.stack([_square(60, 50 + 30 * k, 20) for k in range(4)])),
              (np.zeros((150, 100), np.float32), np.stack([_square(50, 40 + 30 * k, 24) for k in range(3)]))]
@@ -69,7 +68,7 @@ class _CanonicalRefiner(nn.Module):
 
 
 def test_crop_study_reads_the_refiner_from_the_truth_and_from_the_crop_reading():
-    import point_error_study
+    from benchmarks import point_error_study
 
     films = [(np.zeros((200, 120), np.float32), np.stack([_square(60, 50 + 30 * k, 20) for k in range(4)]))]
     v = point_error_study.crop_study(_ConstantCropNet(), films, refiner=_CanonicalRefiner())["variants"]
@@ -81,7 +80,7 @@ def test_crop_study_reads_the_refiner_from_the_truth_and_from_the_crop_reading()
 
 
 def test_point_error_study_runs_on_phantom_films(tmp_path, capsys):
-    import point_error_study
+    from benchmarks import point_error_study
     from data.phantom import generate_dataset
     from training_config import save_untrained_checkpoint
 
@@ -109,7 +108,7 @@ def test_point_error_study_runs_on_phantom_films(tmp_path, capsys):
 
 
 def test_point_error_study_reads_a_refined_checkpoint_both_ways_and_filters_variants(tmp_path):
-    import point_error_study
+    from benchmarks import point_error_study
     import torch
     from data.phantom import generate_dataset
     from models.point_refiner import REFINER_KEY, build_refiner
@@ -155,7 +154,7 @@ def _convention_tables(noise=0.3, seed=0):
 
 
 def test_convention_study_finds_groups_annotated_differently():
-    import point_error_study
+    from benchmarks import point_error_study
 
     pred, truth = _convention_tables()
     out = point_error_study.convention_study(pred, truth, r"scan-([AB])-")
@@ -180,7 +179,7 @@ def test_convention_study_finds_groups_annotated_differently():
 
 
 def test_body_frame_errors_are_along_and_across_the_truth_body():
-    import point_error_study
+    from benchmarks import point_error_study
 
     truth = np.array([[[0, 0], [5, 0], [10, 0], [0, 4], [5, 4], [10, 4]]], float)  # 4 px tall, upright
     turned = truth[:, :, ::-1] * [1, 1]  # the same body turned 90 degrees: endplates run down the film

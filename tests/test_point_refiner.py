@@ -1,4 +1,4 @@
-"""models/point_refiner.py: the body-frame window, reading through it, training and storage."""
+"""models/point_refiner.py and training/point_refiner.py: the body-frame window, reading through it, training and storage."""
 import math
 
 import cv2
@@ -9,9 +9,9 @@ from torch import nn
 
 from data.phantom import generate_dataset
 from data.vertebra_targets import AP_MIRROR, apply_affine, invert_affine
-from models.point_refiner import (HEIGHT_CONTEXT, REFINE_SIZE, REFINER_KEY, WIDTH_CONTEXT, RefinerCrops, body_frames, build_refiner,
-                                  fit_refiner, frame_matrices, frame_matrix, load_refiner, main, refine_points, refiner_loss,
-                                  window_error_pct)
+from models.point_refiner import (HEIGHT_CONTEXT, REFINE_SIZE, REFINER_KEY, WIDTH_CONTEXT, body_frames, build_refiner,
+                                  frame_matrices, frame_matrix, load_refiner, refine_points)
+from training.point_refiner import RefinerCrops, fit_refiner, main, refiner_loss, window_error_pct
 from models.vertebra_net import VertebraNet
 
 HALF = (REFINE_SIZE - 1) / 2.0
@@ -198,9 +198,9 @@ def test_jittered_windows_stay_near_the_body():
 
 
 def test_predictor_runs_the_stored_refiner_and_refuses_a_broken_one(tmp_path, phantom_manifest, monkeypatch):
-    from models.checkpoint import CheckpointError
-    from models.inference import InferenceDataset, Predictor
-    from models.system import FractureSystem
+    from training.checkpoint import CheckpointError
+    from inference.pipeline import InferenceDataset, Predictor
+    from training.system import FractureSystem
 
     torch.manual_seed(0)
     system = FractureSystem(fpn_dim=16, image_size=(64, 48))
@@ -218,7 +218,7 @@ def test_predictor_runs_the_stored_refiner_and_refuses_a_broken_one(tmp_path, ph
     assert isinstance(predictor.point_refiner, VertebraNet) and not predictor.point_refiner.training
     image = str(next((phantom_manifest.parent / "images").glob("*.png")))
     item = InferenceDataset([image], predictor.image_size)[0]
-    import models.inference as inference_module
+    import inference.pipeline as inference_module
 
     seen = {}
     real = inference_module.analyse_film
@@ -282,7 +282,7 @@ def _split_manifest(phantom_manifest, tmp_path):
 
 def test_refiner_data_keep_test_and_validation_patients_out_of_training(phantom_manifest, tmp_path):
     from data.manifest import assign_splits, load_manifest
-    from models.point_refiner import labelled_films
+    from training.point_refiner import labelled_films
 
     path, _ = _split_manifest(phantom_manifest, tmp_path)
     images = load_manifest(path).images
@@ -401,7 +401,7 @@ def test_fit_refiner_warm_starts_at_a_chosen_window_size(phantom_manifest):
 
 
 def labelled_films_for_test(manifest):
-    from models.point_refiner import labelled_films
+    from training.point_refiner import labelled_films
 
     return labelled_films(manifest, "train", 0.3, 0)
 

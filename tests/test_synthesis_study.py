@@ -6,11 +6,10 @@ import pandas as pd
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import synthesis_study as S  # noqa: E402
+from benchmarks import synthesis_study as S
 
-from data.manifest import assign_splits  # noqa: E402
+from data.manifest import assign_splits
 
 
 def test_split_patients_keeps_the_mix_models_test_and_validation_patients(tmp_path):

@@ -7,7 +7,7 @@ import torch
 from data.dataset import RadiographDataset, collate_skipping_failures
 from data.manifest import load_manifest
 from data.phantom import generate_dataset
-from models.system import FractureSystem
+from training.system import FractureSystem
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,12 @@
-"""The per-vertebra morphometry combiner fitted by models.calibration, and the film rule."""
+"""The per-vertebra morphometry combiner fitted by calibration.fit, and the film rule."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from models.calibration import _film_probabilities, fit_vertebra_combiner
-from models.vertebrae import combine_with_morphometry, image_probabilities
+from calibration.fit import _film_probabilities, fit_vertebra_combiner
+from inference.vertebrae import combine_with_morphometry, image_probabilities
 
 
 def _box_points(cx: float, top: float, height: float, width: float = 40.0, loss_anterior: float = 0.0):
@@ -122,8 +122,8 @@ def test_calibration_refits_the_combiner_inside_each_fold(tmp_path, monkeypatch)
     import cv2
     import torch
 
-    import models.calibration as C
-    import models.inference
+    import calibration.fit as C
+    import inference.pipeline
 
     results, paths, vertebrae_csv, _ = _films(tmp_path, n_films=45, per_film=2, seed=3)
     for path in paths:
@@ -146,7 +146,7 @@ def test_calibration_refits_the_combiner_inside_each_fold(tmp_path, monkeypatch)
         def __init__(self, *args, **kwargs):
             pass
 
-    monkeypatch.setattr(models.inference, "Predictor", FixedPredictor)
+    monkeypatch.setattr(inference.pipeline, "Predictor", FixedPredictor)
     monkeypatch.setattr(C, "_run_network", lambda predictor, p, bs, nw: (np.arange(len(p)), results, []))
     out, cal = C.calibrate_checkpoint(ckpt, manifest, out=tmp_path / "cal.ckpt", method="platt")
     assert C.CALIBRATION_KEY in torch.load(out, weights_only=True)

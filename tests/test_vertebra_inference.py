@@ -1,6 +1,6 @@
-"""Per-vertebra inference: models/vertebrae.py (decode, order, count levels, read crops, measure,
-combine with the film), its outputs in models/inference.py (JSON, vertebrae.csv, calibration,
-DICOM SR) and the drawing in models/visualize.py.
+"""Per-vertebra inference: inference/vertebrae.py (decode, order, count levels, read crops, measure,
+combine with the film), its outputs in inference/pipeline.py (JSON, vertebrae.csv, calibration,
+DICOM SR) and the drawing in inference/drawing.py.
 
 The networks are untrained: the film network's ``vertebra_logits`` are replaced by hand-built
 peaks (:class:`_InjectVertebrae`) and the crop network by a stub returning fixed crop points
@@ -21,12 +21,12 @@ from data.morphometry import LEVELS, grade_vertebrae
 from data.phantom import generate_dataset
 from data.vertebra_targets import CROP_CONTEXT, CROP_SIZE, OFFSET_SCALE, VERTEBRA_CHANNELS
 from data.transforms import Letterbox
-from models.vertebrae import (FILL_DRIFT, MAX_GAP_FILL, OVERHANG, TRUSTED_LEVEL_CONFIDENCE, analyse_film, assign_levels,
+from inference.vertebrae import (FILL_DRIFT, MAX_GAP_FILL, OVERHANG, TRUSTED_LEVEL_CONFIDENCE, analyse_film, assign_levels,
                               count_positions,
                               decode_detections, describe_vertebrae, fracture_map, fracture_peak, gap_proposals,
                               combine_with_morphometry, image_probabilities, read_crops,
                               spine_order, with_morphometry)
-from models.visualize import GRADE_COLOURS, draw_vertebrae
+from inference.drawing import GRADE_COLOURS, draw_vertebrae
 from training_config import phantom_as_dicom, save_untrained_checkpoint
 
 STRIDE = 8
@@ -210,7 +210,7 @@ def test_count_positions_counts_a_missed_collapsed_body():
 
 
 def test_ordered_levels_reads_each_body_without_two_on_one_level():
-    from models.vertebrae import ordered_levels
+    from inference.vertebrae import ordered_levels
 
     # already in order: each body's own best level
     favoured = ["T3", "T4", "T6", "T7", "L2"]
@@ -366,7 +366,7 @@ def test_bodies_named_beyond_t1_l5_are_measured_but_not_graded(tmp_path):
     assert alone[1]["morphology"] == "crush" and alone[2]["genant_grade"] is None
     # the JSON and CSV forms: null / empty, and evaluation reads it as a missing grade
     from evaluation.vertebrae import load_predicted_vertebrae
-    from models.inference import vertebra_rows
+    from inference.pipeline import vertebra_rows
 
     record = {"image": "film.png", "name": "film", "levels_trusted": True, "vertebrae": out}
     json.loads(json.dumps(record))
@@ -375,7 +375,7 @@ def test_bodies_named_beyond_t1_l5_are_measured_but_not_graded(tmp_path):
     back = load_predicted_vertebrae(tmp_path / "vertebrae.csv")
     assert back["genant_grade"].isna().tolist() == [False, False, True]
     # OUT/vertebrae.csv as inference writes it: grades stay integers beside an empty one
-    from models.inference import _write_vertebrae_table
+    from inference.pipeline import _write_vertebrae_table
 
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "film.json").write_text(json.dumps(record))
@@ -385,7 +385,7 @@ def test_bodies_named_beyond_t1_l5_are_measured_but_not_graded(tmp_path):
     assert [line.split(",")[column] for line in grades[1:]] == ["0", "0", ""]
     # the overlay draws it grey, without a grade
     drawn = draw_vertebrae(np.full((200, 160, 3), 60, np.uint8), [dict(out[2], level_confidence=0.9)])
-    from models.visualize import UNGRADED_COLOUR
+    from inference.drawing import UNGRADED_COLOUR
 
     x, y = out[2]["points"][0]
     assert tuple(drawn[int(round(y)), int(round(x))]) == UNGRADED_COLOUR
@@ -737,7 +737,7 @@ def test_draw_vertebrae_grade_colours_level_names_and_no_side_effects():
 def model(tmp_path_factory):
     """An untrained FractureSystem saved as an uncalibrated and a calibrated checkpoint, and
     three phantom films (128 x 104 px)."""
-    from models.calibration import CALIBRATION_KEY, Calibrator
+    from calibration.fit import CALIBRATION_KEY, Calibrator
 
     tmp = tmp_path_factory.mktemp("vinf")
     generate_dataset(tmp / "data", n=3, seed=5, size=128, workers=1, progress=False)
@@ -810,7 +810,7 @@ def _expected_vertebrae(bodies):
 
 def _rig(predictor, paths, bodies):
     """Wrap the predictor's networks so that films ``paths`` show ``bodies``."""
-    from models.inference import InferenceDataset
+    from inference.pipeline import InferenceDataset
 
     data = InferenceDataset(paths, predictor.image_size)
     grid = (IMAGE_SIZE[0] // STRIDE, IMAGE_SIZE[1] // STRIDE)
@@ -872,7 +872,7 @@ def _check_film_agrees(record):
 
 
 def test_predictor_reports_the_injected_vertebrae_in_original_pixels(model, tmp_path):
-    from models.inference import VERTEBRA_COLUMNS, Predictor, run_inference
+    from inference.pipeline import VERTEBRA_COLUMNS, Predictor, run_inference
 
     predictor = Predictor(model["plain"], device="cpu")
     assert predictor.vertebra_net is not None and predictor.calibrator is None
@@ -942,7 +942,7 @@ def test_predictor_reports_the_injected_vertebrae_in_original_pixels(model, tmp_
 
 
 def test_calibrated_predictor_keeps_films_above_their_vertebrae(model, tmp_path):
-    from models.inference import Predictor, run_inference
+    from inference.pipeline import Predictor, run_inference
 
     cal = model["calibrator"]
     predictor = Predictor(model["calibrated"], device="cpu")
@@ -985,7 +985,7 @@ def _walk(items):
 def test_dicom_sr_has_a_measurement_group_per_vertebra(model, tmp_path):
     import pydicom
 
-    from models.inference import Predictor, run_inference
+    from inference.pipeline import Predictor, run_inference
 
     spacing = (0.5, 0.25)  # (row, col) mm, anisotropic
     dcm = phantom_as_dicom(model["films"][0], tmp_path / "film.dcm", spacing, orientation=("A", "F"))
@@ -1118,7 +1118,7 @@ def test_overlay_label_fits_a_narrow_film():
     """The probabilities line shrinks to the film's width instead of running off a narrow AP film."""
     import cv2
 
-    from models.visualize import label_font_scale, overlay_heatmap
+    from inference.drawing import label_font_scale, overlay_heatmap
 
     label = "p(fracture) 0.05 p(acute) 0.01"
     narrow = overlay_heatmap(np.full((1024, 348), 0.0), np.zeros((1024, 348)), label=label)

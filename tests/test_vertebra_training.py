@@ -1,6 +1,6 @@
 """Per-vertebra training: the crop geometry and stage-1 targets (data/vertebra_targets.py), the
 per-vertebra sample keys of RadiographDataset, the crop network (models/vertebra_net.py), the
-vertebra losses of FractureSystem and checkpoint format 2 (models/checkpoint.py).
+vertebra losses of FractureSystem and checkpoint format 2 (training/checkpoint.py).
 
 Everything runs on tiny phantom films (128 x 104 px) and random-initialised resnet18s on CPU.
 """
@@ -20,10 +20,10 @@ from data.transforms import letterbox, normalize_intensity
 from data.vertebra_targets import (AP_MIRROR, CROP_CONTEXT, CROP_SIZE, OFFSET_SCALE, VERTEBRA_CHANNELS,
                                    apply_affine, body_centre, body_extent, crop_matrix, extract_crop,
                                    invert_affine, level_code, stage1_targets)
-from models.checkpoint import (CheckpointError, build_network, build_vertebra_network, load_checkpoint,
+from training.checkpoint import (CheckpointError, build_network, build_vertebra_network, load_checkpoint,
                                load_network_weights)
 from models.network import FractureNet
-from models.system import CHECKPOINT_FORMAT, FractureSystem, centre_focal_loss
+from training.system import CHECKPOINT_FORMAT, FractureSystem, centre_focal_loss
 from models.vertebra_net import VertebraNet
 
 # Phantom films are 128 x 104; letterboxed at scale 2, neighbouring body centres lie > 8 px
@@ -608,7 +608,7 @@ def test_format1_checkpoint_initialises_shared_layers_and_warns(tmp_path, traine
     net, vnet = FractureNet(fpn_dim=16), VertebraNet()
     head_before = {k: v.clone() for k, v in net.vertebra_head.state_dict().items()}
     crop_before = {k: v.clone() for k, v in vnet.state_dict().items()}
-    with caplog.at_level(logging.WARNING, logger="models.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="training.checkpoint"):
         load_network_weights(net, path, vnet)
     own = net.state_dict()
     shared = [k for k in own if not k.startswith("vertebra_head.")]
@@ -633,7 +633,7 @@ def test_crop_network_loads_when_only_the_vertebra_head_is_missing(tmp_path, tra
     path = _save(tmp_path, trained_system, "nohead.ckpt", drop=("net.vertebra_head.",))
     saved = load_checkpoint(path)["state_dict"]
     net, vnet = FractureNet(fpn_dim=16), VertebraNet()
-    with caplog.at_level(logging.WARNING, logger="models.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="training.checkpoint"):
         load_network_weights(net, path, vnet)
     for k, v in vnet.state_dict().items():
         assert torch.equal(v, saved["vertebra_net." + k]), k
@@ -642,7 +642,7 @@ def test_crop_network_loads_when_only_the_vertebra_head_is_missing(tmp_path, tra
 
     caplog.clear()
     full = _save(tmp_path, trained_system, "full.ckpt")
-    with caplog.at_level(logging.WARNING, logger="models.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="training.checkpoint"):
         load_network_weights(FractureNet(fpn_dim=16), full, VertebraNet())
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 

@@ -29,7 +29,7 @@ def save_untrained_checkpoint(path, image_size=(64, 48), fpn_dim: int = 16, seed
     with its ``vcf_model`` metadata); returns ``(system, path)``."""
     import torch
 
-    from models.system import FractureSystem
+    from training.system import FractureSystem
 
     torch.manual_seed(seed)
     system = FractureSystem(fpn_dim=fpn_dim, image_size=tuple(image_size), **kw)

@@ -85,7 +85,7 @@ def calibration_dict() -> dict:
 
 def seeded_system(seed: int = SEED):
     """The seeded, randomly initialised FractureSystem (film and crop networks)."""
-    from models.system import FractureSystem
+    from training.system import FractureSystem
 
     torch.manual_seed(seed)
     system = FractureSystem(fpn_dim=16, image_size=IMAGE_SIZE)
@@ -96,7 +96,7 @@ def seeded_system(seed: int = SEED):
 
 def parity_checkpoint(path: Path, seed: int = SEED) -> Path:
     """The parity model as a training checkpoint of the layout before bundles."""
-    from models.calibration import CALIBRATION_KEY, Calibrator
+    from calibration.fit import CALIBRATION_KEY, Calibrator
     from models.point_refiner import REFINER_KEY, REFINE_SIZE
     from models.vertebra_net import VertebraNet
 

@@ -1,6 +1,6 @@
 """Fine-tune only the crop network of a trained checkpoint, with the point-map term on.
 
-    python benchmarks/crop_finetune.py --checkpoint runs/mix_tall_gpu/best.ckpt \
+    python -m training.crop_finetune --checkpoint runs/mix_tall_gpu/best.ckpt \
         --manifest runs/mix/manifest.csv --out runs/mix_tall_crop/best.ckpt [--epochs 3] [--map-weight 1.0]
 
 An experiment on 2 CPU cores: the film network (the expensive part at 768 x 320) is left
@@ -21,13 +21,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from data.dataset import SpineDataModule  # noqa: E402
-from data.io_utils import atomic_write_with  # noqa: E402
-from models.checkpoint import load_checkpoint  # noqa: E402
-from models.system import FractureSystem  # noqa: E402
+from data.dataset import SpineDataModule
+from data.io_utils import atomic_write_with
+from training.checkpoint import load_checkpoint
+from training.system import FractureSystem
 
 
 def finetune(checkpoint: Path, manifest: Path, out: Path, epochs: int, lr: float, map_weight: float,

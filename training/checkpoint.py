@@ -14,7 +14,7 @@ import logging
 import torch
 
 from models.network import FractureNet
-from models.system import CHECKPOINT_FORMAT
+from training.system import CHECKPOINT_FORMAT
 from models.vertebra_net import VertebraNet
 
 

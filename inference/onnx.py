@@ -1,20 +1,20 @@
 """ONNX export of a checkpoint, and an onnxruntime predictor with the interface of
-:class:`models.inference.Predictor`.
+:class:`inference.pipeline.Predictor`.
 
 Export::
 
-    python -m models.export --checkpoint model.ckpt --onnx model.onnx [--opset 18]
+    python -m inference.onnx --checkpoint model.ckpt --onnx model.onnx [--opset 18]
 
 The ONNX graph takes ``image`` ``(batch, 1, H, W)`` float32 in [0, 1], with ``H, W`` the
 checkpoint's ``image_size`` (fixed) and a dynamic batch, and returns the probabilities
 directly: ``p_fracture``, ``p_acute``, ``p_acute_given_fracture`` ``(batch,)`` and
 ``heatmap`` ``(batch, H/8, W/8)``, computed with :meth:`FractureNet.probabilities`. The
 checkpoint's ``vcf_model`` metadata (JSON) and its ``checkpoint_id`` (first 16 hex digits of
-the checkpoint file's sha256, as :class:`~models.inference.Predictor` reports it) are stored
+the checkpoint file's sha256, as :class:`~inference.pipeline.Predictor` reports it) are stored
 in the model's ``metadata_props``, so predictions made with either backend name the same model.
-A calibrated checkpoint's ``vcf_calibration`` (see :mod:`models.calibration`) is stored there
+A calibrated checkpoint's ``vcf_calibration`` (see :mod:`calibration.fit`) is stored there
 too (JSON), and :class:`OnnxPredictor` applies it to the graph's outputs as
-:class:`~models.inference.Predictor` does; the graph itself always returns raw probabilities.
+:class:`~inference.pipeline.Predictor` does; the graph itself always returns raw probabilities.
 The graph is the film network only (no per-vertebra analysis); a calibration fitted on the
 film probability combined with the vertebrae is then approximate, and a warning says so.
 
@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from data.io_utils import _atomic_write_bytes
-from models.checkpoint import CheckpointError, build_network, file_sha256, load_checkpoint
+from training.checkpoint import CheckpointError, build_network, file_sha256, load_checkpoint
 from models.network import FractureNet
 
 INPUT_NAME = "image"
@@ -132,11 +132,11 @@ def read_onnx_metadata(onnx_path: str | os.PathLike) -> dict[str, str]:
 
 
 class OnnxPredictor:
-    """An exported model run by onnxruntime, with the interface of :class:`models.inference.Predictor`.
+    """An exported model run by onnxruntime, with the interface of :class:`inference.pipeline.Predictor`.
 
     ``device``: ``"auto"`` (CUDA when onnxruntime offers it, else CPU), ``"cpu"``, ``"cuda"``
     or ``"cuda:N"``. ``sha256``: if given, the .onnx file must have this digest.
-    ``operating_point``: as for :class:`~models.inference.Predictor` (a calibrated model only)."""
+    ``operating_point``: as for :class:`~inference.pipeline.Predictor` (a calibrated model only)."""
 
     def __init__(self, onnx_path: str | os.PathLike, device: str = "auto", sha256: str | None = None,
                  operating_point: str | None = None):
@@ -154,11 +154,11 @@ class OnnxPredictor:
         except Exception as exc:
             raise CheckpointError(f"{self.checkpoint}: not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
         if META_MODEL not in props:
-            raise CheckpointError(f"{self.checkpoint}: no '{META_MODEL}' metadata: not exported by models.export")
+            raise CheckpointError(f"{self.checkpoint}: no '{META_MODEL}' metadata: not exported by inference.onnx")
         self.meta = json.loads(props[META_MODEL])
         self.checkpoint_id = props.get(META_CHECKPOINT_ID) or file_sha256(self.checkpoint)[:16]
         self.image_size = tuple(int(v) for v in self.meta["image_size"])
-        from models.calibration import predictor_calibration
+        from calibration.fit import predictor_calibration
 
         try:
             stored = json.loads(props[META_CALIBRATION]) if META_CALIBRATION in props else None

@@ -4,12 +4,12 @@ A network's raw probabilities are rarely calibrated (a 0.8 need not mean "fractu
 10"), and a calibration that holds on one site's films need not hold on another's. This module
 refits a calibration for a checkpoint on a labelled validation set, picks decision thresholds
 (operating points) on the calibrated validation probabilities, and writes them into a *new*
-checkpoint; inference (:class:`models.inference.Predictor`, and the ONNX backend through the
+checkpoint; inference (:class:`inference.pipeline.Predictor`, and the ONNX backend through the
 model's metadata) then reports calibrated probabilities and a yes/no decision.
 
 Refit for a new site on that site's labelled validation films (every labelled row is used)::
 
-    python -m models.calibration --checkpoint best.ckpt --manifest SITE_VAL.csv \\
+    python -m calibration.fit --checkpoint best.ckpt --manifest SITE_VAL.csv \\
         [--method temperature|platt|beta|isotonic|none|auto] [--select-by brier|ece] \\
         [--operating-point balanced|high_sensitivity|high_specificity] [--out NEW.ckpt]
 
@@ -22,7 +22,7 @@ hyper-parameters, else 0.15 and 0).
 Per-vertebra probabilities: where a ``vertebrae.csv`` lies beside the manifest, the crop
 network's ``p_fracture`` of each vertebra found is first combined with its measured height
 loss by a logistic regression fitted on those films' vertebrae (matched to the truth as
-evaluation/vertebrae.py does; see models.vertebrae.combine_with_morphometry). The film
+evaluation/vertebrae.py does; see inference.vertebrae.combine_with_morphometry). The film
 probabilities are then formed from the film head and the (combined) vertebrae as inference
 forms them, and calibrated.
 
@@ -93,7 +93,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from models.checkpoint import CheckpointError
+from training.checkpoint import CheckpointError
 
 CALIBRATION_KEY = "vcf_calibration"
 CALIBRATION_FORMAT = 1
@@ -419,7 +419,7 @@ class Calibrator:
 
     @property
     def vertebra_combiner(self) -> dict | None:
-        """The fitted crop-probability + morphometry combination (models.vertebrae), if any."""
+        """The fitted crop-probability + morphometry combination (inference.vertebrae), if any."""
         return self.info.get("vertebra_combiner")
 
     # ---- applying
@@ -522,7 +522,7 @@ def predictor_calibration(stored, source, operating_point: str | None = None) ->
     if stored is None:
         if operating_point:
             raise CalibrationError(f"{source}: operating point {operating_point!r} asked for, but the model has no "
-                                   f"calibration; fit one with `python -m models.calibration`")
+                                   f"calibration; fit one with `python -m calibration.fit`")
         return None, None
     try:
         cal = Calibrator.from_dict(stored)
@@ -559,7 +559,7 @@ def _run_network(predictor, paths: list[str], batch_size: int, num_workers: int)
     ``(index, results, failed)``."""
     from torch.utils.data import DataLoader
 
-    from models.inference import InferenceDataset, _collate
+    from inference.pipeline import InferenceDataset, _collate
 
     loader = DataLoader(InferenceDataset(paths, predictor.image_size), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=_collate)
@@ -578,9 +578,9 @@ def _run_network(predictor, paths: list[str], batch_size: int, num_workers: int)
 
 def _film_probabilities(results: list[dict], combiner: dict | None = None) -> tuple[np.ndarray, dict]:
     """Uncalibrated film probabilities exactly as inference combines them (film head and
-    vertebrae, models.vertebrae.image_probabilities; the morphometry combiner applied to each
+    vertebrae, inference.vertebrae.image_probabilities; the morphometry combiner applied to each
     vertebra when given), as float64 (a float32 threshold could flip a decision), and logits."""
-    from models.vertebrae import image_probabilities, with_morphometry
+    from inference.vertebrae import image_probabilities, with_morphometry
 
     probs = {h: [] for h in HEADS}
     for r in results:
@@ -667,8 +667,8 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, manifest: str | os.PathL
     validation set) or ``"val"`` (the patient-grouped validation split training used). ``out`` defaults to
     ``<stem>_calibrated.ckpt`` beside ``checkpoint``. Returns ``(path, calibrator)``."""
     from data.manifest import label_arrays, load_manifest
-    from models.checkpoint import file_sha256, load_checkpoint
-    from models.inference import Predictor
+    from training.checkpoint import file_sha256, load_checkpoint
+    from inference.pipeline import Predictor
 
     if method not in METHODS + ("auto",):
         raise ValueError(f"unknown method {method!r} (expected {', '.join(METHODS + ('auto',))})")

@@ -317,7 +317,7 @@ def describe_vertebrae(points: np.ndarray, labels: dict, probs: dict, scores: np
 def combine_with_morphometry(p_crop: float, height_loss: float, combiner: dict) -> float:
     """A vertebra's ``p_fracture`` from the crop network's and its measured height loss:
     ``sigmoid(a * logit(p_crop) + b * height_loss + c)``, a logistic regression fitted on
-    validation vertebrae by ``python -m models.calibration`` (``combiner`` = ``{"coef": [a, b],
+    validation vertebrae by ``python -m calibration.fit`` (``combiner`` = ``{"coef": [a, b],
     "intercept": c}``). With ``a > 0`` it keeps the crop network's ranking among vertebrae of
     equal height loss, and lets a clearly collapsed body count even where the crop is unsure."""
     a, b = (float(c) for c in combiner["coef"])

@@ -55,7 +55,7 @@ class FractureSystem(L.LightningModule):
         self.net = FractureNet(backbone=backbone, pretrained=pretrained, fpn_dim=fpn_dim, dropout=dropout)
         self.vertebra_net = VertebraNet(backbone=crop_backbone, dropout=dropout)
         if init_from:
-            from models.checkpoint import load_network_weights
+            from training.checkpoint import load_network_weights
 
             load_network_weights(self.net, init_from, self.vertebra_net)
         self.dice = DiceLoss(sigmoid=True, reduction="none")

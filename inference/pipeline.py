@@ -3,7 +3,7 @@
 Outputs are described in ``docs/formats.md``. Every file is written atomically; an input that
 cannot be read gets an ``error`` row and the run goes on.
 
-A checkpoint calibrated by ``python -m models.calibration`` (it holds ``vcf_calibration``) gives
+A checkpoint calibrated by ``python -m calibration.fit`` (it holds ``vcf_calibration``) gives
 calibrated probabilities and a yes/no ``decision`` at an operating point (the stored default, or
 the one asked for); see ``docs/formats.md``, "Calibration and operating points".
 """
@@ -27,12 +27,12 @@ from data.io_utils import atomic_save_npy, atomic_write_image, atomic_write_json
 from data.discovery import find_inputs
 from data.readers import ImageReadError, read_image
 from data.transforms import letterbox, normalize_intensity
-from models.calibration import CALIBRATION_KEY, predictor_calibration
-from models.checkpoint import CheckpointError, build_network, build_vertebra_network, file_sha256, load_checkpoint
+from calibration.fit import CALIBRATION_KEY, predictor_calibration
+from training.checkpoint import CheckpointError, build_network, build_vertebra_network, file_sha256, load_checkpoint
 from models.point_refiner import load_refiner
 from models.network import HEATMAP_STRIDE, FractureNet
-from models.vertebrae import analyse_film, fracture_map, fracture_peak, image_probabilities, with_morphometry
-from models.visualize import draw_vertebrae, overlay_heatmap
+from inference.vertebrae import analyse_film, fracture_map, fracture_peak, image_probabilities, with_morphometry
+from inference.drawing import draw_vertebrae, overlay_heatmap
 
 PREDICTION_COLUMNS = ["image", "name", "p_fracture", "p_acute", "p_acute_given_fracture",
                       "heatmap_peak_x", "heatmap_peak_y", "status", "error",
@@ -99,7 +99,7 @@ def _write_dicom_outputs(out: Path, path: str, name: str, overlay_bgr: np.ndarra
     """DICOM Secondary Capture of the overlay and a Comprehensive SR, referencing the source."""
     import pydicom
 
-    from models import dicom_out
+    from inference import dicom_out
 
     source = pydicom.dcmread(path, stop_before_pixels=True, force=True)
     written = {}
@@ -187,7 +187,7 @@ class Predictor:
     @torch.no_grad()
     def predict(self, items: list[dict]) -> list[dict]:
         """Per film: ``probs`` (the film's probabilities, agreeing with its vertebrae, see
-        models.vertebrae.image_probabilities), ``vertebrae``, ``level_confidence`` and
+        inference.vertebrae.image_probabilities), ``vertebrae``, ``level_confidence`` and
         ``levels_trusted``. ``items`` come from :class:`InferenceDataset`.
 
         Calibration is monotone, so it is applied to the film head and to every vertebra before

@@ -1,0 +1,1 @@
+"""Benchmarks and studies: each module runs as ``python -m benchmarks.NAME``."""

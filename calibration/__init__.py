@@ -1,0 +1,1 @@
+"""Calibration of a model's probabilities and its operating points."""

@@ -1,0 +1,1 @@
+"""The inference pipeline: a predictor over a model, per-vertebra analysis and the outputs it writes."""

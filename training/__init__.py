@@ -1,0 +1,1 @@
+"""Training systems: the LightningModules that train the networks of models/."""
