@@ -92,5 +92,11 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+
+def cli() -> int:
+    """Console-script entry point (its return value is the exit status)."""
+    main()
+    return 0
+
 if __name__ == "__main__":
     main()

@@ -1,6 +1,11 @@
 """Offline inference: fracture and acute-fracture probabilities and heatmaps.
 
-    python infer.py --checkpoint runs/demo/best.ckpt --out runs/demo/infer  scans/  more.dcm  manifest.csv
+    python infer.py --model runs/demo/bundle --out runs/demo/infer  scans/  more.dcm  manifest.csv
+
+--model takes a bundle folder (models/bundle.py) or a name from models/registry.json; a name
+whose bundle is only at a URL is fetched once with --download, checked by its sha256 and cached.
+--checkpoint takes a training checkpoint instead and converts it in memory (export it once with
+`python -m training.export`).
 
 INPUT may be image files (PNG, JPEG, TIFF, DICOM), folders (walked recursively) or manifest
 CSVs. Outputs are described in docs/formats.md. A checkpoint calibrated by
@@ -13,24 +18,31 @@ from __future__ import annotations
 import argparse
 import sys
 
-from training.checkpoint import CheckpointError
+from models.bundle import ModelError
 from inference.pipeline import Predictor, run_inference
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders or manifest CSVs")
-    parser.add_argument("--checkpoint", required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a bundle folder or a registry name (models/registry.json)")
+    source.add_argument("--checkpoint", help="a training checkpoint, converted to a bundle in memory")
+    parser.add_argument("--download", action="store_true",
+                        help="allow fetching a registry model from its URL (checked by sha256, then cached)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--sha256", default=None, help="refuse the checkpoint unless its sha256 matches")
+    parser.add_argument("--sha256", default=None,
+                        help="refuse the model unless its sha256 matches (of the checkpoint file, of a bundle's "
+                             "metadata.json, or of the .onnx file)")
     parser.add_argument("--voi-lut", action="store_true", help="apply the DICOM VOI LUT / window")
     parser.add_argument("--max-pixels", type=int, default=50_000_000,
                         help="refuse images larger than this before decoding them")
     parser.add_argument("--backend", choices=("torch", "onnx"), default="torch",
-                        help="torch: a .ckpt; onnx: a model exported by `python -m inference.onnx`")
+                        help="torch: the networks of the model; onnx: the film network only, from a bundle with "
+                             "film_net.onnx or a .onnx file of `python -m inference.onnx`")
     parser.add_argument("--resume", action="store_true", help="skip inputs whose outputs are complete")
     parser.add_argument("--keep-identifiers", action="store_true",
                         help="copy patient name, ID and birth date into the outputs (left out by default)")
@@ -41,16 +53,17 @@ def main(argv: list[str] | None = None) -> int:
                                            "default: the one stored by `python -m calibration.fit`)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    model = args.model or args.checkpoint
     try:
         if args.backend == "onnx":
             from inference.onnx import OnnxPredictor
 
-            predictor = OnnxPredictor(args.checkpoint, device=args.device, sha256=args.sha256,
+            predictor = OnnxPredictor(model, device=args.device, sha256=args.sha256,
                                       operating_point=args.operating_point)
         else:
-            predictor = Predictor(args.checkpoint, device=args.device, sha256=args.sha256,
-                                  operating_point=args.operating_point)
-    except CheckpointError as exc:
+            predictor = Predictor(model, device=args.device, sha256=args.sha256,
+                                  operating_point=args.operating_point, allow_download=args.download)
+    except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if predictor.calibrator is not None:

@@ -26,5 +26,11 @@ def main(args: list[str] | None = None) -> FractureCLI:
                        save_config_kwargs={"overwrite": True}, args=args)
 
 
+
+def cli() -> int:
+    """Console-script entry point (its return value is the exit status)."""
+    main()
+    return 0
+
 if __name__ == "__main__":
     main()

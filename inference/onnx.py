@@ -37,8 +37,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from data.io_utils import _atomic_write_bytes
-from training.checkpoint import CheckpointError, build_network, file_sha256, load_checkpoint
+from calibration.fit import predictor_calibration
+from data.io_utils import atomic_write_bytes
+from inference.loading import open_model
+from models.bundle import (CALIBRATION_FILE, ONNX_FILE, Bundle, BundleError, ModelError, file_sha256, is_bundle,
+                           read_metadata)
 from models.network import FractureNet
 
 INPUT_NAME = "image"
@@ -47,7 +50,7 @@ DEFAULT_OPSET = 18
 MIN_OPSET = 13
 META_MODEL = "vcf_model"
 META_CHECKPOINT_ID = "checkpoint_id"
-META_CHECKPOINT_SHA256 = "checkpoint_sha256"
+META_BUNDLE = "vcf_bundle"
 META_OUTPUTS = "vcf_outputs"
 META_CALIBRATION = "vcf_calibration"
 
@@ -84,43 +87,48 @@ def _export_proto(module: nn.Module, example: torch.Tensor, opset: int, exporter
     raise ValueError(f"unknown exporter {exporter!r} (dynamo or torchscript)")
 
 
-def export_onnx(checkpoint: str | os.PathLike, onnx_path: str | os.PathLike, opset: int = DEFAULT_OPSET,
-                sha256: str | None = None, exporter: str = "dynamo") -> Path:
-    """Export ``checkpoint`` to ``onnx_path`` (written atomically); returns the path.
-
-    Raises :class:`CheckpointError` for a missing, unsafe or foreign checkpoint."""
+def onnx_bytes(bundle: Bundle, opset: int = DEFAULT_OPSET, exporter: str = "dynamo") -> bytes:
+    """The film network of ``bundle`` as a checked ONNX model (serialised), with the bundle's
+    model metadata, id and calibration in its ``metadata_props``."""
     import onnx
 
     if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise ValueError(f"opset {opset} outside the supported range {MIN_OPSET}..{onnx.defs.onnx_opset_version()}")
-    checkpoint = Path(checkpoint)
-    ckpt = load_checkpoint(checkpoint, sha256=sha256)
-    net, meta = build_network(ckpt, checkpoint)
-    digest = file_sha256(checkpoint)
+    meta = bundle.model
     h, w = (int(v) for v in meta["image_size"])
-    module = ProbabilityHead(net).eval()
+    module = ProbabilityHead(bundle.film_net).eval()
     # batch 2, not 1: an example batch of 1 invites the exporter to specialise the dimension
     example = torch.rand(2, 1, h, w)
     with torch.no_grad():
         proto = _export_proto(module, example, opset, exporter)
     props = {
         META_MODEL: json.dumps(meta, sort_keys=True),
-        META_CHECKPOINT_ID: digest[:16],
-        META_CHECKPOINT_SHA256: digest,
+        META_CHECKPOINT_ID: bundle.id,
+        META_BUNDLE: json.dumps({"name": bundle.name, "version": bundle.version, "id": bundle.id}),
         META_OUTPUTS: json.dumps(list(OUTPUT_NAMES)),
     }
-    if ckpt.get(META_CALIBRATION) is not None:
-        props[META_CALIBRATION] = json.dumps(ckpt[META_CALIBRATION], sort_keys=True)
+    if bundle.calibration is not None:
+        props[META_CALIBRATION] = json.dumps(bundle.calibration, sort_keys=True)
     kept = [p for p in proto.metadata_props if p.key not in props]
     del proto.metadata_props[:]
     proto.metadata_props.extend(kept)
     for key, value in props.items():
         proto.metadata_props.add(key=key, value=value)
-    proto.doc_string = (f"spine-vcf {meta.get('architecture')} ({meta.get('backbone')}) exported from checkpoint "
-                        f"{digest[:16]}; research software, not for clinical use")
+    proto.doc_string = (f"spine-vcf {meta.get('architecture')} ({meta.get('backbone')}) of bundle {bundle.describe()}; "
+                        f"research software, not for clinical use")
     onnx.checker.check_model(proto, full_check=True)
-    # check before writing: a model that fails the checker never replaces an existing file
-    return _atomic_write_bytes(onnx_path, proto.SerializeToString())
+    return proto.SerializeToString()
+
+
+def export_onnx(model, onnx_path: str | os.PathLike, opset: int = DEFAULT_OPSET,
+                sha256: str | None = None, exporter: str = "dynamo") -> Path:
+    """Export the film network of ``model`` (a bundle folder, a registry name or a training
+    checkpoint) to ``onnx_path`` (written atomically); returns the path.
+
+    Raises :class:`~models.bundle.ModelError` for a missing, unsafe or foreign model."""
+    bundle = open_model(model, sha256=sha256)
+    # checked before writing: a model that fails the checker never replaces an existing file
+    return atomic_write_bytes(onnx_path, onnx_bytes(bundle, opset, exporter))
 
 
 def read_onnx_metadata(onnx_path: str | os.PathLike) -> dict[str, str]:
@@ -142,29 +150,14 @@ class OnnxPredictor:
                  operating_point: str | None = None):
         import onnxruntime as ort
 
-        self.checkpoint = Path(onnx_path)
-        if not self.checkpoint.is_file():
-            raise CheckpointError(f"{self.checkpoint}: ONNX model not found")
-        if sha256:
-            actual = file_sha256(self.checkpoint)
-            if actual.lower() != sha256.lower():
-                raise CheckpointError(f"{self.checkpoint}: sha256 mismatch (expected {sha256}, file has {actual})")
-        try:
-            props = read_onnx_metadata(self.checkpoint)
-        except Exception as exc:
-            raise CheckpointError(f"{self.checkpoint}: not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
-        if META_MODEL not in props:
-            raise CheckpointError(f"{self.checkpoint}: no '{META_MODEL}' metadata: not exported by inference.onnx")
-        self.meta = json.loads(props[META_MODEL])
-        self.checkpoint_id = props.get(META_CHECKPOINT_ID) or file_sha256(self.checkpoint)[:16]
+        source = Path(onnx_path)
+        if is_bundle(source):
+            self.meta, stored, self.checkpoint_id, self.checkpoint = self._from_bundle(source, sha256)
+        else:
+            self.meta, stored, self.checkpoint_id = self._from_file(source, sha256)
+            self.checkpoint = source
         self.image_size = tuple(int(v) for v in self.meta["image_size"])
-        from calibration.fit import predictor_calibration
-
-        try:
-            stored = json.loads(props[META_CALIBRATION]) if META_CALIBRATION in props else None
-        except ValueError as exc:
-            raise CheckpointError(f"{self.checkpoint}: '{META_CALIBRATION}' metadata is not JSON ({exc})") from exc
-        self.calibrator, self.operating_point = predictor_calibration(stored, self.checkpoint, operating_point)
+        self.calibrator, self.operating_point = predictor_calibration(stored, source, operating_point)
         if self.calibrator is not None and "crop_size" in self.meta:
             # fitted on the film head combined with the vertebrae, which this graph does not compute
             warnings.warn(f"{self.checkpoint}: the stored calibration and operating points were fitted on the film "
@@ -189,10 +182,46 @@ class OnnxPredictor:
         try:
             self.session = ort.InferenceSession(str(self.checkpoint), providers=providers)
         except Exception as exc:
-            raise CheckpointError(f"{self.checkpoint}: onnxruntime cannot load it ({type(exc).__name__}: {exc})") from exc
+            raise BundleError(f"{self.checkpoint}: onnxruntime cannot load it ({type(exc).__name__}: {exc})") from exc
         self.output_names = [o.name for o in self.session.get_outputs()]
         if sorted(self.output_names) != sorted(OUTPUT_NAMES):
-            raise CheckpointError(f"{self.checkpoint}: outputs {self.output_names}, expected {list(OUTPUT_NAMES)}")
+            raise BundleError(f"{self.checkpoint}: outputs {self.output_names}, expected {list(OUTPUT_NAMES)}")
+
+    @staticmethod
+    def _from_bundle(folder: Path, sha256: str | None) -> tuple[dict, dict | None, str, Path]:
+        """(model metadata, stored calibration, model id, .onnx path) of a bundle with film_net.onnx."""
+        meta = read_metadata(folder)
+        if ONNX_FILE not in meta["files"]:
+            raise BundleError(f"{folder}: the bundle has no {ONNX_FILE}; export one with "
+                              f"`python -m inference.onnx --model {folder} --bundle-out NEW_BUNDLE` or use --backend torch")
+        if sha256 and file_sha256(folder / "metadata.json").lower() != sha256.lower():
+            raise BundleError(f"{folder}: sha256 of metadata.json does not match {sha256}")
+        for name in (ONNX_FILE, CALIBRATION_FILE):
+            if name in meta["files"] and file_sha256(folder / name) != meta["files"][name]:
+                raise BundleError(f"{folder / name}: sha256 does not match metadata.json (the file was changed or damaged)")
+        stored = json.loads((folder / CALIBRATION_FILE).read_text()) if CALIBRATION_FILE in meta["files"] else None
+        return meta["model"], stored, str(meta.get("id")), folder / ONNX_FILE
+
+    @staticmethod
+    def _from_file(path: Path, sha256: str | None) -> tuple[dict, dict | None, str]:
+        """(model metadata, stored calibration, model id) of a .onnx file of :func:`export_onnx`."""
+        if not path.is_file():
+            raise BundleError(f"{path}: ONNX model not found")
+        if sha256:
+            actual = file_sha256(path)
+            if actual.lower() != sha256.lower():
+                raise BundleError(f"{path}: sha256 mismatch (expected {sha256}, file has {actual})")
+        try:
+            props = read_onnx_metadata(path)
+        except Exception as exc:
+            raise BundleError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
+        if META_MODEL not in props:
+            raise BundleError(f"{path}: no '{META_MODEL}' metadata: not exported by inference.onnx")
+        try:
+            stored = json.loads(props[META_CALIBRATION]) if META_CALIBRATION in props else None
+        except ValueError as exc:
+            raise BundleError(f"{path}: '{META_CALIBRATION}' metadata is not JSON ({exc})") from exc
+        return json.loads(props[META_MODEL]), stored, props.get(META_CHECKPOINT_ID) or file_sha256(path)[:16]
 
     def __call__(self, images: torch.Tensor) -> dict[str, np.ndarray]:
         if isinstance(images, torch.Tensor):
@@ -207,28 +236,46 @@ class OnnxPredictor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Export a checkpoint to ONNX (probabilities and heatmap as outputs).")
-    parser.add_argument("--checkpoint", required=True, help="training checkpoint (.ckpt)")
-    parser.add_argument("--onnx", required=True, help="output .onnx file (written atomically)")
+    parser = argparse.ArgumentParser(description="Export a model's film network to ONNX (probabilities and heatmap "
+                                                 "as outputs).")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a bundle folder or a registry name")
+    source.add_argument("--checkpoint", help="a training checkpoint (.ckpt)")
+    parser.add_argument("--onnx", default=None, help="output .onnx file (written atomically)")
+    parser.add_argument("--bundle-out", default=None,
+                        help="write a new version of the bundle with film_net.onnx added (the input is not changed)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
-    parser.add_argument("--sha256", default=None, help="expected sha256 of the checkpoint file")
+    parser.add_argument("--sha256", default=None, help="expected sha256 of the checkpoint file or of metadata.json")
     parser.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
                         help="torch.onnx exporter (default dynamo; torchscript is the deprecated legacy one)")
     args = parser.parse_args(argv)
     import onnx
 
+    if not args.onnx and not args.bundle_out:
+        parser.error("give --onnx FILE, --bundle-out FOLDER or both")
     if not MIN_OPSET <= args.opset <= onnx.defs.onnx_opset_version():
         parser.error(f"--opset {args.opset} outside the supported range {MIN_OPSET}..{onnx.defs.onnx_opset_version()}")
     try:
-        path = export_onnx(args.checkpoint, args.onnx, opset=args.opset, sha256=args.sha256, exporter=args.exporter)
-    except CheckpointError as exc:
+        bundle = open_model(args.model or args.checkpoint, sha256=args.sha256)
+        blob = onnx_bytes(bundle, args.opset, args.exporter)
+        if args.onnx:
+            print(atomic_write_bytes(args.onnx, blob))
+        if args.bundle_out:
+            new = bundle.derive("onnx export", note=f"film network exported to {ONNX_FILE} (opset {args.opset})")
+            new.extra_files[ONNX_FILE] = blob
+            print(new.save(args.bundle_out, storage=_storage_of(bundle)))
+    except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"error: cannot write {args.onnx}: {exc}", file=sys.stderr)
+        print(f"error: cannot write {args.onnx or args.bundle_out}: {exc}", file=sys.stderr)
         return 1
-    print(path)
     return 0
+
+
+def _storage_of(bundle: Bundle) -> str:
+    """The weight storage a loaded bundle was saved with (fp32 for one made in memory)."""
+    return (bundle.metadata.get("saved") or {}).get("storage", "fp32")
 
 
 if __name__ == "__main__":

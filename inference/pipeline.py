@@ -27,9 +27,8 @@ from data.io_utils import atomic_save_npy, atomic_write_image, atomic_write_json
 from data.discovery import find_inputs
 from data.readers import ImageReadError, read_image
 from data.transforms import letterbox, normalize_intensity
-from calibration.fit import CALIBRATION_KEY, predictor_calibration
-from training.checkpoint import CheckpointError, build_network, build_vertebra_network, file_sha256, load_checkpoint
-from models.point_refiner import load_refiner
+from calibration.fit import predictor_calibration
+from inference.loading import open_model
 from models.network import HEATMAP_STRIDE, FractureNet
 from inference.vertebrae import analyse_film, fracture_map, fracture_peak, image_probabilities, with_morphometry
 from inference.drawing import draw_vertebrae, overlay_heatmap
@@ -148,25 +147,27 @@ IDENTIFIER_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate")
 
 
 class Predictor:
-    """A loaded checkpoint, ready to run on batches.
+    """A loaded model, ready to run on batches.
 
-    With a calibrated checkpoint, the probabilities it returns are calibrated (``calibrator``)
-    and ``p_fracture_uncalibrated`` is added; ``operating_point`` (default: the stored one)
-    names the threshold of the ``decision`` written per image."""
+    ``model``: a :class:`models.bundle.Bundle`, a bundle folder, a registry name
+    (models/registry.json), or a training checkpoint (converted to a bundle in memory; export it
+    once with ``python -m training.export`` instead). With a calibrated model the probabilities
+    it returns are calibrated (``calibrator``) and ``p_fracture_uncalibrated`` is added;
+    ``operating_point`` (default: the stored one) names the threshold of the ``decision``
+    written per image. ``sha256``: the expected digest of the checkpoint file, or of the
+    bundle's metadata.json."""
 
-    def __init__(self, checkpoint: str | os.PathLike, device: str = "auto", sha256: str | None = None,
-                 operating_point: str | None = None, calibrated: bool = True):
-        self.checkpoint = Path(checkpoint)
-        ckpt = load_checkpoint(self.checkpoint, sha256=sha256)
-        self.net, self.meta = build_network(ckpt, self.checkpoint)
-        self.vertebra_net = build_vertebra_network(ckpt, self.checkpoint) if "crop_size" in self.meta else None
-        try:
-            self.point_refiner = load_refiner(ckpt, self.checkpoint) if self.vertebra_net is not None else None
-        except ValueError as exc:
-            raise CheckpointError(str(exc)) from exc
-        stored = ckpt.get(CALIBRATION_KEY) if calibrated else None
+    def __init__(self, model, device: str = "auto", sha256: str | None = None,
+                 operating_point: str | None = None, calibrated: bool = True, allow_download: bool = False):
+        self.bundle = open_model(model, sha256=sha256, allow_download=allow_download)
+        self.checkpoint = self.bundle.path or Path(str(model))
+        self.meta = self.bundle.model
+        self.net = self.bundle.film_net
+        self.vertebra_net = self.bundle.crop_net
+        self.point_refiner = self.bundle.point_refiner if self.vertebra_net is not None else None
+        stored = self.bundle.calibration if calibrated else None
         self.calibrator, self.operating_point = predictor_calibration(stored, self.checkpoint, operating_point)
-        self.checkpoint_id = file_sha256(self.checkpoint)[:16]
+        self.checkpoint_id = self.bundle.id
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)

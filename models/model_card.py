@@ -1,13 +1,12 @@
-"""Write a Markdown model card for a checkpoint and its evaluation.
+"""The Markdown model card of a bundle (its README.md), with or without an evaluation.
 
-    python -m models.model_card --checkpoint CKPT --metrics REPORT/metrics.json --out MODEL_CARD.md
+    python -m models.model_card --model BUNDLE [--metrics REPORT/metrics.json] --out MODEL_CARD.md
                                 [--training-data "text"]
 
-Model details come from the checkpoint's ``vcf_model`` metadata (read with
-``torch.load(weights_only=True)`` through :func:`training.checkpoint.load_checkpoint`) and, when
-present, its ``vcf_calibration`` entry; the training data from the Lightning checkpoint's
-``datamodule_hyper_parameters`` (or ``--training-data``); metrics from the ``metrics.json`` of
-``evaluate.py``. The card is written atomically.
+Model details come from the bundle's ``metadata.json`` and ``calibration.json``; the training
+data from the data settings recorded at export (or ``--training-data``); metrics from the
+``metrics.json`` of ``evaluate.py``. ``--checkpoint CKPT`` describes a training checkpoint
+through the bundle it exports to (nothing written but the card). The card is written atomically.
 
 Research code: the card says so, and that the model is not for clinical use.
 """
@@ -87,10 +86,14 @@ def _md_table(header: list[str], rows: list[list]) -> str:
 
 
 # --------------------------------------------------------------------------- sections
-def _model_details(ckpt: dict, checkpoint_path: Path, sha256: str) -> str:
-    meta = ckpt.get("vcf_model") or {}
-    hp = ckpt.get("hyper_parameters") or {}
-    rows = [["checkpoint", f"`{checkpoint_path.name}`"], ["sha256", f"`{sha256}`"]]
+def _model_details(bundle) -> str:
+    meta = bundle.model
+    training = bundle.metadata.get("training") or {}
+    hp = training.get("hyper_parameters") or {}
+    rows = [["bundle", f"`{bundle.name}` version {bundle.version}"], ["id (weights and calibration)", f"`{bundle.id}`"]]
+    storage = {n: s.get("storage") for n, s in bundle.metadata.get("networks", {}).items() if s.get("storage")}
+    if storage:
+        rows.append(["weight storage", ", ".join(f"{n} {s}" for n, s in storage.items())])
     for key, label in (("architecture", "architecture"), ("backbone", "backbone"), ("fpn_dim", "FPN width"),
                        ("targets", "outputs (sigmoid heads)"), ("image_size", "input size [height, width]"),
                        ("input_range", "input intensity range"), ("heatmap_stride", "heatmap stride"),
@@ -101,8 +104,8 @@ def _model_details(ckpt: dict, checkpoint_path: Path, sha256: str) -> str:
             v = meta[key]
             rows.append([label, ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else v])
     for key in ("epoch", "global_step"):
-        if key in ckpt:
-            rows.append([key.replace("_", " "), ckpt[key]])
+        if training.get(key) is not None:
+            rows.append([key.replace("_", " "), training[key]])
     for key in ("pretrained", "dropout", "lr", "weight_decay", "acute_weight", "heatmap_weight", "vertebra_weight",
                 "init_from"):
         if key in hp:
@@ -116,12 +119,15 @@ def _model_details(ckpt: dict, checkpoint_path: Path, sha256: str) -> str:
                "at the film's resolution; the film's probabilities are the larger of the film head's and the "
                "largest vertebra's." if "crop_size" in meta else ""), "",
             _md_table(["field", "value"], rows)]
-    if not meta:
-        text += ["", "*The checkpoint carries no `vcf_model` metadata.*"]
-    refiner = ckpt.get("point_refiner")
+    refiner = bundle.metadata.get("networks", {}).get("point_refiner")
     if isinstance(refiner, dict):
-        text += ["", "### Point refiner", "", _refiner_details(refiner)]
-    text += ["", "### Calibration stored in the checkpoint", "", _calibration_details(ckpt.get("vcf_calibration"))]
+        entry = {"config": refiner.get("config") or {}, "training": bundle.metadata.get("point_refiner_training") or {}}
+        text += ["", "### Point refiner", "", _refiner_details(entry)]
+    history = [h for h in bundle.metadata.get("history", []) if isinstance(h, dict)]
+    if history:
+        text += ["", "### History", "", _md_table(["step", "date", "from"], [
+            [h.get("step", ""), h.get("date", ""), json.dumps(h.get("from", ""))] for h in history])]
+    text += ["", "### Calibration stored in the bundle", "", _calibration_details(bundle.calibration)]
     return "\n".join(text)
 
 
@@ -157,7 +163,7 @@ def _calibration_details(cal) -> str:
     """The ``vcf_calibration`` entry of ``python -m calibration.fit`` (docs/formats.md) as
     Markdown: method and parameters, fitting data, metrics per head, operating points."""
     if not isinstance(cal, dict) or not cal:
-        return ("None: the checkpoint has no `vcf_calibration` entry (probabilities are the network's raw "
+        return ("None: the bundle has no `calibration.json` (probabilities are the network's raw "
                 "sigmoid outputs).")
     rows = []
     for k, v in cal.items():
@@ -278,10 +284,10 @@ def _composition_text(comp: dict) -> str:
     return text
 
 
-def _training_data(ckpt: dict, training_data: str | None) -> tuple[str, dict | None]:
+def _training_data(bundle, training_data: str | None) -> tuple[str, dict | None]:
     """The section, and the training manifest's composition (None when given as text or unreadable)."""
-    dm = ckpt.get("datamodule_hyper_parameters") or {}
-    hp = ckpt.get("hyper_parameters") or {}
+    dm = (bundle.metadata.get("training") or {}).get("data") or {}
+    hp = (bundle.metadata.get("training") or {}).get("hyper_parameters") or {}
     lines = ["## Training data", ""]
     comp = None
     if training_data is not None:
@@ -295,7 +301,7 @@ def _training_data(ckpt: dict, training_data: str | None) -> tuple[str, dict | N
                          "what the model was trained on: write the card where the manifest is, or describe the data "
                          "with `--training-data`.")
         else:
-            lines.append("The checkpoint does not name its training manifest; describe the data with `--training-data`.")
+            lines.append("The bundle does not name its training manifest; describe the data with `--training-data`.")
     details = []
     for key, label in (("manifest", "training manifest"), ("val_manifest", "validation manifest"),
                        ("test_manifest", "test manifest"), ("vertebrae", "vertebrae table"),
@@ -304,14 +310,14 @@ def _training_data(ckpt: dict, training_data: str | None) -> tuple[str, dict | N
         if key in dm and dm[key] is not None:
             details.append([label, f"`{dm[key]}`" if "manifest" in key or key == "vertebrae" else dm[key]])
     if details:
-        lines += ["", _md_table(["data setting (from the checkpoint)", "value"], details)]
+        lines += ["", _md_table(["data setting (recorded at training)", "value"], details)]
         manifest = dm.get("manifest")
         info = _phantom_info(manifest)
         if info:
             lines += ["", "Phantom generator record beside the training manifest (`phantom.json`): "
                       + ", ".join(f"{k} {v}" for k, v in info.items() if k != "note") + "."]
     else:
-        lines += ["", "*The checkpoint does not record its data module settings (no `datamodule_hyper_parameters`).*"]
+        lines += ["", "*The bundle does not record its data module settings.*"]
     if hp.get("init_from"):
         lines += ["", f"Fine-tuned from the weights of `{hp['init_from']}`."]
     return "\n".join(lines), comp
@@ -462,29 +468,26 @@ def _limitations(comp: dict | None) -> str:
     return "## Limitations\n\n" + "\n".join(f"- {x}" for x in items)
 
 
-def _versions(ckpt: dict) -> str:
+def _versions(bundle) -> str:
     rows = [["spine-vcf (this code)", _version("spine-vcf")], ["git commit", git_commit() or "not available"]]
-    meta = ckpt.get("vcf_model") or {}
+    meta = bundle.model
     if "code_version" in meta:
         rows.append(["spine-vcf at training", meta["code_version"]])
-    if "pytorch-lightning_version" in ckpt:
-        rows.append(["lightning at training", ckpt["pytorch-lightning_version"]])
+    lightning = (bundle.metadata.get("training") or {}).get("lightning_version")
+    if lightning:
+        rows.append(["lightning at training", lightning])
     rows += [[lib, _version(lib)] for lib in LIBRARIES]
     return "## Versions\n\nCode and libraries installed when this card was written:\n\n" + _md_table(["package", "version"], rows)
 
 
 # --------------------------------------------------------------------------- card
-def build_model_card(checkpoint: str | Path, metrics_json: str | Path, training_data: str | None = None) -> str:
-    """The Markdown model card of ``checkpoint`` with the metrics of ``metrics_json``."""
-    from training.checkpoint import file_sha256, load_checkpoint
-
-    checkpoint, metrics_json = Path(checkpoint), Path(metrics_json)
-    ckpt = load_checkpoint(checkpoint)  # torch.load(weights_only=True)
-    metrics = json.loads(metrics_json.read_text(encoding="utf-8"))
-    sha = file_sha256(checkpoint)
-    meta = ckpt.get("vcf_model") or {}
-    title = f"# Model card: vertebral compression fracture detector ({meta.get('backbone', 'unknown backbone')}, {sha[:12]})"
-    training, comp = _training_data(ckpt, training_data)
+def bundle_card(bundle, metrics_json: str | Path | None = None, training_data: str | None = None) -> str:
+    """The Markdown model card of ``bundle`` (a :class:`models.bundle.Bundle`), with the metrics
+    of ``metrics_json`` when given."""
+    metrics = json.loads(Path(metrics_json).read_text(encoding="utf-8")) if metrics_json else None
+    meta = bundle.model
+    title = f"# Model card: {bundle.name} {bundle.version} ({meta.get('backbone', 'unknown backbone')}, {bundle.id[:12]})"
+    training, comp = _training_data(bundle, training_data)
     synthetic = comp is not None and not comp["real"]
     parts = [
         title,
@@ -493,9 +496,9 @@ def build_model_card(checkpoint: str | Path, metrics_json: str | Path, training_
         "",
         "> **Not for clinical use.** Research code, not a medical device. "
         + ("Every fracture it was trained on is synthetic or simulated: the metrics below are **not clinical "
-           "performance**." if synthetic else "The metrics below are not an estimate of clinical performance."),
+           "performance**." if synthetic else "Any metrics below are not an estimate of clinical performance."),
         "",
-        _model_details(ckpt, checkpoint, sha),
+        _model_details(bundle),
         "",
         "## Intended use",
         "",
@@ -506,36 +509,52 @@ def build_model_card(checkpoint: str | Path, metrics_json: str | Path, training_
         "",
         training,
         "",
-        _metrics_section(metrics, metrics_json),
-        "",
-        _calibration_section(metrics),
-        "",
-        _limitations(comp),
-        "",
-        _versions(ckpt),
-        "",
     ]
+    if metrics is not None:
+        parts += [_metrics_section(metrics, Path(metrics_json)), "", _calibration_section(metrics), ""]
+    else:
+        parts += ["## Evaluation and metrics", "",
+                  "Not evaluated when this card was written: run `evaluate.py` on held-out data and rewrite the card "
+                  "with `python -m models.model_card --model BUNDLE --metrics metrics.json`.", ""]
+    parts += [_limitations(comp), "", _versions(bundle), ""]
     return "\n".join(parts)
+
+
+def build_model_card(model, metrics_json: str | Path | None = None, training_data: str | None = None) -> str:
+    """The card of ``model``: a Bundle, a bundle folder, or a training checkpoint (described
+    through the bundle it exports to)."""
+    from models.bundle import Bundle, is_bundle, load_bundle
+
+    if isinstance(model, Bundle):
+        bundle = model
+    elif is_bundle(model):
+        bundle = load_bundle(model)
+    else:
+        from training.export import bundle_from_checkpoint  # only for a checkpoint: training code
+
+        bundle = bundle_from_checkpoint(model)
+    return bundle_card(bundle, metrics_json, training_data)
 
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description="Write a Markdown model card (research only; not for clinical use).")
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--metrics", required=True, help="metrics.json written by evaluate.py")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a bundle folder")
+    source.add_argument("--checkpoint", help="a training checkpoint (described through the bundle it exports to)")
+    parser.add_argument("--metrics", default=None, help="metrics.json written by evaluate.py")
     parser.add_argument("--out", required=True, help="output Markdown file, e.g. MODEL_CARD.md")
     parser.add_argument("--training-data", default=None,
-                        help="text describing the training data (default: counted from the checkpoint's training manifest: "
+                        help="text describing the training data (default: counted from the training manifest: "
                              "phantom, simulated-on-real and real films, and their views)")
     args = parser.parse_args(argv)
     from data.io_utils import atomic_write_text
+    from models.bundle import ModelError
 
-    from training.checkpoint import CheckpointError
-
-    if not Path(args.metrics).is_file():
+    if args.metrics and not Path(args.metrics).is_file():
         parser.exit(2, f"error: {args.metrics}: metrics file not found (write it with evaluate.py)\n")
     try:
-        card = build_model_card(args.checkpoint, args.metrics, args.training_data)
-    except CheckpointError as exc:
+        card = build_model_card(args.model or args.checkpoint, args.metrics, args.training_data)
+    except ModelError as exc:
         parser.exit(2, f"error: {exc}\n")
     except ValueError as exc:  # json.JSONDecodeError
         parser.exit(2, f"error: {args.metrics}: not a metrics.json of evaluate.py ({exc})\n")
@@ -543,6 +562,12 @@ def main(argv: list[str] | None = None) -> Path:
     print(f"wrote {path}")
     return path
 
+
+
+def cli() -> int:
+    """Console-script entry point (its return value is the exit status)."""
+    main()
+    return 0
 
 if __name__ == "__main__":
     main()

@@ -73,7 +73,7 @@ class FractureNet(nn.Module):
     def __init__(self, backbone: str = "resnet18", pretrained: str | None = None, fpn_dim: int = 96,
                  dropout: float = 0.2, in_chans: int = 1):
         super().__init__()
-        self.backbone_name = backbone
+        self.backbone_name, self.fpn_dim = backbone, fpn_dim
         self.encoder = create_encoder(backbone, pretrained, in_chans)
         chans = self.encoder.feature_info.channels()
         reductions = self.encoder.feature_info.reduction()

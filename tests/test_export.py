@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from training.checkpoint import CheckpointError, file_sha256  # noqa: E402
+from models.bundle import ModelError, file_sha256  # noqa: E402
 from inference.onnx import OUTPUT_NAMES, OnnxPredictor, main, read_onnx_metadata  # noqa: E402
 from inference.pipeline import Predictor  # noqa: E402
 from training_config import save_untrained_checkpoint  # noqa: E402
@@ -67,7 +67,7 @@ def test_metadata_round_trips(exported):
     assert json.loads(props["vcf_model"]) == torch_pred.meta
     # no temporary files left beside the output, and the weights are inside the one file
     assert sorted(p.name for p in onnx_path.parent.iterdir()) == ["model.onnx"]
-    with pytest.raises(CheckpointError, match="sha256 mismatch"):
+    with pytest.raises(ModelError, match="sha256 mismatch"):
         OnnxPredictor(onnx_path, device="cpu", sha256="0" * 64)
 
 
@@ -80,5 +80,5 @@ def test_bad_checkpoint_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
     assert not out.exists()
-    with pytest.raises(CheckpointError, match="not found"):
+    with pytest.raises(ModelError, match="not found"):
         OnnxPredictor(tmp_path / "missing.onnx")

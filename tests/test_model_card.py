@@ -107,7 +107,7 @@ def test_model_card_custom_training_data_and_no_calibration(tmp_path, tiny_eval_
     card = model_card.build_model_card(ckpt, metrics_json, training_data="Site X radiographs, 2019-2021.")
     assert "Site X radiographs, 2019-2021." in card
     assert "data/phantom.py" not in card
-    assert "no `vcf_calibration` entry" in card
+    assert "no `calibration.json`" in card
     assert "not for clinical use" in card.lower()
 
 
@@ -171,6 +171,7 @@ def test_model_card_describes_a_stored_point_refiner(tmp_path, tiny_eval_set):
     from data.io_utils import atomic_write_json
     from evaluation.report import evaluate
     from models import model_card
+    from models.vertebra_net import VertebraNet
 
     metrics_json = atomic_write_json(tmp_path / "metrics.json", evaluate(
         tiny_eval_set["predictions"], tiny_eval_set["manifest"], n_boot=50))
@@ -178,7 +179,7 @@ def test_model_card_describes_a_stored_point_refiner(tmp_path, tiny_eval_set):
     assert "Point refiner" not in model_card.build_model_card(path, metrics_json)
     ckpt = torch.load(path, weights_only=True)
     ckpt["point_refiner"] = {  # as python -m training.point_refiner writes it (docs/formats.md)
-        "state_dict": {}, "config": {"backbone": "resnet18", "size": 96, "width_context": 1.5, "height_context": 2.2,
+        "state_dict": VertebraNet().state_dict(), "config": {"backbone": "resnet18", "size": 96, "width_context": 1.5, "height_context": 2.2,
                                      "passes": 2},
         "training": {"manifests": ["/data/mix/manifest.csv"], "epochs": 8, "films_per_epoch": 800,
                      "n_train_films": 2300, "n_val_films": 433, "best_epoch": 2,

@@ -5,7 +5,6 @@ would run code is refused with :class:`CheckpointError` rather than executed.
 """
 from __future__ import annotations
 
-import hashlib
 import pickle
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import logging
 
 import torch
 
+from models.bundle import ModelError, file_sha256
 from models.network import FractureNet
 from training.system import CHECKPOINT_FORMAT
 from models.vertebra_net import VertebraNet
@@ -21,16 +21,8 @@ from models.vertebra_net import VertebraNet
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ModelError):
     pass
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_checkpoint(path: str | Path, sha256: str | None = None, map_location: str = "cpu") -> dict:
