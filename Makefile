@@ -23,10 +23,13 @@ demo: $(STAMP)
 	$(PY) -m data.phantom --out $(DEMO)/data/train --n $(DEMO_TRAIN_N) --seed 1
 	$(PY) -m data.phantom --out $(DEMO)/data/test --n $(DEMO_TEST_N) --seed 2
 	$(PY) train.py fit --config configs/demo.yaml --trainer.precision $(DEMO_PRECISION)
-	$(PY) infer.py --checkpoint $(DEMO)/best.ckpt --out $(DEMO)/infer $(DEMO)/data/test/manifest.csv
+	$(PY) -m training.export --checkpoint $(DEMO)/best.ckpt --out $(DEMO)/bundle --name demo --overwrite
+	$(PY) infer.py --model $(DEMO)/bundle --out $(DEMO)/infer $(DEMO)/data/test/manifest.csv
 	$(PY) evaluate.py --predictions $(DEMO)/infer/predictions.csv --manifest $(DEMO)/data/test/manifest.csv --out $(DEMO)/report
+	$(PY) -m models.model_card --model $(DEMO)/bundle --metrics $(DEMO)/report/metrics.json --out $(DEMO)/report/model_card.md
 	@echo
-	@echo "checkpoint:   $(DEMO)/best.ckpt"
+	@echo "bundle:       $(DEMO)/bundle/ (metadata.json, *.safetensors, README.md; loads with no pickle)"
+	@echo "checkpoint:   $(DEMO)/best.ckpt (training state; the bundle is what inference reads)"
 	@echo "inference:    $(DEMO)/infer/ (predictions.csv, <name>.json, <name>_heatmap.png/.npy)"
 	@echo "evaluation:   $(DEMO)/report/report.html, $(DEMO)/report/metrics.json and plots"
 	@echo "notebook:     notebooks/evaluate.ipynb (reads $(DEMO) by default)"
