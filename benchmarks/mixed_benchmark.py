@@ -49,7 +49,7 @@ from benchmarks.phantom_benchmark import ensure_data, machine
 from data.io_utils import atomic_write_text
 from evaluation import bootstrap as B
 from evaluation import metrics as M
-from calibration.fit import platt_formula
+from calibration.methods import platt_formula
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Phantom + simulated-real model (issues 3 and 4)"

@@ -158,7 +158,7 @@ class OnnxPredictor:
         self.meta = json.loads(props[META_MODEL])
         self.checkpoint_id = props.get(META_CHECKPOINT_ID) or file_sha256(self.checkpoint)[:16]
         self.image_size = tuple(int(v) for v in self.meta["image_size"])
-        from calibration.fit import predictor_calibration
+        from calibration import predictor_calibration
 
         try:
             stored = json.loads(props[META_CALIBRATION]) if META_CALIBRATION in props else None

@@ -27,7 +27,7 @@ from data.io_utils import atomic_save_npy, atomic_write_image, atomic_write_json
 from data.discovery import find_inputs
 from data.readers import ImageReadError, read_image
 from data.transforms import letterbox, normalize_intensity
-from calibration.fit import CALIBRATION_KEY, predictor_calibration
+from calibration import CALIBRATION_KEY, predictor_calibration
 from training.checkpoint import CheckpointError, build_network, build_vertebra_network, file_sha256, load_checkpoint
 from models.point_refiner import load_refiner
 from models.network import HEATMAP_STRIDE, FractureNet
