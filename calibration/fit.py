@@ -265,15 +265,14 @@ def fit_calibration(results: list[dict], labels_fracture, labels_acute, groups, 
         raise CalibrationError(f"calibration needs fractured and normal images; "
                                f"the {len(results)} usable image(s) have only one class")
 
-    refit = None
-    if combiner is not None:
-        def refit(train, test):  # the combiner fitted on the fold's training images only
-            fold = fit_vertebra_combiner([results[i] for i in train], [paths[i] for i in train], truth_vertebrae)
-            z_tr, p_tr = film_probabilities([results[i] for i in train], fold)
-            z_te, p_te = film_probabilities([results[i] for i in test], fold)
-            return z_tr[:, 0], p_tr["p_fracture"], z_te[:, 0], p_te["p_fracture"]
+    def refit_combiner(train, test):  # the combiner fitted on the fold's training images only
+        fold = fit_vertebra_combiner([results[i] for i in train], [paths[i] for i in train], truth_vertebrae)
+        z_tr, p_tr = film_probabilities([results[i] for i in train], fold)
+        z_te, p_te = film_probabilities([results[i] for i in test], fold)
+        return z_tr[:, 0], p_tr["p_fracture"], z_te[:, 0], p_te["p_fracture"]
 
-    selection = cross_validate_methods(logits[:, 0], probs["p_fracture"], y_frac, groups, refit=refit)
+    selection = cross_validate_methods(logits[:, 0], probs["p_fracture"], y_frac, groups,
+                                       refit=refit_combiner if combiner is not None else None)
     requested = method
     if method == "auto":
         method = choose_method(selection, by=select_by)
@@ -405,6 +404,7 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, manifest: str | os.PathL
 # --------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
+        prog="python -m calibration",
         description="Fit a probability calibration and operating points of a checkpoint on labelled "
                     "validation images; write a new checkpoint that inference uses as it is.")
     parser.add_argument("--checkpoint", required=True, help="training checkpoint (.ckpt)")

@@ -36,6 +36,7 @@ __all__ = [
     "join_predictions",
     "image_max_grade",
     "binary_auroc",
+    "calibration_bin_edges",
     "calibration_bins",
     "expected_calibration_error",
     "operating_points",
@@ -296,7 +297,8 @@ def auroc_acute(df: pd.DataFrame, score: str = "p_acute") -> float:
     return binary_auroc(rows[label], rows[score])
 
 
-def _grade_lookup(df: pd.DataFrame, max_grade: pd.Series) -> pd.Series:
+def grade_of_images(df: pd.DataFrame, max_grade: pd.Series) -> pd.Series:
+    """``max_grade`` (:func:`image_max_grade`) of each row's image of ``df``, NaN where unknown."""
     by_key = {_path_key(k): float(v) for k, v in max_grade.items()}
     return pd.Series([by_key.get(_path_key(p), np.nan) for p in df["image"]], index=df.index, dtype=float)
 
@@ -309,7 +311,7 @@ def auroc_by_grade(df: pd.DataFrame, max_grade: pd.Series, score: str = "p_fract
     ``fracture == 0`` (an image labelled 0 whose vertebrae say otherwise is left out of the
     negatives). Returns ``{g: {"auroc", "n_pos", "n_neg"}}``.
     """
-    grade = _grade_lookup(df, max_grade)
+    grade = grade_of_images(df, max_grade)
     has_score = df[score].notna()
     neg = has_score & (df["fracture"] == 0) & ~(grade > 0)
     out: dict[int, dict] = {}
@@ -322,14 +324,19 @@ def auroc_by_grade(df: pd.DataFrame, max_grade: pd.Series, score: str = "p_fract
 
 
 # --------------------------------------------------------------------------- calibration error
+def calibration_bin_edges(n_bins: int = ECE_BINS) -> np.ndarray:
+    """The ``n_bins + 1`` edges of the equal-width bins on [0, 1], as torch computes them
+    (``torch.linspace``: at some values, 0.6 and 0.7 among them, they differ from numpy's
+    ``linspace`` in the last bit, which decides the bin of a probability lying on the edge)."""
+    return torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64).numpy()
+
+
 def calibration_bins(probs, n_bins: int = ECE_BINS) -> np.ndarray:
     """Bin of each probability: ``n_bins`` equal-width bins on [0, 1], lower edge included, as
     torchmetrics' ``BinaryCalibrationError`` bins (``bucketize(p, linspace(0, 1, n_bins + 1),
     right=True) - 1``, with torch's own edges, so that a probability on an edge such as 0.6
     falls where torchmetrics puts it); p = 1.0 falls in an extra bin ``n_bins`` of its own."""
-    # torch.linspace's edges differ from numpy's in the last bit at some values (0.6, 0.7)
-    edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64).numpy()
-    return np.searchsorted(edges, np.asarray(probs, dtype=float), side="right") - 1
+    return np.searchsorted(calibration_bin_edges(n_bins), np.asarray(probs, dtype=float), side="right") - 1
 
 
 def expected_calibration_error(labels, probs, n_bins: int = ECE_BINS, weights=None):
@@ -491,12 +498,12 @@ def pointing_game(predictions_json_dir: str | os.PathLike | None, vertebrae_df: 
 
 
 # --------------------------------------------------------------------------- summary
-def _clean(obj: Any) -> Any:
+def json_ready(obj: Any) -> Any:
     """JSON-friendly copy: numpy scalars -> Python, NaN/inf -> None, keys -> str."""
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): json_ready(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_ready(v) for v in obj]
     if isinstance(obj, (bool, np.bool_)):
         return bool(obj)
     if isinstance(obj, (int, np.integer)):
@@ -563,7 +570,7 @@ def summarise_tables(df: pd.DataFrame, vert: pd.DataFrame | None = None, records
             head = pointing_game(None, vert, peak_key="heatmap_peak_head", records=records)
             if head["n"]:
                 out["pointing_game_head"] = head
-    return _clean(out)
+    return json_ready(out)
 
 
 # --------------------------------------------------------------------------- plots
@@ -616,7 +623,8 @@ def plot_by_grade(ax, by_grade: dict):
     return ax
 
 
-def _truth_text(row) -> str:
+def truth_text(row) -> str:
+    """The label of a joined row in words: normal, fracture (acute / chronic / acuity unknown), unknown."""
     if pd.isna(row["fracture"]):
         return "unknown"
     if row["fracture"] == 0:
@@ -654,7 +662,7 @@ def heatmap_gallery(infer_dir: str | os.PathLike, df: pd.DataFrame, n: int = 8):
             ax.imshow(mpimg.imread(png), cmap="gray")
         else:
             ax.text(0.5, 0.5, f"no overlay\n{png.name}", ha="center", va="center", fontsize="small")
-        ax.set_title(f"{row['name']}\np_fracture {row['p_fracture']:.3f} | truth: {_truth_text(row)}",
+        ax.set_title(f"{row['name']}\np_fracture {row['p_fracture']:.3f} | truth: {truth_text(row)}",
                      fontsize="small")
         ax.axis("off")
     for ax in axes[len(chosen):]:

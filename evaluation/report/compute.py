@@ -20,7 +20,7 @@ from sklearn.metrics import brier_score_loss, cohen_kappa_score, confusion_matri
 from evaluation import bootstrap as B
 from evaluation import metrics as M
 from evaluation import vertebrae as V
-from evaluation.metrics import (ECE_BINS, TARGET_SENSITIVITY, TARGET_SPECIFICITY, calibration_bins,
+from evaluation.metrics import (ECE_BINS, TARGET_SENSITIVITY, TARGET_SPECIFICITY, calibration_bin_edges, calibration_bins,
                                 expected_calibration_error, operating_points)
 
 __all__ = [
@@ -269,7 +269,7 @@ def calibration_summary(y, p, W: np.ndarray | None = None, n_bins: int = ECE_BIN
     out["ece_if_calibrated"] = B.ece_if_calibrated(p, n_bins)
     out["brier"] = float(brier_score_loss(y.astype(int), p, labels=[0, 1])) if y.size else float("nan")
     bins = calibration_bins(p, n_bins)
-    edges = np.linspace(0, 1, n_bins + 1)
+    edges = calibration_bin_edges(n_bins)
     rel = []
     for b in range(n_bins + 1):
         sel = bins == b
@@ -310,7 +310,7 @@ def auroc_by_level(df: pd.DataFrame, vert: pd.DataFrame, W: np.ndarray | None = 
     :func:`evaluation.metrics.auroc_by_grade`). Levels with fewer than ``min_positives``
     positives get ``auroc`` NaN and a ``note``. Returns ``{level: {"auroc", "ci_low",
     "ci_high", "n_pos", "n_neg", ...}}`` in spinal order."""
-    grade = M._grade_lookup(df, M.image_max_grade(vert))
+    grade = M.grade_of_images(df, M.image_max_grade(vert))
     neg = _negatives(df, grade)
     levels_of = _fractured_levels(vert)
     keys = [M._path_key(p) for p in df["image"]]
@@ -338,7 +338,7 @@ def _subset_auroc(df, pos, neg, W, min_positives: int = 1) -> dict:
 
 
 def _by_grade_with_ci(df: pd.DataFrame, vert: pd.DataFrame, W: np.ndarray) -> dict:
-    grade = M._grade_lookup(df, M.image_max_grade(vert))
+    grade = M.grade_of_images(df, M.image_max_grade(vert))
     neg = _negatives(df, grade)
     has = df["p_fracture"].notna().to_numpy()
     return {str(g): _subset_auroc(df, has & (grade == g).to_numpy(), neg, W, 1) for g in M.GRADES}
@@ -438,7 +438,7 @@ def error_cases(df: pd.DataFrame, infer_dir: str | os.PathLike | None = None, n:
         for _, r in sub.iterrows():
             png = Path(infer_dir) / f"{r['name']}_heatmap.png" if infer_dir else None
             out.append({"name": str(r["name"]), "image": str(r["image"]), "patient_id": str(r["patient_id"]),
-                        "p_fracture": float(r["p_fracture"]), "truth": M._truth_text(r),
+                        "p_fracture": float(r["p_fracture"]), "truth": M.truth_text(r),
                         "overlay": str(png) if png is not None and png.is_file() else None,
                         "error": (None if threshold is None else
                                   bool((r["p_fracture"] >= threshold) != (r["fracture"] == 1)))})
@@ -579,4 +579,4 @@ def evaluate_inputs(inputs: ReportInputs, n_boot: int = 1000, seed: int | None =
         "p_acute_given_fracture; p_acute (= p_fracture x p_acute_given_fracture) is expected to under-estimate "
         "the acute share there.",
     ]
-    return M._clean(out)
+    return M.json_ready(out)
