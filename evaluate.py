@@ -7,7 +7,7 @@ Confidence intervals come from a bootstrap over patients (``patient_id`` of the 
 When the inference folder holds a ``vertebrae.csv`` (per-vertebra predictions) and truth
 vertebrae are given, metrics.json, the plots and report.html gain a per-vertebra section
 (evaluation/vertebrae.py).
-Images with unknown labels are left out of each metric and counted. See evaluation/report.py
+Images with unknown labels are left out of each metric and counted. See evaluation/report/
 for the methods. Research metrics: on synthetic phantom films they are not clinical performance.
 """
 from __future__ import annotations
@@ -20,14 +20,15 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-from evaluation import metrics, report  # noqa: E402
+from evaluation.report import compute, page  # noqa: E402
+from evaluation.report.formatting import format_ci, format_value  # noqa: E402
 
 
 def vertebrae_summary_line(section: dict) -> str:
     """One line on the per-vertebra section of metrics.json (``result["vertebrae"]``)."""
     if not section.get("available"):
         return f"per-vertebra: {section.get('note', 'not available')}"
-    f = report._f
+    f = format_value
     d, pe, la = section["detection"], section["point_error"], section["level_accuracy"]
     c = section["counts"]
     return (f"per-vertebra: recall {f(d['recall'])} ({d['n_matched']}/{d['n_truth']}), precision {f(d['precision'])} "
@@ -66,22 +67,19 @@ def main(argv: list[str] | None = None) -> dict:
             parser.exit(2, f"error: {flag} {path}: file not found\n")
     t0 = time.perf_counter()
     try:
-        result = report.evaluate(args.predictions, args.manifest, vertebrae, infer_dir, n_boot=args.n_boot,
-                                 seed=args.seed, min_level_positives=args.min_level_positives, gallery_n=args.gallery)
-        df = metrics.join_predictions(args.predictions, args.manifest)
+        inputs = compute.load_inputs(args.predictions, args.manifest, vertebrae, infer_dir)
+        result = compute.evaluate_inputs(inputs, n_boot=args.n_boot, seed=args.seed,
+                                         min_level_positives=args.min_level_positives, gallery_n=args.gallery)
     except (ValueError, KeyError, OSError) as exc:  # the readers name the file and the problem
         parser.exit(2, f"error: {exc}\n")
-    paths = report.write_report(result, df, out)
-
-    def ci(d, key):
-        return report._ci(d, key)
-
+    paths = page.write_report(result, inputs.joined, out)
+    ci = format_ci
     fr = result["roc"]["fracture"]
     msg = f"fracture AUROC {ci(fr, 'auroc')} (pos {fr['n_pos']}, neg {fr['n_neg']}, unknown left out {fr['n_unknown_left_out']})"
     if "acute" in result["roc"]:
         msg += f"; acute-vs-chronic AUROC {ci(result['roc']['acute'], 'auroc')}"
     if result.get("pointing_game"):
-        msg += f"; pointing game {report._f(result['pointing_game']['score'])}"
+        msg += f"; pointing game {format_value(result['pointing_game']['score'])}"
     print(msg)
     per_vertebra = result.get("vertebrae")
     if per_vertebra:

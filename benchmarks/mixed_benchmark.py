@@ -49,7 +49,7 @@ from benchmarks.phantom_benchmark import ensure_data, machine
 from data.io_utils import atomic_write_text
 from evaluation import bootstrap as B
 from evaluation import metrics as M
-from calibration.fit import platt_formula
+from calibration.methods import platt_formula
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Phantom + simulated-real model (issues 3 and 4)"
@@ -285,7 +285,7 @@ def grade_group_auroc(predictions: Path, manifest: Path, vertebrae: Path, grades
     (evaluation.bootstrap; evaluate.py's resamples: 1000, seed 0)."""
     df = M.join_predictions(predictions, manifest)
     vert = M.load_vertebrae_table(vertebrae, manifest)
-    grade = M._grade_lookup(df, M.image_max_grade(vert))
+    grade = M.grade_of_images(df, M.image_max_grade(vert))
     has = df["p_fracture"].notna().to_numpy()
     pos = has & grade.isin([float(g) for g in grades]).to_numpy()
     neg = has & (df["fracture"] == 0).to_numpy() & ~(grade > 0).to_numpy()
@@ -743,7 +743,7 @@ def main(argv: list[str] | None = None) -> dict:
                        ("phantom_kappa", s["phantom"].get("kappa_quadratic")),
                        ("phantom_level_accuracy", _get(s, "phantom", "level_accuracy", "accuracy"))):
         s["targets"][key].update(value=value, met=_met(value, key))
-    atomic_write_text(out / "mixed_result.json", json.dumps(M._clean(result), indent=2))
+    atomic_write_text(out / "mixed_result.json", json.dumps(M.json_ready(result), indent=2))
     _log(f"wrote {out / 'mixed_result.json'}")
     if args.no_results:
         _log("--no-results: benchmarks/RESULTS.md left as it is")

@@ -22,6 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
+from evaluation.metrics import ECE_BINS, expected_calibration_error
+
 __all__ = [
     "patient_codes",
     "draw_patients",
@@ -33,7 +35,7 @@ __all__ = [
     "weighted_confusion",
     "rates_from_confusion",
     "weighted_ece",
-    "ece_bins",
+    "ece_if_calibrated",
     "roc_band",
     "pr_band",
     "summarise_draws",
@@ -184,22 +186,7 @@ def rates_from_confusion(c: dict) -> dict[str, np.ndarray]:
             "npv": ratio(c["tn"], c["tn"] + c["fn"])}
 
 
-def ece_bins(p, n_bins: int = 10) -> np.ndarray:
-    """Bin of each probability: ``n_bins`` equal-width bins on [0, 1], lower edge included
-    (``torch.bucketize(p, linspace(0, 1, n_bins + 1), right=True) - 1``, as in torchmetrics;
-    p = 1.0 falls in an extra bin of its own, again as in torchmetrics)."""
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    return np.searchsorted(edges, np.asarray(p, dtype=float), side="right") - 1
-
-
-def _bin_onehot(p: np.ndarray, n_bins: int) -> np.ndarray:
-    """(n, n_bins + 1): 1 in each probability's :func:`ece_bins` column."""
-    onehot = np.zeros((p.size, n_bins + 1))
-    onehot[np.arange(p.size), ece_bins(p, n_bins)] = 1.0
-    return onehot
-
-
-def ece_if_calibrated(p, n_bins: int = 10, n_draws: int = 1000, seed: int = 0) -> dict:
+def ece_if_calibrated(p, n_bins: int = ECE_BINS, n_draws: int = 1000, seed: int = 0) -> dict:
     """The ECE that perfectly calibrated probabilities ``p`` would still show on a set of this
     size and spread: outcomes drawn as Bernoulli(p), ``n_draws`` times. Binned ECE is never 0
     on a finite set, so a measured ECE is read against this (its ``mean`` and ``p95``)."""
@@ -207,26 +194,21 @@ def ece_if_calibrated(p, n_bins: int = 10, n_draws: int = 1000, seed: int = 0) -
     if p.size == 0:
         return {"mean": float("nan"), "p95": float("nan"), "n_draws": n_draws, "seed": seed}
     rng = np.random.default_rng(seed)
-    onehot = _bin_onehot(p, n_bins)
+    # each draw as weights on every probability taken twice, once with outcome 1 and once with 0
+    labels = np.r_[np.ones(p.size), np.zeros(p.size)]
+    doubled = np.r_[p, p]
     eces = np.empty(n_draws)
     for start in range(0, n_draws, 100):  # bounded memory: 100 draws x n at a time
         y = (rng.random((min(100, n_draws - start), p.size)) < p).astype(float)
-        eces[start:start + len(y)] = np.abs((y - p) @ onehot).sum(axis=1) / p.size
+        eces[start:start + len(y)] = expected_calibration_error(labels, doubled, n_bins, weights=np.hstack([y, 1.0 - y]))
     return {"mean": float(eces.mean()), "p95": float(np.percentile(eces, 95)), "n_draws": n_draws, "seed": seed}
 
 
-def weighted_ece(y, p, W, n_bins: int = 10) -> np.ndarray:
-    """Expected calibration error (L1) of each weight row, binned like torchmetrics'
-    ``BinaryCalibrationError(n_bins)``: ``sum_b |sum_{i in b} w_i (y_i - p_i)| / sum_i w_i``,
-    i.e. the bin-size-weighted mean of |observed frequency - mean probability|."""
+def weighted_ece(y, p, W, n_bins: int = ECE_BINS) -> np.ndarray:
+    """Expected calibration error (:func:`evaluation.metrics.expected_calibration_error`) of
+    each weight row: ``sum_b |sum_{i in b} w_i (y_i - p_i)| / sum_i w_i``."""
     y, p, W = _check(y, p, W)
-    onehot = _bin_onehot(p, n_bins)
-    gap = (W * (y - p)) @ onehot
-    tot = W.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ece = np.abs(gap).sum(axis=1) / tot
-    ece[tot == 0] = np.nan
-    return ece
+    return expected_calibration_error(y, p, n_bins, weights=W)
 
 
 # --------------------------------------------------------------------------- curve bands

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
 __all__ = [
@@ -35,6 +36,13 @@ __all__ = [
     "join_predictions",
     "image_max_grade",
     "binary_auroc",
+    "calibration_bin_edges",
+    "calibration_bins",
+    "expected_calibration_error",
+    "operating_points",
+    "OPERATING_POINTS",
+    "TARGET_SENSITIVITY",
+    "TARGET_SPECIFICITY",
     "roc_points",
     "auroc_fracture",
     "auroc_acute",
@@ -48,6 +56,11 @@ __all__ = [
 ]
 
 GRADES = (1, 2, 3)
+# the named decision thresholds on p_fracture, shared by calibration and the report
+OPERATING_POINTS = ("high_sensitivity", "balanced", "high_specificity")
+TARGET_SENSITIVITY = 0.90
+TARGET_SPECIFICITY = 0.95
+ECE_BINS = 10
 _PRED_FLOAT_COLUMNS = ("p_fracture", "p_acute", "p_acute_given_fracture", "heatmap_peak_x", "heatmap_peak_y")
 
 
@@ -166,7 +179,14 @@ def load_predictions_table(predictions_csv: str | os.PathLike) -> pd.DataFrame:
 
 
 def join_predictions(predictions_csv: str | os.PathLike, manifest_csv: str | os.PathLike) -> pd.DataFrame:
-    """Predictions with ``status == "ok"`` joined to the manifest on the image path.
+    """Predictions with ``status == "ok"`` joined to the manifest on the image path (the files
+    read, then :func:`join_tables`)."""
+    return join_tables(load_predictions_table(predictions_csv), load_manifest_table(manifest_csv))
+
+
+def join_tables(pred: pd.DataFrame, man: pd.DataFrame) -> pd.DataFrame:
+    """Predictions (:func:`load_predictions_table`) with ``status == "ok"`` joined to a manifest
+    (:func:`load_manifest_table`) on the image path.
 
     The result has the manifest's columns (``image`` as the manifest's absolute path, labels as
     float) and the prediction columns (``name``, ``p_fracture``, ``p_acute``, ...). An image
@@ -177,8 +197,6 @@ def join_predictions(predictions_csv: str | os.PathLike, manifest_csv: str | os.
     ``n_duplicate`` (repeated ok rows of one image), ``n_manifest``, ``n_missing_prediction``
     (manifest images without an ok prediction) and ``n_joined``.
     """
-    pred = load_predictions_table(predictions_csv)
-    man = load_manifest_table(manifest_csv)
     ok = pred[pred["status"] == "ok"].copy()
     ok["_key"] = ok["image"].map(_path_key)
     n_dup = int(ok["_key"].duplicated().sum())
@@ -279,7 +297,8 @@ def auroc_acute(df: pd.DataFrame, score: str = "p_acute") -> float:
     return binary_auroc(rows[label], rows[score])
 
 
-def _grade_lookup(df: pd.DataFrame, max_grade: pd.Series) -> pd.Series:
+def grade_of_images(df: pd.DataFrame, max_grade: pd.Series) -> pd.Series:
+    """``max_grade`` (:func:`image_max_grade`) of each row's image of ``df``, NaN where unknown."""
     by_key = {_path_key(k): float(v) for k, v in max_grade.items()}
     return pd.Series([by_key.get(_path_key(p), np.nan) for p in df["image"]], index=df.index, dtype=float)
 
@@ -292,7 +311,7 @@ def auroc_by_grade(df: pd.DataFrame, max_grade: pd.Series, score: str = "p_fract
     ``fracture == 0`` (an image labelled 0 whose vertebrae say otherwise is left out of the
     negatives). Returns ``{g: {"auroc", "n_pos", "n_neg"}}``.
     """
-    grade = _grade_lookup(df, max_grade)
+    grade = grade_of_images(df, max_grade)
     has_score = df[score].notna()
     neg = has_score & (df["fracture"] == 0) & ~(grade > 0)
     out: dict[int, dict] = {}
@@ -302,6 +321,98 @@ def auroc_by_grade(df: pd.DataFrame, max_grade: pd.Series, score: str = "p_fract
         s = np.r_[df.loc[pos, score].to_numpy(float), df.loc[neg, score].to_numpy(float)]
         out[g] = {"auroc": binary_auroc(y, s), "n_pos": int(pos.sum()), "n_neg": int(neg.sum())}
     return out
+
+
+# --------------------------------------------------------------------------- calibration error
+def calibration_bin_edges(n_bins: int = ECE_BINS) -> np.ndarray:
+    """The ``n_bins + 1`` edges of the equal-width bins on [0, 1], as torch computes them
+    (``torch.linspace``: at some values, 0.6 and 0.7 among them, they differ from numpy's
+    ``linspace`` in the last bit, which decides the bin of a probability lying on the edge)."""
+    return torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64).numpy()
+
+
+def calibration_bins(probs, n_bins: int = ECE_BINS) -> np.ndarray:
+    """Bin of each probability: ``n_bins`` equal-width bins on [0, 1], lower edge included, as
+    torchmetrics' ``BinaryCalibrationError`` bins (``bucketize(p, linspace(0, 1, n_bins + 1),
+    right=True) - 1``, with torch's own edges, so that a probability on an edge such as 0.6
+    falls where torchmetrics puts it); p = 1.0 falls in an extra bin ``n_bins`` of its own."""
+    return np.searchsorted(calibration_bin_edges(n_bins), np.asarray(probs, dtype=float), side="right") - 1
+
+
+def expected_calibration_error(labels, probs, n_bins: int = ECE_BINS, weights=None):
+    """Expected calibration error: equal-width bins (:func:`calibration_bins`), L1, each bin's
+    |observed frequency - mean probability| weighted by its share of the samples, i.e.
+    ``sum_b |sum_{i in b} w_i (y_i - p_i)| / sum_i w_i``.
+
+    ``labels``: 0, 1 or NaN (unknown: left out, as are non-finite probabilities); ``probs`` are
+    clipped to [0, 1]. ``weights``: None (every sample once; the value equals torchmetrics'
+    ``BinaryCalibrationError(n_bins, norm="l1")``), one weight per sample (``(n,)``: a sample
+    of weight k counts as k copies; returns a float), or a row per resample (``(k, n)``, e.g.
+    bootstrap weights; returns ``(k,)``). NaN where the total weight is 0."""
+    y = np.asarray(labels, dtype=float).ravel()
+    p = np.asarray(probs, dtype=float).ravel()
+    if y.shape != p.shape:
+        raise ValueError(f"labels and probabilities differ in length: {y.shape[0]} vs {p.shape[0]}")
+    w = np.ones(y.size) if weights is None else np.asarray(weights, dtype=float)
+    rows = np.atleast_2d(w)
+    if w.ndim not in (1, 2) or rows.shape[1] != y.size:
+        raise ValueError(f"weights of shape {w.shape} for {y.size} samples")
+    keep = ~np.isnan(y) & np.isfinite(p)
+    y, p, rows = y[keep], np.clip(p[keep], 0.0, 1.0), rows[:, keep]
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError("labels must be 0, 1 or NaN (unknown)")
+    onehot = np.zeros((p.size, n_bins + 1))
+    onehot[np.arange(p.size), calibration_bins(p, n_bins)] = 1.0
+    gap = (rows * (y - p)) @ onehot
+    total = rows.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ece = np.abs(gap).sum(axis=1) / total
+    ece[total == 0] = np.nan
+    return ece if w.ndim == 2 else float(ece[0])
+
+
+# --------------------------------------------------------------------------- operating points
+def operating_points(labels, probs, sensitivity: float = TARGET_SENSITIVITY,
+                     specificity: float = TARGET_SPECIFICITY) -> dict[str, dict]:
+    """The named decision thresholds on ``probs`` (an image is called positive when
+    ``p >= threshold``; the candidates are the distinct probabilities plus one just above the
+    largest):
+
+    * ``high_sensitivity``: the highest threshold whose sensitivity is >= ``sensitivity``;
+    * ``balanced``: the threshold maximising Youden's J = sensitivity + specificity - 1 (the
+      lowest such threshold on ties);
+    * ``high_specificity``: the lowest threshold whose specificity is >= ``specificity``.
+
+    Each is ``{"threshold", "sensitivity", "specificity", "criterion"}`` (``balanced`` adds
+    ``youden_j``), measured on the same ``labels``. Unknown labels (NaN) and non-finite
+    probabilities are left out; ``ValueError`` without both classes."""
+    y = np.asarray(labels, dtype=float).ravel()
+    p = np.asarray(probs, dtype=float).ravel()
+    if y.shape != p.shape:
+        raise ValueError(f"labels and probabilities differ in length: {y.shape[0]} vs {p.shape[0]}")
+    keep = ~np.isnan(y) & np.isfinite(p)
+    y, p = y[keep], p[keep]
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError("labels must be 0, 1 or NaN (unknown)")
+    if not ((y == 1).any() and (y == 0).any()):
+        raise ValueError("operating points need labelled images of both classes")
+    candidates = np.unique(np.append(p, np.nextafter(float(p.max()), np.inf)))  # ascending
+    pos, neg = np.sort(p[y == 1]), np.sort(p[y == 0])
+    sens = (len(pos) - np.searchsorted(pos, candidates, side="left")) / len(pos)
+    spec = np.searchsorted(neg, candidates, side="left") / len(neg)
+
+    def point(i: int, criterion: str) -> dict:
+        return {"threshold": float(candidates[i]), "sensitivity": float(sens[i]),
+                "specificity": float(spec[i]), "criterion": criterion}
+
+    ok = np.flatnonzero(sens >= sensitivity - 1e-12)
+    high_sens = point(int(ok.max()), f"highest threshold with sensitivity >= {sensitivity:g}")
+    j = sens + spec - 1.0
+    balanced = point(int(np.flatnonzero(j >= j.max() - 1e-12).min()), "maximum Youden J (sensitivity + specificity - 1)")
+    balanced["youden_j"] = float(j.max())
+    ok = np.flatnonzero(spec >= specificity - 1e-12)
+    high_spec = point(int(ok.min()), f"lowest threshold with specificity >= {specificity:g}")
+    return {"high_sensitivity": high_sens, "balanced": balanced, "high_specificity": high_spec}
 
 
 # --------------------------------------------------------------------------- pointing game
@@ -323,10 +434,12 @@ def read_inference_jsons(infer_dir: str | os.PathLike | None) -> list[dict]:
     return records
 
 
-def _read_prediction_jsons(predictions_json_dir: str | os.PathLike, peak_key: str = "heatmap_peak") -> list[dict]:
-    """Records with a finite peak (JSON key ``peak_key``), for the pointing game."""
-    records = []
-    for rec in read_inference_jsons(predictions_json_dir):
+def _read_prediction_jsons(predictions_json_dir: str | os.PathLike | None, peak_key: str = "heatmap_peak",
+                           records: list[dict] | None = None) -> list[dict]:
+    """Records with a finite peak (JSON key ``peak_key``), for the pointing game; from
+    ``records`` (:func:`read_inference_jsons`) when given, else read from the folder."""
+    peaks = []
+    for rec in (read_inference_jsons(predictions_json_dir) if records is None else records):
         peak = rec.get(peak_key)
         if not isinstance(peak, (list, tuple)) or len(peak) != 2:
             continue
@@ -336,24 +449,25 @@ def _read_prediction_jsons(predictions_json_dir: str | os.PathLike, peak_key: st
             continue
         if not (math.isfinite(x) and math.isfinite(y)):
             continue
-        records.append({"json": rec["_json"], "image": rec["_image"],
-                        "name": rec.get("name", Path(rec["_json"]).stem), "x": x, "y": y})
-    return records
+        peaks.append({"json": rec["_json"], "image": rec["_image"],
+                      "name": rec.get("name", Path(rec["_json"]).stem), "x": x, "y": y})
+    return peaks
 
 
-def pointing_game_table(predictions_json_dir: str | os.PathLike, vertebrae_df: pd.DataFrame,
-                        peak_key: str = "heatmap_peak") -> pd.DataFrame:
+def pointing_game_table(predictions_json_dir: str | os.PathLike | None, vertebrae_df: pd.DataFrame,
+                        peak_key: str = "heatmap_peak", records: list[dict] | None = None) -> pd.DataFrame:
     """One row per fractured image (any vertebra with ``genant_grade > 0``) that has an ok
     per-image JSON in ``predictions_json_dir``: ``image``, ``name``, ``peak_x``, ``peak_y``,
     ``hit`` (peak inside the box of any fractured vertebra, edges included), ``levels``
-    (the fractured levels) and ``hit_level``."""
+    (the fractured levels) and ``hit_level``. ``records``: the folder's JSONs already read
+    (:func:`read_inference_jsons`), so that they are not read again."""
     fractured = vertebrae_df[vertebrae_df["genant_grade"] > 0]
     boxes: dict[str, list[tuple]] = {}
     for row in fractured.itertuples(index=False):
         boxes.setdefault(_path_key(row.image), []).append(
             (getattr(row, "level", ""), row.x_min, row.y_min, row.x_max, row.y_max))
     rows, seen = [], set()
-    for rec in _read_prediction_jsons(predictions_json_dir, peak_key):
+    for rec in _read_prediction_jsons(predictions_json_dir, peak_key, records):
         key = _path_key(rec["image"])
         if key not in boxes or key in seen:
             continue
@@ -370,26 +484,26 @@ def pointing_game_table(predictions_json_dir: str | os.PathLike, vertebrae_df: p
     return pd.DataFrame(rows, columns=cols)
 
 
-def pointing_game(predictions_json_dir: str | os.PathLike, vertebrae_df: pd.DataFrame,
-                  peak_key: str = "heatmap_peak") -> dict:
+def pointing_game(predictions_json_dir: str | os.PathLike | None, vertebrae_df: pd.DataFrame,
+                  peak_key: str = "heatmap_peak", records: list[dict] | None = None) -> dict:
     """Pointing game: share of fractured images whose heatmap peak lies in a fractured
     vertebra's box. Returns ``{"hits", "n", "score"}`` (score NaN when n is 0).
     ``peak_key``: ``heatmap_peak`` (the written fracture map's, dense head and vertebrae) or
     ``heatmap_peak_head`` (the dense head's alone). See :func:`pointing_game_table` for the
     per-image rows."""
-    table = pointing_game_table(predictions_json_dir, vertebrae_df, peak_key)
+    table = pointing_game_table(predictions_json_dir, vertebrae_df, peak_key, records)
     n = int(len(table))
     hits = int(table["hit"].sum()) if n else 0
     return {"hits": hits, "n": n, "score": hits / n if n else float("nan")}
 
 
 # --------------------------------------------------------------------------- summary
-def _clean(obj: Any) -> Any:
+def json_ready(obj: Any) -> Any:
     """JSON-friendly copy: numpy scalars -> Python, NaN/inf -> None, keys -> str."""
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): json_ready(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_ready(v) for v in obj]
     if isinstance(obj, (bool, np.bool_)):
         return bool(obj)
     if isinstance(obj, (int, np.integer)):
@@ -414,7 +528,21 @@ def summarise(predictions_csv: str | os.PathLike, manifest_csv: str | os.PathLik
     ``pointing_game`` (``None`` without ``vertebrae_csv``, resp. ``infer_dir``), and
     ``pointing_game_head`` (the dense head's peak alone) when the JSONs carry it.
     """
+    inputs = {"predictions": str(predictions_csv), "manifest": str(manifest_csv),
+              "vertebrae": str(vertebrae_csv) if vertebrae_csv else None,
+              "infer_dir": str(infer_dir) if infer_dir else None}
     df = join_predictions(predictions_csv, manifest_csv)
+    vert = load_vertebrae_table(vertebrae_csv, manifest_csv) if vertebrae_csv is not None else None
+    records = read_inference_jsons(infer_dir) if infer_dir is not None else None
+    return summarise_tables(df, vert, records, inputs)
+
+
+def summarise_tables(df: pd.DataFrame, vert: pd.DataFrame | None = None, records: list[dict] | None = None,
+                     inputs: dict | None = None) -> dict:
+    """:func:`summarise` of tables already read: ``df`` from :func:`join_tables`, ``vert`` from
+    :func:`load_vertebrae_table` (None: no ``by_grade`` / pointing game), ``records`` from
+    :func:`read_inference_jsons` (None: no inference folder, no pointing game); ``inputs`` is
+    written as it is."""
     counts = dict(df.attrs)
     counts.update({
         "n_fracture_pos": int((df["fracture"] == 1).sum()),
@@ -426,9 +554,7 @@ def summarise(predictions_csv: str | os.PathLike, manifest_csv: str | os.PathLik
         "n_missing_score": int(df["p_fracture"].isna().sum()),
     })
     out: dict[str, Any] = {
-        "inputs": {"predictions": str(predictions_csv), "manifest": str(manifest_csv),
-                   "vertebrae": str(vertebrae_csv) if vertebrae_csv else None,
-                   "infer_dir": str(infer_dir) if infer_dir else None},
+        "inputs": dict(inputs or {}),
         "counts": counts,
         "auroc_fracture": auroc_fracture(df),
         "auroc_acute": auroc_acute(df) if "p_acute" in df.columns else float("nan"),
@@ -437,15 +563,14 @@ def summarise(predictions_csv: str | os.PathLike, manifest_csv: str | os.PathLik
         out["auroc_acute_given_fracture"] = auroc_acute(df, score="p_acute_given_fracture")
     out["by_grade"] = None
     out["pointing_game"] = None
-    if vertebrae_csv is not None:
-        vert = load_vertebrae_table(vertebrae_csv, manifest_csv)
+    if vert is not None:
         out["by_grade"] = auroc_by_grade(df, image_max_grade(vert))
-        if infer_dir is not None:
-            out["pointing_game"] = pointing_game(infer_dir, vert)
-            head = pointing_game(infer_dir, vert, peak_key="heatmap_peak_head")
+        if records is not None:
+            out["pointing_game"] = pointing_game(None, vert, records=records)
+            head = pointing_game(None, vert, peak_key="heatmap_peak_head", records=records)
             if head["n"]:
                 out["pointing_game_head"] = head
-    return _clean(out)
+    return json_ready(out)
 
 
 # --------------------------------------------------------------------------- plots
@@ -498,7 +623,8 @@ def plot_by_grade(ax, by_grade: dict):
     return ax
 
 
-def _truth_text(row) -> str:
+def truth_text(row) -> str:
+    """The label of a joined row in words: normal, fracture (acute / chronic / acuity unknown), unknown."""
     if pd.isna(row["fracture"]):
         return "unknown"
     if row["fracture"] == 0:
@@ -536,7 +662,7 @@ def heatmap_gallery(infer_dir: str | os.PathLike, df: pd.DataFrame, n: int = 8):
             ax.imshow(mpimg.imread(png), cmap="gray")
         else:
             ax.text(0.5, 0.5, f"no overlay\n{png.name}", ha="center", va="center", fontsize="small")
-        ax.set_title(f"{row['name']}\np_fracture {row['p_fracture']:.3f} | truth: {_truth_text(row)}",
+        ax.set_title(f"{row['name']}\np_fracture {row['p_fracture']:.3f} | truth: {truth_text(row)}",
                      fontsize="small")
         ax.axis("off")
     for ax in axes[len(chosen):]:

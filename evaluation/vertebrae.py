@@ -440,7 +440,7 @@ def summarise_vertebrae(pred_df: pd.DataFrame, truth_df: pd.DataFrame,
         "auroc_by_grade": by_grade,
         "auroc_by_level": by_level,
     }
-    return M._clean(out)
+    return M.json_ready(out)
 
 
 # --------------------------------------------------------------------------- plots

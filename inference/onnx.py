@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from calibration.fit import predictor_calibration
+from calibration import predictor_calibration
 from data.io_utils import atomic_write_bytes
 from inference.loading import open_model
 from models.bundle import (CALIBRATION_FILE, ONNX_FILE, Bundle, BundleError, ModelError, file_sha256, is_bundle,

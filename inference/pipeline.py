@@ -27,7 +27,7 @@ from data.io_utils import atomic_save_npy, atomic_write_image, atomic_write_json
 from data.discovery import find_inputs
 from data.readers import ImageReadError, read_image
 from data.transforms import letterbox, normalize_intensity
-from calibration.fit import predictor_calibration
+from calibration import predictor_calibration
 from inference.loading import open_model
 from models.network import HEATMAP_STRIDE, FractureNet
 from inference.vertebrae import analyse_film, fracture_map, fracture_peak, image_probabilities, with_morphometry

@@ -172,11 +172,11 @@ def _calibration_details(cal) -> str:
         if k == "isotonic" and isinstance(v, dict):  # knots can be long: summarised
             v = {head: (f"{len(h.get('x', []))} knots" if isinstance(h, dict) else "identity") for head, h in v.items()}
         if k == "platt" and isinstance(v, dict):
-            from calibration.fit import platt_formula
+            from calibration.methods import platt_formula
 
             v = {head: (platt_formula(h) if isinstance(h, dict) else "identity") for head, h in v.items()}
         if k == "beta" and isinstance(v, dict):
-            from calibration.fit import beta_formula
+            from calibration.methods import beta_formula
 
             v = {head: (beta_formula(h) if isinstance(h, dict) else "identity") for head, h in v.items()}
         if isinstance(v, dict):

@@ -6,9 +6,26 @@ import pandas as pd
 import pytest
 import torch
 
-from calibration.fit import (CALIBRATION_KEY, CalibrationError, Calibrator, calibrate_checkpoint,
-                                choose_method, cross_validate_methods, expected_calibration_error, fit_isotonic,
-                                fit_beta, fit_platt, fit_temperature, main, operating_points)
+from calibration import CALIBRATION_KEY, METHODS, CalibrationError, Calibrator
+from calibration.fit import calibrate_checkpoint, choose_method, cross_validate_methods, main
+from evaluation.metrics import expected_calibration_error, operating_points
+
+
+# the fitted parameters of one head, in their stored form
+def fit_temperature(logits, labels):
+    return METHODS["temperature"].fit(logits, None, labels).to_json()
+
+
+def fit_platt(logits, labels):
+    return METHODS["platt"].fit(logits, None, labels).to_json()
+
+
+def fit_beta(logits, labels):
+    return METHODS["beta"].fit(logits, None, labels).to_json()
+
+
+def fit_isotonic(probs, labels):
+    return METHODS["isotonic"].fit(None, probs, labels).to_json()
 
 
 def _synthetic(n=20000, t_true=2.5, seed=0):
@@ -26,8 +43,8 @@ def test_temperature_recovers_known_temperature_and_lowers_ece():
     assert abs(t - 2.5) / 2.5 < 0.08, t
     cal = Calibrator("temperature", temperature={"p_fracture": t})
     p_raw = 1.0 / (1.0 + np.exp(-z))
-    before = expected_calibration_error(p_raw, y)
-    after = expected_calibration_error(cal.apply(z, logits=True), y)
+    before = expected_calibration_error(y, p_raw)
+    after = expected_calibration_error(y, cal.apply(z, logits=True))
     assert after < before / 3, (before, after)
     # from probabilities or from logits: the same map
     assert np.allclose(cal.apply(p_raw[:100]), cal.apply(z[:100], logits=True), atol=1e-6)
@@ -46,9 +63,9 @@ def test_platt_recovers_slope_and_intercept_where_temperature_cannot(tmp_path):
     platt = Calibrator("platt", platt={"p_fracture": ab})
     temperature = Calibrator("temperature", temperature={"p_fracture": fit_temperature(z, y)})
     p_raw = 1.0 / (1.0 + np.exp(-z))
-    ece_raw = expected_calibration_error(p_raw, y)
-    ece_platt = expected_calibration_error(platt.apply(z, logits=True), y)
-    ece_temperature = expected_calibration_error(temperature.apply(z, logits=True), y)
+    ece_raw = expected_calibration_error(y, p_raw)
+    ece_platt = expected_calibration_error(y, platt.apply(z, logits=True))
+    ece_temperature = expected_calibration_error(y, temperature.apply(z, logits=True))
     # a temperature cannot move the 0.5 point; the intercept can
     assert ece_platt < ece_temperature / 3 and ece_platt < ece_raw / 3, (ece_raw, ece_temperature, ece_platt)
     assert np.allclose(platt.apply(p_raw[:100]), platt.apply(z[:100], logits=True), atol=1e-6)
@@ -57,7 +74,7 @@ def test_platt_recovers_slope_and_intercept_where_temperature_cannot(tmp_path):
     assert np.allclose(platt.apply(q, "p_acute_given_fracture"), q, rtol=0, atol=1e-12)  # identity where not fitted
 
     torch.save({"vcf_calibration": Calibrator("platt", platt={"p_fracture": ab}, points=operating_points(
-        platt.apply(z, logits=True), y)).to_dict()}, tmp_path / "c.pt")
+        y, platt.apply(z, logits=True))).to_dict()}, tmp_path / "c.pt")
     stored = torch.load(tmp_path / "c.pt", weights_only=True)["vcf_calibration"]
     assert stored["method"] == "platt" and stored["platt"]["p_fracture"] == ab
     back = Calibrator.from_dict(stored)
@@ -84,8 +101,8 @@ def test_isotonic_lowers_ece_and_round_trips_weights_only(tmp_path):
     assert all(type(v) is float for v in table["x"] + table["y"])
     assert np.all(np.diff(table["y"]) >= 0)
     cal = Calibrator("isotonic", isotonic={"p_fracture": table, "p_acute_given_fracture": None},
-                     points=operating_points(p, y), default="high_sensitivity")
-    assert expected_calibration_error(cal.apply(p), y) < expected_calibration_error(p, y)
+                     points=operating_points(y, p), default="high_sensitivity")
+    assert expected_calibration_error(y, cal.apply(p)) < expected_calibration_error(y, p)
     torch.save({"vcf_calibration": cal.to_dict()}, tmp_path / "c.pt")
     back = Calibrator.from_dict(torch.load(tmp_path / "c.pt", weights_only=True)["vcf_calibration"])
     assert back.method == "isotonic" and back.default == "high_sensitivity"
@@ -104,7 +121,7 @@ def test_operating_points_satisfy_their_constraints():
     rng = np.random.default_rng(3)
     y = (rng.random(400) < 0.3).astype(float)
     p = np.clip(rng.normal(0.35 + 0.3 * y, 0.15), 0, 1)
-    pts = operating_points(p, y)
+    pts = operating_points(y, p)
     cands = np.unique(np.append(p, np.nextafter(p.max(), np.inf)))
 
     def rates(t):
@@ -188,8 +205,8 @@ def test_beta_calibration_bends_the_two_ends_apart_where_platt_cannot(tmp_path):
     assert abs(abc["a"] - 1.6) < 0.25 and abs(abc["b"] - 0.7) < 0.1 and abs(abc["c"] + 0.3) < 0.25, abc
     beta = Calibrator("beta", beta={"p_fracture": abc})
     platt = Calibrator("platt", platt={"p_fracture": fit_platt(z, y)})
-    ece_beta = expected_calibration_error(beta.apply(z, logits=True), y)
-    ece_platt = expected_calibration_error(platt.apply(z, logits=True), y)
+    ece_beta = expected_calibration_error(y, beta.apply(z, logits=True))
+    ece_platt = expected_calibration_error(y, platt.apply(z, logits=True))
     assert ece_beta < 0.7 * ece_platt, (ece_beta, ece_platt)
     p_raw = 1.0 / (1.0 + np.exp(-z))
     assert np.allclose(beta.apply(p_raw[:100]), beta.apply(z[:100], logits=True), atol=1e-6)
@@ -394,3 +411,81 @@ def test_auto_method_stores_its_cross_validation(tiny, tmp_path, capsys):
     assert sel["requested"] == "auto" and sel["chosen"] == stored["method"] and stored["method"] in ("none", "temperature", "platt", "beta", "isotonic")
     assert set(sel["scores"]) == {"none", "temperature", "platt", "beta", "isotonic"} and sel["folds"] == 5
     assert choose_method(sel, by="ece") == sel["chosen"] and "ece" in sel["criterion"]
+
+
+def test_a_method_registered_by_one_class_is_usable_and_round_trips(monkeypatch):
+    """A new calibration method is one class: the Calibrator applies it, stores it and reads it back,
+    and the method-selection cross-validation scores it."""
+    from calibration import CalibrationMethod, register
+    from calibration import methods as registry
+    from calibration.methods import sigmoid
+
+    monkeypatch.setattr(registry, "METHODS", dict(registry.METHODS))  # the registration ends with the test
+    import calibration.calibrator
+    import calibration.fit
+
+    monkeypatch.setattr(calibration.calibrator, "METHODS", registry.METHODS)
+    monkeypatch.setattr(calibration.fit, "METHODS", registry.METHODS)
+
+    @register
+    class Shift(CalibrationMethod):
+        name = "shift"
+
+        def __init__(self, b: float = 0.0):
+            self.b = float(b)
+
+        @classmethod
+        def fit(cls, logits, probs, labels):
+            z, y = np.asarray(logits, float), np.asarray(labels, float)
+            known = ~np.isnan(y)
+            return cls(float(np.log(y[known].mean() / (1 - y[known].mean())) - np.median(z[known])))
+
+        def apply_logits(self, logits):
+            return sigmoid(np.asarray(logits, float) + self.b)
+
+        def to_json(self):
+            return {"b": self.b}
+
+        @classmethod
+        def from_json(cls, value):
+            return cls() if value is None else cls(value["b"])
+
+    assert registry.METHODS["shift"] is Shift
+    z, y = _synthetic(n=2000)
+    fitted = Shift.fit(z, None, y)
+    cal = Calibrator("shift", maps={"p_fracture": fitted}, points=operating_points(y, fitted.apply(z, logits=True)))
+    stored = json.loads(json.dumps(cal.to_dict()))
+    assert stored["method"] == "shift" and stored["shift"] == {"p_fracture": {"b": fitted.b},
+                                                              "p_acute_given_fracture": {"b": 0.0}}
+    back = Calibrator.from_dict(stored)
+    assert back.to_dict() == stored and "shift" not in back.info
+    q = np.linspace(0.05, 0.95, 7)
+    assert np.allclose(back.apply(q), sigmoid(np.log(q / (1 - q)) + fitted.b))
+    assert np.allclose(back.apply(q, "p_acute_given_fracture"), q)
+    assert np.allclose(Calibrator("shift", shift={"p_fracture": {"b": 1.0}}).apply(0.5), sigmoid(1.0))
+    selection = cross_validate_methods(z, sigmoid(z), y, _patients(len(y)))
+    assert "shift" in selection["scores"] and np.isfinite(selection["scores"]["shift"]["brier"])
+    with pytest.raises(ValueError, match="already registered"):
+        register(type("Other", (Shift,), {}))
+    with pytest.raises(CalibrationError, match="unknown calibration method"):
+        Calibrator.from_dict({"method": "nonesuch"})
+
+
+def test_stored_form_is_read_and_written_unchanged():
+    """Stored calibrations of each method (the form written before the registry) read back to the same dict."""
+    points = {"balanced": {"threshold": 0.4, "sensitivity": 0.8, "specificity": 0.7, "criterion": "c",
+                           "youden_j": 0.5}}
+    stored = [
+        {"format": 1, "method": "temperature", "temperature": {"p_fracture": 2.0, "p_acute_given_fracture": 1.0}},
+        {"format": 1, "method": "platt", "platt": {"p_fracture": {"a": 0.5, "b": -0.2},
+                                                   "p_acute_given_fracture": {"a": 1.0, "b": 0.0}}},
+        {"format": 1, "method": "beta", "beta": {"p_fracture": {"a": 0.6, "b": 0.4, "c": 0.1},
+                                                 "p_acute_given_fracture": {"a": 1.0, "b": 1.0, "c": 0.0}}},
+        {"format": 1, "method": "isotonic", "isotonic": {"p_fracture": {"x": [0.1, 0.9], "y": [0.0, 1.0]},
+                                                         "p_acute_given_fracture": None}},
+        {"format": 1, "method": "none"},
+    ]
+    for d in stored:
+        d = {**d, "operating_points": points, "default": "balanced", "n_images": 12,
+             "vertebra_combiner": None, "fitted_on": "/x/m.csv"}
+        assert Calibrator.from_dict(d).to_dict() == d

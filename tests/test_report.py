@@ -16,7 +16,8 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from evaluation import bootstrap as B
 from evaluation import compare as C
 from evaluation import metrics as M
-from evaluation import report as R
+from evaluation.report import compute as R
+from evaluation.report import page
 
 N_BOOT = 200
 
@@ -159,7 +160,7 @@ def test_weighted_metrics_match_sklearn_and_torchmetrics():
     w = rng.integers(0, 4, 80).astype(float)
     assert B.weighted_auroc(y, s, w[None])[0] == pytest.approx(roc_auc_score(y, s, sample_weight=w))
     assert B.weighted_average_precision(y, s, w[None])[0] == pytest.approx(average_precision_score(y, s, sample_weight=w))
-    assert B.weighted_ece(y, s, ones)[0] == pytest.approx(R.expected_calibration_error(y, s), abs=1e-9)
+    assert B.weighted_ece(y, s, ones)[0] == pytest.approx(M.expected_calibration_error(y, s), abs=1e-9)
     assert np.isnan(B.weighted_auroc(np.ones(3), np.array([0.1, 0.2, 0.3]), np.ones((1, 3)))[0])
 
 
@@ -186,7 +187,7 @@ def test_operating_points_satisfy_their_constraints(seed):
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 2, 150).astype(float)
     s = np.round(np.clip(y * 0.3 + rng.normal(0.35, 0.2, 150), 0, 1), 3)
-    ops = R.choose_operating_points(y, s)
+    ops = M.operating_points(y, s)
     cand = np.unique(np.r_[s, np.nextafter(s.max(), np.inf)])
 
     def sens_spec(t):
@@ -243,7 +244,7 @@ def test_stored_operating_point_from_decision_column_and_jsons(tiny_eval_set):
     assert st["sensitivity"]["value"] == pytest.approx(0.8)
     assert r["inference_calibration"]["method"] == "temperature"
     assert r["calibration"]["p_fracture_uncalibrated"]["n"] == 9
-    html = R.render_html(r)
+    html = page.render_html(r)
     assert "Stored operating point (predictions.csv" in html and "sensitivity 0.900 and specificity 0.800" in html
     assert "applied the checkpoint's calibration" in html and "temperature" in html
 
@@ -331,7 +332,7 @@ def test_ece_if_calibrated_is_the_floor_that_chance_alone_gives():
     assert null == B.ece_if_calibrated(p, n_draws=400, seed=0)  # seeded
     # on 300 films even calibrated probabilities score well above 0 (about 0.03-0.06)
     assert 0.02 < null["mean"] < null["p95"] < 0.1
-    calibrated = [R.expected_calibration_error((rng.random(300) < p).astype(float), p) for _ in range(200)]
+    calibrated = [M.expected_calibration_error((rng.random(300) < p).astype(float), p) for _ in range(200)]
     assert abs(np.mean(calibrated) - null["mean"]) < 0.005  # the same binning as the reported ECE
     y = (rng.random(300) < p).astype(float)
     summary = R.calibration_summary(y, p ** 3, patients=np.arange(300), n_boot=20)
@@ -426,3 +427,94 @@ def test_evaluate_cli_names_a_missing_or_malformed_input(tiny_eval_set, tmp_path
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "predictions.csv" in err and "Traceback" not in err
     assert not (tmp_path / "r" / "metrics.json").exists()
+
+
+# --------------------------------------------------------------------------- one ECE, one set of operating points
+def _torchmetrics_ece(y, p, n_bins=10):
+    import torch
+    from torchmetrics.classification import BinaryCalibrationError
+
+    metric = BinaryCalibrationError(n_bins=n_bins, norm="l1")
+    return float(metric(torch.as_tensor(p, dtype=torch.float64), torch.as_tensor(y, dtype=torch.long)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("n_bins", [10, 15])
+def test_ece_equals_torchmetrics(seed, n_bins):
+    rng = np.random.default_rng(seed)
+    n = 500
+    p = rng.random(n) ** (seed + 1)
+    y = (rng.random(n) < np.clip(p + rng.normal(0, 0.2, n), 0, 1)).astype(float)
+    # probabilities on the bin edges (torch's edges: 0.6 and 0.7 differ from numpy's in the last bit), 0 and 1
+    p[:40] = np.round(rng.random(40), 1)
+    p[40:45] = 1.0
+    p[45:50] = 0.0
+    assert M.expected_calibration_error(y, p, n_bins) == pytest.approx(_torchmetrics_ece(y, p, n_bins), abs=1e-12)
+
+
+def test_ece_leaves_unknown_labels_out_and_weights_count_as_repeats():
+    rng = np.random.default_rng(5)
+    p = rng.random(200)
+    y = (rng.random(200) < p ** 2).astype(float)
+    w = rng.integers(0, 4, 200)
+    repeated = M.expected_calibration_error(np.repeat(y, w), np.repeat(p, w))
+    assert M.expected_calibration_error(y, p, weights=w) == pytest.approx(repeated, abs=1e-12)
+    rows = M.expected_calibration_error(y, p, weights=np.vstack([w, np.ones(200)]))
+    assert rows.shape == (2,) and rows[0] == pytest.approx(repeated, abs=1e-12)
+    assert rows[1] == pytest.approx(M.expected_calibration_error(y, p), abs=1e-15)
+    with_unknown = np.r_[y, np.nan, np.nan]
+    assert M.expected_calibration_error(with_unknown, np.r_[p, 0.5, 0.9]) == M.expected_calibration_error(y, p)
+    assert np.isnan(M.expected_calibration_error([], []))
+    assert B.weighted_ece(y, p, w[None])[0] == pytest.approx(repeated, abs=1e-12)
+
+
+def test_operating_points_are_those_of_the_roc_curve():
+    """The one implementation gives the thresholds the report took from scikit-learn's roc_curve."""
+    from sklearn.metrics import roc_curve
+
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 2, 300).astype(float)
+    s = np.round(np.clip(0.3 * y + rng.normal(0.35, 0.2, 300), 0, 1), 2)  # with ties
+    fpr, tpr, thr = roc_curve(y, s, drop_intermediate=False)
+    thr[~np.isfinite(thr)] = np.nextafter(s.max(), np.inf)
+    j = tpr - fpr
+    ops = M.operating_points(y, s)
+    assert ops["high_sensitivity"]["threshold"] == thr[np.flatnonzero(tpr >= M.TARGET_SENSITIVITY)[0]]
+    assert ops["balanced"]["threshold"] == thr[np.flatnonzero(j >= j.max() - 1e-12)[-1]]
+    assert ops["high_specificity"]["threshold"] == thr[np.flatnonzero(1 - fpr >= M.TARGET_SPECIFICITY)[-1]]
+    assert set(ops) == set(M.OPERATING_POINTS)
+    with pytest.raises(ValueError, match="both classes"):
+        M.operating_points(np.ones(5), s[:5])
+
+
+def test_metrics_json_is_computed_without_matplotlib(tiny_eval_set, tmp_path):
+    import subprocess
+    import sys
+
+    s = tiny_eval_set
+    code = ("import json, sys\n"
+            "from evaluation.report import compute\n"
+            f"r = compute.evaluate({s['predictions']!r}, {s['manifest']!r}, {s['vertebrae']!r}, {s['infer_dir']!r}, "
+            "n_boot=20)\n"
+            "json.dumps(r, allow_nan=False)\n"
+            "print(sorted(m for m in sys.modules if m == 'matplotlib' or m.startswith('matplotlib.')))\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_inputs_are_read_once(tiny_eval_set, monkeypatch):
+    s = tiny_eval_set
+    calls = {"predictions": 0, "manifest": 0, "vertebrae": 0, "jsons": 0}
+    for name, key in (("load_predictions_table", "predictions"), ("load_manifest_table", "manifest"),
+                      ("load_vertebrae_table", "vertebrae"), ("read_inference_jsons", "jsons")):
+        original = getattr(M, name)
+
+        def counted(*args, _original=original, _key=key, **kwargs):
+            calls[_key] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(M, name, counted)
+    R.evaluate(s["predictions"], s["manifest"], s["vertebrae"], s["infer_dir"], n_boot=20)
+    assert calls == {"predictions": 1, "manifest": 1, "vertebrae": 1, "jsons": 1}

@@ -737,7 +737,7 @@ def test_draw_vertebrae_grade_colours_level_names_and_no_side_effects():
 def model(tmp_path_factory):
     """An untrained FractureSystem saved as an uncalibrated and a calibrated checkpoint, and
     three phantom films (128 x 104 px)."""
-    from calibration.fit import CALIBRATION_KEY, Calibrator
+    from calibration import CALIBRATION_KEY, Calibrator
 
     tmp = tmp_path_factory.mktemp("vinf")
     generate_dataset(tmp / "data", n=3, seed=5, size=128, workers=1, progress=False)

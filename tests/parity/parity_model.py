@@ -96,7 +96,7 @@ def seeded_system(seed: int = SEED):
 
 def parity_checkpoint(path: Path, seed: int = SEED) -> Path:
     """The parity model as a training checkpoint of the layout before bundles."""
-    from calibration.fit import CALIBRATION_KEY, Calibrator
+    from calibration import CALIBRATION_KEY, Calibrator
     from models.point_refiner import REFINER_KEY, REFINE_SIZE
     from models.vertebra_net import VertebraNet
 
