@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(PY) -m training.export --checkpoint $(DEMO)/best.ckpt --out $(DEMO)/bundle --name demo --overwrite
 	$(PY) infer.py --model $(DEMO)/bundle --out $(DEMO)/infer $(DEMO)/data/test/manifest.csv
 	$(PY) evaluate.py --predictions $(DEMO)/infer/predictions.csv --manifest $(DEMO)/data/test/manifest.csv --out $(DEMO)/report
-	$(PY) -m models.model_card --model $(DEMO)/bundle --metrics $(DEMO)/report/metrics.json --out $(DEMO)/report/model_card.md
+	$(PY) -m evaluation.model_card --model $(DEMO)/bundle --metrics $(DEMO)/report/metrics.json --out $(DEMO)/report/model_card.md
 	@echo
 	@echo "bundle:       $(DEMO)/bundle/ (metadata.json, *.safetensors, README.md; loads with no pickle)"
 	@echo "checkpoint:   $(DEMO)/best.ckpt (training state; the bundle is what inference reads)"

@@ -2,22 +2,23 @@
 
 A network's raw probabilities are rarely calibrated (a 0.8 need not mean "fractured 8 times in
 10"), and a calibration that holds on one site's films need not hold on another's. This module
-refits a calibration for a checkpoint on a labelled validation set, picks decision thresholds
-(operating points) on the calibrated validation probabilities, and writes them into a *new*
-checkpoint; inference (:class:`inference.pipeline.Predictor`, and the ONNX backend through the
-model's metadata) then reports calibrated probabilities and a yes/no decision.
+refits a calibration for a model on a labelled validation set, picks decision thresholds
+(operating points) on the calibrated validation probabilities, and writes them into a *new
+version* of the model's bundle (``calibration.json``); inference
+(:class:`inference.pipeline.Predictor`, and the ONNX backend) then reports calibrated
+probabilities and a yes/no decision.
 
 Refit for a new site on that site's labelled validation films (every labelled row is used)::
 
-    python -m calibration --checkpoint best.ckpt --manifest SITE_VAL.csv \\
+    python -m calibration --model BUNDLE --manifest SITE_VAL.csv \\
         [--method temperature|platt|beta|isotonic|none|auto] [--select-by brier|ece] \\
-        [--operating-point balanced|high_sensitivity|high_specificity] [--out NEW.ckpt]
+        [--operating-point balanced|high_sensitivity|high_specificity] [--out NEW_BUNDLE]
 
 It prints the fitted parameters, the operating points with their validation sensitivity and
-specificity, and the path of the new checkpoint (default ``<stem>_calibrated.ckpt`` beside the
+specificity, and the path of the new bundle (default ``<name>_calibrated`` beside the
 input). ``--split val`` uses only the manifest's patient-grouped validation split instead (the
-split training used: ``val_fraction`` and ``split_seed`` from the checkpoint's data-module
-hyper-parameters, else 0.15 and 0).
+split training used: ``val_fraction`` and ``split_seed`` from the bundle's recorded data
+settings, else 0.15 and 0).
 
 Per-vertebra probabilities: where a ``vertebrae.csv`` lies beside the manifest, the crop
 network's ``p_fracture`` of each vertebra found is first combined with its measured height
@@ -80,12 +81,11 @@ The methods are the classes of :mod:`calibration.methods` (a registry: a new met
 class); the fitted result is a :class:`calibration.calibrator.Calibrator`. ECE and the
 operating points come from :mod:`evaluation.metrics`, as in the evaluation report.
 :func:`fit_calibration` computes a calibration from the network's results with no file I/O;
-:func:`calibrate_checkpoint` reads the checkpoint and the manifest around it.
+:func:`calibrate_model` reads the model and the manifest around it and writes the new bundle.
 
 ``python -m calibration.fit`` and ``python -m calibration`` are the same command.
 
-Stored as ``ckpt["vcf_calibration"]`` (plain Python types only, so ``torch.load(...,
-weights_only=True)`` still reads the checkpoint); see ``docs/formats.md``, "Calibration and
+Stored as the bundle's ``calibration.json``; see ``docs/formats.md``, "Calibration and
 operating points".
 """
 from __future__ import annotations
@@ -105,16 +105,17 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import GroupKFold
 from torch.utils.data import DataLoader
 
-from calibration.calibrator import CALIBRATION_KEY, HEADS, Calibrator
+from calibration.calibrator import HEADS, Calibrator
 from calibration.methods import METHODS, CalibrationError, binary_nll, has_both_classes, logit
-from data.io_utils import atomic_write_with
 from data.manifest import ManifestError, assign_splits, label_arrays, load_manifest
 from evaluation.metrics import (OPERATING_POINTS, _path_key, expected_calibration_error, load_vertebrae_table,
                                 operating_points)
 from evaluation.vertebrae import match_vertebrae
 from inference.pipeline import InferenceDataset, Predictor
 from inference.vertebrae import image_probabilities, with_morphometry
-from training.checkpoint import CheckpointError, file_sha256, load_checkpoint
+from evaluation.model_card import save_with_card
+from inference.loading import open_model
+from models.bundle import Bundle, ModelError
 
 CV_FOLDS = 5  # patient-grouped folds of the method-selection cross-validation
 MIN_PER_CLASS = 30  # the CLI warns below this many fractured or normal images
@@ -310,19 +311,19 @@ def fit_calibration(results: list[dict], labels_fracture, labels_acute, groups, 
                       default=default_point, info=record)
 
 
-# --------------------------------------------------------------------------- a checkpoint
-def _select_images(manifest, ckpt: dict, split: str):
+# --------------------------------------------------------------------------- a model
+def _select_images(manifest, bundle: Bundle, split: str):
     images = manifest.images
     if split == "all":
         return images
     if split != "val":
         raise ValueError(f"split {split!r}: expected 'val' or 'all'")
-    hp = ckpt.get("datamodule_hyper_parameters") or {}
+    hp = (bundle.metadata.get("training") or {}).get("data") or {}
     val_fraction = float(hp.get("val_fraction", 0.15)) if not hp.get("val_manifest") else 0.0
     splits = assign_splits(images, val_fraction=val_fraction, seed=int(hp.get("split_seed", 0) or 0))
     chosen = images[splits.to_numpy() == "val"]
     if chosen["fracture"].notna().sum() == 0:
-        hint = (f"; the checkpoint was validated on a separate manifest ({hp['val_manifest']}): pass that one "
+        hint = (f"; the model was validated on a separate manifest ({hp['val_manifest']}): pass that one "
                 f"with split 'all'" if hp.get("val_manifest") else "; use split 'all' for a site's validation set")
         raise CalibrationError(f"{manifest.path}: no labelled images in the validation split{hint}")
     return chosen
@@ -351,30 +352,31 @@ def run_network(predictor, paths: list[str], batch_size: int, num_workers: int):
     return np.array(index, dtype=int), results, failed
 
 
-def default_output(checkpoint: str | os.PathLike) -> Path:
-    checkpoint = Path(checkpoint)
-    return checkpoint.with_name(f"{checkpoint.stem}_calibrated{checkpoint.suffix or '.ckpt'}")
+def default_output(model: str | os.PathLike) -> Path:
+    """``<name>_calibrated`` beside the input model (a bundle folder or a checkpoint file)."""
+    model = Path(model)
+    return model.with_name(f"{model.stem if model.is_file() else model.name}_calibrated")
 
 
-def calibrate_checkpoint(checkpoint: str | os.PathLike, manifest: str | os.PathLike, out: str | os.PathLike | None = None,
-                         method: str = "temperature", default_point: str = "balanced", split: str = "all",
-                         device: str = "cpu", batch_size: int = 8, num_workers: int = 0,
-                         sha256: str | None = None, select_by: str = "brier") -> tuple[Path, Calibrator]:
-    """Fit a calibration of ``checkpoint`` on ``manifest``'s labelled images (:func:`fit_calibration`)
-    and write a new checkpoint (the original dict plus ``vcf_calibration``), atomically.
+def calibrate_model(model, manifest: str | os.PathLike, out: str | os.PathLike | None = None,
+                    method: str = "temperature", default_point: str = "balanced", split: str = "all",
+                    device: str = "cpu", batch_size: int = 8, num_workers: int = 0,
+                    sha256: str | None = None, select_by: str = "brier") -> tuple[Path, Calibrator]:
+    """Fit a calibration of ``model`` (a bundle folder, a registry name or a training checkpoint)
+    on ``manifest``'s labelled images (:func:`fit_calibration`) and write it as a new version of
+    the bundle; the input is not changed.
 
     ``split``: ``"all"`` (default, as on the command line: every labelled image, a site's own
-    validation set) or ``"val"`` (the patient-grouped validation split training used). ``out`` defaults to
-    ``<stem>_calibrated.ckpt`` beside ``checkpoint``. Returns ``(path, calibrator)``."""
+    validation set) or ``"val"`` (the patient-grouped validation split training used). ``out``
+    defaults to ``<name>_calibrated`` beside the input. Returns ``(path, calibrator)``."""
     if method not in METHODS and method != "auto":
         raise ValueError(f"unknown method {method!r} (expected {', '.join([*METHODS, 'auto'])})")
     if default_point not in OPERATING_POINTS:
         raise ValueError(f"unknown operating point {default_point!r} (expected {', '.join(OPERATING_POINTS)})")
-    checkpoint = Path(checkpoint)
-    ckpt = load_checkpoint(checkpoint, sha256=sha256)
-    predictor = Predictor(checkpoint, device=device, calibrated=False)  # refits from the raw outputs
+    bundle = open_model(model, sha256=sha256)
+    predictor = Predictor(bundle, device=device, calibrated=False)  # refits from the raw outputs
     man = load_manifest(manifest, vertebrae=None)
-    images = _select_images(man, ckpt, split)
+    images = _select_images(man, bundle, split)
     images = images[images["fracture"].notna()].reset_index(drop=True)
     if images.empty:
         raise CalibrationError(f"{manifest}: no image with a known fracture label")
@@ -388,16 +390,17 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, manifest: str | os.PathL
     y_frac, y_acute = label_arrays(used)
     groups = used["patient_id"].astype(str).to_numpy() if "patient_id" in used else used["image"].astype(str).to_numpy()
     info = {"fitted_on": str(Path(manifest).resolve()), "split": split, "n_unreadable": len(failed),
-            "source_checkpoint_sha256": file_sha256(checkpoint),
+            "source_model": {"name": bundle.name, "version": bundle.version, "id": bundle.id},
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     try:
         cal = fit_calibration(results, y_frac, y_acute, groups, method=method, default_point=default_point,
                               select_by=select_by, paths=list(used["image"]), truth_vertebrae=truth, info=info)
     except CalibrationError as exc:
         raise CalibrationError(f"{manifest}: {exc}") from None
-    ckpt[CALIBRATION_KEY] = cal.to_dict()
-    path = Path(out) if out else default_output(checkpoint)
-    atomic_write_with(path, lambda fh: torch.save(ckpt, fh))
+    calibrated = bundle.derive("calibrate", note=f"{cal.method} on {cal.info['n_images']} image(s) of {manifest}",
+                               calibration=cal.to_dict())
+    storage = (bundle.metadata.get("saved") or {}).get("storage", "fp32")
+    path = save_with_card(calibrated, Path(out) if out else default_output(model), storage=storage)
     return path, cal
 
 
@@ -405,9 +408,11 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, manifest: str | os.PathL
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m calibration",
-        description="Fit a probability calibration and operating points of a checkpoint on labelled "
-                    "validation images; write a new checkpoint that inference uses as it is.")
-    parser.add_argument("--checkpoint", required=True, help="training checkpoint (.ckpt)")
+        description="Fit a probability calibration and operating points of a model on labelled "
+                    "validation images; write a new version of its bundle that inference uses as it is.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a bundle folder or a registry name")
+    source.add_argument("--checkpoint", help="a training checkpoint (.ckpt), converted to a bundle")
     parser.add_argument("--manifest", required=True, help="manifest CSV of labelled validation images")
     parser.add_argument("--method", choices=(*METHODS, "auto"), default="temperature",
                         help="default temperature; auto: the lowest cross-validated score (--select-by)")
@@ -419,18 +424,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=("all", "val"), default="all",
                         help="all: every labelled row (a site's validation set; default); val: only the "
                              "manifest's patient-grouped validation split")
-    parser.add_argument("--out", default=None, help="new checkpoint (default <stem>_calibrated.ckpt beside the input)")
+    parser.add_argument("--out", default=None, help="the new bundle folder (default <name>_calibrated beside the input)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--sha256", default=None, help="refuse the checkpoint unless its sha256 matches")
+    parser.add_argument("--sha256", default=None,
+                        help="refuse the model unless its sha256 matches (checkpoint file, or a bundle's metadata.json)")
     args = parser.parse_args(argv)
     try:
-        path, cal = calibrate_checkpoint(args.checkpoint, args.manifest, out=args.out, method=args.method,
+        path, cal = calibrate_model(args.model or args.checkpoint, args.manifest, out=args.out, method=args.method,
                                          default_point=args.operating_point, split=args.split, device=args.device,
                                          batch_size=args.batch_size, num_workers=args.num_workers, sha256=args.sha256,
                                          select_by=args.select_by)
-    except (CheckpointError, ManifestError, ValueError) as exc:  # ValueError: e.g. a bad vertebrae.csv, named
+    except (ModelError, ManifestError, ValueError) as exc:  # ValueError: e.g. a bad vertebrae.csv, named
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from calibration import CALIBRATION_KEY, METHODS, CalibrationError, Calibrator
-from calibration.fit import calibrate_checkpoint, choose_method, cross_validate_methods, main
+from calibration.fit import calibrate_model, choose_method, cross_validate_methods, main
+from models.bundle import load_bundle
 from evaluation.metrics import expected_calibration_error, operating_points
 
 
@@ -80,7 +81,7 @@ def test_platt_recovers_slope_and_intercept_where_temperature_cannot(tmp_path):
     back = Calibrator.from_dict(stored)
     assert np.array_equal(back.apply(q), platt.apply(q))
     assert f"p_fracture sigmoid({ab['a']:.4g} * logit - {-ab['b']:.4g})" in back.describe()
-    from models.model_card import _calibration_details
+    from evaluation.model_card import _calibration_details
 
     card = _calibration_details(stored)  # the model card shows the map, not a raw dict
     assert f"| platt | p_fracture: sigmoid({ab['a']:.4g} * logit - {-ab['b']:.4g})" in card, card
@@ -229,7 +230,7 @@ def test_beta_calibration_bends_the_two_ends_apart_where_platt_cannot(tmp_path):
     assert stored["method"] == "beta" and stored["beta"]["p_fracture"] == abc
     back = Calibrator.from_dict(stored)
     assert np.array_equal(back.apply(q), beta.apply(q)) and "ln(1 - p)" in back.describe()
-    from models.model_card import _calibration_details
+    from evaluation.model_card import _calibration_details
 
     assert f"| beta | p_fracture: sigmoid({abc['a']:.4g} * ln p - {abc['b']:.4g} * ln(1 - p)" in _calibration_details(stored)
     with pytest.raises(CalibrationError, match="both classes"):
@@ -310,17 +311,19 @@ def test_calibrated_checkpoint_drives_inference(tiny, tmp_path, capsys):
     assert main(["--checkpoint", str(ckpt_path), "--manifest", str(manifest), "--method", "temperature",
                  "--operating-point", "high_sensitivity"]) == 0
     printed = capsys.readouterr().out
-    out_path = tmp / "model_calibrated.ckpt"
+    out_path = tmp / "model_calibrated"
     assert f"wrote {out_path}" in printed and "high_specificity" in printed and "T=" in printed
-    ckpt = torch.load(out_path, weights_only=True)
-    cal = ckpt[CALIBRATION_KEY]
+    calibrated = load_bundle(out_path)
+    cal = json.loads((out_path / "calibration.json").read_text())
+    assert cal == calibrated.calibration and calibrated.metadata["history"][-1]["step"] == "calibrate"
     assert cal["method"] == "temperature" and cal["default"] == "high_sensitivity"
     assert cal["n_images"] == 16 and cal["n_pos"] + cal["n_neg"] == 16 and cal["split"] == "all"
     assert cal["temperature"]["p_fracture"] > 0 and cal["fitted_heads"]["p_fracture"]
     assert set(cal["operating_points"]) == {"high_sensitivity", "balanced", "high_specificity"}
     assert cal["operating_points"]["high_sensitivity"]["sensitivity"] >= 0.9
     original = torch.load(ckpt_path, weights_only=True)
-    assert all(torch.equal(original["state_dict"][k], ckpt["state_dict"][k]) for k in original["state_dict"])
+    film = calibrated.film_net.state_dict()
+    assert all(torch.equal(v, film[k[len("net."):]]) for k, v in original["state_dict"].items() if k.startswith("net."))
     assert sorted(p.name for p in tmp.iterdir() if p.name.startswith(".")) == []  # no temp file left
 
     predictor = Predictor(out_path, device="cpu")
@@ -348,7 +351,7 @@ def test_calibrated_checkpoint_drives_inference(tiny, tmp_path, capsys):
     # --operating-point overrides the stored default; --resume redoes outputs decided otherwise
     import infer
 
-    args = ["--checkpoint", str(out_path), "--out", str(out), "--num-workers", "0", "--quiet", str(manifest)]
+    args = ["--model", str(out_path), "--out", str(out), "--num-workers", "0", "--quiet", str(manifest)]
     assert infer.main(args + ["--resume", "--operating-point", "high_specificity"]) == 0
     table = pd.read_csv(out / "predictions.csv")
     assert (table.operating_point == "high_specificity").all()
@@ -388,25 +391,25 @@ def test_val_split_and_isotonic(tiny, tmp_path):
     df["split"] = np.where(val, "val", "train")
     split_manifest = manifest.parent / "split_manifest.csv"
     df.to_csv(split_manifest, index=False)
-    out = tmp_path / "iso.ckpt"
-    path, cal = calibrate_checkpoint(ckpt_path, split_manifest, out=out, method="isotonic", split="val")
+    out = tmp_path / "iso"
+    path, cal = calibrate_model(ckpt_path, split_manifest, out=out, method="isotonic", split="val")
     assert path == out
-    stored = torch.load(out, weights_only=True)[CALIBRATION_KEY]
+    stored = json.loads((out / "calibration.json").read_text())
     assert stored["n_images"] == int(val.sum()) and stored["split"] == "val"
     assert stored["isotonic"]["p_fracture"]["x"] and stored["default"] == "balanced"
     assert Calibrator.from_dict(stored).threshold() == cal.operating_points["balanced"]["threshold"]
     with pytest.raises(ValueError, match="operating point"):
-        calibrate_checkpoint(ckpt_path, split_manifest, out=out, default_point="nope")
+        calibrate_model(ckpt_path, split_manifest, out=out, default_point="nope")
 
 
 def test_auto_method_stores_its_cross_validation(tiny, tmp_path, capsys):
     _, ckpt_path, manifest = tiny
-    out = tmp_path / "auto.ckpt"
+    out = tmp_path / "auto"
     assert main(["--checkpoint", str(ckpt_path), "--manifest", str(manifest), "--method", "auto", "--select-by", "ece",
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "out-of-fold p_fracture" in printed and "(chosen)" in printed
-    stored = torch.load(out, weights_only=True)[CALIBRATION_KEY]
+    stored = json.loads((out / "calibration.json").read_text())
     sel = stored["method_selection"]
     assert sel["requested"] == "auto" and sel["chosen"] == stored["method"] and stored["method"] in ("none", "temperature", "platt", "beta", "isotonic")
     assert set(sel["scores"]) == {"none", "temperature", "platt", "beta", "isotonic"} and sel["folds"] == 5

@@ -1,10 +1,19 @@
-"""models.model_card: a Markdown card from a tiny checkpoint and a metrics.json of evaluate.py."""
+"""evaluation.model_card: a Markdown card of a bundle (exported from a tiny checkpoint) and a metrics.json of
+evaluate.py."""
 import json
 
 import pytest
 import torch
 
+from training.export import bundle_from_checkpoint, export_checkpoint
 from training.system import FractureSystem
+
+
+def _card(checkpoint, metrics_json=None, training_data=None):
+    """The card of the bundle exported from ``checkpoint``."""
+    from evaluation import model_card
+
+    return model_card.bundle_card(bundle_from_checkpoint(checkpoint), metrics_json, training_data)
 
 
 def _tiny_checkpoint(path, calibration=None, datamodule=True, manifest="runs/x/data/manifest.csv"):
@@ -40,7 +49,7 @@ def _manifest(path, rows):
 
 
 def test_model_card_sections(tmp_path, metrics_json):
-    from models import model_card
+    from evaluation import model_card
 
     phantom_manifest = _manifest(tmp_path / "x" / "data" / "manifest.csv", [
         {"image": f"images/phantom_s0_{i:05d}.png", "patient_id": f"phantom-s0-{i:05d}", "fracture": i % 2,
@@ -63,7 +72,8 @@ def test_model_card_sections(tmp_path, metrics_json):
                                                                 "temperature": {"brier": 0.1822, "ece": 0.06, "nll": 0.55},
                                                                 "isotonic": {"brier": 0.1933, "ece": 0.08, "nll": 0.9}}}})
     out = tmp_path / "card" / "MODEL_CARD.md"
-    model_card.main(["--checkpoint", str(ckpt), "--metrics", str(metrics_json), "--out", str(out)])
+    bundle = export_checkpoint(ckpt, tmp_path / "bundle")
+    model_card.main(["--model", str(bundle), "--metrics", str(metrics_json), "--out", str(out)])
     card = out.read_text()
     for heading in ("# Model card", "## Model details", "## Intended use", "## Training data",
                     "## Evaluation and metrics", "## Calibration", "## Limitations", "## Versions"):
@@ -98,13 +108,13 @@ def test_model_card_sections(tmp_path, metrics_json):
 def test_model_card_custom_training_data_and_no_calibration(tmp_path, tiny_eval_set):
     from data.io_utils import atomic_write_json
     from evaluation.report import evaluate
-    from models import model_card
+    from evaluation import model_card
 
     metrics_json = atomic_write_json(tmp_path / "metrics.json", evaluate(
         tiny_eval_set["predictions"], tiny_eval_set["manifest"], n_boot=50))
 
     ckpt = _tiny_checkpoint(tmp_path / "model.ckpt", datamodule=False)
-    card = model_card.build_model_card(ckpt, metrics_json, training_data="Site X radiographs, 2019-2021.")
+    card = _card(ckpt, metrics_json, training_data="Site X radiographs, 2019-2021.")
     assert "Site X radiographs, 2019-2021." in card
     assert "data/phantom.py" not in card
     assert "no `calibration.json`" in card
@@ -114,7 +124,7 @@ def test_model_card_custom_training_data_and_no_calibration(tmp_path, tiny_eval_
 def test_model_card_counts_simulated_and_real_films_and_never_calls_them_phantom(tmp_path, tiny_eval_set):
     from data.io_utils import atomic_write_json
     from evaluation.report import evaluate
-    from models import model_card
+    from evaluation import model_card
 
     metrics_json = atomic_write_json(tmp_path / "metrics.json", evaluate(
         tiny_eval_set["predictions"], tiny_eval_set["manifest"], n_boot=50))
@@ -128,7 +138,7 @@ def test_model_card_counts_simulated_and_real_films_and_never_calls_them_phantom
     mixed = _manifest(tmp_path / "mix" / "manifest.csv", rows)
     assert model_card.manifest_composition(str(mixed)) == {
         "n_images": 3, "phantom": 1, "simulated_real": 2, "real": 0, "views": {"ap": 2, "lateral": 1}}
-    card = model_card.build_model_card(_tiny_checkpoint(tmp_path / "mix.ckpt", manifest=mixed), metrics_json)
+    card = _card(_tiny_checkpoint(tmp_path / "mix.ckpt", manifest=mixed), metrics_json)
     low = card.lower()
     assert "no real patient radiographs were used" not in low and "synthetic phantom films only" not in low
     assert "2 **real radiographs with compression fractures simulated on them**" in card
@@ -138,12 +148,12 @@ def test_model_card_counts_simulated_and_real_films_and_never_calls_them_phantom
     # a real labelled film: no claim that every fracture is synthetic
     real = _manifest(tmp_path / "site" / "manifest.csv", rows[1:] + [
         {"image": "/site/d.png", "patient_id": "s1", "fracture": 1, "view": "lateral", "source_image": ""}])
-    card = model_card.build_model_card(_tiny_checkpoint(tmp_path / "site.ckpt", manifest=real), metrics_json)
+    card = _card(_tiny_checkpoint(tmp_path / "site.ckpt", manifest=real), metrics_json)
     assert "1 **real radiographs**" in card and "every fracture is synthetic" not in card.lower()
     assert "Check how closely the training data" in card
 
     # a manifest that is not here: the card says it cannot tell, and claims nothing
-    card = model_card.build_model_card(_tiny_checkpoint(tmp_path / "gone.ckpt", manifest="/nowhere/manifest.csv"),
+    card = _card(_tiny_checkpoint(tmp_path / "gone.ckpt", manifest="/nowhere/manifest.csv"),
                                        metrics_json)
     assert "cannot be read here" in card and "data/phantom.py" not in card
     assert "no real patient radiographs" not in card.lower()
@@ -152,7 +162,7 @@ def test_model_card_counts_simulated_and_real_films_and_never_calls_them_phantom
 def test_model_card_refuses_unsafe_checkpoint(tmp_path):
     import pickle
 
-    from models import model_card
+    from evaluation import model_card
     from training.checkpoint import CheckpointError
 
     class _Evil:
@@ -164,19 +174,19 @@ def test_model_card_refuses_unsafe_checkpoint(tmp_path):
         pickle.dump({"state_dict": {}, "x": _Evil()}, fh)
     (tmp_path / "metrics.json").write_text("{}")
     with pytest.raises(CheckpointError):
-        model_card.build_model_card(path, tmp_path / "metrics.json")
+        _card(path, tmp_path / "metrics.json")
 
 
 def test_model_card_describes_a_stored_point_refiner(tmp_path, tiny_eval_set):
     from data.io_utils import atomic_write_json
     from evaluation.report import evaluate
-    from models import model_card
+    from evaluation import model_card
     from models.vertebra_net import VertebraNet
 
     metrics_json = atomic_write_json(tmp_path / "metrics.json", evaluate(
         tiny_eval_set["predictions"], tiny_eval_set["manifest"], n_boot=50))
     path = _tiny_checkpoint(tmp_path / "model.ckpt")
-    assert "Point refiner" not in model_card.build_model_card(path, metrics_json)
+    assert "Point refiner" not in _card(path, metrics_json)
     ckpt = torch.load(path, weights_only=True)
     ckpt["point_refiner"] = {  # as python -m training.point_refiner writes it (docs/formats.md)
         "state_dict": VertebraNet().state_dict(), "config": {"backbone": "resnet18", "size": 96, "width_context": 1.5, "height_context": 2.2,
@@ -186,7 +196,7 @@ def test_model_card_describes_a_stored_point_refiner(tmp_path, tiny_eval_set):
                      "history": [{"epoch": 1, "val_median_error_pct": {"ap": 11.0, "lateral": 2.5, "score": 6.75}},
                                  {"epoch": 2, "val_median_error_pct": {"ap": 9.51, "lateral": 2.04, "score": 5.8}}]}}
     torch.save(ckpt, path)
-    card = model_card.build_model_card(path, metrics_json)
+    card = _card(path, metrics_json)
     assert "### Point refiner" in card and "1.5 x its width by 2.2 x its height" in card  # the stored window, not today's default
     assert "epoch 2 kept" in card and "ap 9.5 %, lateral 2.0 %" in card and "`mix/manifest.csv`" in card
     assert "mirrored" not in card and "warm start" not in card
@@ -195,30 +205,30 @@ def test_model_card_describes_a_stored_point_refiner(tmp_path, tiny_eval_set):
     ckpt["point_refiner"]["training"]["started_from"] = "/runs/refined_96/best.ckpt"
     ckpt["point_refiner"]["training"]["loss_units"] = "height"
     torch.save(ckpt, path)
-    card = model_card.build_model_card(path, metrics_json)
+    card = _card(path, metrics_json)
     assert "Loss: point distance as a fraction of the body height." in card
     assert "2 passes, the last also read mirrored and averaged" in card
     assert "started from the refiner of `refined_96/best.ckpt` (a warm start)" in card
     ckpt["point_refiner"]["training"].update(history=[{"epoch": 1}], best_epoch=1, n_val_films=0)
     torch.save(ckpt, path)
-    assert "epoch 1 kept (the last; no validation score)." in model_card.build_model_card(path, metrics_json)
+    assert "epoch 1 kept (the last; no validation score)." in _card(path, metrics_json)
 
 
 def test_model_card_cli_names_bad_inputs(tmp_path, capsys):
-    from models import model_card
+    from evaluation import model_card
 
-    ckpt = _tiny_checkpoint(tmp_path / "model.ckpt")
+    bundle = export_checkpoint(_tiny_checkpoint(tmp_path / "model.ckpt"), tmp_path / "bundle")
     with pytest.raises(SystemExit) as exit_info:
-        model_card.main(["--checkpoint", str(ckpt), "--metrics", str(tmp_path / "none.json"),
+        model_card.main(["--model", str(bundle), "--metrics", str(tmp_path / "none.json"),
                          "--out", str(tmp_path / "card.md")])
     assert exit_info.value.code == 2 and "none.json: metrics file not found" in capsys.readouterr().err
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(SystemExit):
-        model_card.main(["--checkpoint", str(ckpt), "--metrics", str(tmp_path / "bad.json"), "--out", str(tmp_path / "c.md")])
+        model_card.main(["--model", str(bundle), "--metrics", str(tmp_path / "bad.json"), "--out", str(tmp_path / "c.md")])
     assert "bad.json: not a metrics.json" in capsys.readouterr().err
     (tmp_path / "m.json").write_text("{}")
     with pytest.raises(SystemExit):
-        model_card.main(["--checkpoint", str(tmp_path / "missing.ckpt"), "--metrics", str(tmp_path / "m.json"),
+        model_card.main(["--model", str(tmp_path / "missing"), "--metrics", str(tmp_path / "m.json"),
                          "--out", str(tmp_path / "c.md")])
-    assert "missing.ckpt" in capsys.readouterr().err
+    assert "missing: not a bundle folder (not found)" in capsys.readouterr().err
     assert not (tmp_path / "card.md").exists() and not (tmp_path / "c.md").exists()

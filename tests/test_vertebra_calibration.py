@@ -1,6 +1,8 @@
 """The per-vertebra morphometry combiner fitted by calibration.fit, and the film rule."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -118,10 +120,10 @@ def test_image_rule_keeps_the_head_without_vertebrae():
 
 
 def test_calibration_refits_the_combiner_inside_each_fold(tmp_path, monkeypatch):
-    """calibrate_checkpoint scores its methods with a combiner fitted without each fold's films
+    """calibrate_model scores its methods with a combiner fitted without each fold's films
     (the network is replaced by fixed per-film results)."""
     import cv2
-    import torch
+    from training_config import save_untrained_checkpoint
 
     import calibration.fit as C
 
@@ -140,7 +142,7 @@ def test_calibration_refits_the_combiner_inside_each_fold(tmp_path, monkeypatch)
     pd.DataFrame({"image": paths, "patient_id": [f"p{i // 3}" for i in range(len(paths))],
                   "fracture": [int(fractured[p]) for p in paths], "acute": ""}).to_csv(manifest, index=False)
     ckpt = tmp_path / "model.ckpt"
-    torch.save({"state_dict": {}}, ckpt)
+    save_untrained_checkpoint(ckpt, image_size=(64, 48))  # the network is replaced below
 
     class FixedPredictor:
         def __init__(self, *args, **kwargs):
@@ -148,8 +150,8 @@ def test_calibration_refits_the_combiner_inside_each_fold(tmp_path, monkeypatch)
 
     monkeypatch.setattr(C, "Predictor", FixedPredictor)
     monkeypatch.setattr(C, "run_network", lambda predictor, p, bs, nw: (np.arange(len(p)), results, []))
-    out, cal = C.calibrate_checkpoint(ckpt, manifest, out=tmp_path / "cal.ckpt", method="platt")
-    assert C.CALIBRATION_KEY in torch.load(out, weights_only=True)
+    out, cal = C.calibrate_model(ckpt, manifest, out=tmp_path / "cal", method="platt")
+    assert (out / "calibration.json").is_file() and json.loads((out / "calibration.json").read_text())["method"] == "platt"
     selection = cal.info["method_selection"]
     assert cal.info["vertebra_combiner"] is not None and selection["refitted_per_fold"]
     # the same folds scored with the combiner fitted on all the films read better: in-sample

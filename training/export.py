@@ -18,7 +18,7 @@ from pathlib import Path
 
 from models.bundle import (INTENDED_USE, MODALITIES, OUTPUTS, TASK, Bundle, BundleError, ModelError, file_sha256,
                            network_spec)
-from models.model_card import bundle_card, manifest_composition
+from evaluation.model_card import bundle_card, manifest_composition
 from models.point_refiner import load_refiner
 from training.checkpoint import CheckpointError, build_network, build_vertebra_network, load_checkpoint
 

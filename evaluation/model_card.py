@@ -1,12 +1,12 @@
 """The Markdown model card of a bundle (its README.md), with or without an evaluation.
 
-    python -m models.model_card --model BUNDLE [--metrics REPORT/metrics.json] --out MODEL_CARD.md
+    python -m evaluation.model_card --model BUNDLE [--metrics REPORT/metrics.json] --out MODEL_CARD.md
                                 [--training-data "text"]
 
 Model details come from the bundle's ``metadata.json`` and ``calibration.json``; the training
 data from the data settings recorded at export (or ``--training-data``); metrics from the
-``metrics.json`` of ``evaluate.py``. ``--checkpoint CKPT`` describes a training checkpoint
-through the bundle it exports to (nothing written but the card). The card is written atomically.
+``metrics.json`` of ``evaluate.py``. A training checkpoint gets its card when it is exported
+(``python -m training.export``). The card is written atomically.
 
 Research code: the card says so, and that the model is not for clinical use.
 """
@@ -20,6 +20,10 @@ import math
 import subprocess
 from pathlib import Path
 from typing import Any
+
+from calibration.methods import beta_formula, platt_formula
+from data.io_utils import atomic_write_text
+from models.bundle import Bundle, ModelError, load_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 LIBRARIES = ("torch", "lightning", "timm", "monai", "numpy", "torchmetrics", "scikit-learn")
@@ -172,12 +176,8 @@ def _calibration_details(cal) -> str:
         if k == "isotonic" and isinstance(v, dict):  # knots can be long: summarised
             v = {head: (f"{len(h.get('x', []))} knots" if isinstance(h, dict) else "identity") for head, h in v.items()}
         if k == "platt" and isinstance(v, dict):
-            from calibration.methods import platt_formula
-
             v = {head: (platt_formula(h) if isinstance(h, dict) else "identity") for head, h in v.items()}
         if k == "beta" and isinstance(v, dict):
-            from calibration.methods import beta_formula
-
             v = {head: (beta_formula(h) if isinstance(h, dict) else "identity") for head, h in v.items()}
         if isinstance(v, dict):
             v = ", ".join(f"{kk}: {_fmt(vv, 4)}" for kk, vv in v.items())
@@ -492,7 +492,7 @@ def bundle_card(bundle, metrics_json: str | Path | None = None, training_data: s
     parts = [
         title,
         "",
-        f"*Written {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by `python -m models.model_card`.*",
+        f"*Written {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by `python -m evaluation.model_card`.*",
         "",
         "> **Not for clinical use.** Research code, not a medical device. "
         + ("Every fracture it was trained on is synthetic or simulated: the metrics below are **not clinical "
@@ -515,45 +515,35 @@ def bundle_card(bundle, metrics_json: str | Path | None = None, training_data: s
     else:
         parts += ["## Evaluation and metrics", "",
                   "Not evaluated when this card was written: run `evaluate.py` on held-out data and rewrite the card "
-                  "with `python -m models.model_card --model BUNDLE --metrics metrics.json`.", ""]
+                  "with `python -m evaluation.model_card --model BUNDLE --metrics metrics.json`.", ""]
     parts += [_limitations(comp), "", _versions(bundle), ""]
     return "\n".join(parts)
 
 
 def build_model_card(model, metrics_json: str | Path | None = None, training_data: str | None = None) -> str:
-    """The card of ``model``: a Bundle, a bundle folder, or a training checkpoint (described
-    through the bundle it exports to)."""
-    from models.bundle import Bundle, is_bundle, load_bundle
-
-    if isinstance(model, Bundle):
-        bundle = model
-    elif is_bundle(model):
-        bundle = load_bundle(model)
-    else:
-        from training.export import bundle_from_checkpoint  # only for a checkpoint: training code
-
-        bundle = bundle_from_checkpoint(model)
+    """The card of ``model``: a :class:`~models.bundle.Bundle` or a bundle folder."""
+    bundle = model if isinstance(model, Bundle) else load_bundle(model)
     return bundle_card(bundle, metrics_json, training_data)
+
+
+def save_with_card(bundle: Bundle, out: str | Path, storage: str = "fp32", overwrite: bool = False) -> Path:
+    """Save ``bundle`` to ``out`` with its model card (no evaluation yet) as README.md."""
+    return bundle.save(out, storage=storage, card=bundle_card(bundle), overwrite=overwrite)
 
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description="Write a Markdown model card (research only; not for clinical use).")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="a bundle folder")
-    source.add_argument("--checkpoint", help="a training checkpoint (described through the bundle it exports to)")
+    parser.add_argument("--model", required=True, help="a bundle folder")
     parser.add_argument("--metrics", default=None, help="metrics.json written by evaluate.py")
     parser.add_argument("--out", required=True, help="output Markdown file, e.g. MODEL_CARD.md")
     parser.add_argument("--training-data", default=None,
                         help="text describing the training data (default: counted from the training manifest: "
                              "phantom, simulated-on-real and real films, and their views)")
     args = parser.parse_args(argv)
-    from data.io_utils import atomic_write_text
-    from models.bundle import ModelError
-
     if args.metrics and not Path(args.metrics).is_file():
         parser.exit(2, f"error: {args.metrics}: metrics file not found (write it with evaluate.py)\n")
     try:
-        card = build_model_card(args.model or args.checkpoint, args.metrics, args.training_data)
+        card = build_model_card(args.model, args.metrics, args.training_data)
     except ModelError as exc:
         parser.exit(2, f"error: {exc}\n")
     except ValueError as exc:  # json.JSONDecodeError
