@@ -124,7 +124,7 @@ def predictor_calibration(stored, source, operating_point: str | None = None) ->
     """The :class:`Calibrator` and operating-point name a predictor should use.
 
     ``stored``: the stored calibration dict (or None). Raises :class:`CalibrationError` (a
-    ``CheckpointError``) for a malformed calibration, an unknown ``operating_point``, or an
+    ``ModelError``) for a malformed calibration, an unknown ``operating_point``, or an
     ``operating_point`` asked of a model without calibration."""
     if stored is None:
         if operating_point:

@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from training.checkpoint import CheckpointError
+from models.bundle import ModelError
 
 TEMPERATURE_BOUNDS = (0.01, 100.0)
 PLATT_SLOPE_BOUNDS = (0.01, 100.0)  # a > 0 keeps the map increasing (the ranking unchanged)
@@ -48,7 +48,7 @@ PLATT_INTERCEPT_BOUND = 20.0
 PROB_EPS = 1e-7  # probabilities are clipped to [eps, 1 - eps] before taking their logit
 
 
-class CalibrationError(CheckpointError):
+class CalibrationError(ModelError):
     """A calibration that cannot be fitted, or a stored one that cannot be used."""
 
 
