@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-from pathlib import Path
-
 import logging
+from pathlib import Path
 
 import torch
 
 from models.network import FractureNet
-from training.system import CHECKPOINT_FORMAT
 from models.vertebra_net import VertebraNet
 
-
 log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 2  # 2: adds the vertebra head and the crop network
 
 
 class CheckpointError(RuntimeError):
