@@ -1,4 +1,4 @@
-"""models/point_refiner.py and training/point_refiner.py: the body-frame window, reading through it, training and storage."""
+"""models/point_refiner.py and training/point_refiner.py: the body-frame window, reading through it, training (a Lightning run) and storage."""
 import math
 
 import cv2
@@ -479,3 +479,32 @@ def test_fit_refiner_refuses_unknown_loss_units_and_passes(phantom_manifest):
         fit_refiner(ckpt, [phantom_manifest], epochs=1, loss_units="pixels")
     with pytest.raises(ValueError, match="passes"):
         fit_refiner(ckpt, [phantom_manifest], epochs=1, passes=0)
+
+
+def test_fit_refiner_returns_the_best_validated_epoch_and_writes_a_copy(phantom_manifest, tmp_path, monkeypatch):
+    import lightning as L
+
+    from training.point_refiner import PointRefinerSystem, refiner_films, refiner_loaders, write_refined
+
+    monkeypatch.chdir(tmp_path)  # the run leaves nothing behind in the working folder
+    ckpt = _checkpoint(VertebraNet())
+    entry = fit_refiner(ckpt, [phantom_manifest], epochs=3, lr=3e-3, batch_films=2, num_workers=0, size=64,
+                        films_per_epoch=4, seed=1)
+    assert list(tmp_path.iterdir()) == []
+    history = entry["training"]["history"]
+    scores = [h["val_median_error_pct"]["score"] for h in history[1:]]
+    assert entry["training"]["best_epoch"] == 1 + scores.index(min(scores))
+    assert min(scores) < history[0]["val_median_error_pct"]["score"]  # below the starting weights' error
+    # the returned weights are that epoch's: validated again on the same windows, the same score
+    system = PointRefinerSystem(entry["config"])
+    system.refiner.load_state_dict(entry["state_dict"])
+    train, val = refiner_films(ckpt, [phantom_manifest], seed=1)
+    _, val_loader = refiner_loaders(train, val, 64, 2, 0, None, seed=1)
+    L.Trainer(logger=False, enable_progress_bar=False, accelerator="cpu").validate(system, val_loader, verbose=False)
+    assert system.last_validation["score"] == pytest.approx(min(scores), rel=1e-5)
+    # written as a copy: the source checkpoint keeps its calibration, the copy drops it
+    ckpt["vcf_calibration"] = {"method": "none"}
+    assert write_refined(ckpt, entry, tmp_path / "out" / "refined.ckpt")
+    written = torch.load(tmp_path / "out" / "refined.ckpt", weights_only=True)
+    assert "vcf_calibration" in ckpt and REFINER_KEY not in ckpt
+    assert "vcf_calibration" not in written and load_refiner(written).crop_size == 64

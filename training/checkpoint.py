@@ -6,19 +6,18 @@ would run code is refused with :class:`CheckpointError` rather than executed.
 from __future__ import annotations
 
 import pickle
-from pathlib import Path
-
 import logging
+from pathlib import Path
 
 import torch
 
 from models.bundle import ModelError, file_sha256
 from models.network import FractureNet
-from training.system import CHECKPOINT_FORMAT
 from models.vertebra_net import VertebraNet
 
-
 log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 2  # 2: adds the vertebra head and the crop network
 
 
 class CheckpointError(ModelError):

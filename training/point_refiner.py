@@ -1,6 +1,9 @@
-"""Training of the point refiner (models/point_refiner.py).
+"""Training of the point refiner (models/point_refiner.py), as a Lightning run.
 
-Fit it on a checkpoint's own training split and store it in a copy of the checkpoint::
+:class:`PointRefinerSystem` trains the refiner network on jittered body-frame windows of
+:class:`RefinerCrops`; :func:`fit_refiner` runs ``Trainer.fit`` and keeps the epoch with the
+lowest validation median point error (``val/median_error_pct``). Fit it on a checkpoint's own
+training split and store it in a copy of the checkpoint::
 
     python -m training.point_refiner --checkpoint CKPT --manifest M.csv --out REFINED.ckpt [--epochs 6]
 """
@@ -10,23 +13,25 @@ import argparse
 import logging
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
-from tqdm import tqdm
 
 from data.dataset import POINT_COLUMNS, photometric
+from data.io_utils import atomic_write_with
 from data.manifest import assign_splits, load_manifest
 from data.readers import ImageReadError, read_image
 from data.transforms import normalize_intensity
 from data.vertebra_targets import AP_MIRROR, apply_affine, extract_crop, invert_affine
-from training.checkpoint import network_state
 from models.point_refiner import (HEIGHT_CONTEXT, LOSS_UNITS, REFINE_FLIP, REFINE_PASSES, REFINE_SIZE, REFINER_KEY,
                                   WIDTH_CONTEXT, body_frames, build_refiner, frame_matrices, load_refiner)
-from models.vertebra_net import VertebraNet
+from training.checkpoint import load_checkpoint, network_state
 
 log = logging.getLogger(__name__)
 
@@ -121,25 +126,136 @@ def refiner_loss(pred: torch.Tensor, batch: dict, units: str, size: int) -> torc
     return window_error_pct(pred, target, batch["to_original"].to(pred.device), height, eps=1e-6).mean() / 10
 
 
-def _evaluate(net: VertebraNet, loader: DataLoader, device: torch.device) -> dict:
-    net.eval()
-    errors, ap = [], []
-    with torch.no_grad():
-        for batch in loader:
-            if batch is None:
-                continue
-            pred = net(batch["crops"].to(device))["points"].float().cpu()
-            errors.append(window_error_pct(pred, batch["points"], batch["to_original"], batch["height"]))
-            ap.append(batch["ap"])
-    if not errors:
-        return {}  # no readable validation film
-    err, ap = torch.cat(errors), torch.cat(ap)
+def median_errors(errors: torch.Tensor, ap: torch.Tensor) -> dict[str, float]:
+    """The median of ``errors`` (k, 6) per view (``ap`` (k,) bool) and their mean, the ``score``;
+    ``{}`` without any error (no readable validation film)."""
+    if len(errors) == 0:
+        return {}
     out = {}
     for name, sel in (("ap", ap), ("lateral", ~ap)):
         if sel.any():
-            out[name] = float(err[sel].median())
+            out[name] = float(errors[sel].median())
     out["score"] = float(np.mean([out[k] for k in ("ap", "lateral") if k in out]))
     return out
+
+
+class PointRefinerSystem(L.LightningModule):
+    """Trains the refiner network (:func:`models.point_refiner.build_refiner`) on body-frame
+    windows: :func:`refiner_loss` in ``loss_units``, AdamW with a cosine decay over every step,
+    and the validation median point error per view (``val/median_error_pct`` is the mean of the
+    AP and lateral medians, in percent of the body's height)."""
+
+    def __init__(self, config: dict, lr: float = 5e-4, weight_decay: float = 1e-4, loss_units: str = "height"):
+        super().__init__()
+        if loss_units not in LOSS_UNITS:
+            raise ValueError(f"loss_units must be one of {LOSS_UNITS}, got {loss_units!r}")
+        self.save_hyperparameters()
+        self.refiner = build_refiner(config)
+        self.size = int(self.refiner.crop_size)
+        self.history: list[dict] = []  # one record per training epoch (epoch 0: before training)
+        self.last_validation: dict[str, float] = {}
+        self._val_errors: list[torch.Tensor] = []
+        self._val_ap: list[torch.Tensor] = []
+        self._train_loss_sum, self._train_batches = 0.0, 0
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        """Points (k, 6, 2) in window pixels, read from windows (k, 1, S, S)."""
+        return self.refiner(crops)["points"].float()
+
+    def training_step(self, batch: dict | None, batch_idx: int):
+        if batch is None:
+            return None  # every film of this batch was unreadable: no step
+        loss = refiner_loss(self(batch["crops"]), batch, self.hparams.loss_units, self.size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["crops"]))
+        self._train_loss_sum += loss.item()
+        self._train_batches += 1
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        record = {"epoch": self.current_epoch + 1, "train_loss": self._train_loss_sum / max(self._train_batches, 1)}
+        if self.trainer.val_dataloaders is not None:
+            record["val_median_error_pct"] = self.last_validation
+        self.history.append(record)
+        self._train_loss_sum, self._train_batches = 0.0, 0
+        self.print(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}"
+                   + (f", validation median error {record['val_median_error_pct']}"
+                      if "val_median_error_pct" in record else ""))
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_errors, self._val_ap = [], []
+
+    def validation_step(self, batch: dict | None, batch_idx: int) -> None:
+        if batch is None:
+            return
+        pred = self(batch["crops"])
+        self._val_errors.append(window_error_pct(pred, batch["points"], batch["to_original"], batch["height"]).cpu())
+        self._val_ap.append(batch["ap"].cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        errors = torch.cat(self._val_errors) if self._val_errors else torch.zeros(0, 6)
+        ap = torch.cat(self._val_ap) if self._val_ap else torch.zeros(0, dtype=torch.bool)
+        self.last_validation = median_errors(errors, ap)
+        # NaN when no film was readable: the checkpoint callback then keeps the last epoch
+        self.log("val/median_error_pct", self.last_validation.get("score", math.nan), prog_bar=True)
+        for view in ("ap", "lateral"):
+            if view in self.last_validation:
+                self.log(f"val/median_error_pct_{view}", self.last_validation[view])
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.refiner.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        steps = max(1, int(self.trainer.estimated_stepping_batches))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def refiner_films(checkpoint: dict, manifests: list[str | Path], limit_val: int | None = None,
+                  seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """The training and validation films of ``manifests`` for a refiner of ``checkpoint``: split
+    by patient with the checkpoint's ``val_fraction`` and seed, or, for a checkpoint validated on
+    a separate ``val_manifest``, all of ``manifests`` training and that manifest's films scoring.
+    ``limit_val``: at most that many validation films, drawn with ``seed``."""
+    dhp = checkpoint.get("datamodule_hyper_parameters") or {}
+    split_seed = int(dhp.get("split_seed", 0) or 0)
+    val_fraction = 0.0 if dhp.get("val_manifest") else float(dhp.get("val_fraction", 0.15))
+    train, val = [], []
+    for m in manifests:
+        train += labelled_films(m, "train", val_fraction, split_seed)
+        if not dhp.get("val_manifest"):
+            val += labelled_films(m, "val", val_fraction, split_seed)
+    if dhp.get("val_manifest"):
+        val = labelled_films(dhp["val_manifest"], "train", 0.0, split_seed)  # all its films but split = test rows
+    if not train:
+        raise ValueError(f"{', '.join(map(str, manifests))}: no training film with labelled points")
+    if limit_val:
+        val = [val[i] for i in np.random.default_rng(seed).permutation(len(val))[:limit_val]]
+    return train, val
+
+
+def refiner_loaders(train: list[dict], val: list[dict], size: int, batch_films: int, num_workers: int,
+                    films_per_epoch: int | None, seed: int) -> tuple[DataLoader, DataLoader | None]:
+    """The training loader draws ``films_per_epoch`` films (default: as many as there are) with
+    replacement, AP and lateral films weighted to equal shares; the validation loader reads each
+    film's windows, jittered once and for all by ``seed``."""
+    n_ap = sum(f["ap"] for f in train)
+    if 0 < n_ap < len(train):
+        weights = [0.5 / n_ap if f["ap"] else 0.5 / (len(train) - n_ap) for f in train]
+    else:
+        weights = [1.0] * len(train)
+    sampler = WeightedRandomSampler(weights, num_samples=int(films_per_epoch or len(train)), replacement=True)
+    train_loader = DataLoader(RefinerCrops(train, augment=True, size=size), batch_size=batch_films, sampler=sampler,
+                              num_workers=num_workers, collate_fn=_collate, persistent_workers=num_workers > 0)
+    val_loader = DataLoader(RefinerCrops(val, augment=False, size=size, seed=seed), batch_size=batch_films,
+                            num_workers=num_workers, collate_fn=_collate) if val else None
+    return train_loader, val_loader
+
+
+def trainer_device(device: str) -> dict:
+    """Trainer arguments (accelerator, devices) for a torch device name such as "cpu" or "cuda:1"."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return {"accelerator": "gpu", "devices": [dev.index or 0]}
+    return {"accelerator": dev.type, "devices": 1}
 
 
 def fit_refiner(checkpoint: dict, manifests: list[str | Path], epochs: int = 6, lr: float = 5e-4,
@@ -164,93 +280,63 @@ def fit_refiner(checkpoint: dict, manifests: list[str | Path], epochs: int = 6, 
     phantom films do not crowd out the AP ones."""
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
-    torch.manual_seed(seed)
-    dhp = checkpoint.get("datamodule_hyper_parameters") or {}
-    split_seed = int(dhp.get("split_seed", 0) or 0)
-    val_fraction = 0.0 if dhp.get("val_manifest") else float(dhp.get("val_fraction", 0.15))
-    train, val = [], []
-    for m in manifests:
-        train += labelled_films(m, "train", val_fraction, split_seed)
-        if not dhp.get("val_manifest"):
-            val += labelled_films(m, "val", val_fraction, split_seed)
-    if dhp.get("val_manifest"):
-        val = labelled_films(dhp["val_manifest"], "train", 0.0, split_seed)  # all its films but split = test rows
-    if not train:
-        raise ValueError(f"{', '.join(map(str, manifests))}: no training film with labelled points")
-    if limit_val:
-        val = [val[i] for i in np.random.default_rng(seed).permutation(len(val))[:limit_val]]
-    meta = checkpoint.get("vcf_model") or {}
     if size < 32:
         raise ValueError(f"size must be at least 32 pixels, got {size}")
     if loss_units not in LOSS_UNITS:
         raise ValueError(f"loss_units must be one of {LOSS_UNITS}, got {loss_units!r}")
     if passes < 1:
         raise ValueError(f"passes must be at least 1, got {passes}")
+    L.seed_everything(seed, workers=True)
+    train, val = refiner_films(checkpoint, manifests, limit_val, seed)
+    meta = checkpoint.get("vcf_model") or {}
     config = {"backbone": meta.get("crop_backbone", "resnet18"), "size": int(size), "width_context": WIDTH_CONTEXT,
               "height_context": HEIGHT_CONTEXT, "passes": int(passes), "flip": bool(flip)}
-    net = build_refiner(config)
+    system = PointRefinerSystem(config, lr=lr, loss_units=loss_units)
     crop_state = network_state(checkpoint, "vertebra_net.")
     if start_state is not None:
-        net.load_state_dict(start_state)
+        system.refiner.load_state_dict(start_state)
     elif crop_state:  # the crop network's features already know vertebrae
-        net.load_state_dict(crop_state)
-    dev = torch.device(device)
-    net.to(dev)
-    n_ap = sum(f["ap"] for f in train)
-    weights = [0.5 / n_ap if f["ap"] else 0.5 / (len(train) - n_ap) for f in train] if 0 < n_ap < len(train) else [1.0] * len(train)
-    per_epoch = int(films_per_epoch or len(train))
-    sampler = WeightedRandomSampler(weights, num_samples=per_epoch, replacement=True)
-    train_loader = DataLoader(RefinerCrops(train, augment=True, size=size), batch_size=batch_films, sampler=sampler,
-                              num_workers=num_workers, collate_fn=_collate, persistent_workers=num_workers > 0)
-    val_loader = DataLoader(RefinerCrops(val, augment=False, size=size, seed=seed), batch_size=batch_films,
-                            num_workers=num_workers, collate_fn=_collate) if val else None
-    steps = epochs * math.ceil(per_epoch / batch_films)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    history, best, best_state, best_epoch, t0 = [], math.inf, None, 0, time.time()
-    if val_loader is not None:
-        history.append({"epoch": 0, "train_loss": None, "val_median_error_pct": _evaluate(net, val_loader, dev)})
-        print(f"before training ({'the starting refiner' if start_state is not None else 'crop network weights'}, refiner windows): validation median error "
-              f"{history[-1]['val_median_error_pct']}")
-    for epoch in range(1, epochs + 1):
-        net.train()
-        total, n = 0.0, 0
-        bar = tqdm(train_loader, desc=f"refiner epoch {epoch}/{epochs}", leave=False)
-        for batch in bar:
-            if batch is None:
-                continue
-            pred = net(batch["crops"].to(dev))["points"].float()
-            loss = refiner_loss(pred, batch, loss_units, size)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total, n = total + loss.item(), n + 1
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        record = {"epoch": epoch, "train_loss": total / max(n, 1)}
-        score = -epoch  # without a validation score: the last epoch
+        system.refiner.load_state_dict(crop_state)
+    train_loader, val_loader = refiner_loaders(train, val, size, batch_films, num_workers, films_per_epoch, seed)
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="refiner_") as tmp:
+        keep_best = ModelCheckpoint(dirpath=tmp, filename="best", monitor="val/median_error_pct" if val else None,
+                                    mode="min", save_top_k=1, save_last=bool(val), save_weights_only=True,
+                                    enable_version_counter=False)
+        trainer = L.Trainer(max_epochs=epochs, logger=False, callbacks=[keep_best], default_root_dir=tmp,
+                            num_sanity_val_steps=0, enable_model_summary=False, **trainer_device(device))
         if val_loader is not None:
-            record["val_median_error_pct"] = _evaluate(net, val_loader, dev)
-            score = record["val_median_error_pct"].get("score", score)
-        if score < best or best_state is None:
-            best, best_epoch = score, epoch
-            best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-        history.append(record)
-        print(f"epoch {epoch}: train loss {record['train_loss']:.4f}"
-              + (f", validation median error {record['val_median_error_pct']}" if "val_median_error_pct" in record else "")
-              + f" ({time.time() - t0:.0f} s)")
-    training = {"manifests": [str(m) for m in manifests], "epochs": epochs, "lr": lr, "films_per_epoch": per_epoch,
-                "n_train_films": len(train), "n_val_films": len(val), "seed": seed, "history": history,
+            trainer.validate(system, val_loader, verbose=False)
+            system.history.append({"epoch": 0, "train_loss": None, "val_median_error_pct": system.last_validation})
+            print(f"before training ({'the starting refiner' if start_state is not None else 'crop network weights'}, "
+                  f"refiner windows): validation median error {system.last_validation}")
+        trainer.fit(system, train_loader, val_loader)
+        score = keep_best.best_model_score
+        # no score (no validation) or no finite one (no readable validation film): the last epoch
+        best_path = keep_best.best_model_path if score is None or torch.isfinite(score) else keep_best.last_model_path
+        best = torch.load(best_path, map_location="cpu", weights_only=True)
+    prefix = "refiner."
+    best_state = {k[len(prefix):]: v for k, v in best["state_dict"].items() if k.startswith(prefix)}
+    training = {"manifests": [str(m) for m in manifests], "epochs": epochs, "lr": lr,
+                "films_per_epoch": int(films_per_epoch or len(train)),
+                "n_train_films": len(train), "n_val_films": len(val), "seed": seed, "history": system.history,
                 "warm_start": start_state is not None, "loss_units": loss_units,
-                "best_epoch": best_epoch,
+                "best_epoch": int(best["epoch"]) + 1,
                 "seconds": round(time.time() - t0, 1)}
     return {"state_dict": best_state, "config": config, "training": training}
 
 
-def main(argv: list[str] | None = None) -> int:
-    from data.io_utils import atomic_write_with
-    from training.checkpoint import load_checkpoint
+def write_refined(checkpoint: dict, entry: dict, out: Path) -> bool:
+    """Write a copy of ``checkpoint`` holding the refiner ``entry`` to ``out`` (atomically), without
+    its calibration, whose combiner was fitted on the crop network's points; True when it had one."""
+    refined = {**checkpoint, REFINER_KEY: entry}
+    dropped = refined.pop("vcf_calibration", None) is not None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_with(out, lambda tmp: torch.save(refined, tmp))
+    return dropped
 
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, required=True, help="a trained checkpoint with a crop network")
     p.add_argument("--manifest", type=Path, action="append", default=None,
@@ -338,11 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         entry["training"]["base_checkpoint"] = str(args.checkpoint)
         if args.start_from is not None:
             entry["training"]["started_from"] = str(args.start_from)
-    ckpt[REFINER_KEY] = entry
-    if ckpt.pop("vcf_calibration", None) is not None:  # its combiner was fitted on the crop network's heights
+    if write_refined(ckpt, entry, args.out):
         print("dropped the checkpoint's calibration: it was fitted without the refiner")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_with(args.out, lambda tmp: torch.save(ckpt, tmp))
     print(f"wrote {args.out} (best epoch {entry['training']['best_epoch']}); re-run python -m calibration.fit on it")
     return 0
 

@@ -23,8 +23,7 @@ from torchmetrics.classification import BinaryAUROC
 from data.vertebra_targets import CROP_SIZE, VERTEBRA_CHANNELS
 from models.network import HEATMAP_STRIDE, TARGETS, FractureNet
 from models.vertebra_net import VertebraNet, point_map_loss
-
-CHECKPOINT_FORMAT = 2  # 2: adds the vertebra head and the crop network
+from training.checkpoint import CHECKPOINT_FORMAT, load_network_weights
 
 
 def centre_focal_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -55,8 +54,6 @@ class FractureSystem(L.LightningModule):
         self.net = FractureNet(backbone=backbone, pretrained=pretrained, fpn_dim=fpn_dim, dropout=dropout)
         self.vertebra_net = VertebraNet(backbone=crop_backbone, dropout=dropout)
         if init_from:
-            from training.checkpoint import load_network_weights
-
             load_network_weights(self.net, init_from, self.vertebra_net)
         self.dice = DiceLoss(sigmoid=True, reduction="none")
         self.metrics = torch.nn.ModuleDict({
