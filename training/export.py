@@ -86,7 +86,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, storage: str = "f
     """Write the bundle of ``checkpoint`` to folder ``out``; returns ``out``."""
     bundle = bundle_from_checkpoint(checkpoint, name=name, version=version)
     if onnx:
-        from inference.onnx import onnx_bytes
+        from models.onnx_export import onnx_bytes
 
         bundle.extra_files["film_net.onnx"] = onnx_bytes(bundle)
     return bundle.save(out, storage=storage, card=bundle_card(bundle, training_data=training_data), overwrite=overwrite)
