@@ -192,7 +192,8 @@ def convention_study(pred: pd.DataFrame, truth: pd.DataFrame, group_regex: str, 
 
 def pipeline_study(checkpoint: Path, paths: list[str], truth: pd.DataFrame, only: list[str] | None = None,
                    tables: dict | None = None) -> dict:
-    from inference.pipeline import VERTEBRA_COLUMNS, InferenceDataset, Predictor, vertebra_rows
+    from inference.pipeline import InferenceDataset, Predictor
+    from inference.records import VERTEBRA_COLUMNS, vertebra_rows
 
     predictor = Predictor(checkpoint, device="cpu", calibrated=False)
     dataset = InferenceDataset(paths, predictor.image_size)
@@ -224,8 +225,7 @@ def pipeline_study(checkpoint: Path, paths: list[str], truth: pd.DataFrame, only
             for path, (item, logits) in zip(paths, films):
                 film = V.analyse_film(logits, item["box"], HEATMAP_STRIDE, predictor.vertebra_net,
                                       item["pixels"], predictor.device, point_refiner=refiner)
-                rows += vertebra_rows({"image": path, "name": path, "levels_trusted": film["levels_trusted"],
-                                       "vertebrae": film["vertebrae"]})
+                rows += vertebra_rows(path, path, film["vertebrae"], film["levels_trusted"])
             pred = pd.DataFrame(rows, columns=VERTEBRA_COLUMNS)  # the columns even where nothing was found
             pred["genant_grade"] = pd.to_numeric(pred["genant_grade"])
             summary = summarise_vertebrae(pred, truth, evaluated_images=paths)
