@@ -27,7 +27,7 @@ import torch
 
 import inference.vertebrae as V
 from data.morphometry import LEVELS
-from data.vertebra_targets import body_centre
+from data.geometry import body_centre, body_height
 from evaluation import metrics as M
 
 
@@ -75,7 +75,7 @@ def capture_films(checkpoint: str, manifest: str, vertebrae: str, split: str | N
                 continue
             rows = np.flatnonzero(keys == M._path_key(images[n]))
             centres = body_centre(points[rows])
-            heights = np.linalg.norm(points[rows][:, 3:] - points[rows][:, :3], axis=-1).mean(axis=1)
+            heights = body_height(points[rows])
             levels = []
             for c in body_centre(seen["points"]):
                 d = np.linalg.norm(centres - c, axis=1)
@@ -117,7 +117,7 @@ def gap_steps(manifest: str, vertebrae: str) -> None:
 
     def relative(p):
         c = body_centre(p)
-        h = np.linalg.norm(p[:, 3:] - p[:, :3], axis=-1).mean(axis=1)
+        h = body_height(p)
         return np.linalg.norm(np.diff(c, axis=0), axis=1) / np.maximum(0.5 * (h[1:] + h[:-1]), 1e-6)
 
     for _, film in truth.groupby("image"):

@@ -69,10 +69,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from data.geometry import POINT_COLUMNS, heights as body_heights
 from data.io_utils import atomic_write_text
 from data.morphometry import LEVELS, level_index
 
-POINT_COLUMNS = [f"p{i}{c}" for i in range(1, 7) for c in "xy"]
 BOX_COLUMNS = ["x_min", "y_min", "x_max", "y_max"]
 AASCE_N_VERTEBRAE = 17
 _VIEW_LETTER = re.compile(r"^(.+?) [A-Z] ")
@@ -175,7 +175,7 @@ def landmark_problems(points: np.ndarray, size: tuple[int, int] | None = None,
     axis_len = np.linalg.norm(axis, axis=1)
     t = axis / np.maximum(axis_len, 1e-9)[:, None]
     along = np.einsum("nkd,nd->nk", pts[:, 3:] - pts[:, :3], t)  # heights along the axis
-    heights = np.linalg.norm(pts[:, 3:] - pts[:, :3], axis=2)
+    heights = body_heights(pts)
     widths = np.linalg.norm(pts[:, 2] - pts[:, 0], axis=1)
     h_med, w_med = float(np.median(heights)), float(np.median(widths))
     centres = pts.mean(1)

@@ -42,6 +42,7 @@ import pandas as pd
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import cohen_kappa_score, confusion_matrix
 
+from data.geometry import POINT_COLUMNS, body_height, table_points
 from evaluation import metrics as M
 
 __all__ = [
@@ -59,7 +60,6 @@ __all__ = [
     "plot_grade_confusion",
 ]
 
-POINT_COLUMNS = [f"p{k}{a}" for k in range(1, 7) for a in "xy"]
 PREDICTED_REQUIRED_COLUMNS = ["image", "level", "p_fracture", "p_acute", "genant_grade", *POINT_COLUMNS]
 _PREDICTED_OPTIONAL_TEXT = ["name", "morphology"]
 _PREDICTED_OPTIONAL_FLOAT = ["level_confidence", "detection_score", "height_anterior", "height_middle",
@@ -108,21 +108,14 @@ def load_predicted_vertebrae(path: str | os.PathLike) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------- geometry
-def _points(df: pd.DataFrame) -> np.ndarray:
-    """(n, 6, 2) array of the six points (NaN where a column is empty or absent)."""
-    cols = [df[c].to_numpy(float) if c in df.columns else np.full(len(df), np.nan) for c in POINT_COLUMNS]
-    return np.stack(cols, axis=1).reshape(len(df), 6, 2) if len(df) else np.zeros((0, 6, 2))
-
-
 def body_centres(df: pd.DataFrame) -> np.ndarray:
     """(n, 2) body centres: the mean of the six points (NaN when any point is missing)."""
-    return _points(df).mean(axis=1)
+    return table_points(df).mean(axis=1)
 
 
 def mean_heights(df: pd.DataFrame) -> np.ndarray:
     """(n,) mean of the anterior (|p1p4|), middle (|p2p5|) and posterior (|p3p6|) heights."""
-    pts = _points(df)
-    return np.linalg.norm(pts[:, 0:3] - pts[:, 3:6], axis=2).mean(axis=1)
+    return body_height(table_points(df))
 
 
 def _assign(truth_centres: np.ndarray, gates: np.ndarray, pred_centres: np.ndarray) -> list[tuple[int, int, float]]:
@@ -187,7 +180,7 @@ def match_vertebrae(pred_df: pd.DataFrame, truth_df: pd.DataFrame,
     evaluated = _evaluated_keys(pred, evaluated_images)
     truth_images = set(t_keys)
 
-    t_pts, p_pts = _points(truth), _points(pred)
+    t_pts, p_pts = table_points(truth), table_points(pred)
     t_centre, p_centre = t_pts.mean(axis=1), p_pts.mean(axis=1)
     t_height = mean_heights(truth)
     t_locatable = np.isfinite(t_pts).all(axis=(1, 2)) & np.isfinite(t_height) & (t_height > 0)

@@ -23,8 +23,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
+from data.geometry import HEIGHT_NAMES, POINT_COLUMNS
+
 __all__ = [
-    "HEIGHT_NAMES",
     "RecordError",
     "Spread",
     "VertebraRecord",
@@ -35,7 +36,6 @@ __all__ = [
     "vertebra_rows",
 ]
 
-HEIGHT_NAMES = ("anterior", "middle", "posterior")
 RATIO_NAMES = ("anterior_posterior", "middle_posterior")
 
 
@@ -65,8 +65,7 @@ def _point_cells(columns, keys):
     return cells
 
 
-_POINT_COLUMNS = tuple(f"p{i}{a}" for i in range(1, 7) for a in "xy")
-POINTS = Spread(_POINT_COLUMNS, _point_cells(_POINT_COLUMNS, tuple((i, a) for i in range(6) for a in range(2))))
+POINTS = Spread(tuple(POINT_COLUMNS), _point_cells(POINT_COLUMNS, tuple((i, a) for i in range(6) for a in range(2))))
 
 
 def _decision_cells(decision: dict | None) -> dict:
