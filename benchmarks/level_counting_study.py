@@ -49,7 +49,7 @@ def capture_films(checkpoint: str, manifest: str, vertebrae: str, split: str | N
         man = man[man["split"] == split]
     images = list(man["image"])[:limit]
     truth = M.load_vertebrae_table(vertebrae, manifest)
-    keys = np.array([M._path_key(p) for p in truth["image"]])
+    keys = np.array([M.path_key(p) for p in truth["image"]])
     points = _truth_points(truth)
     seen: dict = {}
     original = V.assign_levels
@@ -73,7 +73,7 @@ def capture_films(checkpoint: str, manifest: str, vertebrae: str, split: str | N
                                predictor.device, point_refiner=predictor.point_refiner)
             if not seen:
                 continue
-            rows = np.flatnonzero(keys == M._path_key(images[n]))
+            rows = np.flatnonzero(keys == M.path_key(images[n]))
             centres = body_centre(points[rows])
             heights = body_height(points[rows])
             levels = []

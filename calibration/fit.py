@@ -93,6 +93,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from data.tables import load_vertebrae_table, path_key
+from inference.records import VertebraRecord
 from training.checkpoint import CheckpointError
 
 CALIBRATION_KEY = "vcf_calibration"
@@ -559,10 +561,10 @@ def _run_network(predictor, paths: list[str], batch_size: int, num_workers: int)
     ``(index, results, failed)``."""
     from torch.utils.data import DataLoader
 
-    from inference.pipeline import InferenceDataset, _collate
+    from inference.pipeline import InferenceDataset, collate_items
 
     loader = DataLoader(InferenceDataset(paths, predictor.image_size), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=_collate)
+                        num_workers=num_workers, collate_fn=collate_items)
     index, results, failed = [], [], []
     for batch in loader:
         good = [b for b in batch if "error" not in b]
@@ -599,19 +601,14 @@ def fit_vertebra_combiner(results: list[dict], paths: list[str], vertebrae_csv, 
     unfractured. None when there are too few of either class (fewer than 10)."""
     from sklearn.linear_model import LogisticRegression
 
-    from evaluation.metrics import load_vertebrae_table
     from evaluation.vertebrae import match_vertebrae
 
     rows = []
     for path, r in zip(paths, results):
-        for v in r.get("vertebrae") or []:
-            if v.get("height_loss") is None:  # ungraded (named beyond T1-L5): not combined, so not fitted
+        for v in (VertebraRecord.from_json_dict(v) for v in r.get("vertebrae") or []):
+            if not v.graded:  # ungraded (named beyond T1-L5): not combined, so not fitted
                 continue
-            row = {"image": path, "level": v["level"], "p_fracture": v["p_fracture"], "p_acute": v["p_acute"],
-                   "genant_grade": v["genant_grade"], "height_loss": v["height_loss"]}
-            for k, (x, y) in enumerate(v["points"], start=1):
-                row[f"p{k}x"], row[f"p{k}y"] = x, y
-            rows.append(row)
+            rows.append({"image": path, **v.csv_cells(), "height_loss": v.height_loss})
     if not rows:
         return None
     pred = pd.DataFrame(rows)
@@ -619,10 +616,8 @@ def fit_vertebra_combiner(results: list[dict], paths: list[str], vertebrae_csv, 
     matches = match_vertebrae(pred, truth, evaluated_images=paths)
     label = np.zeros(len(pred))
     # detections on films without any truth vertebra cannot be labelled
-    from evaluation.metrics import _path_key
-
-    truth_keys = {_path_key(p) for p in truth["image"]}
-    known = np.array([_path_key(p) in truth_keys for p in pred["image"]], dtype=bool)
+    truth_keys = {path_key(p) for p in truth["image"]}
+    known = np.array([path_key(p) in truth_keys for p in pred["image"]], dtype=bool)
     hit = matches[(matches["status"] == "matched") & (matches["pred_index"] >= 0)]
     for j, grade in zip(hit["pred_index"].astype(int), hit["truth_grade"]):
         if np.isnan(grade):

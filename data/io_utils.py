@@ -41,12 +41,12 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[BinaryIO], None]
     return path
 
 
-def _atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
+def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
     return atomic_write_with(path, lambda fh: fh.write(payload))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return _atomic_write_bytes(path, text.encode("utf-8"))
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
@@ -59,7 +59,7 @@ def atomic_write_image(path: str | os.PathLike, image: np.ndarray) -> Path:
     ok, buf = cv2.imencode(path.suffix or ".png", image)
     if not ok:
         raise OSError(f"{path}: could not encode image of shape {image.shape} and dtype {image.dtype}")
-    return _atomic_write_bytes(path, buf.tobytes())
+    return atomic_write_bytes(path, buf.tobytes())
 
 
 def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
@@ -67,7 +67,7 @@ def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
 
     buf = io.BytesIO()
     np.save(buf, array)
-    return _atomic_write_bytes(path, buf.getvalue())
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def _json_default(obj: Any):

@@ -166,4 +166,4 @@ def compare_aurocs(df: pd.DataFrame, n_boot: int = 1000, seed: int | None = 0) -
     except ValueError as exc:
         out["delong"] = {"error": str(exc)}
     out["paired_bootstrap"] = paired_auroc_test(y, a, b, patients, n_boot, seed)
-    return M._clean(out)
+    return M.clean_for_json(out)

@@ -55,6 +55,7 @@ import numpy as np
 import pandas as pd
 
 from data.geometry import POINT_COLUMNS, body_axes, body_height
+from data.tables import load_vertebrae_table, read_text_table
 
 OTHER = "other"
 MIN_BODIES = 3  # a film needs this many bodies for a spacing between consecutive centres
@@ -74,14 +75,12 @@ def read_films(vertebrae_csv: str | Path) -> dict[str, np.ndarray]:
         raise ConventionError(f"{path}: not found")
     manifest = path.parent / "manifest.csv"
     if manifest.is_file():
-        from evaluation.metrics import load_vertebrae_table
-
         try:
             table = load_vertebrae_table(path, manifest)
         except ValueError as exc:
             raise ConventionError(str(exc)) from exc
     else:
-        table = pd.read_csv(path)
+        table = read_text_table(path)
     missing = [c for c in ["image"] + POINT_COLUMNS if c not in table.columns]
     if missing:
         raise ConventionError(f"{path}: needs the columns image and p1x..p6y; missing {', '.join(missing)}")

@@ -90,7 +90,7 @@ def _metric_with_ci(point: float, draws: np.ndarray) -> dict:
 
 def _read_jsons(infer_dir: str | os.PathLike | None) -> list[dict]:
     """Per-image JSON records of an inference folder, with ``_key`` for joining on the image."""
-    return [dict(rec, _key=M._path_key(rec["_image"])) for rec in M.read_inference_jsons(infer_dir)]
+    return [dict(rec, _key=M.path_key(rec["_image"])) for rec in M.read_inference_jsons(infer_dir)]
 
 
 def _as_float(v) -> float:
@@ -144,7 +144,7 @@ def choose_operating_points(y, s) -> dict[str, dict]:
     ``s``. Returns ``{name: {"threshold", "criterion", "achieved"}}``; ``{}`` when one class is
     missing. Thresholds come from scikit-learn's ``roc_curve`` (its leading ``inf`` replaced by
     the next float above the highest score)."""
-    y, s = M._as_arrays(y, s)
+    y, s = M.label_score_arrays(y, s)
     if len(np.unique(y)) < 2:
         return {}
     fpr, tpr, thr = roc_curve(y, s, drop_intermediate=False)
@@ -241,7 +241,7 @@ def stored_operating_point(df: pd.DataFrame, records: list[dict] | None = None) 
     ``df`` (1/0/NaN), or ``None`` when nothing was stored."""
     by_key = {r["_key"]: r for r in (records or [])}
     parsed = [(_json_decision(by_key[k]) if k in by_key else (float("nan"), None, None, {}))
-              for k in map(M._path_key, df["image"])]
+              for k in map(M.path_key, df["image"])]
     names = {p[1] for p in parsed if p[1]}
     thresholds = {p[2] for p in parsed if p[2] is not None}
     extras = [p[3] for p in parsed if p[3]]
@@ -280,7 +280,7 @@ def _decision_metrics(y: np.ndarray, dec: np.ndarray, W: np.ndarray) -> dict:
 def expected_calibration_error(y, p, n_bins: int = 10) -> float:
     """ECE (L1, ``n_bins`` equal-width bins) with torchmetrics' ``BinaryCalibrationError``;
     NaN for an empty set."""
-    y, p = M._as_arrays(y, p)
+    y, p = M.label_score_arrays(y, p)
     if y.size == 0:
         return float("nan")
     import torch
@@ -333,7 +333,7 @@ def _fractured_levels(vert: pd.DataFrame) -> dict[str, set]:
     if "level" not in rows.columns:
         return out
     for image, level in zip(rows["image"], rows["level"]):
-        out.setdefault(M._path_key(image), set()).add(str(level).strip())
+        out.setdefault(M.path_key(image), set()).add(str(level).strip())
     return out
 
 
@@ -348,10 +348,10 @@ def auroc_by_level(df: pd.DataFrame, vert: pd.DataFrame, W: np.ndarray | None = 
     :func:`evaluation.metrics.auroc_by_grade`). Levels with fewer than ``min_positives``
     positives get ``auroc`` NaN and a ``note``. Returns ``{level: {"auroc", "ci_low",
     "ci_high", "n_pos", "n_neg", ...}}`` in spinal order."""
-    grade = M._grade_lookup(df, M.image_max_grade(vert))
+    grade = M.grade_lookup(df, M.image_max_grade(vert))
     neg = _negatives(df, grade)
     levels_of = _fractured_levels(vert)
-    keys = [M._path_key(p) for p in df["image"]]
+    keys = [M.path_key(p) for p in df["image"]]
     all_levels = sorted({str(v).strip() for v in vert.get("level", pd.Series(dtype=str)) if str(v).strip()},
                         key=_level_sort_key)
     W = _w1(len(df)) if W is None else W
@@ -376,7 +376,7 @@ def _subset_auroc(df, pos, neg, W, min_positives: int = 1) -> dict:
 
 
 def _by_grade_with_ci(df: pd.DataFrame, vert: pd.DataFrame, W: np.ndarray) -> dict:
-    grade = M._grade_lookup(df, M.image_max_grade(vert))
+    grade = M.grade_lookup(df, M.image_max_grade(vert))
     neg = _negatives(df, grade)
     has = df["p_fracture"].notna().to_numpy()
     return {str(g): _subset_auroc(df, has & (grade == g).to_numpy(), neg, W, 1) for g in M.GRADES}
@@ -411,7 +411,7 @@ def grade_confusion(vert: pd.DataFrame, records: list[dict]) -> dict:
     truth = {}
     for image, level, g in zip(vert["image"], vert.get("level", pd.Series([""] * len(vert))), vert["genant_grade"]):
         if pd.notna(g):
-            truth[(M._path_key(image), str(level).strip())] = int(g)
+            truth[(M.path_key(image), str(level).strip())] = int(g)
     matched = [(truth[k], p) for k, p in preds.items() if k in truth]
     pred_images = {k[0] for k in preds}
     missed = [k for k in truth if k[0] in pred_images and k not in preds]
@@ -475,7 +475,7 @@ def error_cases(df: pd.DataFrame, infer_dir: str | os.PathLike | None = None, n:
         for _, r in sub.iterrows():
             png = Path(infer_dir) / f"{r['name']}_heatmap.png" if infer_dir else None
             out.append({"name": str(r["name"]), "image": str(r["image"]), "patient_id": str(r["patient_id"]),
-                        "p_fracture": float(r["p_fracture"]), "truth": M._truth_text(r),
+                        "p_fracture": float(r["p_fracture"]), "truth": M.truth_text(r),
                         "overlay": str(png) if png is not None and png.is_file() else None,
                         "error": (None if threshold is None else
                                   bool((r["p_fracture"] >= threshold) != (r["fracture"] == 1)))})
@@ -576,7 +576,7 @@ def evaluate(predictions_csv, manifest_csv, vertebrae_csv=None, infer_dir=None, 
                                                 W[:, asel])}
     # probabilities before the checkpoint's calibration, when inference recorded them
     by_key = {r["_key"]: r for r in records}
-    keys = [M._path_key(p) for p in df["image"]]
+    keys = [M.path_key(p) for p in df["image"]]
     unc = np.array([_as_float(by_key.get(k, {}).get("p_fracture_uncalibrated")) for k in keys], dtype=float)
     usel = sel & np.isfinite(unc)
     if usel.any():
@@ -608,7 +608,7 @@ def evaluate(predictions_csv, manifest_csv, vertebrae_csv=None, infer_dir=None, 
         "p_acute_given_fracture; p_acute (= p_fracture x p_acute_given_fracture) is expected to under-estimate "
         "the acute share there.",
     ]
-    return M._clean(out)
+    return M.clean_for_json(out)
 
 
 # --------------------------------------------------------------------------- plots

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from data.io_utils import _atomic_write_bytes
+from data.io_utils import atomic_write_bytes
 from training.checkpoint import CheckpointError, build_network, file_sha256, load_checkpoint
 from models.network import FractureNet
 
@@ -120,7 +120,7 @@ def export_onnx(checkpoint: str | os.PathLike, onnx_path: str | os.PathLike, ops
                         f"{digest[:16]}; research software, not for clinical use")
     onnx.checker.check_model(proto, full_check=True)
     # check before writing: a model that fails the checker never replaces an existing file
-    return _atomic_write_bytes(onnx_path, proto.SerializeToString())
+    return atomic_write_bytes(onnx_path, proto.SerializeToString())
 
 
 def read_onnx_metadata(onnx_path: str | os.PathLike) -> dict[str, str]:

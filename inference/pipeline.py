@@ -119,7 +119,7 @@ def _write_dicom_outputs(out: Path, source, name: str, overlay_bgr: np.ndarray, 
     return written
 
 
-def _collate(batch: list[dict]) -> list[dict]:
+def collate_items(batch: list[dict]) -> list[dict]:
     return batch
 
 
@@ -310,7 +310,7 @@ def run_inference(predictor: Predictor, inputs: list[str], out: str | os.PathLik
         todo = [i for i in todo if done[i] is None]
     options = OutputOptions(keep_identifiers=keep_identifiers, dicom_sc=dicom_sc, dicom_sr=dicom_sr)
     dataset = InferenceDataset([paths[i] for i in todo], predictor.image_size, voi_lut=voi_lut, max_pixels=max_pixels)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_items)
     bar = tqdm(total=len(paths), initial=len(paths) - len(todo), desc="inference", unit="img", disable=not progress)
     for batch in loader:
         good = [b for b in batch if "error" not in b]
