@@ -28,7 +28,7 @@ import torch
 import inference.vertebrae as V
 from data.morphometry import LEVELS
 from data.geometry import body_centre, body_height
-from evaluation import metrics as M
+from data.tables import load_manifest_table, load_vertebrae_table, path_key
 
 
 def _truth_points(table: pd.DataFrame) -> np.ndarray:
@@ -44,12 +44,12 @@ def capture_films(checkpoint: str, manifest: str, vertebrae: str, split: str | N
     from inference.pipeline import InferenceDataset, Predictor
 
     predictor = Predictor(checkpoint, device="cpu")
-    man = M.load_manifest_table(manifest)
+    man = load_manifest_table(manifest)
     if split:
         man = man[man["split"] == split]
     images = list(man["image"])[:limit]
-    truth = M.load_vertebrae_table(vertebrae, manifest)
-    keys = np.array([M.path_key(p) for p in truth["image"]])
+    truth = load_vertebrae_table(vertebrae, manifest)
+    keys = np.array([path_key(p) for p in truth["image"]])
     points = _truth_points(truth)
     seen: dict = {}
     original = V.assign_levels
@@ -73,7 +73,7 @@ def capture_films(checkpoint: str, manifest: str, vertebrae: str, split: str | N
                                predictor.device, point_refiner=predictor.point_refiner)
             if not seen:
                 continue
-            rows = np.flatnonzero(keys == M.path_key(images[n]))
+            rows = np.flatnonzero(keys == path_key(images[n]))
             centres = body_centre(points[rows])
             heights = body_height(points[rows])
             levels = []
@@ -111,7 +111,7 @@ def score_weights(films: list[dict], level_weight: float, rib_weight: float) -> 
 
 
 def gap_steps(manifest: str, vertebrae: str) -> None:
-    truth = M.load_vertebrae_table(vertebrae, manifest)
+    truth = load_vertebrae_table(vertebrae, manifest)
     points = _truth_points(truth)
     normal_steps, missing_normal, missing_fractured = [], [], []
 

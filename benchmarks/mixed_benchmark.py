@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from benchmarks.phantom_benchmark import ensure_data, machine
 from data.io_utils import atomic_write_text
-from data.tables import absolute_path, path_key, read_text_table
+from data.tables import absolute_path, load_vertebrae_table, path_key, read_text_table
 from evaluation import bootstrap as B
 from evaluation import metrics as M
 from calibration.fit import platt_formula
@@ -93,6 +93,29 @@ def _run(cmd: list[str], what: str, ok_codes: tuple[int, ...] = (0,)) -> tuple[i
         raise BenchmarkError(f"{what} failed (exit status {rc}) after {seconds:.1f} s: {shown}")
     _log(f"{what}: done in {seconds:.1f} s" + (f" (exit status {rc})" if rc else ""))
     return rc, seconds
+
+
+def write_subset(manifest: pd.DataFrame, vertebrae: pd.DataFrame | None, out_dir: Path) -> dict:
+    """Write ``manifest.csv`` (columns kept) + ``vertebrae.csv`` (the rows of those images) under
+    ``out_dir``. Both tables must carry absolute image paths. Returns counts."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = manifest.reset_index(drop=True)
+    atomic_write_text(out_dir / "manifest.csv", manifest.to_csv(index=False))
+    info = {"manifest": str(out_dir / "manifest.csv"), "n_images": int(len(manifest)),
+            "n_patients": int(manifest["patient_id"].nunique())}
+    if "fracture" in manifest.columns:
+        info["n_fractured"] = int((manifest["fracture"] == "1").sum())
+        info["n_normal"] = int((manifest["fracture"] == "0").sum())
+    if vertebrae is not None:
+        keys = {path_key(p) for p in manifest["image"]}
+        sub = vertebrae[vertebrae["image"].map(path_key).isin(keys)].reset_index(drop=True)
+        atomic_write_text(out_dir / "vertebrae.csv", sub.to_csv(index=False))
+        with_rows = {path_key(p) for p in sub["image"]}
+        info.update(vertebrae=str(out_dir / "vertebrae.csv"), n_vertebrae=int(len(sub)),
+                    n_images_without_vertebrae=int(sum(1 for k in keys if k not in with_rows)))
+        if "genant_grade" in sub.columns:
+            info["n_fractured_vertebrae"] = int(pd.to_numeric(sub["genant_grade"], errors="coerce").gt(0).sum())
+    return info
 
 
 def load_dataset(manifest_path: Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
@@ -250,7 +273,7 @@ def grade_group_auroc(predictions: Path, manifest: Path, vertebrae: Path, grades
     against images labelled normal (as the report's ``by_grade``), with a patient-bootstrap 95% CI
     (evaluation.bootstrap; evaluate.py's resamples: 1000, seed 0)."""
     df = M.join_predictions(predictions, manifest)
-    vert = M.load_vertebrae_table(vertebrae, manifest)
+    vert = load_vertebrae_table(vertebrae, manifest)
     grade = M.grade_lookup(df, M.image_max_grade(vert))
     has = df["p_fracture"].notna().to_numpy()
     pos = has & grade.isin([float(g) for g in grades]).to_numpy()

@@ -52,7 +52,7 @@ import inference.vertebrae as V
 from data.readers import read_image
 from data.transforms import normalize_intensity
 from data.geometry import body_axes, body_centre, body_extent, body_height, table_points
-from evaluation.metrics import load_vertebrae_table
+from data.tables import load_vertebrae_table
 from evaluation.vertebrae import summarise_vertebrae
 from training.checkpoint import build_vertebra_network, load_checkpoint
 from models.network import HEATMAP_STRIDE

@@ -33,8 +33,6 @@ performance.
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
