@@ -71,6 +71,7 @@ import pandas as pd
 
 from data.geometry import POINT_COLUMNS, heights as body_heights
 from data.io_utils import atomic_write_text
+from data.tables import absolute_path, label_value, read_text_table
 from data.morphometry import LEVELS, level_index
 
 BOX_COLUMNS = ["x_min", "y_min", "x_max", "y_max"]
@@ -126,6 +127,14 @@ def image_size(path: str | Path) -> tuple[int, int] | None:
         return int(h), int(w)
     except Exception:
         return None
+
+
+def _label(value, manifest: Path) -> float:
+    """A manifest label by the tables' one rule (data.tables.label_value)."""
+    parsed = label_value(value)
+    if parsed is None:
+        raise LandmarkError(f"{manifest}: label {str(value).strip()!r} is not 1, 0 or empty")
+    return parsed
 
 
 def _float(value) -> float:
@@ -263,14 +272,10 @@ def read_vertebrae_csv(path: str | Path, manifest: str | Path | None = "auto",
     if not path.is_file():
         raise LandmarkError(f"{path}: vertebrae file not found")
     root = path.parent
-    raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    raw = read_text_table(path)
     missing = [c for c in ["image", "level"] + POINT_COLUMNS if c not in raw.columns]
     if missing:
         raise LandmarkError(f"{path}: missing column(s): {', '.join(missing)}")
-
-    def absolute(image: str, base: Path) -> str:
-        p = Path(image.strip())
-        return str(p if p.is_absolute() else (base / p).resolve())
 
     image_info: dict[str, dict] = {}
     order: list[str] = []
@@ -278,20 +283,20 @@ def read_vertebrae_csv(path: str | Path, manifest: str | Path | None = "auto",
     mpath = root / "manifest.csv" if manifest == "auto" else (Path(manifest) if manifest else None)
     if mpath is not None and mpath.is_file():
         image_base = mpath.parent.resolve()
-        mdf = pd.read_csv(mpath, dtype=str, keep_default_na=False)
+        mdf = read_text_table(mpath)
         for _, r in mdf.iterrows():
-            img = absolute(r["image"], mpath.parent.resolve())
+            img = absolute_path(r["image"], mpath.parent.resolve())
             order.append(img)
             image_info[img] = {"patient_id": r.get("patient_id", "").strip() or Path(img).stem,
                                "view": r.get("view", "").strip() if "view" in mdf.columns else "",
-                               "fracture": _float(r.get("fracture", "")),
-                               "acute": _float(r.get("acute", ""))}
+                               "fracture": _label(r.get("fracture", ""), mpath),
+                               "acute": _label(r.get("acute", ""), mpath)}
     elif manifest not in ("auto", None):
         raise LandmarkError(f"{mpath}: manifest not found")
 
     groups: dict[str, list[dict]] = {}
     for i, r in raw.iterrows():
-        img = absolute(r["image"], image_base)
+        img = absolute_path(r["image"], image_base)
         try:
             pts = np.array([float(r[c]) for c in POINT_COLUMNS], dtype=np.float64).reshape(6, 2)
         except ValueError as exc:
