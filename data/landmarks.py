@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     flagged = [r for r in records if r.get("problems")]
     kept = records if args.keep_flagged else [r for r in records if not r.get("problems")]
     if args.test_patients_from:
-        held = pd.read_csv(args.test_patients_from, dtype=str, keep_default_na=False)
+        held = read_text_table(args.test_patients_from)
         if "split" not in held or "patient_id" not in held:
             parser.error(f"{args.test_patients_from}: needs patient_id and split columns")
         test_ids = set(held.loc[held["split"].str.strip() == "test", "patient_id"])
