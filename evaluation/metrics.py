@@ -1,7 +1,8 @@
 """Evaluation of inference outputs against a labelled manifest.
 
 Everything here reads the formats of ``docs/formats.md``: the manifest CSV, ``vertebrae.csv``
-and the outputs of ``infer.py`` (``predictions.csv``, ``<name>.json``, ``<name>_heatmap.png``).
+and the outputs of ``infer.py`` (``predictions.csv``, ``<name>.json``, ``<name>_heatmap.png``);
+the tables are read by ``data/tables.py``, the one reader with the one set of rules.
 
 Conventions
 -----------
