@@ -17,7 +17,6 @@ for normal and for fractured missing bodies, against how much normal steps vary.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +26,8 @@ import torch
 
 import inference.vertebrae as V
 from data.morphometry import LEVELS
-from data.vertebra_targets import body_centre
-from evaluation import metrics as M
+from data.geometry import body_centre, body_height
+from data.tables import load_manifest_table, load_vertebrae_table, path_key
 
 
 def _truth_points(table: pd.DataFrame) -> np.ndarray:
@@ -44,12 +43,12 @@ def capture_films(checkpoint: str, manifest: str, vertebrae: str, split: str | N
     from inference.pipeline import InferenceDataset, Predictor
 
     predictor = Predictor(checkpoint, device="cpu")
-    man = M.load_manifest_table(manifest)
+    man = load_manifest_table(manifest)
     if split:
         man = man[man["split"] == split]
     images = list(man["image"])[:limit]
-    truth = M.load_vertebrae_table(vertebrae, manifest)
-    keys = np.array([M._path_key(p) for p in truth["image"]])
+    truth = load_vertebrae_table(vertebrae, manifest)
+    keys = np.array([path_key(p) for p in truth["image"]])
     points = _truth_points(truth)
     seen: dict = {}
     original = V.assign_levels
@@ -73,9 +72,9 @@ def capture_films(checkpoint: str, manifest: str, vertebrae: str, split: str | N
                                predictor.device, point_refiner=predictor.point_refiner)
             if not seen:
                 continue
-            rows = np.flatnonzero(keys == M._path_key(images[n]))
+            rows = np.flatnonzero(keys == path_key(images[n]))
             centres = body_centre(points[rows])
-            heights = np.linalg.norm(points[rows][:, 3:] - points[rows][:, :3], axis=-1).mean(axis=1)
+            heights = body_height(points[rows])
             levels = []
             for c in body_centre(seen["points"]):
                 d = np.linalg.norm(centres - c, axis=1)
@@ -111,13 +110,13 @@ def score_weights(films: list[dict], level_weight: float, rib_weight: float) -> 
 
 
 def gap_steps(manifest: str, vertebrae: str) -> None:
-    truth = M.load_vertebrae_table(vertebrae, manifest)
+    truth = load_vertebrae_table(vertebrae, manifest)
     points = _truth_points(truth)
     normal_steps, missing_normal, missing_fractured = [], [], []
 
     def relative(p):
         c = body_centre(p)
-        h = np.linalg.norm(p[:, 3:] - p[:, :3], axis=-1).mean(axis=1)
+        h = body_height(p)
         return np.linalg.norm(np.diff(c, axis=0), axis=1) / np.maximum(0.5 * (h[1:] + h[:-1]), 1e-6)
 
     for _, film in truth.groupby("image"):

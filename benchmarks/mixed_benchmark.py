@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from benchmarks.phantom_benchmark import ensure_data, machine
 from data.io_utils import atomic_write_text
+from data.tables import absolute_path, load_vertebrae_table, path_key, read_text_table
 from evaluation import bootstrap as B
 from evaluation import metrics as M
 from calibration.methods import platt_formula
@@ -94,18 +95,6 @@ def _run(cmd: list[str], what: str, ok_codes: tuple[int, ...] = (0,)) -> tuple[i
     return rc, seconds
 
 
-def _read_text_csv(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
-
-
-def _absolute(series: pd.Series, base: Path) -> pd.Series:
-    return series.map(lambda p: p if not str(p).strip() or Path(p).is_absolute() else str((base / p).resolve()))
-
-
-def _key(p: str) -> str:
-    return M._path_key(p)
-
-
 def write_subset(manifest: pd.DataFrame, vertebrae: pd.DataFrame | None, out_dir: Path) -> dict:
     """Write ``manifest.csv`` (columns kept) + ``vertebrae.csv`` (the rows of those images) under
     ``out_dir``. Both tables must carry absolute image paths. Returns counts."""
@@ -118,10 +107,10 @@ def write_subset(manifest: pd.DataFrame, vertebrae: pd.DataFrame | None, out_dir
         info["n_fractured"] = int((manifest["fracture"] == "1").sum())
         info["n_normal"] = int((manifest["fracture"] == "0").sum())
     if vertebrae is not None:
-        keys = {_key(p) for p in manifest["image"]}
-        sub = vertebrae[vertebrae["image"].map(_key).isin(keys)].reset_index(drop=True)
+        keys = {path_key(p) for p in manifest["image"]}
+        sub = vertebrae[vertebrae["image"].map(path_key).isin(keys)].reset_index(drop=True)
         atomic_write_text(out_dir / "vertebrae.csv", sub.to_csv(index=False))
-        with_rows = {_key(p) for p in sub["image"]}
+        with_rows = {path_key(p) for p in sub["image"]}
         info.update(vertebrae=str(out_dir / "vertebrae.csv"), n_vertebrae=int(len(sub)),
                     n_images_without_vertebrae=int(sum(1 for k in keys if k not in with_rows)))
         if "genant_grade" in sub.columns:
@@ -131,16 +120,16 @@ def write_subset(manifest: pd.DataFrame, vertebrae: pd.DataFrame | None, out_dir
 
 def load_dataset(manifest_path: Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """A manifest and the ``vertebrae.csv`` beside it (if any), as text, with absolute paths."""
-    man = _read_text_csv(manifest_path)
+    man = read_text_table(manifest_path)
     base = manifest_path.resolve().parent
-    man["image"] = _absolute(man["image"], base)
+    man["image"] = [absolute_path(p, base) if str(p).strip() else p for p in man["image"]]
     if "mask" in man.columns:
-        man["mask"] = _absolute(man["mask"], base)
+        man["mask"] = [absolute_path(p, base) if str(p).strip() else p for p in man["mask"]]
     vpath = manifest_path.parent / "vertebrae.csv"
     vert = None
     if vpath.is_file():
-        vert = _read_text_csv(vpath)
-        vert["image"] = _absolute(vert["image"], base)
+        vert = read_text_table(vpath)
+        vert["image"] = [absolute_path(p, base) if str(p).strip() else p for p in vert["image"]]
     return man, vert
 
 
@@ -251,7 +240,7 @@ def infer_and_evaluate(args, name: str, cal_ckpt: Path, manifest: Path, vertebra
     """``infer.py`` then ``evaluate.py`` on one test set; returns the report's metrics.json."""
     infer_dir, report_dir = out / f"infer_{name}", out / f"report_{name}"
     stamp = {"checkpoint_sha256": cal_sha,
-             "inputs": sorted(_read_text_csv(manifest)["image"].tolist())}
+             "inputs": sorted(read_text_table(manifest)["image"].tolist())}
     stamp_path = infer_dir / "benchmark_inputs.json"
     seconds = None
     previous = json.loads(stamp_path.read_text()) if stamp_path.is_file() else {}
@@ -284,7 +273,7 @@ def grade_group_auroc(predictions: Path, manifest: Path, vertebrae: Path, grades
     against images labelled normal (as the report's ``by_grade``), with a patient-bootstrap 95% CI
     (evaluation.bootstrap; evaluate.py's resamples: 1000, seed 0)."""
     df = M.join_predictions(predictions, manifest)
-    vert = M.load_vertebrae_table(vertebrae, manifest)
+    vert = load_vertebrae_table(vertebrae, manifest)
     grade = M.grade_of_images(df, M.image_max_grade(vert))
     has = df["p_fracture"].notna().to_numpy()
     pos = has & grade.isin([float(g) for g in grades]).to_numpy()
@@ -314,18 +303,18 @@ def held_out_aasce(args, aasce: Path, test_rows: pd.DataFrame, out: Path) -> tup
         _, seconds = _run([sys.executable, "-m", "data.landmarks", "--aasce", aasce, "--out", all_dir],
                           "step 3: AASCE landmarks -> manifest")
     films, vert = load_dataset(all_dir / "manifest.csv")
-    excluded = _read_text_csv(all_dir / "excluded.csv") if (all_dir / "excluded.csv").is_file() else None
+    excluded = read_text_table(all_dir / "excluded.csv") if (all_dir / "excluded.csv").is_file() else None
 
     # Do data.simulate (via runs/mix) and data.landmarks give a film the same patient id?
     held = set(test_rows["patient_id"])
-    by_film = {_key(p): pid for p, pid in zip(films["image"], films["patient_id"])}
-    excluded_keys = {_key(p) for p in excluded["image"]} if excluded is not None and len(excluded) else set()
+    by_film = {path_key(p): pid for p, pid in zip(films["image"], films["patient_id"])}
+    excluded_keys = {path_key(p) for p in excluded["image"]} if excluded is not None and len(excluded) else set()
     mismatched, not_listed = [], []
     if "source_image" in test_rows.columns:
         for src, pid in zip(test_rows["source_image"], test_rows["patient_id"]):
             if not src:
                 continue
-            k = _key(src)
+            k = path_key(src)
             if k not in by_film:
                 not_listed.append({"source_image": src, "excluded_by_landmarks": k in excluded_keys})
             elif by_film[k] != pid:
@@ -337,8 +326,8 @@ def held_out_aasce(args, aasce: Path, test_rows: pd.DataFrame, out: Path) -> tup
               if s and patient_from_name(Path(s).name) != p]
     sub = films[films["patient_id"].isin(held)]
     missing_patients = sorted(held - set(sub["patient_id"]))
-    sources = {_key(s) for s in test_rows.get("source_image", []) if s}
-    not_sources = [p for p in sub["image"] if sources and _key(p) not in sources]
+    sources = {path_key(s) for s in test_rows.get("source_image", []) if s}
+    not_sources = [p for p in sub["image"] if sources and path_key(p) not in sources]
     check = {
         "agree": not mismatched and not rename and not missing_patients,
         "n_held_out_patients": len(held),

@@ -51,8 +51,8 @@ from tqdm import tqdm
 import inference.vertebrae as V
 from data.readers import read_image
 from data.transforms import normalize_intensity
-from data.vertebra_targets import body_centre, body_extent
-from evaluation.metrics import load_vertebrae_table
+from data.geometry import body_axes, body_centre, body_extent, body_height, table_points
+from data.tables import load_vertebrae_table
 from evaluation.vertebrae import summarise_vertebrae
 from training.checkpoint import build_vertebra_network, load_checkpoint
 from models.network import HEATMAP_STRIDE
@@ -93,7 +93,7 @@ def crop_study(net, films: list[tuple[np.ndarray, np.ndarray]], seed: int = 0, r
             reads["crop + refiner"].append(refine_points(refiner, pixels, reads["truth"][-1], torch.device("cpu")))
         truth.append(pts)
     t = np.concatenate(truth)
-    height = np.linalg.norm(t[:, 3:] - t[:, :3], axis=-1).mean(axis=1)
+    height = body_height(t)
     pred = {k: np.concatenate(v) for k, v in reads.items()}
     pred["multi-scale"] = (pred["truth"] + pred["scale 0.9"] + pred["scale 1.1"]) / 3
     out = {"n_vertebrae": int(len(t)), "variants": {}}
@@ -127,12 +127,10 @@ def _neighbour_median_extent(window: int):
 def body_frame_errors(pred_points: np.ndarray, truth_points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Signed errors (n, 6) of predicted points along the truth body's endplates (from its p1/p4
     side towards p3/p6) and across them (towards its inferior endplate), % of its mean height."""
-    from evaluation.conventions import body_axes, body_heights
-
     t = np.asarray(truth_points, float).reshape(-1, 6, 2)
     d = np.asarray(pred_points, float).reshape(-1, 6, 2) - t
     u, v = body_axes(t)
-    scale = 100.0 / body_heights(t)[:, None]
+    scale = 100.0 / body_height(t)[:, None]
     return (d * u[:, None]).sum(-1) * scale, (d * v[:, None]).sum(-1) * scale
 
 
@@ -140,14 +138,15 @@ def convention_study(pred: pd.DataFrame, truth: pd.DataFrame, group_regex: str, 
     """Per group of films (``group_regex``'s first capture group in the file name; films it does
     not match form the group ``"other"``): how the matched points' errors shift with the group.
     See the module docstring, item 3."""
-    from evaluation.vertebrae import _points, match_vertebrae
+    from evaluation.vertebrae import match_vertebrae
 
     pattern = re.compile(group_regex)
     if pattern.groups < 1:
         raise ValueError(f"--group-regex {group_regex!r} needs a capture group naming the film's group")
     m = match_vertebrae(pred, truth)
     m = m[m["matched"]]
-    along, across = body_frame_errors(_points(pred)[m["pred_index"].to_numpy()], _points(truth)[m["truth_index"].to_numpy()])
+    along, across = body_frame_errors(table_points(pred)[m["pred_index"].to_numpy()],
+                                      table_points(truth)[m["truth_index"].to_numpy()])
     films = m["image"].to_numpy()
 
     def group_of(path: str) -> str:
@@ -192,7 +191,8 @@ def convention_study(pred: pd.DataFrame, truth: pd.DataFrame, group_regex: str, 
 
 def pipeline_study(checkpoint: Path, paths: list[str], truth: pd.DataFrame, only: list[str] | None = None,
                    tables: dict | None = None) -> dict:
-    from inference.pipeline import VERTEBRA_COLUMNS, InferenceDataset, Predictor, vertebra_rows
+    from inference.pipeline import InferenceDataset, Predictor
+    from inference.records import VERTEBRA_COLUMNS, vertebra_rows
 
     predictor = Predictor(checkpoint, device="cpu", calibrated=False)
     dataset = InferenceDataset(paths, predictor.image_size)
@@ -224,8 +224,7 @@ def pipeline_study(checkpoint: Path, paths: list[str], truth: pd.DataFrame, only
             for path, (item, logits) in zip(paths, films):
                 film = V.analyse_film(logits, item["box"], HEATMAP_STRIDE, predictor.vertebra_net,
                                       item["pixels"], predictor.device, point_refiner=refiner)
-                rows += vertebra_rows({"image": path, "name": path, "levels_trusted": film["levels_trusted"],
-                                       "vertebrae": film["vertebrae"]})
+                rows += vertebra_rows(path, path, film["vertebrae"], film["levels_trusted"])
             pred = pd.DataFrame(rows, columns=VERTEBRA_COLUMNS)  # the columns even where nothing was found
             pred["genant_grade"] = pd.to_numeric(pred["genant_grade"])
             summary = summarise_vertebrae(pred, truth, evaluated_images=paths)

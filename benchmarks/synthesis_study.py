@@ -28,7 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +36,7 @@ from benchmarks.mixed_benchmark import grade_group_auroc, load_dataset, write_su
 from data.io_utils import atomic_write_json, atomic_write_text
 from data.landmarks import read_aasce, write_vertebrae_dataset
 from data.manifest import assign_splits
+from data.tables import read_text_table
 from data.simulate import simulate_dataset
 from evaluation.compare import compare_aurocs, paired_frame
 
@@ -47,7 +47,7 @@ VAL_FRACTION, SPLIT_SEED = 0.15, 0  # the split of runs/mix's training (configs/
 def split_patients(mix_manifest: Path) -> tuple[set[str], set[str]]:
     """``(test, val)`` patient ids of the combined training manifest: its ``split = test`` rows, and
     the patients its training put in validation (same hash, fraction and seed)."""
-    mix = pd.read_csv(mix_manifest, dtype=str, keep_default_na=False)
+    mix = read_text_table(mix_manifest)
     splits = assign_splits(mix.assign(split=mix.get("split", "")), val_fraction=VAL_FRACTION, seed=SPLIT_SEED)
     test = set(mix.loc[splits == "test", "patient_id"])
     val = set(mix.loc[splits == "val", "patient_id"])

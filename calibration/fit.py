@@ -108,13 +108,14 @@ from torch.utils.data import DataLoader
 from calibration.calibrator import HEADS, Calibrator
 from calibration.methods import METHODS, CalibrationError, binary_nll, has_both_classes, logit
 from data.manifest import ManifestError, assign_splits, label_arrays, load_manifest
-from evaluation.metrics import (OPERATING_POINTS, _path_key, expected_calibration_error, load_vertebrae_table,
-                                operating_points)
-from evaluation.vertebrae import match_vertebrae
-from inference.pipeline import InferenceDataset, Predictor
-from inference.vertebrae import image_probabilities, with_morphometry
+from data.tables import load_vertebrae_table, path_key
+from evaluation.metrics import OPERATING_POINTS, expected_calibration_error, operating_points
 from evaluation.model_card import save_with_card
+from evaluation.vertebrae import match_vertebrae
 from inference.loading import open_model
+from inference.pipeline import InferenceDataset, Predictor, collate_items
+from inference.records import VertebraRecord
+from inference.vertebrae import image_probabilities, with_morphometry
 from models.bundle import Bundle, ModelError
 
 CV_FOLDS = 5  # patient-grouped folds of the method-selection cross-validation
@@ -204,22 +205,18 @@ def fit_vertebra_combiner(results: list[dict], paths: list[str], truth: pd.DataF
     None when there are too few of either class (fewer than 10)."""
     rows = []
     for path, r in zip(paths, results):
-        for v in r.get("vertebrae") or []:
-            if v.get("height_loss") is None:  # ungraded (named beyond T1-L5): not combined, so not fitted
+        for v in (VertebraRecord.from_json_dict(v) for v in r.get("vertebrae") or []):
+            if not v.graded:  # ungraded (named beyond T1-L5): not combined, so not fitted
                 continue
-            row = {"image": path, "level": v["level"], "p_fracture": v["p_fracture"], "p_acute": v["p_acute"],
-                   "genant_grade": v["genant_grade"], "height_loss": v["height_loss"]}
-            for k, (x, y) in enumerate(v["points"], start=1):
-                row[f"p{k}x"], row[f"p{k}y"] = x, y
-            rows.append(row)
+            rows.append({"image": path, **v.csv_cells(), "height_loss": v.height_loss})
     if not rows:
         return None
     pred = pd.DataFrame(rows)
     matches = match_vertebrae(pred, truth, evaluated_images=paths)
     label = np.zeros(len(pred))
     # detections on films without any truth vertebra cannot be labelled
-    truth_keys = {_path_key(p) for p in truth["image"]}
-    known = np.array([_path_key(p) in truth_keys for p in pred["image"]], dtype=bool)
+    truth_keys = {path_key(p) for p in truth["image"]}
+    known = np.array([path_key(p) in truth_keys for p in pred["image"]], dtype=bool)
     hit = matches[(matches["status"] == "matched") & (matches["pred_index"] >= 0)]
     for j, grade in zip(hit["pred_index"].astype(int), hit["truth_grade"]):
         if np.isnan(grade):
@@ -329,16 +326,12 @@ def _select_images(manifest, bundle: Bundle, split: str):
     return chosen
 
 
-def _as_list(batch: list[dict]) -> list[dict]:
-    return batch
-
-
 @torch.no_grad()
 def run_network(predictor, paths: list[str], batch_size: int, num_workers: int):
     """The uncalibrated predictor's results (``Predictor.predict``) for each readable path:
     ``(index, results, failed)``."""
     loader = DataLoader(InferenceDataset(paths, predictor.image_size), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=_as_list)
+                        num_workers=num_workers, collate_fn=collate_items)
     index, results, failed = [], [], []
     for batch in loader:
         good = [b for b in batch if "error" not in b]

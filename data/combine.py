@@ -15,11 +15,12 @@ from pathlib import Path
 import pandas as pd
 
 from data.io_utils import atomic_write_text
-from data.manifest import _patient_fraction
+from data.manifest import patient_fraction
+from data.tables import absolute_path, read_text_table
 
 
 def _absolute(table: pd.DataFrame, column: str, root: Path) -> pd.Series:
-    return table[column].map(lambda p: p if (not p or Path(p).is_absolute()) else str((root / p).resolve()))
+    return table[column].map(lambda p: absolute_path(p, root) if str(p).strip() else p)
 
 
 def combine(manifests: list[Path], out: Path, test_fractions: dict[Path, float] | None = None,
@@ -28,7 +29,7 @@ def combine(manifests: list[Path], out: Path, test_fractions: dict[Path, float] 
     images, vertebrae = [], []
     for m in manifests:
         m = Path(m).resolve()
-        table = pd.read_csv(m, dtype=str, keep_default_na=False)
+        table = read_text_table(m)
         table["image"] = _absolute(table, "image", m.parent)
         if "mask" in table.columns:
             table["mask"] = _absolute(table, "mask", m.parent)
@@ -36,12 +37,12 @@ def combine(manifests: list[Path], out: Path, test_fractions: dict[Path, float] 
             table["split"] = ""
         fraction = test_fractions.get(m, 0.0)
         if fraction:
-            held = table["patient_id"].map(lambda p: _patient_fraction(f"test:{p}", seed) < fraction)
+            held = table["patient_id"].map(lambda p: patient_fraction(f"test:{p}", seed) < fraction)
             table.loc[held & (table["split"] == ""), "split"] = "test"
         images.append(table)
         vpath = m.parent / "vertebrae.csv"
         if vpath.is_file():
-            vt = pd.read_csv(vpath, dtype=str, keep_default_na=False)
+            vt = read_text_table(vpath)
             vt["image"] = _absolute(vt, "image", m.parent)
             vertebrae.append(vt)
     out.mkdir(parents=True, exist_ok=True)
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     fractions = {Path(item.rsplit("=", 1)[0]): float(item.rsplit("=", 1)[1]) for item in a.test_fraction_of}
     path = combine(a.manifests, a.out, fractions, a.seed)
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    table = read_text_table(path)
     print(f"wrote {path}: {len(table)} images, split counts {table['split'].replace('', 'auto').value_counts().to_dict()}")
 
 

@@ -17,6 +17,7 @@ import pandas as pd
 
 from data.io_utils import atomic_write_image
 from data.readers import IMAGE_SUFFIXES, ImageReadError, read_image
+from data.tables import load_manifest_table, load_vertebrae_table
 from data.transforms import letterbox, normalize_intensity
 
 TILE = (384, 300)  # height, width
@@ -28,14 +29,14 @@ def _tile(pixels: np.ndarray) -> tuple[np.ndarray, object]:
 
 
 def phantom_tiles(manifest: Path, n: int) -> list[np.ndarray]:
-    man = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    man = load_manifest_table(manifest)
     vpath = manifest.parent / "vertebrae.csv"
-    vert = pd.read_csv(vpath) if vpath.is_file() else None
+    vert = load_vertebrae_table(vpath, manifest) if vpath.is_file() else None
     # show fractured films first: they are what the sheet is for
-    man = pd.concat([man[man.fracture == "1"], man[man.fracture != "1"]]).head(n)
+    man = pd.concat([man[man.fracture == 1], man[man.fracture != 1]]).head(n)
     tiles = []
     for _, row in man.iterrows():
-        tile, box = _tile(read_image(manifest.parent / row["image"]).pixels)
+        tile, box = _tile(read_image(row["image"]).pixels)
         if vert is not None:
             for _, v in vert[(vert.image == row["image"]) & (vert.genant_grade > 0)].iterrows():
                 (x0, y0), (x1, y1) = box.to_input(np.array([[v.x_min, v.y_min], [v.x_max, v.y_max]]))

@@ -31,11 +31,11 @@ from data.manifest import Manifest, assign_splits, label_arrays, load_manifest
 from data.readers import ImageReadError, read_image
 from data.simulate import FractureSynthesis
 from data.transforms import letterbox, normalize_intensity, rasterize_vertebrae, train_augmentation
-from data.vertebra_targets import (AP_MIRROR, CROP_CONTEXT, CROP_SIZE, apply_affine, body_centre, body_extent,
-                                   crop_matrix, extract_crop, level_code, stage1_targets)
+from data.geometry import AP_MIRROR, POINT_COLUMNS, body_centre, body_extent
+from data.vertebra_targets import (CROP_CONTEXT, CROP_SIZE, apply_affine, crop_matrix, extract_crop, level_code,
+                                   stage1_targets)
 
 log = logging.getLogger(__name__)
-POINT_COLUMNS = [f"p{i}{c}" for i in range(1, 7) for c in "xy"]
 GRID_STRIDE = 8  # the network's heatmap stride (models.network.HEATMAP_STRIDE)
 
 

@@ -37,6 +37,7 @@ import stat
 from pathlib import Path
 
 from data.readers import DICOM_SUFFIXES, IMAGE_SUFFIXES, is_dicom
+from data.tables import absolute_path
 
 __all__ = ["find_inputs"]
 
@@ -167,7 +168,7 @@ class _Finder:
             if not image:
                 self.problem(item, f"manifest line {line}: empty image path")
                 continue
-            self.paths.append(os.path.abspath(os.path.join(folder, image)))
+            self.paths.append(absolute_path(image, folder))
 
     # ---------------------------------------------------------------------- DICOMDIR
     def dicomdir(self, path: str) -> int | None:

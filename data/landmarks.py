@@ -69,10 +69,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from data.geometry import POINT_COLUMNS, heights as body_heights
 from data.io_utils import atomic_write_text
+from data.tables import absolute_path, label_value, read_text_table
 from data.morphometry import LEVELS, level_index
 
-POINT_COLUMNS = [f"p{i}{c}" for i in range(1, 7) for c in "xy"]
 BOX_COLUMNS = ["x_min", "y_min", "x_max", "y_max"]
 AASCE_N_VERTEBRAE = 17
 _VIEW_LETTER = re.compile(r"^(.+?) [A-Z] ")
@@ -128,6 +129,14 @@ def image_size(path: str | Path) -> tuple[int, int] | None:
         return None
 
 
+def _label(value, manifest: Path) -> float:
+    """A manifest label by the tables' one rule (data.tables.label_value)."""
+    parsed = label_value(value)
+    if parsed is None:
+        raise LandmarkError(f"{manifest}: label {str(value).strip()!r} is not 1, 0 or empty")
+    return parsed
+
+
 def _float(value) -> float:
     if value is None:
         return float("nan")
@@ -175,7 +184,7 @@ def landmark_problems(points: np.ndarray, size: tuple[int, int] | None = None,
     axis_len = np.linalg.norm(axis, axis=1)
     t = axis / np.maximum(axis_len, 1e-9)[:, None]
     along = np.einsum("nkd,nd->nk", pts[:, 3:] - pts[:, :3], t)  # heights along the axis
-    heights = np.linalg.norm(pts[:, 3:] - pts[:, :3], axis=2)
+    heights = body_heights(pts)
     widths = np.linalg.norm(pts[:, 2] - pts[:, 0], axis=1)
     h_med, w_med = float(np.median(heights)), float(np.median(widths))
     centres = pts.mean(1)
@@ -263,14 +272,10 @@ def read_vertebrae_csv(path: str | Path, manifest: str | Path | None = "auto",
     if not path.is_file():
         raise LandmarkError(f"{path}: vertebrae file not found")
     root = path.parent
-    raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    raw = read_text_table(path)
     missing = [c for c in ["image", "level"] + POINT_COLUMNS if c not in raw.columns]
     if missing:
         raise LandmarkError(f"{path}: missing column(s): {', '.join(missing)}")
-
-    def absolute(image: str, base: Path) -> str:
-        p = Path(image.strip())
-        return str(p if p.is_absolute() else (base / p).resolve())
 
     image_info: dict[str, dict] = {}
     order: list[str] = []
@@ -278,20 +283,20 @@ def read_vertebrae_csv(path: str | Path, manifest: str | Path | None = "auto",
     mpath = root / "manifest.csv" if manifest == "auto" else (Path(manifest) if manifest else None)
     if mpath is not None and mpath.is_file():
         image_base = mpath.parent.resolve()
-        mdf = pd.read_csv(mpath, dtype=str, keep_default_na=False)
+        mdf = read_text_table(mpath)
         for _, r in mdf.iterrows():
-            img = absolute(r["image"], mpath.parent.resolve())
+            img = absolute_path(r["image"], mpath.parent.resolve())
             order.append(img)
             image_info[img] = {"patient_id": r.get("patient_id", "").strip() or Path(img).stem,
                                "view": r.get("view", "").strip() if "view" in mdf.columns else "",
-                               "fracture": _float(r.get("fracture", "")),
-                               "acute": _float(r.get("acute", ""))}
+                               "fracture": _label(r.get("fracture", ""), mpath),
+                               "acute": _label(r.get("acute", ""), mpath)}
     elif manifest not in ("auto", None):
         raise LandmarkError(f"{mpath}: manifest not found")
 
     groups: dict[str, list[dict]] = {}
     for i, r in raw.iterrows():
-        img = absolute(r["image"], image_base)
+        img = absolute_path(r["image"], image_base)
         try:
             pts = np.array([float(r[c]) for c in POINT_COLUMNS], dtype=np.float64).reshape(6, 2)
         except ValueError as exc:
@@ -402,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     flagged = [r for r in records if r.get("problems")]
     kept = records if args.keep_flagged else [r for r in records if not r.get("problems")]
     if args.test_patients_from:
-        held = pd.read_csv(args.test_patients_from, dtype=str, keep_default_na=False)
+        held = read_text_table(args.test_patients_from)
         if "split" not in held or "patient_id" not in held:
             parser.error(f"{args.test_patients_from}: needs patient_id and split columns")
         test_ids = set(held.loc[held["split"].str.strip() == "test", "patient_id"])

@@ -15,37 +15,21 @@ import numpy as np
 import pandas as pd
 
 from data.morphometry import EXTRA_LEVELS, LEVELS, MORPHOLOGIES
+from data.tables import (MANIFEST_COLUMNS, TRUTH_VERTEBRA_COLUMNS, ManifestError, absolute_path, label_value,
+                         path_key, read_text_table)
 
-REQUIRED_COLUMNS = ("image", "patient_id", "fracture", "acute")
+REQUIRED_COLUMNS = MANIFEST_COLUMNS
 SPLITS = ("train", "val", "test")
-VERTEBRA_COLUMNS = ("image", "level", "genant_grade", "morphology", "acute",
-                    "x_min", "y_min", "x_max", "y_max") + tuple(
-    f"p{i}{c}" for i in range(1, 7) for c in "xy")
-
-
-class ManifestError(ValueError):
-    """A manifest with problems; ``problems`` lists each one."""
-
-    def __init__(self, path: str | Path, problems: list[str]):
-        self.path = str(path)
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{path}: {len(problems)} problem(s) found:\n{lines}")
+VERTEBRA_COLUMNS = TRUTH_VERTEBRA_COLUMNS
 
 
 def _label(value, column: str, row: int, problems: list[str]) -> float:
-    """Parse a 1/0/empty label; unknown values are reported, and read as NaN."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    """A label by the tables' one rule (data.tables.label_value); an unknown value is reported and read as NaN."""
+    parsed = label_value(value)
+    if parsed is None:
+        problems.append(f"row {row}: {column} has unknown value {str(value).strip()!r} (expected 1, 0 or empty)")
         return float("nan")
-    text = str(value).strip()
-    if text == "":
-        return float("nan")
-    if text in ("1", "1.0", "true", "True"):
-        return 1.0
-    if text in ("0", "0.0", "false", "False"):
-        return 0.0
-    problems.append(f"row {row}: {column} has unknown value {text!r} (expected 1, 0 or empty)")
-    return float("nan")
+    return parsed
 
 
 @dataclass
@@ -73,10 +57,7 @@ def load_manifest(path: str | Path, vertebrae: str | Path | None = "auto",
     if not path.is_file():
         raise ManifestError(path, ["manifest file not found"])
     root = path.parent.resolve()
-    try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception as exc:  # pandas raises several types for malformed CSV
-        raise ManifestError(path, [f"cannot parse CSV: {exc}"]) from exc
+    raw = read_text_table(path, ManifestError)
     problems: list[str] = []
     missing = [c for c in REQUIRED_COLUMNS if c not in raw.columns]
     if missing:
@@ -93,11 +74,11 @@ def load_manifest(path: str | Path, vertebrae: str | Path | None = "auto",
         if not image:
             problems.append(f"row {line}: empty image path")
             continue
-        abs_path = str((root / image).resolve()) if not Path(image).is_absolute() else str(Path(image))
-        if abs_path in seen:
-            problems.append(f"row {line}: duplicate of row {seen[abs_path]} (image {image})")
+        abs_path = absolute_path(image, root)
+        if path_key(abs_path) in seen:
+            problems.append(f"row {line}: duplicate of row {seen[path_key(abs_path)]} (image {image})")
             continue
-        seen[abs_path] = line
+        seen[path_key(abs_path)] = line
         if check_files and not Path(abs_path).is_file():
             problems.append(f"row {line}: image file not found: {image}")
         patient = r["patient_id"].strip()
@@ -114,7 +95,7 @@ def load_manifest(path: str | Path, vertebrae: str | Path | None = "auto",
         mask = r.get("mask", "").strip() if "mask" in raw.columns else ""
         mask_abs = ""
         if mask:
-            mask_abs = str((root / mask).resolve()) if not Path(mask).is_absolute() else mask
+            mask_abs = absolute_path(mask, root)
             if check_files and not Path(mask_abs).is_file():
                 problems.append(f"row {line}: mask file not found: {mask}")
         rows.append({"image": abs_path, "image_rel": image, "patient_id": patient, "fracture": fracture,
@@ -143,7 +124,7 @@ def _load_vertebrae(path: Path, root: Path, images: set[str], problems: list[str
     if not path.is_file():
         problems.append(f"{path}: vertebrae file not found")
         return None
-    raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    raw = read_text_table(path, ManifestError)
     missing = [c for c in VERTEBRA_COLUMNS if c not in raw.columns]
     if missing:
         problems.append(f"{path.name}: missing column(s): {', '.join(missing)}")
@@ -155,8 +136,8 @@ def _load_vertebrae(path: Path, root: Path, images: set[str], problems: list[str
         line = i + 2
         where = f"{path.name} row {line}"
         image = r["image"].strip()
-        abs_path = str((root / image).resolve()) if not Path(image).is_absolute() else image
-        if abs_path not in images:
+        abs_path = absolute_path(image, root)
+        if path_key(abs_path) not in images:
             problems.append(f"{where}: image {image} is not in the manifest")
         level = r["level"].strip()
         if level not in valid_levels:
@@ -206,7 +187,7 @@ def _check_consistency(images: pd.DataFrame, vert: pd.DataFrame, problems: list[
             problems.append(f"image {image}: fracture = 1 but every vertebra in vertebrae.csv is grade 0")
 
 
-def _patient_fraction(patient: str, seed: int) -> float:
+def patient_fraction(patient: str, seed: int) -> float:
     digest = hashlib.sha256(f"{seed}:{patient}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
@@ -225,7 +206,7 @@ def assign_splits(images: pd.DataFrame, val_fraction: float = 0.15, test_fractio
         if given:
             out.append(given)
             continue
-        f = _patient_fraction(str(patient), seed)
+        f = patient_fraction(str(patient), seed)
         out.append("test" if f < test_fraction else "val" if f < test_fraction + val_fraction else "train")
     return pd.Series(out, index=images.index, name="split")
 

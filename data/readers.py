@@ -99,6 +99,8 @@ class RadiographImage:
     photometric: str | None
     frames: int
     info: dict = field(default_factory=dict)
+    # DICOM only: the parsed header without its pixel data, so that nothing reads the file twice
+    header: Any = None
 
 
 # --------------------------------------------------------------------------------------
@@ -637,6 +639,9 @@ def _read_dicom(path: Path, voi_lut: bool, max_pixels: int | None) -> Radiograph
         pixels = 1.0 - pixels
 
     bits = ds.get("BitsStored", None)
+    for keyword in _PIXEL_KEYWORDS:  # the header travels with the image; the pixels are in ``pixels``
+        if keyword in ds:
+            del ds[keyword]
     return RadiographImage(
         pixels=np.ascontiguousarray(pixels, dtype=np.float32),
         path=str(path),
@@ -646,4 +651,5 @@ def _read_dicom(path: Path, voi_lut: bool, max_pixels: int | None) -> Radiograph
         photometric=photometric,
         frames=frames,
         info=_info(ds),
+        header=ds,
     )

@@ -7,6 +7,8 @@ import albumentations as A
 import cv2
 import numpy as np
 
+from data.geometry import OUTLINE
+
 
 @dataclass(frozen=True)
 class Letterbox:
@@ -55,14 +57,13 @@ def normalize_intensity(pixels: np.ndarray, low: float = 0.5, high: float = 99.5
     return np.clip((pixels - lo) / (hi - lo), 0, 1).astype(np.float32)
 
 
-HEXAGON = [0, 1, 2, 5, 4, 3]  # p1 p2 p3 p6 p5 p4: the outline of the body
 
 
 def rasterize_vertebrae(points: list[np.ndarray], out_hw: tuple[int, int]) -> np.ndarray:
     """Fill the six-point outline of each vertebra (points already in output pixels)."""
     mask = np.zeros(out_hw, np.uint8)
     for p in points:
-        poly = np.round(np.asarray(p)[HEXAGON] * 16).astype(np.int32)
+        poly = np.round(np.asarray(p)[OUTLINE] * 16).astype(np.int32)
         cv2.fillPoly(mask, [poly], 1, shift=4)
     return mask
 

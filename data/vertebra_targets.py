@@ -17,6 +17,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from data.geometry import body_height
 from data.morphometry import LEVELS
 
 LEVEL_INDEX = {name: i for i, name in enumerate(LEVELS)}
@@ -28,40 +29,9 @@ OFFSET_SCALE = 4.0
 CROP_SIZE = 96
 # Crop side = CROP_CONTEXT x the body's larger extent: the neighbouring endplates and discs stay in view.
 CROP_CONTEXT = 1.8
-# Hexagon order flipped left-right on AP films, where "anterior" means image-left (data/landmarks.py).
-AP_MIRROR = [2, 1, 0, 5, 4, 3]
-
-
 def level_code(level) -> int:
     """0-16 for T1-L5; -1 (ignored by the loss) for transitional or missing levels."""
     return LEVEL_INDEX.get(str(level).strip(), -1)
-
-
-def body_centre(points: np.ndarray) -> np.ndarray:
-    return np.asarray(points, dtype=np.float64).reshape(-1, 6, 2).mean(axis=1)
-
-
-def body_extent(points: np.ndarray) -> np.ndarray:
-    """Larger of the mean endplate width and the mean height, per vertebra (pixels)."""
-    p = np.asarray(points, dtype=np.float64).reshape(-1, 6, 2)
-    width = 0.5 * (np.linalg.norm(p[:, 0] - p[:, 2], axis=-1) + np.linalg.norm(p[:, 3] - p[:, 5], axis=-1))
-    height = np.linalg.norm(p[:, 3:] - p[:, :3], axis=-1).mean(axis=-1)
-    return np.maximum(width, height)
-
-
-def unmirror_points(mirrored: np.ndarray, reference: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
-    """Points (n, 6, 2) read on horizontally mirrored ``size`` px windows, mapped back onto the
-    unmirrored windows.
-
-    Training mirrors lateral windows without relabelling (anterior stays anterior) and AP ones
-    with the sides swapped (``AP_MIRROR``), so which labelling comes back depends on the view,
-    which inference need not know: each body takes whichever of the two lies closer to
-    ``reference``, the points read on the unmirrored window."""
-    back = np.array(mirrored, dtype=np.float64)
-    back[..., 0] = size - 1 - back[..., 0]
-    swapped = back[:, AP_MIRROR]
-    keep = np.linalg.norm(back - reference, axis=-1).sum(-1) <= np.linalg.norm(swapped - reference, axis=-1).sum(-1)
-    return np.where(keep[:, None, None], back, swapped)
 
 
 def crop_matrix(centre, side, angle_deg: float = 0.0, out: int = CROP_SIZE) -> np.ndarray:
@@ -130,7 +100,7 @@ def stage1_targets(points: np.ndarray, levels: list[int], grid_hw: tuple[int, in
     if len(pts) == 0:
         return {"centre": centre, "offsets": offsets, "offset_mask": mask, "level": level}
     ys, xs = np.mgrid[0:h, 0:w]
-    heights = np.linalg.norm(pts[:, 3:] - pts[:, :3], axis=-1).mean(axis=-1)
+    heights = body_height(pts)
     for p, lvl, height in zip(pts, levels, heights):
         c = p.mean(axis=0)
         gx, gy = (c + 0.5) / stride - 0.5  # grid coordinates of the centre

@@ -54,7 +54,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-POINT_COLUMNS = [f"p{k}{a}" for k in range(1, 7) for a in "xy"]
+from data.geometry import POINT_COLUMNS, body_axes, body_height
+from data.tables import load_vertebrae_table, read_text_table
+
 OTHER = "other"
 MIN_BODIES = 3  # a film needs this many bodies for a spacing between consecutive centres
 MIN_GROUP_FILMS = 10  # fewer fit films than this: the group's convention is not estimated
@@ -73,14 +75,12 @@ def read_films(vertebrae_csv: str | Path) -> dict[str, np.ndarray]:
         raise ConventionError(f"{path}: not found")
     manifest = path.parent / "manifest.csv"
     if manifest.is_file():
-        from evaluation.metrics import load_vertebrae_table
-
         try:
             table = load_vertebrae_table(path, manifest)
         except ValueError as exc:
             raise ConventionError(str(exc)) from exc
     else:
-        table = pd.read_csv(path)
+        table = read_text_table(path)
     missing = [c for c in ["image"] + POINT_COLUMNS if c not in table.columns]
     if missing:
         raise ConventionError(f"{path}: needs the columns image and p1x..p6y; missing {', '.join(missing)}")
@@ -96,23 +96,6 @@ def read_films(vertebrae_csv: str | Path) -> dict[str, np.ndarray]:
     return films
 
 
-def body_axes(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Unit vectors (n, 2) along each body's endplates (p1/p4 side towards p3/p6) and across
-    them (towards its inferior endplate)."""
-    p = np.asarray(points, float).reshape(-1, 6, 2)
-    u = (p[:, 2] - p[:, 0]) + (p[:, 5] - p[:, 3])
-    u = u / np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
-    v = np.stack([-u[:, 1], u[:, 0]], axis=1)
-    v = v * np.sign(((p[:, 3:] - p[:, :3]).mean(axis=1) * v).sum(axis=1, keepdims=True) + 1e-12)
-    return u, v
-
-
-def body_heights(points: np.ndarray) -> np.ndarray:
-    """Mean of the three heights (superior to inferior point) of each body, (n,)."""
-    p = np.asarray(points, float).reshape(-1, 6, 2)
-    return np.linalg.norm(p[:, 3:] - p[:, :3], axis=-1).mean(axis=1)
-
-
 def film_shape(points: np.ndarray) -> tuple[float, float]:
     """``(width, height)``: the film's median body width (mean of its two endplates) and height,
     each over the median distance between consecutive body centres."""
@@ -121,7 +104,7 @@ def film_shape(points: np.ndarray) -> tuple[float, float]:
     spacing = float(np.median(np.linalg.norm(np.diff(p.mean(axis=1), axis=0), axis=1)))
     if spacing <= 0:
         return float("nan"), float("nan")
-    return float(np.median(width)) / spacing, float(np.median(body_heights(p))) / spacing
+    return float(np.median(width)) / spacing, float(np.median(body_height(p))) / spacing
 
 
 def group_of(image: str, pattern: re.Pattern) -> str:
@@ -154,7 +137,7 @@ def convention_offsets(points: np.ndarray, width_scale: float, height_scale: flo
     d = p - p.mean(axis=1, keepdims=True)
     along = (d * u[:, None]).sum(-1) * (width_scale - 1)
     across = (d * v[:, None]).sum(-1) * (height_scale - 1)
-    return np.stack([along, across], axis=-1) * (100.0 / body_heights(p))[:, None, None]
+    return np.stack([along, across], axis=-1) * (100.0 / body_height(p))[:, None, None]
 
 
 def scatter_bound(films: dict[str, np.ndarray]) -> dict[str, float | int | None]:
@@ -163,7 +146,7 @@ def scatter_bound(films: dict[str, np.ndarray]) -> dict[str, float | int | None]
     along, across = [], []
     for pts in films.values():
         p = np.asarray(pts, float).reshape(-1, 6, 2)
-        scale = 100.0 / float(np.median(body_heights(p)))
+        scale = 100.0 / float(np.median(body_height(p)))
         for length, out in ((np.linalg.norm(p[:, 2] - p[:, 0], axis=1), along),
                             (np.linalg.norm(p[:, 3] - p[:, 0], axis=1), across)):
             out.append((length[:-2] - 2 * length[1:-1] + length[2:]) * scale)

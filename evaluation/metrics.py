@@ -1,7 +1,8 @@
 """Evaluation of inference outputs against a labelled manifest.
 
 Everything here reads the formats of ``docs/formats.md``: the manifest CSV, ``vertebrae.csv``
-and the outputs of ``infer.py`` (``predictions.csv``, ``<name>.json``, ``<name>_heatmap.png``).
+and the outputs of ``infer.py`` (``predictions.csv``, ``<name>.json``, ``<name>_heatmap.png``);
+the tables are read by ``data/tables.py``, the one reader with the one set of rules.
 
 Conventions
 -----------
@@ -22,12 +23,15 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
+
+from data.tables import (absolute_path, load_manifest_table, load_predictions_table, load_vertebrae_table,
+                         path_key)
 
 __all__ = [
     "load_manifest_table",
@@ -35,6 +39,11 @@ __all__ = [
     "load_predictions_table",
     "join_predictions",
     "image_max_grade",
+    "grade_of_images",
+    "label_score_arrays",
+    "json_ready",
+    "truth_text",
+    "read_inference_jsons",
     "binary_auroc",
     "calibration_bin_edges",
     "calibration_bins",
@@ -61,121 +70,6 @@ OPERATING_POINTS = ("high_sensitivity", "balanced", "high_specificity")
 TARGET_SENSITIVITY = 0.90
 TARGET_SPECIFICITY = 0.95
 ECE_BINS = 10
-_PRED_FLOAT_COLUMNS = ("p_fracture", "p_acute", "p_acute_given_fracture", "heatmap_peak_x", "heatmap_peak_y")
-
-
-# --------------------------------------------------------------------------- paths and tables
-def _abs_path(p: str, base: str | os.PathLike) -> str:
-    """Absolute, normalised form of ``p`` (relative paths are taken from ``base``)."""
-    p = os.path.expanduser(str(p).strip())
-    if not os.path.isabs(p):
-        p = os.path.join(os.fspath(base), p)
-    return os.path.normpath(os.path.abspath(p))
-
-
-def _path_key(p: str) -> str:
-    """Join key for an image path: symbolic links resolved, case-normalised where the OS is."""
-    return os.path.normcase(os.path.realpath(str(p)))
-
-
-def _read_csv_as_text(path: str | os.PathLike) -> pd.DataFrame:
-    # Every column as text, nothing turned into NaN implicitly: a patient called "NA" stays "NA".
-    df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
-    df.columns = [str(c).strip() for c in df.columns]
-    return df
-
-
-def _require(df: pd.DataFrame, columns: Iterable[str], what: str) -> None:
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise ValueError(f"{what}: missing column(s) {missing}; found {list(df.columns)}")
-
-
-def _binary_column(values: pd.Series, what: str) -> pd.Series:
-    """'1' / '0' / '' (also '1.0', '0.0') -> 1.0 / 0.0 / NaN; anything else is an error."""
-    text = values.astype(str).str.strip()
-    num = pd.to_numeric(text.where(text != "", None), errors="coerce").astype(float)
-    bad = (text != "") & ~num.isin([0.0, 1.0])
-    if bad.any():
-        examples = sorted(set(text[bad]))[:5]
-        raise ValueError(f"{what}: values must be 1, 0 or empty; found {examples}")
-    return num
-
-
-def _float_column(values: pd.Series) -> pd.Series:
-    text = values.astype(str).str.strip()
-    return pd.to_numeric(text.where(text != "", None), errors="coerce").astype(float)
-
-
-def load_manifest_table(manifest_csv: str | os.PathLike) -> pd.DataFrame:
-    """Read a manifest CSV (``docs/formats.md``).
-
-    Returns one row per image with ``image`` as an absolute path (relative entries are taken
-    from the CSV's folder), ``patient_id`` as text, and ``fracture`` / ``acute`` as float
-    (1.0, 0.0, NaN for empty = unknown). Other columns are kept as text; a ``mask`` column is
-    resolved like ``image``. Raises ``ValueError`` on missing columns, labels other than
-    1/0/empty, or an image listed twice.
-    """
-    manifest_csv = Path(manifest_csv)
-    df = _read_csv_as_text(manifest_csv)
-    _require(df, ("image", "patient_id", "fracture", "acute"), str(manifest_csv))
-    base = manifest_csv.resolve().parent
-    if (df["image"].str.strip() == "").any():
-        raise ValueError(f"{manifest_csv}: empty `image` entries")
-    df["image"] = [_abs_path(p, base) for p in df["image"]]
-    if "mask" in df.columns:
-        df["mask"] = [_abs_path(p, base) if str(p).strip() else "" for p in df["mask"]]
-    df["fracture"] = _binary_column(df["fracture"], f"{manifest_csv}: fracture")
-    df["acute"] = _binary_column(df["acute"], f"{manifest_csv}: acute")
-    dup = df["image"].map(_path_key).duplicated(keep=False)
-    if dup.any():
-        raise ValueError(f"{manifest_csv}: image(s) listed more than once: {sorted(set(df.loc[dup, 'image']))[:5]}")
-    return df.reset_index(drop=True)
-
-
-def load_vertebrae_table(vertebrae_csv: str | os.PathLike, manifest_csv: str | os.PathLike) -> pd.DataFrame:
-    """Read ``vertebrae.csv`` with ``image`` resolved like the manifest's (against the folder
-    of ``manifest_csv``, where the format puts ``vertebrae.csv``).
-
-    ``genant_grade``, ``acute``, the box and the point columns become float (NaN for empty);
-    ``level`` and ``morphology`` stay text.
-    """
-    vertebrae_csv = Path(vertebrae_csv)
-    df = _read_csv_as_text(vertebrae_csv)
-    _require(df, ("image", "genant_grade", "x_min", "y_min", "x_max", "y_max"), str(vertebrae_csv))
-    base = Path(manifest_csv).resolve().parent
-    df["image"] = [_abs_path(p, base) for p in df["image"]]
-    numeric = ["genant_grade", "acute", "x_min", "y_min", "x_max", "y_max", "mask_value"]
-    numeric += [f"p{k}{a}" for k in range(1, 7) for a in "xy"]
-    for col in numeric:
-        if col in df.columns:
-            df[col] = _float_column(df[col])
-    bad = df["genant_grade"].notna() & ~df["genant_grade"].isin([0.0, 1.0, 2.0, 3.0])
-    if bad.any():
-        raise ValueError(f"{vertebrae_csv}: genant_grade must be 0-3 or empty; found {sorted(set(df.loc[bad, 'genant_grade']))[:5]}")
-    return df.reset_index(drop=True)
-
-
-def load_predictions_table(predictions_csv: str | os.PathLike) -> pd.DataFrame:
-    """Read ``predictions.csv`` as written by ``infer.py`` (all rows, any status).
-
-    Probabilities and peak coordinates become float; relative ``image`` entries (not written by
-    ``infer.py``, which writes absolute paths) are taken from the CSV's folder.
-    """
-    predictions_csv = Path(predictions_csv)
-    df = _read_csv_as_text(predictions_csv)
-    _require(df, ("image", "p_fracture", "status"), str(predictions_csv))
-    base = predictions_csv.resolve().parent
-    df["image"] = [_abs_path(p, base) for p in df["image"]]
-    df["status"] = df["status"].str.strip()
-    for col in _PRED_FLOAT_COLUMNS:
-        if col in df.columns:
-            df[col] = _float_column(df[col])
-    if "name" not in df.columns:
-        df["name"] = [Path(p).stem for p in df["image"]]
-    if "error" not in df.columns:
-        df["error"] = ""
-    return df
 
 
 def join_predictions(predictions_csv: str | os.PathLike, manifest_csv: str | os.PathLike) -> pd.DataFrame:
@@ -198,11 +92,11 @@ def join_tables(pred: pd.DataFrame, man: pd.DataFrame) -> pd.DataFrame:
     (manifest images without an ok prediction) and ``n_joined``.
     """
     ok = pred[pred["status"] == "ok"].copy()
-    ok["_key"] = ok["image"].map(_path_key)
+    ok["_key"] = ok["image"].map(path_key)
     n_dup = int(ok["_key"].duplicated().sum())
     ok = ok.drop_duplicates("_key", keep="first")
     man = man.copy()
-    man["_key"] = man["image"].map(_path_key)
+    man["_key"] = man["image"].map(path_key)
     # prediction columns that the manifest also has (other than the path) keep the manifest's values
     ok = ok.rename(columns={"image": "image_prediction"})
     pred_cols = [c for c in ok.columns if c == "_key" or c not in man.columns]
@@ -233,7 +127,7 @@ def image_max_grade(vertebrae_df: pd.DataFrame) -> pd.Series:
 
 
 # --------------------------------------------------------------------------- AUROC
-def _as_arrays(y_true, scores) -> tuple[np.ndarray, np.ndarray]:
+def label_score_arrays(y_true, scores) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(y_true, dtype=float).ravel()
     s = np.asarray(scores, dtype=float).ravel()
     if y.shape != s.shape:
@@ -248,7 +142,7 @@ def _as_arrays(y_true, scores) -> tuple[np.ndarray, np.ndarray]:
 def binary_auroc(y_true, scores) -> float:
     """Area under the ROC curve (scikit-learn's ``roc_auc_score``); NaN when fewer than two
     classes are present. Labels must be 0/1 and nothing may be NaN."""
-    y, s = _as_arrays(y_true, scores)
+    y, s = label_score_arrays(y_true, scores)
     if len(np.unique(y)) < 2:
         return float("nan")
     return float(roc_auc_score(y, s))
@@ -257,7 +151,7 @@ def binary_auroc(y_true, scores) -> float:
 def roc_points(y_true, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ROC curve as ``(fpr, tpr, thresholds)`` (scikit-learn's ``roc_curve``, all thresholds
     kept). Three empty arrays when fewer than two classes are present."""
-    y, s = _as_arrays(y_true, scores)
+    y, s = label_score_arrays(y_true, scores)
     if len(np.unique(y)) < 2:
         empty = np.array([], dtype=float)
         return empty, empty.copy(), empty.copy()
@@ -299,8 +193,8 @@ def auroc_acute(df: pd.DataFrame, score: str = "p_acute") -> float:
 
 def grade_of_images(df: pd.DataFrame, max_grade: pd.Series) -> pd.Series:
     """``max_grade`` (:func:`image_max_grade`) of each row's image of ``df``, NaN where unknown."""
-    by_key = {_path_key(k): float(v) for k, v in max_grade.items()}
-    return pd.Series([by_key.get(_path_key(p), np.nan) for p in df["image"]], index=df.index, dtype=float)
+    by_key = {path_key(k): float(v) for k, v in max_grade.items()}
+    return pd.Series([by_key.get(path_key(p), np.nan) for p in df["image"]], index=df.index, dtype=float)
 
 
 def auroc_by_grade(df: pd.DataFrame, max_grade: pd.Series, score: str = "p_fracture") -> dict[int, dict]:
@@ -429,7 +323,7 @@ def read_inference_jsons(infer_dir: str | os.PathLike | None) -> list[dict]:
             continue
         if not isinstance(rec, dict) or not rec.get("image") or rec.get("status", "ok") != "ok":
             continue
-        rec = dict(rec, _json=str(path), _image=_abs_path(rec["image"], path.parent))
+        rec = dict(rec, _json=str(path), _image=absolute_path(rec["image"], path.parent))
         records.append(rec)
     return records
 
@@ -464,11 +358,11 @@ def pointing_game_table(predictions_json_dir: str | os.PathLike | None, vertebra
     fractured = vertebrae_df[vertebrae_df["genant_grade"] > 0]
     boxes: dict[str, list[tuple]] = {}
     for row in fractured.itertuples(index=False):
-        boxes.setdefault(_path_key(row.image), []).append(
+        boxes.setdefault(path_key(row.image), []).append(
             (getattr(row, "level", ""), row.x_min, row.y_min, row.x_max, row.y_max))
     rows, seen = [], set()
     for rec in _read_prediction_jsons(predictions_json_dir, peak_key, records):
-        key = _path_key(rec["image"])
+        key = path_key(rec["image"])
         if key not in boxes or key in seen:
             continue
         seen.add(key)

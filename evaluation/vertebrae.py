@@ -14,7 +14,7 @@ Rules
   distance between body centres. A pair is valid only when that distance is below
   ``0.5 x`` the truth vertebra's mean height (the *gate*). Among valid pairs the assignment
   first maximises the number of matches, then minimises the total distance.
-* **Images**: joined on :func:`evaluation.metrics._path_key`. Only images with an ok prediction
+* **Images**: joined on :func:`data.tables.path_key`. Only images with an ok prediction
   count (``evaluated_images``: the ok rows of ``predictions.csv`` when given, else the images
   that appear in the predicted table). Truth images without one are left out and counted;
   predicted images with no truth vertebrae are left out and counted.
@@ -33,8 +33,6 @@ performance.
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -42,6 +40,8 @@ import pandas as pd
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import cohen_kappa_score, confusion_matrix
 
+from data.geometry import POINT_COLUMNS, body_height, table_points
+from data.tables import PREDICTED_VERTEBRA_REQUIRED, load_predicted_vertebrae, path_key
 from evaluation import metrics as M
 
 __all__ = [
@@ -59,11 +59,7 @@ __all__ = [
     "plot_grade_confusion",
 ]
 
-POINT_COLUMNS = [f"p{k}{a}" for k in range(1, 7) for a in "xy"]
-PREDICTED_REQUIRED_COLUMNS = ["image", "level", "p_fracture", "p_acute", "genant_grade", *POINT_COLUMNS]
-_PREDICTED_OPTIONAL_TEXT = ["name", "morphology"]
-_PREDICTED_OPTIONAL_FLOAT = ["level_confidence", "detection_score", "height_anterior", "height_middle",
-                             "height_posterior"]
+PREDICTED_REQUIRED_COLUMNS = PREDICTED_VERTEBRA_REQUIRED
 GATE_FRACTION = 0.5
 UNMATCHED_SCORE = 0.0
 GRADE_LABELS = [0, 1, 2, 3]
@@ -71,58 +67,15 @@ GRADE_LABELS = [0, 1, 2, 3]
 _HIST_EDGES_PCT = [float(x) for x in np.arange(0.0, 50.0 + 1e-9, 2.5)]
 
 
-# --------------------------------------------------------------------------- reading
-def load_predicted_vertebrae(path: str | os.PathLike) -> pd.DataFrame:
-    """Read ``OUT/vertebrae.csv`` of ``infer.py`` (or, given a folder, the ``vertebrae.csv``
-    inside it).
-
-    Needs ``image``, ``level``, ``p_fracture``, ``p_acute``, ``genant_grade`` and the twelve
-    point columns; ``name``, ``morphology``, ``level_confidence``, ``detection_score`` and the
-    ``height_*`` columns are optional (empty / NaN when absent). ``image`` becomes an absolute
-    path (relative entries are taken from the CSV's folder), numbers become float (NaN for
-    empty). Raises ``FileNotFoundError`` or ``ValueError`` naming the file.
-    """
-    path = Path(path)
-    csv_path = path / "vertebrae.csv" if path.is_dir() else path
-    if not csv_path.is_file():
-        raise FileNotFoundError(f"{csv_path}: predicted vertebrae file not found")
-    df = M._read_csv_as_text(csv_path)
-    missing = [c for c in PREDICTED_REQUIRED_COLUMNS if c not in df.columns]
-    if missing:
-        raise ValueError(f"{csv_path}: predicted vertebrae table lacks column(s) {missing}; "
-                         f"found {list(df.columns)}")
-    base = csv_path.resolve().parent
-    if (df["image"].str.strip() == "").any():
-        raise ValueError(f"{csv_path}: empty `image` entries")
-    df["image"] = [M._abs_path(p, base) for p in df["image"]]
-    df["level"] = df["level"].astype(str).str.strip()
-    for col in _PREDICTED_OPTIONAL_TEXT:
-        df[col] = df[col].astype(str).str.strip() if col in df.columns else ""
-    for col in ["p_fracture", "p_acute", "genant_grade", *POINT_COLUMNS, *_PREDICTED_OPTIONAL_FLOAT]:
-        df[col] = M._float_column(df[col]) if col in df.columns else np.nan
-    bad = df["genant_grade"].notna() & ~df["genant_grade"].isin([0.0, 1.0, 2.0, 3.0])
-    if bad.any():
-        raise ValueError(f"{csv_path}: genant_grade must be 0-3 or empty; "
-                         f"found {sorted(set(df.loc[bad, 'genant_grade']))[:5]}")
-    return df.reset_index(drop=True)
-
-
 # --------------------------------------------------------------------------- geometry
-def _points(df: pd.DataFrame) -> np.ndarray:
-    """(n, 6, 2) array of the six points (NaN where a column is empty or absent)."""
-    cols = [df[c].to_numpy(float) if c in df.columns else np.full(len(df), np.nan) for c in POINT_COLUMNS]
-    return np.stack(cols, axis=1).reshape(len(df), 6, 2) if len(df) else np.zeros((0, 6, 2))
-
-
 def body_centres(df: pd.DataFrame) -> np.ndarray:
     """(n, 2) body centres: the mean of the six points (NaN when any point is missing)."""
-    return _points(df).mean(axis=1)
+    return table_points(df).mean(axis=1)
 
 
 def mean_heights(df: pd.DataFrame) -> np.ndarray:
     """(n,) mean of the anterior (|p1p4|), middle (|p2p5|) and posterior (|p3p6|) heights."""
-    pts = _points(df)
-    return np.linalg.norm(pts[:, 0:3] - pts[:, 3:6], axis=2).mean(axis=1)
+    return body_height(table_points(df))
 
 
 def _assign(truth_centres: np.ndarray, gates: np.ndarray, pred_centres: np.ndarray) -> list[tuple[int, int, float]]:
@@ -152,8 +105,8 @@ _PRED_FIELDS = {"name": "name", "level": "pred_level", "level_confidence": "pred
 
 def _evaluated_keys(pred_df: pd.DataFrame, evaluated_images: Iterable[str] | None) -> set[str]:
     if evaluated_images is None:
-        return {M._path_key(p) for p in pred_df["image"]}
-    return {M._path_key(p) for p in evaluated_images}
+        return {path_key(p) for p in pred_df["image"]}
+    return {path_key(p) for p in evaluated_images}
 
 
 def match_vertebrae(pred_df: pd.DataFrame, truth_df: pd.DataFrame,
@@ -182,12 +135,12 @@ def match_vertebrae(pred_df: pd.DataFrame, truth_df: pd.DataFrame,
     """
     truth = truth_df.reset_index(drop=True)
     pred = pred_df.reset_index(drop=True)
-    t_keys = np.array([M._path_key(p) for p in truth["image"]], dtype=object)
-    p_keys = np.array([M._path_key(p) for p in pred["image"]], dtype=object)
+    t_keys = np.array([path_key(p) for p in truth["image"]], dtype=object)
+    p_keys = np.array([path_key(p) for p in pred["image"]], dtype=object)
     evaluated = _evaluated_keys(pred, evaluated_images)
     truth_images = set(t_keys)
 
-    t_pts, p_pts = _points(truth), _points(pred)
+    t_pts, p_pts = table_points(truth), table_points(pred)
     t_centre, p_centre = t_pts.mean(axis=1), p_pts.mean(axis=1)
     t_height = mean_heights(truth)
     t_locatable = np.isfinite(t_pts).all(axis=(1, 2)) & np.isfinite(t_height) & (t_height > 0)
@@ -239,7 +192,7 @@ def _match_columns() -> list[str]:
 def _row(truth, pred, i, j, distance, t_pts, p_pts, t_height) -> dict:
     has_t, has_p = i >= 0, j >= 0
     image = truth.at[i, "image"] if has_t else pred.at[j, "image"]
-    row: dict[str, Any] = {"image": image, "key": M._path_key(image),
+    row: dict[str, Any] = {"image": image, "key": path_key(image),
                            "status": "matched" if has_t and has_p else ("missed" if has_t else "false_positive"),
                            "matched": bool(has_t and has_p), "false_positive": bool(has_p and not has_t),
                            "truth_index": int(i), "pred_index": int(j)}
@@ -384,7 +337,7 @@ def summarise_vertebrae(pred_df: pd.DataFrame, truth_df: pd.DataFrame,
     """Every per-vertebra metric in one JSON-serialisable dict (NaN written as ``None``).
 
     Arguments as in :func:`match_vertebrae`; ``levels_trusted`` maps an image's path key
-    (:func:`evaluation.metrics._path_key`) to the ``levels_trusted`` of its inference JSON and
+    (:func:`data.tables.path_key`) to the ``levels_trusted`` of its inference JSON and
     adds ``level_accuracy.by_levels_trusted``. Levels with fewer than ``min_level_fractured``
     fractured truth vertebrae get ``auroc_by_level[level].auroc`` None.
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from data.geometry import OUTLINE
+
 
 def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45,
                     peak: tuple[float, float] | None = None, label: str | None = None) -> np.ndarray:
@@ -38,7 +40,6 @@ def label_font_scale(label: str, width: int, font_scale: float, thickness: int) 
 # Genant grade colours (BGR): normal green, mild yellow, moderate orange, severe red.
 GRADE_COLOURS = {0: (80, 200, 80), 1: (0, 220, 255), 2: (0, 140, 255), 3: (0, 0, 255)}
 UNGRADED_COLOUR = (170, 170, 170)
-_OUTLINE = [0, 1, 2, 5, 4, 3]  # p1 p2 p3 p6 p5 p4
 
 
 def draw_vertebrae(overlay: np.ndarray, vertebrae: list[dict], scale: float = 1.0,
@@ -57,7 +58,7 @@ def draw_vertebrae(overlay: np.ndarray, vertebrae: list[dict], scale: float = 1.
         grade = None if grade is None or not np.isfinite(float(grade)) else int(grade)
         # ungraded (a body named beyond T1-L5): grey, so it cannot be read as normal or fractured
         colour = GRADE_COLOURS.get(grade, UNGRADED_COLOUR)
-        poly = np.round(pts[_OUTLINE] * 16).astype(np.int32)
+        poly = np.round(pts[OUTLINE] * 16).astype(np.int32)
         cv2.polylines(out, [poly], True, colour, thick, cv2.LINE_AA, shift=4)
         for x, y in pts:
             cv2.circle(out, (int(round(x)), int(round(y))), max(2, thick + 1), colour, -1, cv2.LINE_AA)

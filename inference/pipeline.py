@@ -32,17 +32,10 @@ from inference.loading import open_model
 from models.network import HEATMAP_STRIDE, FractureNet
 from inference.vertebrae import analyse_film, fracture_map, fracture_peak, image_probabilities, with_morphometry
 from inference.drawing import draw_vertebrae, overlay_heatmap
+from inference.records import (PREDICTION_COLUMNS, VERTEBRA_COLUMNS, FilmRecord, VertebraRecord,
+                               error_row)
 
-PREDICTION_COLUMNS = ["image", "name", "p_fracture", "p_acute", "p_acute_given_fracture",
-                      "heatmap_peak_x", "heatmap_peak_y", "status", "error",
-                      # with a calibrated checkpoint: 1/0 at the operating point (empty otherwise)
-                      "decision", "operating_point"]
 OVERLAY_MAX_SIDE = 1024  # overlays are downsized to this long side; the .npy keeps full detail
-VERTEBRA_COLUMNS = ["image", "name", "level", "level_confidence", "levels_trusted", "detection_score",
-                    "p_fracture", "p_acute", "genant_grade", "morphology", "height_anterior", "height_middle",
-                    "height_posterior", "height_anterior_mm", "height_middle_mm", "height_posterior_mm",
-                    "ratio_anterior_posterior", "ratio_middle_posterior"] + [
-                    f"p{i}{c}" for i in range(1, 7) for c in "xy"]
 
 
 def collect_inputs(inputs: list[str | os.PathLike]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -83,47 +76,49 @@ class InferenceDataset(Dataset):
         display = cv2.resize(pixels, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA) if f < 1 else pixels
         return {"index": i, "image": torch.from_numpy(x)[None], "box": box, "display": display, "pixels": pixels,
                 "image_size": (h, w), "pixel_spacing_mm": img.pixel_spacing_mm,
-                "dicom": dict(img.info) if img.source_format == "dicom" else None}
+                "dicom": dict(img.info) if img.source_format == "dicom" else None,
+                # the reader's parsed header (no pixels): identifiers and DICOM outputs read it, not the file
+                "dicom_header": img.header}
 
 
-def _identifiers(path: str) -> dict:
-    import pydicom
-
-    ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-    return {kw: str(ds.get(kw, "")) for kw in IDENTIFIER_KEYWORDS}
+def _identifiers(header) -> dict:
+    return {kw: str(header.get(kw, "")) for kw in IDENTIFIER_KEYWORDS}
 
 
-def _write_dicom_outputs(out: Path, path: str, name: str, overlay_bgr: np.ndarray, record: dict,
+def sr_findings(record: FilmRecord) -> dict:
+    """The findings of a film's DICOM SR (inference.dicom_out.structured_report) from its record."""
+    findings = {"p_fracture": record.p_fracture, "p_acute": record.p_acute}
+    vertebrae = record.vertebrae
+    in_mm = bool(vertebrae) and all(v.heights_mm for v in vertebrae)
+    findings["height_unit"] = "mm" if in_mm else "px"
+    # an untrusted level is not coded as anatomy: "vertebra 3 (L2?)" has no finding site
+    findings["vertebrae"] = [
+        {**v.to_json_dict(), "level": v.level if record.levels_trusted else f"vertebra {k + 1} ({v.level}?)",
+         "heights": [(v.heights_mm if in_mm else v.heights)[h] for h in ("anterior", "middle", "posterior")]}
+        for k, v in enumerate(vertebrae)]
+    return findings
+
+
+def _write_dicom_outputs(out: Path, source, name: str, overlay_bgr: np.ndarray, record: FilmRecord,
                          options: OutputOptions) -> dict:
-    """DICOM Secondary Capture of the overlay and a Comprehensive SR, referencing the source."""
-    import pydicom
-
+    """DICOM Secondary Capture of the overlay and a Comprehensive SR, referencing the source
+    (``source``: its parsed header)."""
     from inference import dicom_out
 
-    source = pydicom.dcmread(path, stop_before_pixels=True, force=True)
     written = {}
     if options.dicom_sc:
         sc = dicom_out.secondary_capture(source, overlay_bgr, keep_identifiers=options.keep_identifiers)
         dicom_out.write_dicom(sc, out / f"{name}_sc.dcm")
         written["secondary_capture"] = f"{name}_sc.dcm"
     if options.dicom_sr:
-        findings = {k: record[k] for k in ("p_fracture", "p_acute")}
-        vertebrae = record.get("vertebrae") or []
-        in_mm = bool(vertebrae) and all(v.get("heights_mm") for v in vertebrae)
-        findings["height_unit"] = "mm" if in_mm else "px"
-        trusted = bool(record.get("levels_trusted"))
-        # an untrusted level is not coded as anatomy: "vertebra 3 (L2?)" has no finding site
-        findings["vertebrae"] = [
-            {**v, "level": v["level"] if trusted else f"vertebra {k + 1} ({v['level']}?)",
-             "heights": [(v["heights_mm"] if in_mm else v["heights"])[h] for h in ("anterior", "middle", "posterior")]}
-            for k, v in enumerate(vertebrae)]
+        findings = sr_findings(record)
         sr = dicom_out.structured_report(source, findings, keep_identifiers=options.keep_identifiers)
         dicom_out.write_dicom(sr, out / f"{name}_sr.dcm")
         written["structured_report"] = f"{name}_sr.dcm"
     return written
 
 
-def _collate(batch: list[dict]) -> list[dict]:
+def collate_items(batch: list[dict]) -> list[dict]:
     return batch
 
 
@@ -259,42 +254,34 @@ def _decision_of(predictor) -> tuple:
     return cal, point, cal.threshold(point)
 
 
-def _decision_columns(record: dict) -> dict:
-    decision = record.get("decision")
-    if not decision:
-        return {"decision": "", "operating_point": ""}
-    return {"decision": "1" if decision["fracture"] else "0", "operating_point": decision["operating_point"]}
-
-
-def _completed_row(out: Path, path: str, name: str, decision: tuple | None = None,
-                   checkpoint_id: str | None = None) -> dict | None:
-    """The predictions row of an input whose outputs are all present (for --resume).
+def completed_record(out: Path, path: str, name: str, decision: tuple | None = None,
+                     checkpoint_id: str | None = None) -> FilmRecord | None:
+    """The record of an input whose outputs are all present (for --resume), read back through
+    the schema; None when it must be redone.
 
     The JSON is written last, so its presence means the heatmaps before it are complete.
     ``decision``: the (operating point, threshold) this run decides at, or None; an output
-    decided otherwise is not complete."""
+    decided otherwise is not complete. A JSON that does not fit the schema (another version's)
+    is redone."""
     record_path = out / f"{name}.json"
     if not record_path.is_file():
         return None
     try:
-        record = json.loads(record_path.read_text())
-    except (OSError, ValueError):
+        record = FilmRecord.from_json_dict(json.loads(record_path.read_text()))
+    except (OSError, ValueError, TypeError):  # RecordError is a ValueError
         return None
-    if record.get("image") != path:
+    if record.image != path:
         return None
-    if checkpoint_id is not None and record.get("checkpoint_id") != checkpoint_id:
+    if checkpoint_id is not None and record.checkpoint_id != checkpoint_id:
         return None  # made by another model: redo it
-    if not all((out / f).is_file() for f in (record["heatmap"]["npy"], record["heatmap"]["png"])):
+    if not all((out / f).is_file() for f in (record.heatmap["npy"], record.heatmap["png"])):
         return None
-    had = record.get("decision")
+    had = record.decision
     if decision is not None and (not had or (had.get("operating_point"), had.get("threshold")) != decision):
         return None
     if decision is None and had:
         return None
-    peak = record["heatmap_peak"]
-    return {"image": path, "name": name, "p_fracture": record["p_fracture"], "p_acute": record["p_acute"],
-            "p_acute_given_fracture": record["p_acute_given_fracture"], "heatmap_peak_x": peak[0],
-            "heatmap_peak_y": peak[1], "status": "ok", "error": "", **_decision_columns(record)}
+    return record
 
 
 def run_inference(predictor: Predictor, inputs: list[str], out: str | os.PathLike, batch_size: int = 8,
@@ -311,25 +298,27 @@ def run_inference(predictor: Predictor, inputs: list[str], out: str | os.PathLik
     start = time.time()
     paths, problems = collect_inputs(inputs)
     names = output_names(paths)
-    rows: list[dict] = [{"image": p, "name": "", "status": "error", "error": why} for p, why in problems]
+    rows: list[dict] = [error_row(p, "", why) for p, why in problems]
+    records: list[FilmRecord] = []  # the films written or kept, in the order of their rows
     todo = list(range(len(paths)))
     if resume:
         _, point, threshold = _decision_of(predictor)
         decision = (point, threshold) if point is not None else None
-        done = {i: _completed_row(out, paths[i], names[i], decision, getattr(predictor, "checkpoint_id", None))
+        done = {i: completed_record(out, paths[i], names[i], decision, getattr(predictor, "checkpoint_id", None))
                 for i in todo}
-        rows += [r for r in done.values() if r is not None]
+        records += [r for r in done.values() if r is not None]
+        rows += [r.prediction_row() for r in done.values() if r is not None]
         todo = [i for i in todo if done[i] is None]
     options = OutputOptions(keep_identifiers=keep_identifiers, dicom_sc=dicom_sc, dicom_sr=dicom_sr)
     dataset = InferenceDataset([paths[i] for i in todo], predictor.image_size, voi_lut=voi_lut, max_pixels=max_pixels)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_items)
     bar = tqdm(total=len(paths), initial=len(paths) - len(todo), desc="inference", unit="img", disable=not progress)
     for batch in loader:
         good = [b for b in batch if "error" not in b]
         for b in batch:
             if "error" in b:
                 i = todo[b["index"]]
-                rows.append({"image": paths[i], "name": names[i], "status": "error", "error": b["error"]})
+                rows.append(error_row(paths[i], names[i], b["error"]))
         if good:
             if hasattr(predictor, "predict"):
                 results = predictor.predict(good)
@@ -339,16 +328,18 @@ def run_inference(predictor: Predictor, inputs: list[str], out: str | os.PathLik
             for k, b in enumerate(good):
                 i = todo[b["index"]]
                 try:
-                    rows.append(_write_outputs(predictor, out, paths[i], names[i], b, results[k]["probs"], options,
-                                               film=results[k]))
+                    record = _write_outputs(predictor, out, paths[i], names[i], b, results[k]["probs"], options,
+                                            film=results[k])
                 except Exception as exc:  # e.g. a full disk: record it, keep going
-                    rows.append({"image": paths[i], "name": names[i], "status": "error",
-                                 "error": f"writing outputs failed: {type(exc).__name__}: {exc}"})
+                    rows.append(error_row(paths[i], names[i], f"writing outputs failed: {type(exc).__name__}: {exc}"))
+                else:
+                    records.append(record)
+                    rows.append(record.prediction_row())
         bar.update(len(batch))
     bar.close()
     table = pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
     atomic_write_text(out / "predictions.csv", table.to_csv(index=False))
-    _write_vertebrae_table(out, table)
+    write_vertebrae_table(out / "vertebrae.csv", records)
     errors = table[table["status"] != "ok"][["image", "name", "error"]]
     atomic_write_text(out / "errors.csv", errors.to_csv(index=False))
     n_failed = len(errors)
@@ -356,42 +347,19 @@ def run_inference(predictor: Predictor, inputs: list[str], out: str | os.PathLik
                             predictions_csv=out / "predictions.csv", n_skipped=len(paths) - len(todo))
 
 
-def vertebra_rows(record: dict) -> list[dict]:
-    """The ``vertebrae.csv`` rows of one film's JSON record."""
-    rows = []
-    for v in record.get("vertebrae") or []:
-        h, mm, r = v["heights"], v.get("heights_mm") or {}, v["height_ratios"]
-        row = {"image": record["image"], "name": record["name"], "level": v["level"],
-               "level_confidence": v["level_confidence"], "levels_trusted": record.get("levels_trusted"),
-               "detection_score": v["detection_score"], "p_fracture": v["p_fracture"], "p_acute": v["p_acute"],
-               "genant_grade": v["genant_grade"], "morphology": v["morphology"],
-               "height_anterior": h["anterior"], "height_middle": h["middle"], "height_posterior": h["posterior"],
-               "height_anterior_mm": mm.get("anterior"), "height_middle_mm": mm.get("middle"),
-               "height_posterior_mm": mm.get("posterior"),
-               "ratio_anterior_posterior": r["anterior_posterior"], "ratio_middle_posterior": r["middle_posterior"]}
-        for k, (x, y) in enumerate(v["points"], start=1):
-            row[f"p{k}x"], row[f"p{k}y"] = x, y
-        rows.append(row)
-    return rows
-
-
-def _write_vertebrae_table(out: Path, table: pd.DataFrame) -> None:
-    """``OUT/vertebrae.csv``: one row per vertebra found, gathered from the films' JSONs (so a
-    resumed run lists the vertebrae of the films it skipped too)."""
-    rows = []
-    for r in table[table["status"] == "ok"].itertuples(index=False):
-        try:
-            record = json.loads((out / f"{r.name}.json").read_text())
-        except (OSError, ValueError):
-            continue
-        rows += vertebra_rows(record)
-    vertebrae = pd.DataFrame(rows, columns=VERTEBRA_COLUMNS)
+def write_vertebrae_table(path: Path, records: list[FilmRecord]) -> None:
+    """``OUT/vertebrae.csv``: one row per vertebra of ``records`` (the films this run wrote and,
+    with --resume, those it kept, read back through the schema)."""
+    rows = [row for r in records for row in r.vertebra_rows()]
+    columns = VERTEBRA_COLUMNS + [c for r in records[:1] for c in r.vertebra_columns() if c not in VERTEBRA_COLUMNS]
+    vertebrae = pd.DataFrame(rows, columns=columns)
     vertebrae["genant_grade"] = vertebrae["genant_grade"].astype("Int64")  # 0-3 or empty, never "2.0"
-    atomic_write_text(out / "vertebrae.csv", vertebrae.to_csv(index=False))
+    atomic_write_text(path, vertebrae.to_csv(index=False))
 
 
 def _write_outputs(predictor: Predictor, out: Path, path: str, name: str, item: dict, p: dict,
-                   options: OutputOptions = OutputOptions(), film: dict | None = None) -> dict:
+                   options: OutputOptions = OutputOptions(), film: dict | None = None) -> FilmRecord:
+    """Write one film's heatmap, overlay, DICOM outputs and, last, its JSON; returns its record."""
     head_map = p["heatmap"].astype(np.float32)
     to_image = item["box"].heatmap_to_image(HEATMAP_STRIDE)
     vertebrae = (film or {}).get("vertebrae") or []
@@ -408,47 +376,49 @@ def _write_outputs(predictor: Predictor, out: Path, path: str, name: str, item: 
     if vertebrae:
         overlay = draw_vertebrae(overlay, vertebrae, scale=f, levels_trusted=bool(film.get("levels_trusted")))
     atomic_write_image(out / f"{name}_heatmap.png", overlay)
-    record = {
-        "image": path,
-        "name": name,
-        "p_fracture": float(p["p_fracture"]),
-        "p_acute": float(p["p_acute"]),
-        "p_acute_given_fracture": float(p["p_acute_given_fracture"]),
-        "p_fracture_image_head": float(p.get("p_fracture_image_head", p["p_fracture"])),
-        "heatmap_peak": peak,
-        "heatmap_peak_value": peak_value,
-        "heatmap_peak_head": head_peak,
-        "heatmap_peak_head_value": head_peak_value,
-        "image_size": list(item["image_size"]),
-        "pixel_spacing_mm": list(item["pixel_spacing_mm"]) if item["pixel_spacing_mm"] else None,
-        "heatmap": {"npy": f"{name}_heatmap.npy", "png": f"{name}_heatmap.png", "shape": list(heatmap.shape),
-                    "to_image": to_image},
-        "vertebrae": vertebrae,
-        "level_confidence": (film or {}).get("level_confidence"),
-        "levels_trusted": bool((film or {}).get("levels_trusted", False)),
-        **({"vertebra_error": film["vertebra_error"]} if (film or {}).get("vertebra_error") else {}),
-        "checkpoint_id": predictor.checkpoint_id,
-        "model": {k: predictor.meta.get(k) for k in ("architecture", "backbone", "code_version", "image_size")},
-        "note": "Research software trained on synthetic data unless stated otherwise; not for clinical use.",
-    }
     cal, point, threshold = _decision_of(predictor)
+    decision = calibration = None
     if cal is not None:
-        if "p_fracture_uncalibrated" in p:
-            record["p_fracture_uncalibrated"] = float(p["p_fracture_uncalibrated"])
         stored = cal.operating_points[point]
-        record["decision"] = {"operating_point": point, "threshold": threshold,
-                              "fracture": bool(record["p_fracture"] >= threshold),
-                              "validation_sensitivity": stored.get("sensitivity"),
-                              "validation_specificity": stored.get("specificity")}
-        record["calibration"] = {"method": cal.method, "fitted_on_images": cal.info.get("n_images"),
-                                 "split": cal.info.get("split"), "date": cal.info.get("date")}
+        decision = {"operating_point": point, "threshold": threshold,
+                    "fracture": bool(float(p["p_fracture"]) >= threshold),
+                    "validation_sensitivity": stored.get("sensitivity"),
+                    "validation_specificity": stored.get("specificity")}
+        calibration = {"method": cal.method, "fitted_on_images": cal.info.get("n_images"),
+                       "split": cal.info.get("split"), "date": cal.info.get("date")}
+    levels_trusted = bool((film or {}).get("levels_trusted", False))
+    record = FilmRecord(
+        image=path,
+        name=name,
+        p_fracture=float(p["p_fracture"]),
+        p_acute=float(p["p_acute"]),
+        p_acute_given_fracture=float(p["p_acute_given_fracture"]),
+        p_fracture_image_head=float(p.get("p_fracture_image_head", p["p_fracture"])),
+        heatmap_peak=peak,
+        heatmap_peak_value=peak_value,
+        heatmap_peak_head=head_peak,
+        heatmap_peak_head_value=head_peak_value,
+        image_size=list(item["image_size"]),
+        pixel_spacing_mm=list(item["pixel_spacing_mm"]) if item["pixel_spacing_mm"] else None,
+        heatmap={"npy": f"{name}_heatmap.npy", "png": f"{name}_heatmap.png", "shape": list(heatmap.shape),
+                 "to_image": to_image},
+        vertebrae=[VertebraRecord.from_json_dict(v) for v in vertebrae],
+        level_confidence=(film or {}).get("level_confidence"),
+        levels_trusted=levels_trusted,
+        vertebra_error=(film or {}).get("vertebra_error") or None,
+        checkpoint_id=predictor.checkpoint_id,
+        model={k: predictor.meta.get(k) for k in ("architecture", "backbone", "code_version", "image_size")},
+        p_fracture_uncalibrated=(float(p["p_fracture_uncalibrated"])
+                                 if cal is not None and "p_fracture_uncalibrated" in p else None),
+        decision=decision,
+        calibration=calibration,
+    )
     if item.get("dicom"):
-        record["dicom"] = item["dicom"]  # UIDs and modality; identifiers only with keep_identifiers
+        record.dicom = item["dicom"]  # UIDs and modality; identifiers only with keep_identifiers
+        header = item.get("dicom_header")
         if options.keep_identifiers:
-            record["patient"] = _identifiers(path)
+            record.patient = _identifiers(header)
         if options.dicom_sc or options.dicom_sr:
-            record["dicom_outputs"] = _write_dicom_outputs(out, path, name, overlay, record, options)
-    atomic_write_json(out / f"{name}.json", record)  # last: its presence marks a complete output
-    return {"image": path, "name": name, "p_fracture": record["p_fracture"], "p_acute": record["p_acute"],
-            "p_acute_given_fracture": record["p_acute_given_fracture"], "heatmap_peak_x": peak[0],
-            "heatmap_peak_y": peak[1], "status": "ok", "error": "", **_decision_columns(record)}
+            record.dicom_outputs = _write_dicom_outputs(out, header, name, overlay, record, options)
+    atomic_write_json(out / f"{name}.json", record.to_json_dict())  # last: its presence marks a complete output
+    return record

@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from matplotlib.path import Path as MplPath
 
 from data.morphometry import LEVELS, grade_vertebrae
-from data.vertebra_targets import (CROP_CONTEXT, N_LEVELS, OFFSET_SCALE, apply_affine, body_centre, body_extent,
-                                   crop_matrix, extract_crop, invert_affine, unmirror_points)
+from data.geometry import OUTLINE, body_centre, body_extent, body_height, heights, unmirror_points
+from data.vertebra_targets import (CROP_CONTEXT, CROP_SIZE, N_LEVELS, OFFSET_SCALE, apply_affine, crop_matrix,
+                                   extract_crop, invert_affine)
 from models.point_refiner import refine_points
 
 MIN_DETECTION_SCORE = 0.3
@@ -102,9 +103,9 @@ def count_positions(points: np.ndarray) -> np.ndarray:
     if n < 2:
         return positions
     centres = body_centre(points)
-    heights = np.linalg.norm(points[:, 3:] - points[:, :3], axis=-1).mean(axis=1)
+    body_heights = body_height(points)
     steps = np.linalg.norm(np.diff(centres, axis=0), axis=1)
-    relative = steps / np.maximum(0.5 * (heights[1:] + heights[:-1]), 1e-6)
+    relative = steps / np.maximum(0.5 * (body_heights[1:] + body_heights[:-1]), 1e-6)
     typical = float(np.median(relative[relative <= GAP_FACTOR * relative.min()]))
     jumps = np.where(relative > GAP_FACTOR * typical, np.maximum(2, np.round(relative / typical)), 1).astype(int)
     positions[1:] = np.cumsum(jumps)
@@ -240,7 +241,7 @@ def read_crops(vertebra_net: torch.nn.Module, image: np.ndarray, points: np.ndar
         probs = torch.sigmoid(out["logits"].float()).cpu().numpy().astype(np.float64)
         if flip and k == passes - 1:
             out_m = vertebra_net(torch.from_numpy(np.ascontiguousarray(crops[..., ::-1])).to(device))
-            mirrored = unmirror_points(out_m["points"].float().cpu().numpy().astype(np.float64), crop_pts)
+            mirrored = unmirror_points(out_m["points"].float().cpu().numpy().astype(np.float64), crop_pts, CROP_SIZE)
             crop_pts = (crop_pts + mirrored) / 2
             probs = (probs + torch.sigmoid(out_m["logits"].float()).cpu().numpy().astype(np.float64)) / 2
         pts = np.stack([apply_affine(invert_affine(m), p) for m, p in zip(matrices, crop_pts)])
@@ -252,13 +253,13 @@ def duplicate_bodies(points: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """True for a body whose refined centre lies within half a body height of a higher-scoring
     one: two peaks on one large body, which the crops pull onto the same vertebra."""
     centres = body_centre(points)
-    heights = np.linalg.norm(points[:, 3:] - points[:, :3], axis=-1).mean(axis=1)
+    body_heights = body_height(points)
     dup = np.zeros(len(points), dtype=bool)
     for k in np.argsort(-np.asarray(scores), kind="stable"):
         if dup[k]:
             continue
         d = np.linalg.norm(centres - centres[k], axis=1)
-        close = (d < 0.5 * np.maximum(heights, heights[k])) & (np.asarray(scores) <= scores[k])
+        close = (d < 0.5 * np.maximum(body_heights, body_heights[k])) & (np.asarray(scores) <= scores[k])
         close[k] = False
         dup |= close
     return dup
@@ -392,8 +393,7 @@ def _scores_at(vertebra_logits: torch.Tensor, box, stride: int, centres: np.ndar
 
 def _measurable(points: np.ndarray) -> np.ndarray:
     """A body squashed to under a pixel is a spurious peak, not a vertebra that can be measured."""
-    heights = np.linalg.norm(points[:, 3:] - points[:, :3], axis=-1)
-    return (heights.min(axis=1) >= 1.0) & np.isfinite(points).all(axis=(1, 2))
+    return (heights(points).min(axis=1) >= 1.0) & np.isfinite(points).all(axis=(1, 2))
 
 
 def _fill_gaps(read: dict, scores: np.ndarray, logp: np.ndarray, vertebra_logits: torch.Tensor, box, stride: int,
@@ -435,7 +435,7 @@ def _cells_covered(points: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarr
     """Rows and columns of the cells whose centres lie inside a body's outline (points in
     heatmap cells), or of the cell under its centre when none does; empty off the grid."""
     h, w = shape
-    outline = points[[0, 1, 2, 5, 4, 3]]  # around the body: superior left to right, inferior back
+    outline = points[OUTLINE]
     lo = np.clip(np.floor(outline.min(axis=0)).astype(int), 0, [w - 1, h - 1])
     hi = np.clip(np.ceil(outline.max(axis=0)).astype(int), 0, [w - 1, h - 1])
     jj, ii = np.meshgrid(np.arange(lo[0], hi[0] + 1), np.arange(lo[1], hi[1] + 1))

@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.vertebra_targets import apply_affine, crop_matrix, extract_crop, invert_affine, unmirror_points
+from data.geometry import body_height, endplate_width, unmirror_points
+from data.vertebra_targets import apply_affine, crop_matrix, extract_crop, invert_affine
 from models.vertebra_net import VertebraNet
 
 log = logging.getLogger(__name__)
@@ -69,10 +70,8 @@ def body_frames(points: np.ndarray) -> dict[str, np.ndarray]:
     eps = 1e-9 * np.linalg.norm(direction, axis=1)
     flip = (direction[:, 0] < -eps) | ((np.abs(direction[:, 0]) <= eps) & (direction[:, 1] < 0))
     direction = np.where(flip[:, None], -direction, direction)
-    width = 0.5 * (np.linalg.norm(p[:, 2] - p[:, 0], axis=-1) + np.linalg.norm(p[:, 5] - p[:, 3], axis=-1))
-    height = np.linalg.norm(p[:, 3:] - p[:, :3], axis=-1).mean(axis=-1)
     return {"centre": p.mean(axis=1), "angle": np.arctan2(direction[:, 1], direction[:, 0]),
-            "width": width, "height": height}
+            "width": endplate_width(p), "height": body_height(p)}
 
 
 def frame_matrix(centre, angle: float, width: float, height: float, out: int = REFINE_SIZE,

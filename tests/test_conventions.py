@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from data.geometry import body_axes, body_height
 from evaluation import conventions as C
 
 SPACING = 100.0
@@ -63,8 +64,8 @@ def test_offsets_move_the_points_to_the_pooled_convention():
     pts = film(1.1, 0.65, tilt_deg=10)
     ws, hs = 1.3 / 1.1, 0.75 / 0.65
     off = C.convention_offsets(pts, ws, hs)
-    u, v = C.body_axes(pts)
-    h = C.body_heights(pts)[:, None, None] / 100.0
+    u, v = body_axes(pts)
+    h = body_height(pts)[:, None, None] / 100.0
     moved = pts + off[..., :1] * h * u[:, None] + off[..., 1:] * h * v[:, None]
     w2, h2 = C.film_shape(moved)
     assert w2 == pytest.approx(1.3, rel=0.02) and h2 == pytest.approx(0.75, rel=0.02)

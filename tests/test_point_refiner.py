@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from data.phantom import generate_dataset
-from data.vertebra_targets import AP_MIRROR, apply_affine, invert_affine
+from data.geometry import AP_MIRROR
+from data.vertebra_targets import apply_affine, invert_affine
 from models.point_refiner import (HEIGHT_CONTEXT, REFINE_SIZE, REFINER_KEY, WIDTH_CONTEXT, body_frames, build_refiner,
                                   frame_matrices, frame_matrix, load_refiner, refine_points)
 from training.point_refiner import RefinerCrops, fit_refiner, main, refiner_loss, window_error_pct
@@ -369,7 +370,7 @@ def test_mirrored_last_pass_cancels_a_left_right_lean(size):
 
 
 def test_unmirror_points_keeps_lateral_labels_and_swaps_ap_ones():
-    from data.vertebra_targets import unmirror_points
+    from data.geometry import unmirror_points
 
     size = 128
     body = _body(50, 64, 40, 30)[None]  # p1 at the left

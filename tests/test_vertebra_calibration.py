@@ -42,7 +42,12 @@ def _films(tmp_path, n_films: int = 12, per_film: int = 6, seed: int = 0):
             p_crop = float(rng.uniform(0.3, 0.7) if fractured else rng.uniform(0.2, 0.6))
             vertebrae.append({"level": truth["level"], "points": pts, "p_fracture": p_crop,
                               "p_acute_given_fracture": 0.5, "p_acute": 0.5 * p_crop,
-                              "genant_grade": truth["genant_grade"], "height_loss": loss + rng.normal(0, 0.02)})
+                              "genant_grade": truth["genant_grade"], "height_loss": loss + rng.normal(0, 0.02),
+                              # the rest of a vertebra record, as Predictor.predict gives it
+                              "level_confidence": 0.9, "detection_score": 0.9, "morphology": truth["morphology"],
+                              "heights": {"anterior": 45.0 * (1 - loss), "middle": 45.0, "posterior": 45.0},
+                              "heights_mm": None,
+                              "height_ratios": {"anterior_posterior": 1 - loss, "middle_posterior": 1.0}})
         results.append({"head": {"p_fracture": 0.3, "p_acute": 0.1, "p_acute_given_fracture": 1 / 3},
                         "vertebrae": vertebrae})
     manifest = tmp_path / "manifest.csv"

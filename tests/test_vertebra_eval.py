@@ -237,7 +237,7 @@ def test_wrong_level_lowers_level_accuracy(tmp_path):
     # detection does not depend on the level
     assert s["detection"]["recall"] == 1.0
     # split by the JSONs' levels_trusted
-    keys = {M._path_key(str(tmp_path / "a.png")): False, M._path_key(str(tmp_path / "b.png")): True}
+    keys = {M.path_key(str(tmp_path / "a.png")): False, M.path_key(str(tmp_path / "b.png")): True}
     by = _summary(tmp_path, truth, pred, levels_trusted=keys)["level_accuracy"]["by_levels_trusted"]
     assert by["false"] == {"accuracy": pytest.approx(2 / 3), "n_correct": 2, "n": 3}
     assert by["true"] == {"accuracy": 1.0, "n_correct": 2, "n": 2}

@@ -366,21 +366,24 @@ def test_bodies_named_beyond_t1_l5_are_measured_but_not_graded(tmp_path):
     assert alone[1]["morphology"] == "crush" and alone[2]["genant_grade"] is None
     # the JSON and CSV forms: null / empty, and evaluation reads it as a missing grade
     from evaluation.vertebrae import load_predicted_vertebrae
-    from inference.pipeline import vertebra_rows
+    from inference.records import VertebraRecord, vertebra_rows
 
-    record = {"image": "film.png", "name": "film", "levels_trusted": True, "vertebrae": out}
-    json.loads(json.dumps(record))
-    rows = pd.DataFrame(vertebra_rows(record))
+    json.loads(json.dumps(out))
+    rows = pd.DataFrame(vertebra_rows("film.png", "film", out, True))
     rows.to_csv(tmp_path / "vertebrae.csv", index=False)
     back = load_predicted_vertebrae(tmp_path / "vertebrae.csv")
     assert back["genant_grade"].isna().tolist() == [False, False, True]
     # OUT/vertebrae.csv as inference writes it: grades stay integers beside an empty one
-    from inference.pipeline import _write_vertebrae_table
+    from inference.pipeline import write_vertebrae_table
+    from inference.records import FilmRecord
 
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "film.json").write_text(json.dumps(record))
-    _write_vertebrae_table(tmp_path / "out", pd.DataFrame({"status": ["ok"], "name": ["film"]}))
-    grades = (tmp_path / "out" / "vertebrae.csv").read_text().splitlines()
+    film = FilmRecord(image="film.png", name="film", p_fracture=0.5, p_acute=0.1, p_acute_given_fracture=0.2,
+                      heatmap_peak=[0.0, 0.0], p_fracture_image_head=0.5, heatmap_peak_value=0.5,
+                      heatmap_peak_head=[0.0, 0.0], heatmap_peak_head_value=0.5, image_size=[200, 160],
+                      pixel_spacing_mm=None, heatmap={}, levels_trusted=True,
+                      vertebrae=[VertebraRecord.from_json_dict(v) for v in out])
+    write_vertebrae_table(tmp_path / "vertebrae_out.csv", [film])
+    grades = (tmp_path / "vertebrae_out.csv").read_text().splitlines()
     column = grades[0].split(",").index("genant_grade")
     assert [line.split(",")[column] for line in grades[1:]] == ["0", "0", ""]
     # the overlay draws it grey, without a grade
@@ -872,7 +875,8 @@ def _check_film_agrees(record):
 
 
 def test_predictor_reports_the_injected_vertebrae_in_original_pixels(model, tmp_path):
-    from inference.pipeline import VERTEBRA_COLUMNS, Predictor, run_inference
+    from inference.pipeline import Predictor, run_inference
+    from inference.records import VERTEBRA_COLUMNS
 
     predictor = Predictor(model["plain"], device="cpu")
     assert predictor.vertebra_net is not None and predictor.calibrator is None

@@ -12,14 +12,14 @@ import pandas as pd
 import pytest
 import torch
 
-from data.dataset import GRID_STRIDE, POINT_COLUMNS, RadiographDataset, collate_skipping_failures
+from data.dataset import GRID_STRIDE, RadiographDataset, collate_skipping_failures
 from data.manifest import load_manifest
 from data.phantom import generate_dataset
 from data.readers import read_image
 from data.transforms import letterbox, normalize_intensity
-from data.vertebra_targets import (AP_MIRROR, CROP_CONTEXT, CROP_SIZE, OFFSET_SCALE, VERTEBRA_CHANNELS,
-                                   apply_affine, body_centre, body_extent, crop_matrix, extract_crop,
-                                   invert_affine, level_code, stage1_targets)
+from data.geometry import AP_MIRROR, POINT_COLUMNS, body_centre, body_extent
+from data.vertebra_targets import (CROP_CONTEXT, CROP_SIZE, OFFSET_SCALE, VERTEBRA_CHANNELS, apply_affine,
+                                   crop_matrix, extract_crop, invert_affine, level_code, stage1_targets)
 from training.checkpoint import (CheckpointError, build_network, build_vertebra_network, load_checkpoint,
                                load_network_weights)
 from models.network import FractureNet

@@ -23,12 +23,13 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from data.dataset import POINT_COLUMNS, photometric
+from data.dataset import photometric
+from data.geometry import AP_MIRROR, POINT_COLUMNS
 from data.io_utils import atomic_write_with
 from data.manifest import assign_splits, load_manifest
 from data.readers import ImageReadError, read_image
 from data.transforms import normalize_intensity
-from data.vertebra_targets import AP_MIRROR, apply_affine, extract_crop, invert_affine
+from data.vertebra_targets import apply_affine, extract_crop, invert_affine
 from models.point_refiner import (HEIGHT_CONTEXT, LOSS_UNITS, REFINE_FLIP, REFINE_PASSES, REFINE_SIZE, REFINER_KEY,
                                   WIDTH_CONTEXT, body_frames, build_refiner, frame_matrices, load_refiner)
 from training.checkpoint import load_checkpoint, network_state

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import brier_score_loss, cohen_kappa_score, confusion_matrix
 
+from data.tables import path_key
 from evaluation import bootstrap as B
 from evaluation import metrics as M
 from evaluation import vertebrae as V
@@ -74,7 +75,7 @@ def load_inputs(predictions_csv, manifest_csv, vertebrae_csv=None, infer_dir=Non
     truth = M.load_vertebrae_table(vertebrae_csv, manifest_csv) if vertebrae_csv else None
     records = None
     if infer_dir is not None:
-        records = [dict(rec, _key=M._path_key(rec["_image"])) for rec in M.read_inference_jsons(infer_dir)]
+        records = [dict(rec, _key=path_key(rec["_image"])) for rec in M.read_inference_jsons(infer_dir)]
     predicted = None
     if truth is not None and infer_dir and all(c in truth.columns for c in V.POINT_COLUMNS):
         path = Path(infer_dir) / "vertebrae.csv"
@@ -216,7 +217,7 @@ def stored_operating_point(df: pd.DataFrame, records: list[dict] | None = None) 
     ``df`` (1/0/NaN), or ``None`` when nothing was stored."""
     by_key = {r["_key"]: r for r in (records or [])}
     parsed = [(_json_decision(by_key[k]) if k in by_key else (float("nan"), None, None, {}))
-              for k in map(M._path_key, df["image"])]
+              for k in map(path_key, df["image"])]
     names = {p[1] for p in parsed if p[1]}
     thresholds = {p[2] for p in parsed if p[2] is not None}
     extras = [p[3] for p in parsed if p[3]]
@@ -295,7 +296,7 @@ def _fractured_levels(vert: pd.DataFrame) -> dict[str, set]:
     if "level" not in rows.columns:
         return out
     for image, level in zip(rows["image"], rows["level"]):
-        out.setdefault(M._path_key(image), set()).add(str(level).strip())
+        out.setdefault(path_key(image), set()).add(str(level).strip())
     return out
 
 
@@ -313,7 +314,7 @@ def auroc_by_level(df: pd.DataFrame, vert: pd.DataFrame, W: np.ndarray | None = 
     grade = M.grade_of_images(df, M.image_max_grade(vert))
     neg = _negatives(df, grade)
     levels_of = _fractured_levels(vert)
-    keys = [M._path_key(p) for p in df["image"]]
+    keys = [path_key(p) for p in df["image"]]
     all_levels = sorted({str(v).strip() for v in vert.get("level", pd.Series(dtype=str)) if str(v).strip()},
                         key=_level_sort_key)
     W = _w1(len(df)) if W is None else W
@@ -373,7 +374,7 @@ def grade_confusion(vert: pd.DataFrame, records: list[dict]) -> dict:
     truth = {}
     for image, level, g in zip(vert["image"], vert.get("level", pd.Series([""] * len(vert))), vert["genant_grade"]):
         if pd.notna(g):
-            truth[(M._path_key(image), str(level).strip())] = int(g)
+            truth[(path_key(image), str(level).strip())] = int(g)
     matched = [(truth[k], p) for k, p in preds.items() if k in truth]
     pred_images = {k[0] for k in preds}
     missed = [k for k in truth if k[0] in pred_images and k not in preds]
@@ -546,7 +547,7 @@ def evaluate_inputs(inputs: ReportInputs, n_boot: int = 1000, seed: int | None =
                                                 W[:, asel])}
     # probabilities before the checkpoint's calibration, when inference recorded them
     by_key = {r["_key"]: r for r in records}
-    keys = [M._path_key(p) for p in df["image"]]
+    keys = [path_key(p) for p in df["image"]]
     unc = np.array([_as_float(by_key.get(k, {}).get("p_fracture_uncalibrated")) for k in keys], dtype=float)
     usel = sel & np.isfinite(unc)
     if usel.any():
