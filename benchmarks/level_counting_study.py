@@ -28,6 +28,7 @@ import inference.vertebrae as V
 from data.morphometry import LEVELS
 from data.geometry import body_centre, body_height
 from data.tables import load_manifest_table, load_vertebrae_table, path_key
+from inference.pipeline import InferenceDataset, Predictor
 
 
 def _truth_points(table: pd.DataFrame) -> np.ndarray:
@@ -39,8 +40,6 @@ def capture_films(checkpoint: str, manifest: str, vertebrae: str, split: str | N
     """Per film: the counted bodies' points and level log-probabilities as ``analyse_film``
     hands them to ``assign_levels``, and each body's truth level (None when unmatched)."""
     from tqdm import tqdm
-
-    from inference.pipeline import InferenceDataset, Predictor
 
     predictor = Predictor(checkpoint, device="cpu")
     man = load_manifest_table(manifest)

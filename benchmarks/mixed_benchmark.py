@@ -51,6 +51,9 @@ from data.tables import absolute_path, load_vertebrae_table, path_key, read_text
 from evaluation import bootstrap as B
 from evaluation import metrics as M
 from calibration.methods import platt_formula
+from models.bundle import file_sha256
+from data.manifest import assign_splits
+from data.landmarks import patient_from_name
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Phantom + simulated-real model (issues 3 and 4)"
@@ -149,8 +152,6 @@ def checkpoint_info(checkpoint: Path) -> dict:
     import torch
     import yaml
 
-    from training.checkpoint import file_sha256
-
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
 
     def plain(d):
@@ -196,7 +197,6 @@ def calibration_manifest(mix_manifest: Path, ckpt: dict, limit: int | None, out:
     ``vertebrae.csv`` beside it (the calibration fits its per-vertebra combination from it)."""
     if limit is None:
         return mix_manifest
-    from data.manifest import assign_splits
 
     man, vert = load_dataset(mix_manifest)
     hp = ckpt.get("datamodule_hyper_parameters") or {}
@@ -319,7 +319,6 @@ def held_out_aasce(args, aasce: Path, test_rows: pd.DataFrame, out: Path) -> tup
                 not_listed.append({"source_image": src, "excluded_by_landmarks": k in excluded_keys})
             elif by_film[k] != pid:
                 mismatched.append({"source_image": src, "simulate": pid, "landmarks": by_film[k]})
-    from data.landmarks import patient_from_name
 
     rename = [{"source_image": s, "simulate": p, "patient_from_name": patient_from_name(Path(s).name)}
               for s, p in zip(test_rows.get("source_image", []), test_rows["patient_id"])
@@ -651,7 +650,6 @@ def main(argv: list[str] | None = None) -> dict:
 
         # 1. calibration
         cal_ckpt, cal = calibrate(args, checkpoint, ck, mix_manifest, out)
-        from training.checkpoint import file_sha256
 
         cal_sha = file_sha256(cal_ckpt)
 

@@ -57,6 +57,10 @@ from evaluation.vertebrae import summarise_vertebrae
 from training.checkpoint import build_vertebra_network, load_checkpoint
 from models.network import HEATMAP_STRIDE
 from models.point_refiner import load_refiner, refine_points
+from evaluation.vertebrae import match_vertebrae
+from inference.pipeline import InferenceDataset, Predictor
+from data.records import VERTEBRA_COLUMNS, vertebra_rows
+from data.io_utils import atomic_write_json
 
 POINTS = [f"p{k}{c}" for k in range(1, 7) for c in "xy"]
 JITTER = 0.06  # centre shift, fraction of the body extent per axis (the training jitter's scale)
@@ -138,7 +142,6 @@ def convention_study(pred: pd.DataFrame, truth: pd.DataFrame, group_regex: str, 
     """Per group of films (``group_regex``'s first capture group in the file name; films it does
     not match form the group ``"other"``): how the matched points' errors shift with the group.
     See the module docstring, item 3."""
-    from evaluation.vertebrae import match_vertebrae
 
     pattern = re.compile(group_regex)
     if pattern.groups < 1:
@@ -191,8 +194,6 @@ def convention_study(pred: pd.DataFrame, truth: pd.DataFrame, group_regex: str, 
 
 def pipeline_study(checkpoint: Path, paths: list[str], truth: pd.DataFrame, only: list[str] | None = None,
                    tables: dict | None = None) -> dict:
-    from inference.pipeline import InferenceDataset, Predictor
-    from inference.records import VERTEBRA_COLUMNS, vertebra_rows
 
     predictor = Predictor(checkpoint, device="cpu", calibrated=False)
     dataset = InferenceDataset(paths, predictor.image_size)
@@ -302,7 +303,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  all groups: median {fmt(conv['median_error_pct'], 2)} -> "
                   f"{fmt(conv['median_error_group_offsets_removed_pct'], 2)} with each group's offsets removed")
     if args.json:
-        from data.io_utils import atomic_write_json
 
         atomic_write_json(args.json, result)
     return 0

@@ -114,7 +114,7 @@ from evaluation.model_card import save_with_card
 from evaluation.vertebrae import match_vertebrae
 from inference.loading import open_model
 from inference.pipeline import InferenceDataset, Predictor, collate_items
-from inference.records import VertebraRecord
+from data.records import VertebraRecord
 from inference.vertebrae import image_probabilities, with_morphometry
 from models.bundle import Bundle, ModelError
 

@@ -101,3 +101,22 @@ def unmirror_points(mirrored: np.ndarray, reference: np.ndarray, size: int) -> n
     swapped = back[:, AP_MIRROR]
     keep = np.linalg.norm(back - reference, axis=-1).sum(-1) <= np.linalg.norm(swapped - reference, axis=-1).sum(-1)
     return np.where(keep[:, None, None], back, swapped)
+
+
+def points_in_polygon(points: np.ndarray, polygon: np.ndarray) -> np.ndarray:
+    """Whether each of ``points`` (n, 2) lies inside the closed ``polygon`` (k, 2): the crossing
+    test of matplotlib's ``Path.contains_points`` (radius 0), edge for edge, so that inference
+    needs no plotting library and points on an edge fall the same way."""
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    poly = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
+    tx, ty = pts[:, 0], pts[:, 1]
+    inside = np.zeros(len(pts), dtype=bool)
+    for k in range(len(poly)):
+        x0, y0 = poly[k - 1]
+        x1, y1 = poly[k]
+        above0, above1 = y0 >= ty, y1 >= ty
+        crosses = above0 != above1
+        hit = ((y1 - ty) * (x0 - x1) >= (x1 - tx) * (y0 - y1)) == above1
+        inside ^= crosses & hit
+    return inside
+

@@ -73,6 +73,7 @@ from data.geometry import POINT_COLUMNS, heights as body_heights
 from data.io_utils import atomic_write_text
 from data.tables import absolute_path, label_value, read_text_table
 from data.morphometry import LEVELS, level_index
+from data.readers import read_image
 
 BOX_COLUMNS = ["x_min", "y_min", "x_max", "y_max"]
 AASCE_N_VERTEBRAE = 17
@@ -121,7 +122,6 @@ def image_size(path: str | Path) -> tuple[int, int] | None:
     except Exception:
         pass
     try:
-        from data.readers import read_image
 
         h, w = read_image(path).pixels.shape[:2]
         return int(h), int(w)

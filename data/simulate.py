@@ -79,6 +79,7 @@ from data.landmarks import (LandmarkError, manifest_row, points_array, points_bo
 from data.morphometry import CRUSH_POSTERIOR_RATIO, grade_vertebrae, heights_from_points
 from data.phantom import (ACUTE_GRADE_P, ACUTE_SHAPE_P, CHRONIC_GRADE_P, CHRONIC_SHAPE_P,
                           LEVEL_FRACTURE_WEIGHT, LOSS_RANGE)
+from data.readers import ImageReadError, read_image
 
 SIMULATE_VERSION = "1"
 SHAPES: tuple[str, ...] = ("wedge", "biconcave", "crush")
@@ -679,7 +680,6 @@ def simulate_dataset(records: list[dict], out_dir: str | Path, n_per_image: int 
     are skipped unless ``skip_flagged=False``: their neighbours and levels cannot be trusted.
     Returns the manifest path.
     """
-    from data.readers import ImageReadError, read_image
 
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)

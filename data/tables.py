@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from data.geometry import POINT_COLUMNS
-from inference.records import FilmRecord, VertebraRecord
+from data.records import FilmRecord, VertebraRecord
 
 __all__ = [
     "TableError",

@@ -56,6 +56,7 @@ import pandas as pd
 
 from data.geometry import POINT_COLUMNS, body_axes, body_height
 from data.tables import load_vertebrae_table, read_text_table
+from data.io_utils import atomic_write_json, atomic_write_with
 
 OTHER = "other"
 MIN_BODIES = 3  # a film needs this many bodies for a spacing between consecutive centres
@@ -254,8 +255,6 @@ def plot_shapes(films: dict[str, np.ndarray], group_regex: str, path: str | Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from data.io_utils import atomic_write_with
-
     shapes = shape_table(films, compile_group_regex(group_regex))
     fig, ax = plt.subplots(figsize=(6, 5))
     for g, s in shapes.groupby("group"):
@@ -324,7 +323,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"an observed median of {args.observed_median:g} implies a reading sd of "
               f"{_fmt(result['reading_sd_implied_by_observed'])}")
     if args.json:
-        from data.io_utils import atomic_write_json
 
         atomic_write_json(args.json, result)
     if args.plot:

@@ -32,7 +32,7 @@ from inference.loading import open_model
 from models.network import HEATMAP_STRIDE, FractureNet
 from inference.vertebrae import analyse_film, fracture_map, fracture_peak, image_probabilities, with_morphometry
 from inference.drawing import draw_vertebrae, overlay_heatmap
-from inference.records import (PREDICTION_COLUMNS, VERTEBRA_COLUMNS, FilmRecord, VertebraRecord,
+from data.records import (PREDICTION_COLUMNS, VERTEBRA_COLUMNS, FilmRecord, VertebraRecord,
                                error_row)
 
 OVERLAY_MAX_SIDE = 1024  # overlays are downsized to this long side; the .npy keeps full detail

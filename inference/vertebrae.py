@@ -31,10 +31,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.path import Path as MplPath
 
 from data.morphometry import LEVELS, grade_vertebrae
-from data.geometry import OUTLINE, body_centre, body_extent, body_height, heights, unmirror_points
+from data.geometry import OUTLINE, body_centre, body_extent, body_height, heights, points_in_polygon, unmirror_points
 from data.vertebra_targets import (CROP_CONTEXT, CROP_SIZE, N_LEVELS, OFFSET_SCALE, apply_affine, crop_matrix,
                                    extract_crop, invert_affine)
 from models.point_refiner import refine_points
@@ -439,7 +438,7 @@ def _cells_covered(points: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarr
     lo = np.clip(np.floor(outline.min(axis=0)).astype(int), 0, [w - 1, h - 1])
     hi = np.clip(np.ceil(outline.max(axis=0)).astype(int), 0, [w - 1, h - 1])
     jj, ii = np.meshgrid(np.arange(lo[0], hi[0] + 1), np.arange(lo[1], hi[1] + 1))
-    inside = MplPath(outline).contains_points(np.stack([jj.ravel(), ii.ravel()], axis=1)).reshape(jj.shape)
+    inside = points_in_polygon(np.stack([jj.ravel(), ii.ravel()], axis=1), outline).reshape(jj.shape)
     if inside.any():
         return ii[inside], jj[inside]
     j, i = np.round(points.mean(axis=0)).astype(int)

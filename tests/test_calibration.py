@@ -304,7 +304,7 @@ def tiny(tmp_path_factory):
 
 def test_calibrated_checkpoint_drives_inference(tiny, tmp_path, capsys):
     from inference.pipeline import Predictor, run_inference
-    from inference.records import PREDICTION_COLUMNS
+    from data.records import PREDICTION_COLUMNS
 
     tmp, ckpt_path, manifest = tiny
     labels = pd.read_csv(manifest)

@@ -1,4 +1,4 @@
-"""The output schema (inference/records.py): JSON and CSV forms of the film and vertebra records,
+"""The output schema (data/records.py): JSON and CSV forms of the film and vertebra records,
 vertebrae.csv written from memory, --resume reading records back, the DICOM header read once."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 import pytest
 
-from inference.records import (PREDICTION_COLUMNS, VERTEBRA_COLUMNS, FilmRecord, RecordError, VertebraRecord,
+from data.records import (PREDICTION_COLUMNS, VERTEBRA_COLUMNS, FilmRecord, RecordError, VertebraRecord,
                                error_row)
 from tests.parity.parity_model import FILMS_DIR, FIXTURE
 

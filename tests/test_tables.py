@@ -79,3 +79,19 @@ def test_predictions_numeric_columns_come_from_the_record(tmp_path):
     assert table["heatmap_peak_y"].tolist()[0] == 4.0 and np.isnan(table["p_fracture"].iloc[1])
     assert table["decision"].tolist() == ["1", ""]  # a flag, kept as written
     assert table["image"].iloc[0] == str(tmp_path / "a.png")
+
+
+def test_points_in_polygon_falls_as_matplotlib_does_on_and_off_the_edges():
+    from matplotlib.path import Path as MplPath
+
+    from data.geometry import points_in_polygon
+
+    rng = np.random.default_rng(0)
+    grid = np.stack(np.meshgrid(np.arange(-2, 14), np.arange(-2, 14)), axis=-1).reshape(-1, 2).astype(float)
+    for trial in range(200):
+        if trial % 2:  # integer corners: many cell centres on edges and vertices
+            poly = rng.integers(0, 12, size=(6, 2)).astype(float)
+        else:
+            poly = rng.uniform(0, 12, size=(6, 2))
+        expected = MplPath(poly).contains_points(grid)
+        assert np.array_equal(points_in_polygon(grid, poly), expected), poly

@@ -366,7 +366,7 @@ def test_bodies_named_beyond_t1_l5_are_measured_but_not_graded(tmp_path):
     assert alone[1]["morphology"] == "crush" and alone[2]["genant_grade"] is None
     # the JSON and CSV forms: null / empty, and evaluation reads it as a missing grade
     from evaluation.vertebrae import load_predicted_vertebrae
-    from inference.records import VertebraRecord, vertebra_rows
+    from data.records import VertebraRecord, vertebra_rows
 
     json.loads(json.dumps(out))
     rows = pd.DataFrame(vertebra_rows("film.png", "film", out, True))
@@ -375,7 +375,7 @@ def test_bodies_named_beyond_t1_l5_are_measured_but_not_graded(tmp_path):
     assert back["genant_grade"].isna().tolist() == [False, False, True]
     # OUT/vertebrae.csv as inference writes it: grades stay integers beside an empty one
     from inference.pipeline import write_vertebrae_table
-    from inference.records import FilmRecord
+    from data.records import FilmRecord
 
     film = FilmRecord(image="film.png", name="film", p_fracture=0.5, p_acute=0.1, p_acute_given_fracture=0.2,
                       heatmap_peak=[0.0, 0.0], p_fracture_image_head=0.5, heatmap_peak_value=0.5,
@@ -876,7 +876,7 @@ def _check_film_agrees(record):
 
 def test_predictor_reports_the_injected_vertebrae_in_original_pixels(model, tmp_path):
     from inference.pipeline import Predictor, run_inference
-    from inference.records import VERTEBRA_COLUMNS
+    from data.records import VERTEBRA_COLUMNS
 
     predictor = Predictor(model["plain"], device="cpu")
     assert predictor.vertebra_net is not None and predictor.calibrator is None

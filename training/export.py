@@ -21,6 +21,7 @@ from models.bundle import (INTENDED_USE, MODALITIES, OUTPUTS, TASK, Bundle, Bund
 from evaluation.model_card import bundle_card, manifest_composition
 from models.point_refiner import load_refiner
 from training.checkpoint import CheckpointError, build_network, build_vertebra_network, load_checkpoint
+from models.onnx_export import onnx_bytes
 
 CALIBRATION_KEY = "vcf_calibration"  # calibrations stored in checkpoints before bundles
 
@@ -86,7 +87,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, storage: str = "f
     """Write the bundle of ``checkpoint`` to folder ``out``; returns ``out``."""
     bundle = bundle_from_checkpoint(checkpoint, name=name, version=version)
     if onnx:
-        from models.onnx_export import onnx_bytes
 
         bundle.extra_files["film_net.onnx"] = onnx_bytes(bundle)
     return bundle.save(out, storage=storage, card=bundle_card(bundle, training_data=training_data), overwrite=overwrite)
