@@ -8,8 +8,8 @@ response (:func:`film_response`), so bone is bright. The projection is a true pe
 points far from the central ray are displaced outwards by the beam's divergence, and an
 endplate seen obliquely shows its front and back rims as two contours, as on a real film.
 
-World coordinates are millimetres in the patient's RAS frame (x to the patient's right... to
-the **R**ight is +x, **A**nterior +y, **S**uperior +z), as nibabel's affines give them.
+World coordinates are millimetres in the patient's RAS frame (+x to the patient's **R**ight,
++y **A**nterior, +z **S**uperior), as nibabel's affines give them.
 
 Views (the image is shown as seen from the source, y of the image pointing to the feet):
 
@@ -336,12 +336,13 @@ def projected_box(volume: Volume, geometry: Geometry, pad: int = 2) -> tuple[int
     return int(x0), int(y0), int(x1), int(y1)
 
 
-# Film response, calibrated on the VerSe CT (docs/formats.md): the window spans the line
-# integrals of the body's pixels from a low percentile (thin soft tissue) to a high one
-# (bone seen edge-on), and a gamma above 1 darkens soft tissue and discs against bone.
-FILM_LOW_PERCENTILE = 1.0
+# Film response, calibrated on DRRs of the VerSe CT (docs/formats.md): the window spans the
+# line integrals of the pixels the body covers from the 25th percentile (soft tissue starts
+# dark grey; thinner parts go black as on an exposed film) to the 99.7th (cortical bone seen
+# edge-on), and a gamma above 1 darkens soft tissue and discs against bone.
+FILM_LOW_PERCENTILE = 25.0
 FILM_HIGH_PERCENTILE = 99.7
-FILM_GAMMA = 1.4
+FILM_GAMMA = 1.3
 FILM_BODY_THRESHOLD = 0.05  # line integrals below this (about 2.5 mm of water) are air
 
 
