@@ -39,6 +39,8 @@ import argparse
 import json
 from pathlib import Path
 
+import cv2
+import nibabel as nib
 import numpy as np
 import pandas as pd
 from scipy import ndimage
@@ -79,8 +81,6 @@ class DrrError(ValueError):
 
 def read_nifti(path: str | Path, what: str) -> tuple[np.ndarray, np.ndarray]:
     """The array and voxel-to-world (RAS mm) affine of a NIfTI file."""
-    import nibabel as nib  # optional: only this command reads NIfTI
-
     path = Path(path)
     if not path.is_file():
         raise DrrError(f"{path}: {what} file not found")
@@ -446,8 +446,6 @@ def preview_image(out_dir: str | Path, image_rows: list[dict], vert_rows: list[d
                   height: int = 512) -> Path:
     """A contact image of the films side by side, each body's projected outline (blue), its
     six points (p1/p4 red, p2/p5 green, p3/p6 yellow) and level drawn, ``height`` px tall."""
-    import cv2  # optional: only the preview draws
-
     out_dir = Path(out_dir)
     tiles = []
     for row in image_rows:
@@ -464,9 +462,10 @@ def preview_image(out_dir: str | Path, image_rows: list[dict], vert_rows: list[d
             cv2.drawContours(tile, outline, -1, (255, 140, 0), 1)
             pts = np.array([[v[f"p{j}x"], v[f"p{j}y"]] for j in range(1, 7)], dtype=np.float64) * scale
             for j, (x, y) in enumerate(pts):
-                cv2.circle(tile, (int(round(x)), int(round(y))), 2, POINT_COLOURS[j % 3], -1, cv2.LINE_AA)
-            x_text = int(v["x_max"] * scale) + 3
-            cv2.putText(tile, v["level"], (min(x_text, size[0] - 28), int(pts[:, 1].mean()) + 4),
+                cv2.circle(tile, (int(round(x)), int(round(y))), 3, POINT_COLOURS[j % 3], -1, cv2.LINE_AA)
+            # the level beside the body's p1 side (anterior, or the image's left on AP films)
+            x_text = int(v["x_min"] * scale) - 26 if pts[0, 0] < pts[2, 0] else int(v["x_max"] * scale) + 4
+            cv2.putText(tile, v["level"], (int(np.clip(x_text, 0, size[0] - 28)), int(pts[:, 1].mean()) + 4),
                         cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 200, 255), 1, cv2.LINE_AA)
         stem = Path(row["image"]).stem
         title = next((view for view in VIEW_GROUPS if stem.endswith(view)), stem)
