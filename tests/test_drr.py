@@ -109,7 +109,7 @@ LEVEL_LABELS = {"T12": 19, "L1": 20, "L2": 21}
 SPACING = 1.0
 
 
-def synthetic_spine(wedge_anterior: float = 0.65) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def synthetic_spine(wedge_anterior: float = 0.65, open_ring: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """HU and label arrays (1 mm voxels, i = right, j = anterior, k = superior) of three
     vertebrae: a body (40 wide, 28 deep, 24 tall), a ring round the canal behind it and a
     spinous process. L1's body is a wedge: its front is ``wedge_anterior`` of its back's height."""
@@ -127,6 +127,8 @@ def synthetic_spine(wedge_anterior: float = 0.65) -> tuple[np.ndarray, np.ndarra
         body = (np.abs(x) <= 20) & (y >= 5) & (y <= 33) & (dz <= 12) & (dz >= 12 - height)
         radius = np.hypot(x, y + 5.0)  # the canal, 8 mm across, centred 5 mm behind the body
         ring = (radius > 8) & (radius <= 13) & (np.abs(dz - 2) <= 7) & (y < 6)
+        if open_ring:  # no lamina over the canal: the canal is not enclosed on any slice
+            ring &= np.abs(x) > 6
         spinous = (np.abs(x) <= 3) & (y < -17) & (y >= -40) & (np.abs(dz - 2) <= 6)
         vertebra = body | ring | spinous
         labels[vertebra] = label
@@ -135,8 +137,9 @@ def synthetic_spine(wedge_anterior: float = 0.65) -> tuple[np.ndarray, np.ndarra
     return hu, labels, np.diag([SPACING, SPACING, SPACING, 1.0])
 
 
-def test_body_separation_keeps_only_the_body():
-    hu, labels, affine = synthetic_spine(wedge_anterior=1.0)
+@pytest.mark.parametrize("open_ring", [False, True])
+def test_body_separation_keeps_only_the_body(open_ring):
+    hu, labels, affine = synthetic_spine(wedge_anterior=1.0, open_ring=open_ring)
     centroids = label_centroids(labels, affine)
     frames = vertebra_frames(centroids)
     assert list(centroids) == [19, 20, 21]
