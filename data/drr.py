@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from data.io_utils import atomic_write_image, atomic_write_text
 from data.landmarks import manifest_row, vertebra_row
-from data.morphometry import EXTRA_LEVELS, LEVELS, MORPHOLOGIES, level_index
+from data.morphometry import EXTRA_LEVELS, LEVELS, MORPHOLOGIES
 from data.projector import (BONE_SCALE, MU_WATER_PER_MM, Geometry, Volume, film_response, fit_detector,
                             hu_to_mu, line_integrals, project_points, projected_box, to_uint16)
 

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data.drr import (DrrError, body_points, label_centroids, main, render_ct, separate_body,
+from data.drr import (body_points, label_centroids, main, render_ct, separate_body,
                       vertebra_frames)
 from data.landmarks import read_vertebrae_csv
 from data.manifest import load_manifest
@@ -112,7 +112,8 @@ SPACING = 1.0
 def synthetic_spine(wedge_anterior: float = 0.65, open_ring: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """HU and label arrays (1 mm voxels, i = right, j = anterior, k = superior) of three
     vertebrae: a body (40 wide, 28 deep, 24 tall), a ring round the canal behind it and a
-    spinous process. L1's body is a wedge: its front is ``wedge_anterior`` of its back's height."""
+    spinous process (``open_ring``: no lamina over the canal). L1's body is a wedge: its front
+    is ``wedge_anterior`` of its back's height."""
     shape = (64, 110, 110)
     i, j, k = np.meshgrid(*(np.arange(n) * SPACING for n in shape), indexing="ij")
     x, y = i - 32.0, j - 60.0  # right, anterior from the canal's axis line
