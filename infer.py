@@ -19,7 +19,8 @@ import argparse
 import sys
 
 from models.bundle import ModelError
-from inference.pipeline import Predictor, run_inference
+from inference.pipeline import run_inference
+from inference.predictor import Predictor
 
 
 def main(argv: list[str] | None = None) -> int:

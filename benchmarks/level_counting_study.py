@@ -28,7 +28,7 @@ import inference.vertebrae as V
 from data.morphometry import LEVELS
 from data.geometry import body_centre, body_height
 from data.tables import load_manifest_table, load_vertebrae_table, path_key
-from inference.pipeline import InferenceDataset, Predictor
+from inference.predictor import InferenceDataset, Predictor
 
 
 def _truth_points(table: pd.DataFrame) -> np.ndarray:

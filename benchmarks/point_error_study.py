@@ -58,7 +58,7 @@ from training.checkpoint import build_vertebra_network, load_checkpoint
 from models.network import HEATMAP_STRIDE
 from models.point_refiner import load_refiner, refine_points
 from evaluation.vertebrae import match_vertebrae
-from inference.pipeline import InferenceDataset, Predictor
+from inference.predictor import InferenceDataset, Predictor
 from data.records import VERTEBRA_COLUMNS, vertebra_rows
 from data.io_utils import atomic_write_json
 

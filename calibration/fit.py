@@ -113,7 +113,7 @@ from evaluation.metrics import OPERATING_POINTS, expected_calibration_error, ope
 from evaluation.model_card import save_with_card
 from evaluation.vertebrae import match_vertebrae
 from inference.loading import open_model
-from inference.pipeline import InferenceDataset, Predictor, collate_items
+from inference.predictor import InferenceDataset, Predictor, collate_items
 from data.records import VertebraRecord
 from inference.vertebrae import image_probabilities, with_morphometry
 from models.bundle import Bundle, ModelError

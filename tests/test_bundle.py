@@ -73,7 +73,8 @@ def test_fp32_bundle_holds_the_checkpoints_weights_exactly(parity):
 
 def test_bundle_predictions_equal_the_checkpoints_and_the_parity_fixture(parity, tmp_path):
     """The old path (a checkpoint) and the new one (a saved bundle) give the same outputs."""
-    from inference.pipeline import Predictor, run_inference
+    from inference.pipeline import run_inference
+    from inference.predictor import Predictor
 
     for source, out in ((parity["bundle"], tmp_path / "from_bundle"), (parity["checkpoint"], tmp_path / "from_ckpt")):
         predictor = with_content_readers(Predictor(source, device="cpu"))

@@ -303,7 +303,8 @@ def tiny(tmp_path_factory):
 
 
 def test_calibrated_checkpoint_drives_inference(tiny, tmp_path, capsys):
-    from inference.pipeline import Predictor, run_inference
+    from inference.pipeline import run_inference
+    from inference.predictor import Predictor
     from data.records import PREDICTION_COLUMNS
 
     tmp, ckpt_path, manifest = tiny

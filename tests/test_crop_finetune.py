@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_crop_finetune_changes_only_the_crop_network(tmp_path):
     from training import crop_finetune
-    from inference.pipeline import Predictor
+    from inference.predictor import Predictor
     from training.system import FractureSystem
 
     generate_dataset(tmp_path / "data", n=10, seed=5, size=128, workers=1, progress=False)

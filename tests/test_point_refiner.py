@@ -200,7 +200,7 @@ def test_jittered_windows_stay_near_the_body():
 
 def test_predictor_runs_the_stored_refiner_and_refuses_a_broken_one(tmp_path, phantom_manifest, monkeypatch):
     from training.checkpoint import CheckpointError
-    from inference.pipeline import InferenceDataset, Predictor
+    from inference.predictor import InferenceDataset, Predictor
     from training.system import FractureSystem
 
     torch.manual_seed(0)
@@ -219,7 +219,7 @@ def test_predictor_runs_the_stored_refiner_and_refuses_a_broken_one(tmp_path, ph
     assert isinstance(predictor.point_refiner, VertebraNet) and not predictor.point_refiner.training
     image = str(next((phantom_manifest.parent / "images").glob("*.png")))
     item = InferenceDataset([image], predictor.image_size)[0]
-    import inference.pipeline as inference_module
+    import inference.predictor as inference_module
 
     seen = {}
     real = inference_module.analyse_film

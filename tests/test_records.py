@@ -125,7 +125,8 @@ def test_run_resume_and_one_header_read_per_dicom(tmp_path, monkeypatch):
     identifiers included."""
     import pydicom
 
-    from inference.pipeline import Predictor, run_inference
+    from inference.pipeline import run_inference
+    from inference.predictor import Predictor
     from tests.parity.parity_model import parity_checkpoint, with_content_readers
     from training_config import phantom_as_dicom
 

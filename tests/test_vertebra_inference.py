@@ -813,7 +813,7 @@ def _expected_vertebrae(bodies):
 
 def _rig(predictor, paths, bodies):
     """Wrap the predictor's networks so that films ``paths`` show ``bodies``."""
-    from inference.pipeline import InferenceDataset
+    from inference.predictor import InferenceDataset
 
     data = InferenceDataset(paths, predictor.image_size)
     grid = (IMAGE_SIZE[0] // STRIDE, IMAGE_SIZE[1] // STRIDE)
@@ -875,7 +875,8 @@ def _check_film_agrees(record):
 
 
 def test_predictor_reports_the_injected_vertebrae_in_original_pixels(model, tmp_path):
-    from inference.pipeline import Predictor, run_inference
+    from inference.pipeline import run_inference
+    from inference.predictor import Predictor
     from data.records import VERTEBRA_COLUMNS
 
     predictor = Predictor(model["plain"], device="cpu")
@@ -946,7 +947,8 @@ def test_predictor_reports_the_injected_vertebrae_in_original_pixels(model, tmp_
 
 
 def test_calibrated_predictor_keeps_films_above_their_vertebrae(model, tmp_path):
-    from inference.pipeline import Predictor, run_inference
+    from inference.pipeline import run_inference
+    from inference.predictor import Predictor
 
     cal = model["calibrator"]
     predictor = Predictor(model["calibrated"], device="cpu")
@@ -989,7 +991,8 @@ def _walk(items):
 def test_dicom_sr_has_a_measurement_group_per_vertebra(model, tmp_path):
     import pydicom
 
-    from inference.pipeline import Predictor, run_inference
+    from inference.pipeline import run_inference
+    from inference.predictor import Predictor
 
     spacing = (0.5, 0.25)  # (row, col) mm, anisotropic
     dcm = phantom_as_dicom(model["films"][0], tmp_path / "film.dcm", spacing, orientation=("A", "F"))

@@ -8,7 +8,8 @@ from tests.parity.parity_model import FILMS_DIR, parity_checkpoint, with_content
 
 
 def run_parity_model(work: Path) -> Path:
-    from inference.pipeline import Predictor, run_inference
+    from inference.pipeline import run_inference
+    from inference.predictor import Predictor
 
     checkpoint = parity_checkpoint(work / "parity.ckpt")
     predictor = with_content_readers(Predictor(checkpoint, device="cpu"))

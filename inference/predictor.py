@@ -1,0 +1,147 @@
+"""The predictor: a model ready to run on prepared films, and the dataset that prepares them.
+
+:class:`Predictor` wraps a model bundle (models/bundle.py) and returns, per film, the film
+probabilities, the heatmap and the per-vertebra analysis (inference/vertebrae.py), calibrated
+when the bundle is. :class:`InferenceDataset` reads each input once (pixels and, for DICOM, the
+parsed header) and letterboxes it to the network's input size. Writing outputs is
+inference/pipeline.py's job.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from calibration import predictor_calibration
+from data.readers import ImageReadError, read_image
+from data.transforms import letterbox, normalize_intensity
+from inference.loading import open_model
+from inference.vertebrae import analyse_film, image_probabilities, with_morphometry
+from models.network import HEATMAP_STRIDE, FractureNet
+
+OVERLAY_MAX_SIDE = 1024  # overlays are downsized to this long side; the .npy keeps full detail
+
+
+class InferenceDataset(Dataset):
+    def __init__(self, paths: list[str], image_size: tuple[int, int], voi_lut: bool = False,
+                 max_pixels: int = 50_000_000):
+        self.paths, self.image_size, self.voi_lut, self.max_pixels = paths, tuple(image_size), voi_lut, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        path = self.paths[i]
+        try:
+            img = read_image(path, voi_lut=self.voi_lut, max_pixels=self.max_pixels)
+        except ImageReadError as exc:
+            return {"index": i, "error": exc.reason}
+        except Exception as exc:  # a reader bug must not end a batch run
+            return {"index": i, "error": f"{type(exc).__name__}: {exc}"}
+        pixels = normalize_intensity(img.pixels)
+        x, box = letterbox(pixels, self.image_size)
+        h, w = pixels.shape
+        f = min(1.0, OVERLAY_MAX_SIDE / max(h, w))
+        display = cv2.resize(pixels, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA) if f < 1 else pixels
+        return {"index": i, "image": torch.from_numpy(x)[None], "box": box, "display": display, "pixels": pixels,
+                "image_size": (h, w), "pixel_spacing_mm": img.pixel_spacing_mm,
+                "dicom": dict(img.info) if img.source_format == "dicom" else None,
+                # the reader's parsed header (no pixels): identifiers and DICOM outputs read it, not the file
+                "dicom_header": img.header}
+
+
+def collate_items(batch: list[dict]) -> list[dict]:
+    return batch
+
+
+
+class Predictor:
+    """A loaded model, ready to run on batches.
+
+    ``model``: a :class:`models.bundle.Bundle`, a bundle folder, a registry name
+    (models/registry.json), or a training checkpoint (converted to a bundle in memory; export it
+    once with ``python -m training.export`` instead). With a calibrated model the probabilities
+    it returns are calibrated (``calibrator``) and ``p_fracture_uncalibrated`` is added;
+    ``operating_point`` (default: the stored one) names the threshold of the ``decision``
+    written per image. ``sha256``: the expected digest of the checkpoint file, or of the
+    bundle's metadata.json."""
+
+    def __init__(self, model, device: str = "auto", sha256: str | None = None,
+                 operating_point: str | None = None, calibrated: bool = True, allow_download: bool = False):
+        self.bundle = open_model(model, sha256=sha256, allow_download=allow_download)
+        self.checkpoint = self.bundle.path or Path(str(model))
+        self.meta = self.bundle.model
+        self.net = self.bundle.film_net
+        self.vertebra_net = self.bundle.crop_net
+        self.point_refiner = self.bundle.point_refiner if self.vertebra_net is not None else None
+        stored = self.bundle.calibration if calibrated else None
+        self.calibrator, self.operating_point = predictor_calibration(stored, self.checkpoint, operating_point)
+        self.checkpoint_id = self.bundle.id
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.net.to(self.device)
+        if self.vertebra_net is not None:
+            self.vertebra_net.to(self.device)
+        if self.point_refiner is not None:
+            self.point_refiner.to(self.device)
+        self.image_size = tuple(self.meta["image_size"])
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        """Film-level heads only (calibrated when the checkpoint is)."""
+        out = self.net(images.to(self.device))
+        probs = {k: v.float().cpu().numpy() for k, v in FractureNet.probabilities(out).items()}
+        return self.calibrator.apply_probabilities(probs) if self.calibrator is not None else probs
+
+    @torch.no_grad()
+    def predict(self, items: list[dict]) -> list[dict]:
+        """Per film: ``probs`` (the film's probabilities, agreeing with its vertebrae, see
+        inference.vertebrae.image_probabilities), ``vertebrae``, ``level_confidence`` and
+        ``levels_trusted``. ``items`` come from :class:`InferenceDataset`.
+
+        Calibration is monotone, so it is applied to the film head and to every vertebra before
+        they are combined: the combined probability is then the calibrated one, and no vertebra
+        exceeds its film."""
+        out = self.net(torch.stack([b["image"] for b in items]).to(self.device))
+        raw = {k: v.float().cpu().numpy() for k, v in FractureNet.probabilities(out).items()}
+        results = []
+        for k, item in enumerate(items):
+            head = {key: np.float64(raw[key][k]) for key in ("p_fracture", "p_acute", "p_acute_given_fracture")}
+            film = {"vertebrae": [], "level_confidence": None, "levels_trusted": False}
+            if self.vertebra_net is not None:
+                try:
+                    film = analyse_film(out["vertebra_logits"][k], item["box"], HEATMAP_STRIDE, self.vertebra_net,
+                                        item["pixels"], self.device, item.get("pixel_spacing_mm"),
+                                        point_refiner=self.point_refiner,
+                                        view=(item.get("dicom") or {}).get("ViewPosition"))
+                except Exception as exc:  # one film's vertebra analysis must not end the batch
+                    film["vertebra_error"] = f"{type(exc).__name__}: {exc}"
+            combiner = self.calibrator.vertebra_combiner if self.calibrator is not None else None
+            film["vertebrae"] = with_morphometry(film["vertebrae"], combiner)
+            combined_raw = image_probabilities(head, film["vertebrae"])
+            head_raw = dict(head)
+            probs = combined_raw
+            if self.calibrator is not None:
+                # the film: the calibration of exactly what it was fitted on (the combined film)
+                probs = {key: float(v) for key, v in self.calibrator.apply_probabilities(
+                    {key: np.float64(combined_raw[key]) for key in ("p_fracture", "p_acute_given_fracture")}).items()}
+                head = {key: float(v) for key, v in self.calibrator.apply_probabilities(head).items()}
+                for v in film["vertebrae"]:  # the same monotone map, so no vertebra passes its film
+                    cal = self.calibrator.apply_probabilities(
+                        {"p_fracture": np.float64(v["p_fracture"]),
+                         "p_acute_given_fracture": np.float64(v["p_acute_given_fracture"])})
+                    v.update({key: float(cal[key]) for key in ("p_fracture", "p_acute", "p_acute_given_fracture")})
+                    v["p_fracture_uncalibrated"] = float(cal["p_fracture_uncalibrated"])
+                # p_fracture already agrees; p_acute is raised where a vertebra's calibrated one is higher
+                probs = image_probabilities(probs, film["vertebrae"])
+            probs = {key: float(probs[key]) for key in ("p_fracture", "p_acute", "p_acute_given_fracture")}
+            probs["p_fracture_image_head"] = float(head["p_fracture"])
+            if self.calibrator is not None:
+                probs["p_fracture_uncalibrated"] = float(combined_raw["p_fracture"])
+            probs["heatmap"] = raw["heatmap"][k]
+            results.append({"probs": probs, "head": head_raw, **film})
+        return results
