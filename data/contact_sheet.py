@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from data.io_utils import atomic_write_image
-from data.readers import IMAGE_SUFFIXES, ImageReadError, read_image
+from data.readers import ImageReadError, image_suffixes, read_image
 from data.tables import load_manifest_table, load_vertebrae_table
 from data.transforms import letterbox, normalize_intensity
 
@@ -50,7 +50,7 @@ def phantom_tiles(manifest: Path, n: int) -> list[np.ndarray]:
 
 
 def real_tiles(folder: Path, n: int) -> list[np.ndarray]:
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in image_suffixes())
     pick = [files[i] for i in np.linspace(0, len(files) - 1, min(n, len(files))).astype(int)] if files else []
     tiles = []
     for p in pick:

@@ -36,16 +36,18 @@ import os
 import stat
 from pathlib import Path
 
-from data.readers import DICOM_SUFFIXES, IMAGE_SUFFIXES, is_dicom
+from data.readers import DICOM_SUFFIXES, image_suffixes, is_dicom, raster_magics
 from data.tables import absolute_path
 
 __all__ = ["find_inputs"]
 
-_NAMED_SUFFIXES = IMAGE_SUFFIXES | {s for s in DICOM_SUFFIXES if s}
 _DICOMDIR_UID = b"1.2.840.10008.1.3.10"
 _HEAD_BYTES = 512
-_RASTER_MAGICS = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"II+\x00",
-                  b"MM\x00+")
+
+
+def named_suffixes() -> set[str]:
+    """Suffixes that mark a file as an input: the raster formats' and DICOM's."""
+    return image_suffixes() | {s for s in DICOM_SUFFIXES if s}
 
 
 def find_inputs(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -132,14 +134,14 @@ class _Finder:
         suffix = Path(name).suffix.lower()
         head, err = _read_head(path)
         if err is not None:
-            if suffix in _NAMED_SUFFIXES or suffix == "" or name.upper() == "DICOMDIR":
+            if suffix in named_suffixes() or suffix == "" or name.upper() == "DICOMDIR":
                 self.problem(path, err)
             return
         if _is_dicomdir(path, head):
             dicomdirs.append(path)
-        elif suffix in _NAMED_SUFFIXES:
+        elif suffix in named_suffixes():
             self.paths.append(path)
-        elif suffix == "" and head.startswith(_RASTER_MAGICS):
+        elif suffix == "" and head.startswith(raster_magics()):
             self.paths.append(path)
         elif _content_is_dicom(path, head):
             self.paths.append(path)
@@ -259,7 +261,7 @@ def _read_head(path: str) -> tuple[bytes, str | None]:
 
 def _looks_like_image_name(name: str) -> bool:
     suffix = Path(name).suffix.lower()
-    return suffix in _NAMED_SUFFIXES or suffix == ""
+    return suffix in named_suffixes() or suffix == ""
 
 
 def _is_dicomdir(path: str, head: bytes) -> bool:

@@ -51,8 +51,39 @@ from typing import Any
 import cv2
 import numpy as np
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class RasterFormat:
+    """A raster format read through OpenCV (Pillow as the fallback): recognised by its magic
+    bytes, listed by its suffixes. A new format that either library decodes is one entry of
+    :data:`RASTER_FORMATS`; discovery and the error messages follow from the table."""
+
+    name: str
+    suffixes: tuple[str, ...]
+    magics: tuple[bytes, ...]
+
+
+RASTER_FORMATS = (
+    RasterFormat("png", (".png",), (b"\x89PNG\r\n\x1a\n",)),
+    RasterFormat("jpeg", (".jpg", ".jpeg"), (b"\xff\xd8\xff",)),
+    RasterFormat("tiff", (".tif", ".tiff"), (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")),
+)
 DICOM_SUFFIXES = {".dcm", ".dicom", ""}
+
+
+def image_suffixes() -> set[str]:
+    """The suffixes of the raster formats (DICOM files may have any suffix or none)."""
+    return {s for f in RASTER_FORMATS for s in f.suffixes}
+
+
+def raster_magics() -> tuple[bytes, ...]:
+    return tuple(m for f in RASTER_FORMATS for m in f.magics)
+
+
+def readable_formats() -> str:
+    names = [f.name.upper() for f in RASTER_FORMATS]
+    return "DICOM, " + ", ".join(names[:-1]) + f" or {names[-1]}"
 
 # Non-identifying DICOM attributes copied to RadiographImage.info (never patient identifiers).
 INFO_KEYWORDS = (
@@ -66,9 +97,6 @@ INFO_KEYWORDS = (
     "Columns",
 )
 
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_JPEG_MAGIC = b"\xff\xd8\xff"
-_TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 # Recognised only to give a clearer refusal.
 _OTHER_MAGICS = (
     (b"BM", "BMP"),
@@ -135,13 +163,7 @@ def is_dicom(path: str | os.PathLike) -> bool:
 
 
 def _raster_kind(head: bytes) -> str | None:
-    if head.startswith(_PNG_MAGIC):
-        return "png"
-    if head.startswith(_JPEG_MAGIC):
-        return "jpeg"
-    if head[:4] in _TIFF_MAGICS:
-        return "tiff"
-    return None
+    return next((f.name for f in RASTER_FORMATS if head.startswith(f.magics)), None)
 
 
 def _other_kind(head: bytes) -> str | None:
@@ -193,7 +215,7 @@ def read_image(
         other = _other_kind(head)
         if other is not None:
             raise ImageReadError(
-                path, f"unsupported image format ({other}); expected DICOM, PNG, JPEG or TIFF"
+                path, f"unsupported image format ({other}); expected {readable_formats()}"
             )
         raise ImageReadError(path, "not a DICOM or image file")
     except ImageReadError:

@@ -525,5 +525,25 @@ def test_unexpected_exception_wrapped_on_one_line(tmp_path, monkeypatch):
 
 
 def test_suffix_sets():
-    assert readers.IMAGE_SUFFIXES == {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
+    assert readers.image_suffixes() == {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
     assert readers.DICOM_SUFFIXES == {".dcm", ".dicom", ""}
+    assert readers.readable_formats() == "DICOM, PNG, JPEG or TIFF"
+
+
+def test_a_new_raster_format_is_one_table_entry(tmp_path, monkeypatch):
+    """BMP, which OpenCV decodes, added as one RasterFormat: read, found in a folder, named in errors."""
+    import cv2
+
+    from data.discovery import find_inputs
+
+    film = (np.arange(40 * 30, dtype=np.uint32).reshape(40, 30) % 256).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "film.bmp"), film)
+    with pytest.raises(ImageReadError):
+        read_image(tmp_path / "film.bmp")
+    assert find_inputs([str(tmp_path)])[0] == []
+    monkeypatch.setattr(readers, "RASTER_FORMATS",
+                        readers.RASTER_FORMATS + (readers.RasterFormat("bmp", (".bmp",), (b"BM",)),))
+    img = read_image(tmp_path / "film.bmp")
+    assert img.pixels.shape == (40, 30) and np.allclose(img.pixels, film / 255.0, atol=1e-6)
+    assert find_inputs([str(tmp_path)])[0] == [str(tmp_path / "film.bmp")]
+    assert readers.readable_formats().endswith("TIFF or BMP")
