@@ -12,13 +12,15 @@ used), started from the crop network's weights.
 It only moves points: the vertebra's ``p_fracture`` and ``p_acute`` stay the crop network's.
 The morphometry (heights, grade, height loss) is measured on the refined points.
 
-Fit it on a checkpoint's own training split and store it in a copy of the checkpoint::
+Fit it on a model's own training split; it is stored in a new version of the model's bundle
+(``point_refiner.safetensors``, its config in ``metadata.json``)::
 
-    python -m training.point_refiner --checkpoint CKPT --manifest M.csv --out REFINED.ckpt [--epochs 6]
+    python -m training.point_refiner --model BUNDLE --manifest M.csv --out NEW_BUNDLE [--epochs 6]
 
-Inference (``infer.py``) uses it whenever the checkpoint holds one (``point_refiner`` key:
-``{"state_dict", "config", "training"}``). Re-run ``python -m calibration.fit`` on the new
-checkpoint: the morphometry combiner is fitted on the heights the points give.
+Inference (``infer.py``) uses it whenever the bundle holds one. Training checkpoints stored it
+under the ``point_refiner`` key (``{"state_dict", "config", "training"}``; :func:`load_refiner`),
+which the export to a bundle reads. Calibrate the new version again
+(``python -m calibration``): the morphometry combiner is fitted on the heights the points give.
 """
 from __future__ import annotations
 

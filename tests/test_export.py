@@ -10,7 +10,7 @@ pytest.importorskip("onnxruntime")
 
 from models.bundle import ModelError, file_sha256  # noqa: E402
 from inference.onnx import OUTPUT_NAMES, OnnxPredictor, main, read_onnx_metadata  # noqa: E402
-from inference.pipeline import Predictor  # noqa: E402
+from inference.predictor import Predictor  # noqa: E402
 from training_config import save_untrained_checkpoint  # noqa: E402
 
 IMAGE_SIZE = (96, 64)

@@ -1,5 +1,7 @@
-"""models/point_refiner.py and training/point_refiner.py: the body-frame window, reading through it, training (a Lightning run) and storage."""
+"""models/point_refiner.py and training/point_refiner.py: the body-frame window, reading through it, training (a Lightning run) and storage in a new bundle version."""
+import hashlib
 import math
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -10,10 +12,13 @@ from torch import nn
 from data.phantom import generate_dataset
 from data.geometry import AP_MIRROR
 from data.vertebra_targets import apply_affine, invert_affine
+from models.bundle import Bundle, load_bundle
 from models.point_refiner import (HEIGHT_CONTEXT, REFINE_SIZE, REFINER_KEY, WIDTH_CONTEXT, body_frames, build_refiner,
                                   frame_matrices, frame_matrix, load_refiner, refine_points)
-from training.point_refiner import RefinerCrops, fit_refiner, main, refiner_loss, window_error_pct
+from training.point_refiner import RefinerCrops, fit_refiner, main, refiner_loss, window_error_pct, write_refined
 from models.vertebra_net import VertebraNet
+from training.export import bundle_from_checkpoint, export_checkpoint
+from training.system import FractureSystem
 
 HALF = (REFINE_SIZE - 1) / 2.0
 
@@ -143,27 +148,49 @@ def phantom_manifest(tmp_path_factory):
     return root / "manifest.csv"
 
 
-def _checkpoint(net: VertebraNet) -> dict:
-    return {"state_dict": {f"vertebra_net.{k}": v for k, v in net.state_dict().items()},
-            "datamodule_hyper_parameters": {"val_fraction": 0.3, "split_seed": 0},
-            "vcf_model": {"crop_backbone": "resnet18"}}
+def _checkpoint(folder: Path, net: VertebraNet, calibration: dict | None = None, **data) -> Path:
+    """A small training checkpoint of this project whose crop network is ``net``, trained (as it
+    records) with the split settings ``val_fraction`` 0.3, ``split_seed`` 0 and ``data``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    system = FractureSystem(fpn_dim=16, image_size=(64, 48))
+    system.vertebra_net.load_state_dict(net.state_dict())
+    ckpt = {"state_dict": system.state_dict(), "hyper_parameters": dict(system.hparams),
+            "datamodule_hyper_parameters": {"val_fraction": 0.3, "split_seed": 0, **data}}
+    if calibration is not None:
+        ckpt["vcf_calibration"] = calibration
+    system.on_save_checkpoint(ckpt)
+    path = folder / f"model{len(list(folder.glob('model*.ckpt')))}.ckpt"
+    torch.save(ckpt, path)
+    return path
+
+
+def _bundle(folder: Path, net: VertebraNet, calibration: dict | None = None, **data) -> Bundle:
+    """The model of :func:`_checkpoint`, as a bundle in memory."""
+    return bundle_from_checkpoint(_checkpoint(folder, net, calibration, **data))
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())}
 
 
 def test_fit_refiner_learns_and_stores_a_loadable_entry(phantom_manifest, tmp_path):
     torch.manual_seed(0)
-    ckpt = _checkpoint(VertebraNet())
-    entry = fit_refiner(ckpt, [phantom_manifest], epochs=6, lr=3e-3, batch_films=2, num_workers=0)
+    model = _bundle(tmp_path / "source", VertebraNet())
+    entry = fit_refiner(model, [phantom_manifest], epochs=6, lr=3e-3, batch_films=2, num_workers=0)
     history = entry["training"]["history"]
     assert [h["epoch"] for h in history] == list(range(7))
     assert entry["training"]["n_train_films"] > 0 and entry["training"]["n_val_films"] > 0
     before = history[0]["val_median_error_pct"]["lateral"]
     best = min(h["val_median_error_pct"]["lateral"] for h in history[1:])
     assert best < 0.8 * before  # it learns, from an untrained start
-    ckpt[REFINER_KEY] = entry
-    path = tmp_path / "refined.ckpt"
-    torch.save(ckpt, path)
-    loaded = load_refiner(torch.load(path, weights_only=True), path)
     weights = entry["state_dict"]
+    stored = load_bundle(write_refined(model, entry, tmp_path / "refined"))
+    assert all(torch.equal(stored.point_refiner.state_dict()[k], v) for k, v in weights.items())
+    assert stored.metadata["point_refiner_training"]["history"] == history
+    assert model.point_refiner is None  # the input model is not changed
+    # a training checkpoint's entry (as checkpoints stored it before bundles) loads the same
+    path = tmp_path / "refined.ckpt"
+    loaded = load_refiner({REFINER_KEY: entry}, path)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in weights.items())
     assert load_refiner({"state_dict": {}}, path) is None
 
@@ -186,6 +213,16 @@ def test_cli_refuses_to_overwrite_its_source(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(tmp_path / "a.ckpt"), "--manifest", "m.csv", "--out", str(tmp_path / "a.ckpt")])
     assert "must differ" in capsys.readouterr().err
+    (tmp_path / "bundle").mkdir()
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path / "bundle"), "--manifest", "m.csv", "--out", str(tmp_path / "bundle" / ".")])
+    assert "must differ" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a new version goes to a new folder
+        main(["--model", str(tmp_path / "a"), "--manifest", "m.csv", "--out", str(tmp_path / "bundle")])
+    assert "already exists" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one model, given one way
+        main(["--model", "a", "--checkpoint", "a.ckpt", "--out", str(tmp_path / "new")])
+    assert "not allowed with" in capsys.readouterr().err
 
 
 def test_jittered_windows_stay_near_the_body():
@@ -298,35 +335,45 @@ def test_refiner_data_keep_test_and_validation_patients_out_of_training(phantom_
 
 def test_fit_refiner_scores_on_a_separate_validation_manifest(phantom_manifest, tmp_path):
     path, m = _split_manifest(phantom_manifest, tmp_path)
-    ckpt = _checkpoint(VertebraNet())
-    ckpt["datamodule_hyper_parameters"] = {"val_fraction": 0.3, "split_seed": 0, "val_manifest": str(path)}
-    entry = fit_refiner(ckpt, [phantom_manifest], epochs=1, lr=1e-3, batch_films=4, num_workers=0,
+    model = _bundle(tmp_path / "source", VertebraNet(), val_manifest=str(path))
+    entry = fit_refiner(model, [phantom_manifest], epochs=1, lr=1e-3, batch_films=4, num_workers=0,
                         films_per_epoch=2)
     # all 12 films of the training manifest train (no fraction split off); the validation
     # manifest's 10 films outside split = test score
     assert entry["training"]["n_train_films"] == 12 and entry["training"]["n_val_films"] == 10
     with pytest.raises(ValueError, match="epochs"):
-        fit_refiner(ckpt, [phantom_manifest], epochs=0)
+        fit_refiner(model, [phantom_manifest], epochs=0)
 
 
 def test_cli_trains_from_the_recorded_manifest_and_drops_a_stale_calibration(phantom_manifest, tmp_path, capsys):
     torch.manual_seed(0)
-    ckpt = _checkpoint(VertebraNet())
-    ckpt["datamodule_hyper_parameters"]["manifest"] = str(phantom_manifest)
-    ckpt["vcf_calibration"] = {"method": "none"}
-    source, out = tmp_path / "model.ckpt", tmp_path / "refined.ckpt"
-    torch.save(ckpt, source)
-    assert main(["--checkpoint", str(source), "--out", str(out), "--epochs", "1", "--films-per-epoch", "2",
+    net = VertebraNet()
+    checkpoint = _checkpoint(tmp_path / "run", net, calibration={"method": "none"}, manifest=str(phantom_manifest))
+    source, out = export_checkpoint(checkpoint, tmp_path / "bundle"), tmp_path / "refined"
+    files_before = _hashes(source)
+    assert "calibration.json" in files_before
+    assert main(["--model", str(source), "--out", str(out), "--epochs", "1", "--films-per-epoch", "2",
                  "--num-workers", "0", "--limit-val", "2"]) == 0
-    written = torch.load(out, weights_only=True)
-    assert "vcf_calibration" not in written and written[REFINER_KEY]["training"]["manifests"] == [str(phantom_manifest)]
-    assert written[REFINER_KEY]["training"]["best_epoch"] == 1
-    assert load_refiner(written, out) is not None
-    assert "dropped the checkpoint's calibration" in capsys.readouterr().out
-    ckpt["datamodule_hyper_parameters"]["test_manifest"] = str(phantom_manifest)
-    torch.save(ckpt, source)
+    assert _hashes(source) == files_before  # the input bundle is never edited
+    written, original = load_bundle(out), load_bundle(source)
+    assert written.calibration is None and "calibration.json" not in _hashes(out)
+    assert written.metadata["point_refiner_training"]["manifests"] == [str(phantom_manifest)]
+    assert written.metadata["point_refiner_training"]["best_epoch"] == 1
+    assert written.metadata["point_refiner_training"]["base_model"] == str(source)
+    assert isinstance(written.point_refiner, VertebraNet) and original.point_refiner is None
+    step = written.metadata["history"][-1]
+    assert step["step"] == "point refiner" and step["record"]["calibration_dropped"]
+    assert step["from"] == {"name": original.name, "version": original.version, "id": original.id}
+    assert written.version != original.version
+    assert "dropped the model's calibration" in capsys.readouterr().out
+    # a training checkpoint is read as well, converted in memory
+    from_checkpoint = tmp_path / "refined_from_checkpoint"
+    assert main(["--checkpoint", str(checkpoint), "--out", str(from_checkpoint), "--epochs", "1",
+                 "--films-per-epoch", "2", "--num-workers", "0", "--limit-val", "2"]) == 0
+    assert load_bundle(from_checkpoint).point_refiner is not None
+    held_out = _checkpoint(tmp_path / "run", net, manifest=str(phantom_manifest), test_manifest=str(phantom_manifest))
     with pytest.raises(SystemExit):
-        main(["--checkpoint", str(source), "--out", str(out), "--manifest", str(phantom_manifest)])
+        main(["--checkpoint", str(held_out), "--out", str(tmp_path / "refused"), "--manifest", str(phantom_manifest)])
     assert "must not train on it" in capsys.readouterr().err
 
 
@@ -382,15 +429,15 @@ def test_unmirror_points_keeps_lateral_labels_and_swaps_ap_ones():
     np.testing.assert_allclose(unmirror_points(mirrored_view[:, AP_MIRROR], body, size), body)
 
 
-def test_fit_refiner_warm_starts_at_a_chosen_window_size(phantom_manifest):
+def test_fit_refiner_warm_starts_at_a_chosen_window_size(phantom_manifest, tmp_path):
     torch.manual_seed(0)
-    ckpt = _checkpoint(VertebraNet())
-    first = fit_refiner(ckpt, [phantom_manifest], epochs=2, lr=3e-3, batch_films=2, num_workers=0, size=64)
+    model = _bundle(tmp_path / "source", VertebraNet())
+    first = fit_refiner(model, [phantom_manifest], epochs=2, lr=3e-3, batch_films=2, num_workers=0, size=64)
     assert first["config"]["size"] == 64 and build_refiner(first["config"]).crop_size == 64
     assert not first["training"]["warm_start"]
     item = RefinerCrops(labelled_films_for_test(phantom_manifest), augment=False, size=64)[0]
     assert item["crops"].shape[-2:] == (64, 64)
-    second = fit_refiner(ckpt, [phantom_manifest], epochs=1, lr=1e-4, batch_films=2, num_workers=0, size=64,
+    second = fit_refiner(model, [phantom_manifest], epochs=1, lr=1e-4, batch_films=2, num_workers=0, size=64,
                          start_state=first["state_dict"])
     # the same validation windows (fixed per film), read by the starting weights: the first run's best score
     start = second["training"]["history"][0]["val_median_error_pct"]
@@ -398,7 +445,7 @@ def test_fit_refiner_warm_starts_at_a_chosen_window_size(phantom_manifest):
     assert second["training"]["warm_start"]
     assert start["lateral"] == pytest.approx(best_first["lateral"], rel=1e-5)
     with pytest.raises(ValueError, match="size"):
-        fit_refiner(ckpt, [phantom_manifest], epochs=1, size=16)
+        fit_refiner(model, [phantom_manifest], epochs=1, size=16)
 
 
 def labelled_films_for_test(manifest):
@@ -408,48 +455,69 @@ def labelled_films_for_test(manifest):
 
 
 def test_cli_warm_start_refuses_a_refiner_of_another_split(phantom_manifest, tmp_path, capsys):
+    from evaluation.model_card import save_with_card
+
     torch.manual_seed(0)
-    ckpt = _checkpoint(VertebraNet())
-    ckpt["datamodule_hyper_parameters"]["manifest"] = str(phantom_manifest)
-    source, first, second = tmp_path / "model.ckpt", tmp_path / "refined.ckpt", tmp_path / "refined2.ckpt"
-    torch.save(ckpt, source)
-    args = ["--checkpoint", str(source), "--epochs", "1", "--films-per-epoch", "2", "--num-workers", "0",
+    checkpoint = _checkpoint(tmp_path / "run", VertebraNet(), manifest=str(phantom_manifest))
+    source = export_checkpoint(checkpoint, tmp_path / "bundle")
+    files_before = _hashes(source)
+    first, second = tmp_path / "refined", tmp_path / "refined2"
+    args = ["--model", str(source), "--epochs", "1", "--films-per-epoch", "2", "--num-workers", "0",
             "--limit-val", "2", "--size", "64"]
     assert main(args + ["--out", str(first), "--no-flip"]) == 0
     assert main(args + ["--out", str(second), "--start-from", str(first)]) == 0
-    assert torch.load(second, weights_only=True)[REFINER_KEY]["config"]["flip"]  # the default
-    written = torch.load(second, weights_only=True)[REFINER_KEY]
-    assert written["training"]["started_from"] == str(first) and written["config"]["size"] == 64
+    written = load_bundle(second)
+    assert written.metadata["networks"]["point_refiner"]["config"]["flip"] and written.point_refiner.flip  # the default
+    assert written.metadata["point_refiner_training"]["started_from"] == str(first)
+    assert written.metadata["networks"]["point_refiner"]["config"]["size"] == 64
+    assert written.metadata["history"][-1]["step"] == "point refiner"
+    assert written.metadata["history"][-1]["from"]["id"] == load_bundle(source).id  # a version of the model, not of first
     # no training: the same weights and record, stored with the mirrored last pass switched on
-    third = tmp_path / "refined3.ckpt"
+    third = tmp_path / "refined3"
     assert main(args + ["--out", str(third), "--start-from", str(first), "--epochs", "0", "--flip"]) == 0
-    copied, original = torch.load(third, weights_only=True)[REFINER_KEY], torch.load(first, weights_only=True)[REFINER_KEY]
-    assert copied["config"]["flip"] and not original["config"]["flip"] and load_refiner({REFINER_KEY: copied}).flip
-    assert all(torch.equal(copied["state_dict"][k], v) for k, v in original["state_dict"].items())
-    assert copied["training"]["history"] == original["training"]["history"]
-    assert copied["training"]["copied_from"] == str(first)
-    assert original["config"]["passes"] == 2 and original["training"]["loss_units"] == "height"
-    fourth = tmp_path / "refined4.ckpt"  # the number of reads, changed without training
+    copied, original = load_bundle(third), load_bundle(first)
+    copied_config = copied.metadata["networks"]["point_refiner"]["config"]
+    original_config = original.metadata["networks"]["point_refiner"]["config"]
+    assert copied_config["flip"] and not original_config["flip"] and copied.point_refiner.flip
+    original_weights = original.point_refiner.state_dict()
+    assert all(torch.equal(copied.point_refiner.state_dict()[k], v) for k, v in original_weights.items())
+    copied_training, original_training = (b.metadata["point_refiner_training"] for b in (copied, original))
+    assert copied_training["history"] == original_training["history"]
+    assert copied_training["copied_from"] == str(first)
+    assert original_config["passes"] == 2 and original_training["loss_units"] == "height"
+    fourth = tmp_path / "refined4"  # the number of reads, changed without training
     assert main(args + ["--out", str(fourth), "--start-from", str(first), "--epochs", "0", "--passes", "3"]) == 0
-    assert load_refiner(torch.load(fourth, weights_only=True), fourth).passes == 3
+    assert load_bundle(fourth).point_refiner.passes == 3
+    assert _hashes(source) == files_before  # no run edited its input
     with pytest.raises(SystemExit):
-        main(args + ["--out", str(fourth), "--start-from", str(first), "--epochs", "0", "--passes", "0"])
+        main(args + ["--out", str(tmp_path / "refined5"), "--start-from", str(first), "--epochs", "0", "--passes", "0"])
     assert "--passes must be at least 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a new window needs training
-        main(args + ["--out", str(third), "--start-from", str(first), "--epochs", "0", "--size", "96"])
+        main(args + ["--out", str(tmp_path / "refined5"), "--start-from", str(first), "--epochs", "0", "--size", "96"])
     assert "stays the starting refiner's" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(args + ["--out", str(third), "--epochs", "0"])
+        main(args + ["--out", str(tmp_path / "refined5"), "--epochs", "0"])
     assert "0 only with --start-from" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # the source holds no refiner
-        main(args + ["--out", str(second), "--start-from", str(source)])
+        main(args + ["--out", str(tmp_path / "refined5"), "--start-from", str(source)])
     assert "holds no point refiner" in capsys.readouterr().err
-    other = torch.load(first, weights_only=True)
-    other["datamodule_hyper_parameters"]["split_seed"] = 5
-    torch.save(other, tmp_path / "other.ckpt")
+    with pytest.raises(SystemExit):  # an existing folder is never written over
+        main(args + ["--out", str(first), "--start-from", str(first), "--epochs", "0"])
+    assert "already exists" in capsys.readouterr().err
+    other = load_bundle(first)
+    other.metadata["training"]["data"]["split_seed"] = 5
+    save_with_card(other, tmp_path / "other")
     with pytest.raises(SystemExit):
-        main(args + ["--out", str(second), "--start-from", str(tmp_path / "other.ckpt")])
+        main(args + ["--out", str(tmp_path / "refined5"), "--start-from", str(tmp_path / "other")])
     assert "split_seed" in capsys.readouterr().err
+    # a training checkpoint of the same run holding a refiner is a starting point too
+    refined_checkpoint = torch.load(checkpoint, weights_only=True)
+    refined_checkpoint[REFINER_KEY] = {"state_dict": original_weights, "config": original_config,
+                                       "training": original_training}
+    torch.save(refined_checkpoint, tmp_path / "run" / "refined.ckpt")
+    assert main(args + ["--out", str(tmp_path / "refined6"), "--start-from", str(tmp_path / "run" / "refined.ckpt"),
+                        "--epochs", "0"]) == 0
+    assert load_bundle(tmp_path / "refined6").point_refiner.flip
 
 
 def test_refiner_loss_in_height_units_weighs_the_window_axes_as_the_film_does():
@@ -474,12 +542,12 @@ def test_refiner_loss_in_height_units_weighs_the_window_axes_as_the_film_does():
     assert torch.isfinite(zero.grad).all()
 
 
-def test_fit_refiner_refuses_unknown_loss_units_and_passes(phantom_manifest):
-    ckpt = _checkpoint(VertebraNet())
+def test_fit_refiner_refuses_unknown_loss_units_and_passes(phantom_manifest, tmp_path):
+    model = _bundle(tmp_path, VertebraNet())
     with pytest.raises(ValueError, match="loss_units"):
-        fit_refiner(ckpt, [phantom_manifest], epochs=1, loss_units="pixels")
+        fit_refiner(model, [phantom_manifest], epochs=1, loss_units="pixels")
     with pytest.raises(ValueError, match="passes"):
-        fit_refiner(ckpt, [phantom_manifest], epochs=1, passes=0)
+        fit_refiner(model, [phantom_manifest], epochs=1, passes=0)
 
 
 def test_fit_refiner_returns_the_best_validated_epoch_and_writes_a_copy(phantom_manifest, tmp_path, monkeypatch):
@@ -487,11 +555,13 @@ def test_fit_refiner_returns_the_best_validated_epoch_and_writes_a_copy(phantom_
 
     from training.point_refiner import PointRefinerSystem, refiner_films, refiner_loaders, write_refined
 
-    monkeypatch.chdir(tmp_path)  # the run leaves nothing behind in the working folder
-    ckpt = _checkpoint(VertebraNet())
-    entry = fit_refiner(ckpt, [phantom_manifest], epochs=3, lr=3e-3, batch_films=2, num_workers=0, size=64,
+    model = _bundle(tmp_path / "source", VertebraNet(), calibration={"method": "none"})
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # the run leaves nothing behind in the working folder
+    entry = fit_refiner(model, [phantom_manifest], epochs=3, lr=3e-3, batch_films=2, num_workers=0, size=64,
                         films_per_epoch=4, seed=1)
-    assert list(tmp_path.iterdir()) == []
+    assert list(work.iterdir()) == []
     history = entry["training"]["history"]
     scores = [h["val_median_error_pct"]["score"] for h in history[1:]]
     assert entry["training"]["best_epoch"] == 1 + scores.index(min(scores))
@@ -499,13 +569,17 @@ def test_fit_refiner_returns_the_best_validated_epoch_and_writes_a_copy(phantom_
     # the returned weights are that epoch's: validated again on the same windows, the same score
     system = PointRefinerSystem(entry["config"])
     system.refiner.load_state_dict(entry["state_dict"])
-    train, val = refiner_films(ckpt, [phantom_manifest], seed=1)
+    train, val = refiner_films(model, [phantom_manifest], seed=1)
     _, val_loader = refiner_loaders(train, val, 64, 2, 0, None, seed=1)
     L.Trainer(logger=False, enable_progress_bar=False, accelerator="cpu").validate(system, val_loader, verbose=False)
     assert system.last_validation["score"] == pytest.approx(min(scores), rel=1e-5)
-    # written as a copy: the source checkpoint keeps its calibration, the copy drops it
-    ckpt["vcf_calibration"] = {"method": "none"}
-    assert write_refined(ckpt, entry, tmp_path / "out" / "refined.ckpt")
-    written = torch.load(tmp_path / "out" / "refined.ckpt", weights_only=True)
-    assert "vcf_calibration" in ckpt and REFINER_KEY not in ckpt
-    assert "vcf_calibration" not in written and load_refiner(written).crop_size == 64
+    # written as a new version: the source model keeps its calibration, the new one drops it
+    out = write_refined(model, entry, tmp_path / "out" / "refined")
+    assert out == tmp_path / "out" / "refined"
+    written = load_bundle(out)
+    assert model.calibration == {"method": "none"} and model.point_refiner is None
+    assert written.calibration is None and written.point_refiner.crop_size == 64
+    assert written.metadata["point_refiner_training"] == entry["training"]
+    assert written.metadata["history"][-1]["record"]["calibration_dropped"]
+    with pytest.raises(Exception, match="already exists"):  # never over an existing folder
+        write_refined(model, entry, out)

@@ -1,21 +1,24 @@
-"""Fine-tune only the crop network of a trained checkpoint, with the point-map term on.
+"""Fine-tune only the crop network of a trained model, with the point-map term on.
 
-    python -m training.crop_finetune --checkpoint runs/mix_tall_gpu/best.ckpt \
-        --manifest runs/mix/manifest.csv --out runs/mix_tall_crop/best.ckpt [--epochs 3] [--map-weight 1.0]
+    python -m training.crop_finetune --model runs/mix_tall/bundle \
+        --manifest runs/mix/manifest.csv --out runs/mix_tall_crop/bundle [--epochs 3] [--map-weight 1.0]
 
 A Lightning run of :class:`CropFinetuneSystem` (the :class:`training.system.FractureSystem` of
-the checkpoint, trained on its crop losses only) with the film network frozen by
-:class:`FreezeFilmNetwork`. The film network (the expensive part at 768 x 320) is not even run,
-so an epoch costs only the crops. The data are the checkpoint's training split of the manifest
-(its ``val_fraction`` and seed; ``split = test`` rows are never read). Writes a copy of the
-checkpoint whose ``vertebra_net.*`` weights are replaced, with ``crop_map_weight`` set in its
-hyper-parameters and a ``crop_finetune`` record; re-calibrate it before use (the crop
-probabilities change too).
+the model's recorded hyper-parameters and weights, trained on its crop losses only) with the
+film network frozen by :class:`FreezeFilmNetwork`. The film network (the expensive part at
+768 x 320) is not even run, so an epoch costs only the crops. The data are the model's training
+split of the manifest (its recorded ``val_fraction`` and seed; ``split = test`` rows are never
+read). Writes a new version of the bundle (the input is never edited) whose crop network is
+replaced, with ``crop_map_weight`` in its recorded hyper-parameters and the run's record in its
+history, and without calibration: calibrate it again (the crop probabilities change too).
+``--checkpoint CKPT`` instead of ``--model`` reads a training checkpoint, converted in memory.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,11 +28,10 @@ import torch
 from lightning.pytorch.callbacks import BaseFinetuning
 
 from data.dataset import SpineDataModule
-from data.io_utils import atomic_write_with
-from training.checkpoint import load_checkpoint
+from evaluation.model_card import save_with_card
+from inference.loading import open_model
+from models.bundle import Bundle, BundleError, ModelError
 from training.system import FractureSystem
-
-CROP_PREFIX = "vertebra_net."
 
 
 class FreezeFilmNetwork(BaseFinetuning):
@@ -79,17 +81,30 @@ class CropFinetuneSystem(FractureSystem):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def finetune(checkpoint: Path, manifest: Path, out: Path, epochs: int, lr: float, map_weight: float,
+def finetune(model, manifest: str | os.PathLike, out: str | os.PathLike, epochs: int, lr: float, map_weight: float,
              batch_size: int, num_workers: int, limit_batches: int | None = None, seed: int = 0) -> dict:
-    """Fine-tune the crop network of ``checkpoint`` on the training split of ``manifest``, write the
-    result to ``out`` (:func:`write_finetuned`) and return the run's record."""
+    """Fine-tune the crop network of ``model`` (a :class:`Bundle`, a bundle folder, a registry
+    name or a training checkpoint) on the training split of ``manifest``, write the new version
+    of its bundle to the folder ``out`` (:func:`write_finetuned`) and return the run's record."""
+    out = Path(out)
+    if not isinstance(model, Bundle) and out.resolve() == Path(model).resolve():
+        raise BundleError(f"{out}: the output must differ from the input model (a model is never edited in place)")
+    if out.exists():
+        raise BundleError(f"{out}: already exists (choose a new folder for the fine-tuned bundle)")
+    bundle = open_model(model)
+    where = str(model) if not isinstance(model, Bundle) else bundle.describe()
+    if bundle.crop_net is None:
+        raise BundleError(f"{where}: no crop network to fine-tune")
+    training = bundle.metadata.get("training") or {}
+    if not training.get("hyper_parameters"):
+        raise BundleError(f"{where}: no training hyper-parameters recorded; fine-tune from the training checkpoint")
     L.seed_everything(seed, workers=True)
-    ckpt = load_checkpoint(checkpoint)
-    hp = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
+    hp = {k: v for k, v in training["hyper_parameters"].items() if not k.startswith("_")}
     hp.update(init_from=None, pretrained=None, crop_map_weight=map_weight, lr=lr)
     system = CropFinetuneSystem(**hp)
-    system.load_state_dict(ckpt["state_dict"])
-    dhp = ckpt.get("datamodule_hyper_parameters", {})
+    system.net.load_state_dict(bundle.film_net.state_dict())
+    system.vertebra_net.load_state_dict(bundle.crop_net.state_dict())
+    dhp = training.get("data") or {}
     # the film input is not used here: a small one keeps the data loader cheap
     dm = SpineDataModule(manifest=str(manifest), image_size=(64, 64), batch_size=batch_size,
                          num_workers=num_workers, val_fraction=dhp.get("val_fraction", 0.15),
@@ -100,31 +115,34 @@ def finetune(checkpoint: Path, manifest: Path, out: Path, epochs: int, lr: float
                         callbacks=[FreezeFilmNetwork()])
     t0 = time.time()
     trainer.fit(system, train_dataloaders=dm.train_dataloader())
-    record = {"from": str(checkpoint), "manifest": str(manifest), "epochs": epochs, "lr": lr,
+    record = {"from": where, "manifest": str(manifest), "epochs": epochs, "lr": lr,
               "map_weight": map_weight, "batch_size": batch_size, "steps": int(trainer.global_step),
               "seconds": round(time.time() - t0, 1), "history": system.history}
-    crop_state = {f"{CROP_PREFIX}{k}": v.detach().cpu().clone() for k, v in system.vertebra_net.state_dict().items()}
-    write_finetuned(ckpt, crop_state, record, out)
+    write_finetuned(bundle, copy.deepcopy(system.vertebra_net).cpu().eval(), record, out)
     return record
 
 
-def write_finetuned(checkpoint: dict, crop_state: dict[str, torch.Tensor], record: dict, out: Path) -> None:
-    """Write a copy of ``checkpoint`` to ``out`` (atomically) with the crop network's weights
-    ``crop_state`` (``vertebra_net.*`` keys), ``crop_map_weight`` and the ``crop_finetune``
-    ``record``, and without optimizer state (it belongs to the weights it replaced)."""
-    tuned = {k: v for k, v in checkpoint.items() if k not in ("optimizer_states", "lr_schedulers")}
-    tuned["state_dict"] = {**checkpoint["state_dict"], **crop_state}
-    tuned["hyper_parameters"] = {**checkpoint["hyper_parameters"], "crop_map_weight": record["map_weight"]}
-    tuned["crop_finetune"] = record
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_with(out, lambda fh: torch.save(tuned, fh))
+def write_finetuned(model: Bundle, crop_net: torch.nn.Module, record: dict, out: str | os.PathLike) -> Path:
+    """Write a new version of ``model`` with the crop network ``crop_net`` to the bundle folder
+    ``out``, with its model card: ``crop_map_weight`` set in its recorded hyper-parameters, the
+    run's ``record`` in its history, and no calibration (it was fitted on the old crop network's
+    probabilities). ``model`` is not changed; returns ``out``."""
+    tuned = model.derive("crop fine-tune", note=f"crop network fine-tuned with crop_map_weight {record['map_weight']} "
+                                                 f"on {record['manifest']}; calibrate again",
+                         networks={"crop_net": crop_net}, calibration=None, record=record)
+    training = tuned.metadata.setdefault("training", {})
+    training["hyper_parameters"] = {**(training.get("hyper_parameters") or {}), "crop_map_weight": record["map_weight"]}
+    storage = (model.metadata.get("saved") or {}).get("storage", "fp32")
+    return save_with_card(tuned, out, storage=storage)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", type=Path, required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a bundle folder or a registry name")
+    source.add_argument("--checkpoint", help="a training checkpoint (.ckpt), converted to a bundle")
     p.add_argument("--manifest", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="the new bundle folder (must not exist)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--map-weight", type=float, default=1.0)
@@ -132,9 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--limit-batches", type=int, default=None, help="batches per epoch (trials)")
     a = p.parse_args(argv)
-    record = finetune(a.checkpoint, a.manifest, a.out, a.epochs, a.lr, a.map_weight, a.batch_size,
-                      a.num_workers, a.limit_batches)
-    print(f"wrote {a.out} ({record['steps']} steps in {record['seconds']} s)")
+    try:
+        record = finetune(a.model or a.checkpoint, a.manifest, a.out, a.epochs, a.lr, a.map_weight, a.batch_size,
+                          a.num_workers, a.limit_batches)
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {a.out} ({record['steps']} steps in {record['seconds']} s); calibrate it again: "
+          f"python -m calibration --model {a.out} --manifest VAL.csv")
     return 0
 
 

@@ -2,10 +2,15 @@
 
 :class:`PointRefinerSystem` trains the refiner network on jittered body-frame windows of
 :class:`RefinerCrops`; :func:`fit_refiner` runs ``Trainer.fit`` and keeps the epoch with the
-lowest validation median point error (``val/median_error_pct``). Fit it on a checkpoint's own
-training split and store it in a copy of the checkpoint::
+lowest validation median point error (``val/median_error_pct``). Fit it on a model's own
+training split (the split settings its bundle records) and write a new version of the bundle
+holding it (:func:`write_refined`; the input is never edited)::
 
-    python -m training.point_refiner --checkpoint CKPT --manifest M.csv --out REFINED.ckpt [--epochs 6]
+    python -m training.point_refiner --model BUNDLE_OR_NAME --manifest M.csv --out NEW_BUNDLE [--epochs 6]
+
+``--checkpoint CKPT`` instead of ``--model`` reads a training checkpoint, converted in memory.
+The new version has no calibration (its combiner was fitted on the crop network's points):
+calibrate it again.
 """
 from __future__ import annotations
 
@@ -25,16 +30,19 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from data.dataset import photometric
 from data.geometry import AP_MIRROR, POINT_COLUMNS
-from data.io_utils import atomic_write_with
 from data.manifest import assign_splits, load_manifest
 from data.readers import ImageReadError, read_image
 from data.transforms import normalize_intensity
 from data.vertebra_targets import apply_affine, extract_crop, invert_affine
-from models.point_refiner import (HEIGHT_CONTEXT, LOSS_UNITS, REFINE_FLIP, REFINE_PASSES, REFINE_SIZE, REFINER_KEY,
-                                  WIDTH_CONTEXT, body_frames, build_refiner, frame_matrices, load_refiner)
-from training.checkpoint import load_checkpoint, network_state
+from evaluation.model_card import save_with_card
+from inference.loading import open_model
+from models.bundle import Bundle, ModelError, load_state_into
+from models.point_refiner import (HEIGHT_CONTEXT, LOSS_UNITS, REFINE_FLIP, REFINE_PASSES, REFINE_SIZE, WIDTH_CONTEXT,
+                                  body_frames, build_refiner, frame_matrices)
 
 log = logging.getLogger(__name__)
+# the data settings that decide which patients a run trained, validated and tested on
+SPLIT_KEYS = ("manifest", "val_manifest", "test_manifest", "val_fraction", "split_seed")
 
 # --------------------------------------------------------------------------- training
 
@@ -210,13 +218,19 @@ class PointRefinerSystem(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def refiner_films(checkpoint: dict, manifests: list[str | Path], limit_val: int | None = None,
+def split_settings(model: Bundle) -> dict:
+    """The data settings ``model`` was trained with (manifest, val_manifest, test_manifest,
+    val_fraction, split_seed, ...), as its bundle records them; ``{}`` when none are recorded."""
+    return dict((model.metadata.get("training") or {}).get("data") or {})
+
+
+def refiner_films(model: Bundle, manifests: list[str | Path], limit_val: int | None = None,
                   seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """The training and validation films of ``manifests`` for a refiner of ``checkpoint``: split
-    by patient with the checkpoint's ``val_fraction`` and seed, or, for a checkpoint validated on
-    a separate ``val_manifest``, all of ``manifests`` training and that manifest's films scoring.
-    ``limit_val``: at most that many validation films, drawn with ``seed``."""
-    dhp = checkpoint.get("datamodule_hyper_parameters") or {}
+    """The training and validation films of ``manifests`` for a refiner of ``model``: split by
+    patient with the ``val_fraction`` and seed ``model`` was trained with, or, for a model
+    validated on a separate ``val_manifest``, all of ``manifests`` training and that manifest's
+    films scoring. ``limit_val``: at most that many validation films, drawn with ``seed``."""
+    dhp = split_settings(model)
     split_seed = int(dhp.get("split_seed", 0) or 0)
     val_fraction = 0.0 if dhp.get("val_manifest") else float(dhp.get("val_fraction", 0.15))
     train, val = [], []
@@ -259,17 +273,19 @@ def trainer_device(device: str) -> dict:
     return {"accelerator": dev.type, "devices": 1}
 
 
-def fit_refiner(checkpoint: dict, manifests: list[str | Path], epochs: int = 6, lr: float = 5e-4,
+def fit_refiner(model: Bundle, manifests: list[str | Path], epochs: int = 6, lr: float = 5e-4,
                 films_per_epoch: int | None = None, batch_films: int = 4, num_workers: int = 1,
                 seed: int = 0, limit_val: int | None = None, device: str = "cpu", size: int = REFINE_SIZE,
                 start_state: dict | None = None, flip: bool = REFINE_FLIP, loss_units: str = "height",
                 passes: int = REFINE_PASSES) -> dict:
-    """Train a refiner on the training split of ``manifests`` (split by patient with the
-    checkpoint's ``val_fraction`` and seed, so its validation patients stay unseen; rows with
-    ``split = test`` are never read) and return the ``point_refiner`` entry: the best epoch's
-    weights by the validation median point error (one read, from windows jittered as in
-    training), the config and the training record. A checkpoint validated on a separate
-    ``val_manifest`` scores on that manifest's films, and ``manifests`` are then all training.
+    """Train a refiner for ``model`` on the training split of ``manifests`` (split by patient with
+    the ``val_fraction`` and seed ``model`` was trained with, so its validation patients stay
+    unseen; rows with ``split = test`` are never read) and return the refiner entry
+    ``{"state_dict", "config", "training"}``: the best epoch's weights by the validation median
+    point error (one read, from windows jittered as in training), the config and the training
+    record. A model validated on a separate ``val_manifest`` scores on that manifest's films,
+    and ``manifests`` are then all training. The refiner starts from ``model``'s crop network
+    weights, and uses its crop backbone.
 
     ``size``: the window's side in pixels. ``start_state``: a refiner's weights to start from
     (a warm start, e.g. at a new ``size``), instead of the crop network's. ``flip`` and
@@ -288,12 +304,11 @@ def fit_refiner(checkpoint: dict, manifests: list[str | Path], epochs: int = 6, 
     if passes < 1:
         raise ValueError(f"passes must be at least 1, got {passes}")
     L.seed_everything(seed, workers=True)
-    train, val = refiner_films(checkpoint, manifests, limit_val, seed)
-    meta = checkpoint.get("vcf_model") or {}
-    config = {"backbone": meta.get("crop_backbone", "resnet18"), "size": int(size), "width_context": WIDTH_CONTEXT,
+    train, val = refiner_films(model, manifests, limit_val, seed)
+    config = {"backbone": model.model.get("crop_backbone", "resnet18"), "size": int(size), "width_context": WIDTH_CONTEXT,
               "height_context": HEIGHT_CONTEXT, "passes": int(passes), "flip": bool(flip)}
     system = PointRefinerSystem(config, lr=lr, loss_units=loss_units)
-    crop_state = network_state(checkpoint, "vertebra_net.")
+    crop_state = model.crop_net.state_dict() if model.crop_net is not None else None
     if start_state is not None:
         system.refiner.load_state_dict(start_state)
     elif crop_state:  # the crop network's features already know vertebrae
@@ -327,23 +342,38 @@ def fit_refiner(checkpoint: dict, manifests: list[str | Path], epochs: int = 6, 
     return {"state_dict": best_state, "config": config, "training": training}
 
 
-def write_refined(checkpoint: dict, entry: dict, out: Path) -> bool:
-    """Write a copy of ``checkpoint`` holding the refiner ``entry`` to ``out`` (atomically), without
-    its calibration, whose combiner was fitted on the crop network's points; True when it had one."""
-    refined = {**checkpoint, REFINER_KEY: entry}
-    dropped = refined.pop("vcf_calibration", None) is not None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_with(out, lambda tmp: torch.save(refined, tmp))
-    return dropped
+def write_refined(model: Bundle, entry: dict, out: str | Path) -> Path:
+    """Write a new version of ``model`` holding the refiner ``entry`` (:func:`fit_refiner`) to the
+    bundle folder ``out``, with its model card; returns ``out``. The new version has no
+    calibration: the input's combiner was fitted on the crop network's points. ``model`` is not
+    changed."""
+    refiner = build_refiner(entry["config"])
+    load_state_into(refiner, entry["state_dict"], f"{out}: point refiner")
+    training = entry.get("training") or {}
+    dropped = model.calibration is not None
+    record = {key: training[key] for key in ("manifests", "epochs", "best_epoch", "warm_start", "copied_from")
+              if key in training}
+    record["calibration_dropped"] = dropped
+    note = f"point refiner ({entry['config'].get('size')} px window, {entry['config'].get('passes')} passes)"
+    if dropped:
+        note += "; calibration dropped (fitted on the crop network's points): calibrate again"
+    refined = model.derive("point refiner", note=note, networks={"point_refiner": refiner.eval()},
+                           calibration=None, record=record)
+    refined.metadata["point_refiner_training"] = training
+    storage = (model.metadata.get("saved") or {}).get("storage", "fp32")
+    return save_with_card(refined, out, storage=storage)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", type=Path, required=True, help="a trained checkpoint with a crop network")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a bundle folder or a registry name, of a model with a crop network")
+    source.add_argument("--checkpoint", help="a training checkpoint (.ckpt) with a crop network, converted to a bundle")
     p.add_argument("--manifest", type=Path, action="append", default=None,
                    help="manifest.csv with vertebrae.csv beside it (repeat for more); only its training split is read "
-                        "(default: the manifest the checkpoint was trained on)")
-    p.add_argument("--out", type=Path, required=True, help="the new checkpoint (a copy with the refiner added)")
+                        "(default: the manifest the model was trained on)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="the new bundle folder (the input's new version, with the refiner); must not exist")
     p.add_argument("--epochs", type=int, default=6,
                    help="0 with --start-from: no training, the starting refiner stored with this run's --flip "
                         "and --passes")
@@ -364,70 +394,84 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loss-units", choices=LOSS_UNITS, default="height",
                    help="height: point distance as a fraction of the body height (the benchmark's unit); "
                         "window: absolute error in window pixels (refiners before the option)")
-    p.add_argument("--start-from", type=Path, default=None,
-                   help="a refined checkpoint of the same training run whose refiner to start from (a warm start)")
+    p.add_argument("--start-from", default=None,
+                   help="a bundle (or checkpoint) of the same training run holding a point refiner to start from "
+                        "(a warm start)")
     args = p.parse_args(argv)
-    if args.out.resolve() == args.checkpoint.resolve():
-        p.error("--out must differ from --checkpoint")
+    source_name = args.model or args.checkpoint
+    flag = "--model" if args.model else "--checkpoint"
+    if args.out.resolve() == Path(source_name).resolve():
+        p.error(f"--out must differ from {flag}: a model is never edited in place")
+    if args.out.exists():
+        p.error(f"{args.out}: already exists; --out is a new bundle folder")
     if args.passes is not None and args.passes < 1:
         p.error(f"--passes must be at least 1, got {args.passes}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    ckpt = load_checkpoint(args.checkpoint)
-    if not any(k.startswith("vertebra_net.") for k in ckpt["state_dict"]):
-        p.error(f"{args.checkpoint}: no crop network to start the refiner from")
-    dhp = ckpt.get("datamodule_hyper_parameters") or {}
+    try:
+        model = open_model(source_name)
+    except ModelError as exc:
+        p.error(str(exc))
+    if model.crop_net is None:
+        p.error(f"{source_name}: no crop network to start the refiner from")
+    dhp = split_settings(model)
     manifests = args.manifest or ([Path(dhp["manifest"])] if dhp.get("manifest") else None)
     if not manifests:
-        p.error(f"{args.checkpoint}: no training manifest recorded; give --manifest")
+        p.error(f"{source_name}: no training manifest recorded; give --manifest")
     held_out = {Path(dhp[k]).resolve() for k in ("test_manifest", "val_manifest") if dhp.get(k)}
     for m in manifests:
         if m.resolve() in held_out:
-            p.error(f"{m}: the checkpoint's test or validation manifest; the refiner must not train on it")
+            p.error(f"{m}: the model's test or validation manifest; the refiner must not train on it")
         if dhp.get("manifest") and m.resolve() != Path(dhp["manifest"]).resolve():
-            log.warning("%s is not the checkpoint's training manifest (%s): its patients are split with the same "
+            log.warning("%s is not the model's training manifest (%s): its patients are split with the same "
                         "seed, so make sure it holds none of that run's validation or test patients outside "
                         "their split", m, dhp["manifest"])
-    start_state = None
+    start, start_state = None, None
     if args.start_from is not None:
-        start = load_checkpoint(args.start_from)
-        # a refiner fitted on another split may have trained on this run's validation patients
-        split_keys = ("manifest", "val_manifest", "test_manifest", "val_fraction", "split_seed")
-        start_dhp = start.get("datamodule_hyper_parameters") or {}
-        differ = [k for k in split_keys if start_dhp.get(k) != dhp.get(k)]
-        if differ:
-            p.error(f"{args.start_from}: not from the same training run as {args.checkpoint} "
-                    f"(differs in {', '.join(differ)}); its refiner may have seen this run's held-out patients")
         try:
-            refiner = load_refiner(start, args.start_from)
-        except ValueError as exc:
+            start = open_model(args.start_from)
+        except ModelError as exc:
             p.error(str(exc))
-        if refiner is None:
+        # a refiner fitted on another split may have trained on this run's validation patients
+        start_dhp = split_settings(start)
+        differ = [k for k in SPLIT_KEYS if start_dhp.get(k) != dhp.get(k)]
+        if differ:
+            p.error(f"{args.start_from}: not from the same training run as {source_name} "
+                    f"(differs in {', '.join(differ)}); its refiner may have seen this run's held-out patients")
+        if start.point_refiner is None:
             p.error(f"{args.start_from}: holds no point refiner to start from")
-        start_state = refiner.state_dict()
+        start_state = start.point_refiner.state_dict()
         if args.size is None:
-            args.size = refiner.crop_size
+            args.size = start.point_refiner.crop_size
         if args.passes is None:
-            args.passes = refiner.passes
-    if args.epochs == 0 and start_state is not None:  # the same weights, new inference settings
-        entry = {**start[REFINER_KEY], "config": {**start[REFINER_KEY]["config"], "flip": bool(args.flip),
-                                                  "passes": int(args.passes)}}
-        if args.size != refiner.crop_size:
-            p.error(f"--size {args.size}: without training, the window stays the starting refiner's ({refiner.crop_size})")
-        entry["training"] = {**entry["training"], "copied_from": str(args.start_from)}
+            args.passes = start.point_refiner.passes
+    if args.epochs == 0 and start is not None:  # the same weights, new inference settings
+        if args.size != start.point_refiner.crop_size:
+            p.error(f"--size {args.size}: without training, the window stays the starting refiner's "
+                    f"({start.point_refiner.crop_size})")
+        config = start.metadata["networks"]["point_refiner"]["config"]
+        entry = {"state_dict": start_state,
+                 "config": {**config, "flip": bool(args.flip), "passes": int(args.passes)},
+                 "training": {**(start.metadata.get("point_refiner_training") or {}),
+                              "copied_from": str(args.start_from)}}
     else:
         if args.epochs < 1:
             p.error("--epochs must be at least 1 (0 only with --start-from)")
-        entry = fit_refiner(ckpt, manifests, epochs=args.epochs, lr=args.lr, films_per_epoch=args.films_per_epoch,
+        entry = fit_refiner(model, manifests, epochs=args.epochs, lr=args.lr, films_per_epoch=args.films_per_epoch,
                             batch_films=args.batch_films, num_workers=args.num_workers, seed=args.seed,
                             limit_val=args.limit_val, device=device, size=args.size or REFINE_SIZE,
                             start_state=start_state, flip=args.flip, loss_units=args.loss_units,
                             passes=args.passes or REFINE_PASSES)
-        entry["training"]["base_checkpoint"] = str(args.checkpoint)
+        entry["training"]["base_model"] = str(source_name)
         if args.start_from is not None:
             entry["training"]["started_from"] = str(args.start_from)
-    if write_refined(ckpt, entry, args.out):
-        print("dropped the checkpoint's calibration: it was fitted without the refiner")
-    print(f"wrote {args.out} (best epoch {entry['training']['best_epoch']}); re-run python -m calibration.fit on it")
+    try:
+        out = write_refined(model, entry, args.out)
+    except ModelError as exc:
+        p.error(str(exc))
+    if model.calibration is not None:
+        print("dropped the model's calibration: it was fitted without the refiner")
+    print(f"wrote {out} (best epoch {entry['training'].get('best_epoch')}); calibrate it again: "
+          f"python -m calibration --model {out} --manifest VAL.csv")
     return 0
 
 
