@@ -113,8 +113,7 @@ from evaluation.metrics import OPERATING_POINTS, expected_calibration_error, ope
 from evaluation.model_card import save_with_card
 from evaluation.vertebrae import match_vertebrae
 from inference.loading import open_model
-from inference.predictor import InferenceDataset, Predictor, collate_items
-from data.records import VertebraRecord
+from inference.predictor import FilmPrediction, InferenceDataset, Predictor, collate_items
 from inference.vertebrae import image_probabilities, with_morphometry
 from models.bundle import Bundle, ModelError
 
@@ -183,13 +182,13 @@ def choose_method(selection: dict, by: str = "brier") -> str:
 
 
 # --------------------------------------------------------------------------- the per-vertebra combiner
-def film_probabilities(results: list[dict], combiner: dict | None = None) -> tuple[np.ndarray, dict]:
+def film_probabilities(results: list[FilmPrediction], combiner: dict | None = None) -> tuple[np.ndarray, dict]:
     """Uncalibrated film probabilities exactly as inference combines them (film head and
     vertebrae, inference.vertebrae.image_probabilities; the morphometry combiner applied to each
     vertebra when given), as float64 (a float32 threshold could flip a decision), and logits."""
     probs = {h: [] for h in HEADS}
     for r in results:
-        film = image_probabilities(r["head"], with_morphometry(r.get("vertebrae") or [], combiner))
+        film = image_probabilities(r.head, with_morphometry(r.vertebra_dicts(), combiner))
         for h in HEADS:
             probs[h].append(float(film[h]))
     probs = {h: np.asarray(v, dtype=np.float64) for h, v in probs.items()}
@@ -197,7 +196,7 @@ def film_probabilities(results: list[dict], combiner: dict | None = None) -> tup
     return logits, probs
 
 
-def fit_vertebra_combiner(results: list[dict], paths: list[str], truth: pd.DataFrame) -> dict | None:
+def fit_vertebra_combiner(results: list[FilmPrediction], paths: list[str], truth: pd.DataFrame) -> dict | None:
     """Logistic regression of a vertebra being fractured on ``[logit(p_crop), height_loss]``,
     over the vertebrae found on the calibration films (``paths``). Each is labelled by the truth
     vertebra it matches in ``truth`` (:func:`evaluation.metrics.load_vertebrae_table`;
@@ -205,7 +204,7 @@ def fit_vertebra_combiner(results: list[dict], paths: list[str], truth: pd.DataF
     None when there are too few of either class (fewer than 10)."""
     rows = []
     for path, r in zip(paths, results):
-        for v in (VertebraRecord.from_json_dict(v) for v in r.get("vertebrae") or []):
+        for v in r.vertebrae:
             if not v.graded:  # ungraded (named beyond T1-L5): not combined, so not fitted
                 continue
             rows.append({"image": path, **v.csv_cells(), "height_loss": v.height_loss})
@@ -238,7 +237,7 @@ def fit_vertebra_combiner(results: list[dict], paths: list[str], truth: pd.DataF
 
 
 # --------------------------------------------------------------------------- fitting
-def fit_calibration(results: list[dict], labels_fracture, labels_acute, groups, method: str = "temperature",
+def fit_calibration(results: list[FilmPrediction], labels_fracture, labels_acute, groups, method: str = "temperature",
                     default_point: str = "balanced", select_by: str = "brier", paths: list[str] | None = None,
                     truth_vertebrae: pd.DataFrame | None = None, info: dict | None = None) -> Calibrator:
     """The calibration of a network's uncalibrated results (``Predictor.predict``, one per film)
@@ -340,7 +339,7 @@ def run_network(predictor, paths: list[str], batch_size: int, num_workers: int):
             continue
         index += [b["index"] for b in good]
         for result in predictor.predict(good):
-            result.pop("probs", None)  # the heatmaps are not needed here
+            result.heatmap = None  # not needed here
             results.append(result)
     return np.array(index, dtype=int), results, failed
 

@@ -24,11 +24,11 @@ from tqdm import tqdm
 
 from data.io_utils import atomic_save_npy, atomic_write_image, atomic_write_json, atomic_write_text
 from data.discovery import find_inputs
-from inference.predictor import InferenceDataset, Predictor, collate_items
+from inference.predictor import FilmPrediction, InferenceDataset, Predictor, collate_items
 from models.network import HEATMAP_STRIDE
 from inference.vertebrae import fracture_map, fracture_peak
 from inference.drawing import draw_vertebrae, overlay_heatmap
-from data.records import (PREDICTION_COLUMNS, VERTEBRA_COLUMNS, FilmRecord, VertebraRecord,
+from data.records import (PREDICTION_COLUMNS, VERTEBRA_COLUMNS, FilmRecord,
                                error_row)
 
 
@@ -198,12 +198,12 @@ def run_inference(predictor: Predictor, inputs: list[str], out: str | os.PathLik
                 results = predictor.predict(good)
             else:  # a backend with the film-level heads only (ONNX)
                 probs = predictor(torch.stack([b["image"] for b in good]))
-                results = [{"probs": {key: v[k] for key, v in probs.items()}} for k in range(len(good))]
+                results = [FilmPrediction(probs={key: v[k] for key, v in probs.items() if key != "heatmap"},
+                                          heatmap=probs["heatmap"][k]) for k in range(len(good))]
             for k, b in enumerate(good):
                 i = todo[b["index"]]
                 try:
-                    record = _write_outputs(predictor, out, paths[i], names[i], b, results[k]["probs"], options,
-                                            film=results[k])
+                    record = _write_outputs(predictor, out, paths[i], names[i], b, results[k], options)
                 except Exception as exc:  # e.g. a full disk: record it, keep going
                     rows.append(error_row(paths[i], names[i], f"writing outputs failed: {type(exc).__name__}: {exc}"))
                 else:
@@ -231,12 +231,13 @@ def write_vertebrae_table(path: Path, records: list[FilmRecord]) -> None:
     atomic_write_text(path, vertebrae.to_csv(index=False))
 
 
-def _write_outputs(predictor: Predictor, out: Path, path: str, name: str, item: dict, p: dict,
-                   options: OutputOptions = OutputOptions(), film: dict | None = None) -> FilmRecord:
+def _write_outputs(predictor: Predictor, out: Path, path: str, name: str, item: dict, film: FilmPrediction,
+                   options: OutputOptions = OutputOptions()) -> FilmRecord:
     """Write one film's heatmap, overlay, DICOM outputs and, last, its JSON; returns its record."""
-    head_map = p["heatmap"].astype(np.float32)
+    p = film.probs
+    head_map = np.asarray(film.heatmap, dtype=np.float32)
     to_image = item["box"].heatmap_to_image(HEATMAP_STRIDE)
-    vertebrae = (film or {}).get("vertebrae") or []
+    vertebrae = film.vertebra_dicts()
     # the written map and its peak follow the film's max rule: dense head or vertebra, whichever is higher
     heatmap = fracture_map(head_map, vertebrae, to_image)
     peak, peak_value = fracture_peak(head_map, vertebrae, to_image)
@@ -248,7 +249,7 @@ def _write_outputs(predictor: Predictor, out: Path, path: str, name: str, item: 
     overlay = overlay_heatmap(display, on_display, peak=(peak[0] * f, peak[1] * f),
                               label=f"p(fracture) {p['p_fracture']:.2f}  p(acute) {p['p_acute']:.2f}")
     if vertebrae:
-        overlay = draw_vertebrae(overlay, vertebrae, scale=f, levels_trusted=bool(film.get("levels_trusted")))
+        overlay = draw_vertebrae(overlay, vertebrae, scale=f, levels_trusted=film.levels_trusted)
     atomic_write_image(out / f"{name}_heatmap.png", overlay)
     cal, point, threshold = _decision_of(predictor)
     decision = calibration = None
@@ -260,7 +261,7 @@ def _write_outputs(predictor: Predictor, out: Path, path: str, name: str, item: 
                     "validation_specificity": stored.get("specificity")}
         calibration = {"method": cal.method, "fitted_on_images": cal.info.get("n_images"),
                        "split": cal.info.get("split"), "date": cal.info.get("date")}
-    levels_trusted = bool((film or {}).get("levels_trusted", False))
+    levels_trusted = film.levels_trusted
     record = FilmRecord(
         image=path,
         name=name,
@@ -276,10 +277,10 @@ def _write_outputs(predictor: Predictor, out: Path, path: str, name: str, item: 
         pixel_spacing_mm=list(item["pixel_spacing_mm"]) if item["pixel_spacing_mm"] else None,
         heatmap={"npy": f"{name}_heatmap.npy", "png": f"{name}_heatmap.png", "shape": list(heatmap.shape),
                  "to_image": to_image},
-        vertebrae=[VertebraRecord.from_json_dict(v) for v in vertebrae],
-        level_confidence=(film or {}).get("level_confidence"),
+        vertebrae=list(film.vertebrae),
+        level_confidence=film.level_confidence,
         levels_trusted=levels_trusted,
-        vertebra_error=(film or {}).get("vertebra_error") or None,
+        vertebra_error=film.vertebra_error,
         checkpoint_id=predictor.checkpoint_id,
         model={k: predictor.meta.get(k) for k in ("architecture", "backbone", "code_version", "image_size")},
         p_fracture_uncalibrated=(float(p["p_fracture_uncalibrated"])

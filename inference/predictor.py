@@ -8,6 +8,7 @@ inference/pipeline.py's job.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -17,6 +18,7 @@ from torch.utils.data import Dataset
 
 from calibration import predictor_calibration
 from data.readers import ImageReadError, read_image
+from data.records import VertebraRecord
 from data.transforms import letterbox, normalize_intensity
 from inference.loading import open_model
 from inference.vertebrae import analyse_film, image_probabilities, with_morphometry
@@ -56,6 +58,28 @@ class InferenceDataset(Dataset):
 def collate_items(batch: list[dict]) -> list[dict]:
     return batch
 
+
+
+@dataclass
+class FilmPrediction:
+    """What :meth:`Predictor.predict` gives for one film, before anything is written.
+
+    ``probs``: the film's ``p_fracture``, ``p_acute``, ``p_acute_given_fracture`` (agreeing with
+    its vertebrae, calibrated when the model is), ``p_fracture_image_head`` and, calibrated,
+    ``p_fracture_uncalibrated``; ``head``: the film head's raw probabilities; ``heatmap``: the
+    dense head's map (stride 8, network input grid); ``vertebrae``: typed records."""
+
+    probs: dict[str, float]
+    heatmap: np.ndarray
+    head: dict[str, float] = field(default_factory=dict)
+    vertebrae: list[VertebraRecord] = field(default_factory=list)
+    level_confidence: float | None = None
+    levels_trusted: bool = False
+    vertebra_error: str | None = None
+
+    def vertebra_dicts(self) -> list[dict]:
+        """The vertebrae in their JSON form (what drawing and the heatmap rules read)."""
+        return [v.to_json_dict() for v in self.vertebrae]
 
 
 class Predictor:
@@ -98,10 +122,9 @@ class Predictor:
         return self.calibrator.apply_probabilities(probs) if self.calibrator is not None else probs
 
     @torch.no_grad()
-    def predict(self, items: list[dict]) -> list[dict]:
-        """Per film: ``probs`` (the film's probabilities, agreeing with its vertebrae, see
-        inference.vertebrae.image_probabilities), ``vertebrae``, ``level_confidence`` and
-        ``levels_trusted``. ``items`` come from :class:`InferenceDataset`.
+    def predict(self, items: list[dict]) -> list[FilmPrediction]:
+        """A :class:`FilmPrediction` per film (its probabilities agree with its vertebrae, see
+        inference.vertebrae.image_probabilities). ``items`` come from :class:`InferenceDataset`.
 
         Calibration is monotone, so it is applied to the film head and to every vertebra before
         they are combined: the combined probability is then the calibrated one, and no vertebra
@@ -142,6 +165,10 @@ class Predictor:
             probs["p_fracture_image_head"] = float(head["p_fracture"])
             if self.calibrator is not None:
                 probs["p_fracture_uncalibrated"] = float(combined_raw["p_fracture"])
-            probs["heatmap"] = raw["heatmap"][k]
-            results.append({"probs": probs, "head": head_raw, **film})
+            trusted = bool(film.get("levels_trusted", False))
+            results.append(FilmPrediction(
+                probs=probs, heatmap=raw["heatmap"][k], head={key: float(v) for key, v in head_raw.items()},
+                vertebrae=[VertebraRecord.from_json_dict(v) for v in film["vertebrae"]],
+                level_confidence=film.get("level_confidence"), levels_trusted=trusted,
+                vertebra_error=film.get("vertebra_error") or None))
         return results

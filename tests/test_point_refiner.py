@@ -268,7 +268,7 @@ def test_predictor_runs_the_stored_refiner_and_refuses_a_broken_one(tmp_path, ph
     monkeypatch.setattr(inference_module, "analyse_film", spy)
     result = predictor.predict([item])[0]
     assert seen["point_refiner"] is predictor.point_refiner  # what analyse_film does with it: test_vertebra_inference
-    assert "vertebra_error" not in result
+    assert result.vertebra_error is None
     ckpt[REFINER_KEY] = {"state_dict": {"bad": torch.zeros(1)}, "config": {}}
     broken = tmp_path / "broken.ckpt"
     torch.save(ckpt, broken)

@@ -9,6 +9,8 @@ import pytest
 
 from calibration.fit import film_probabilities, fit_vertebra_combiner
 from evaluation.metrics import load_vertebrae_table
+from data.records import VertebraRecord
+from inference.predictor import FilmPrediction
 from inference.vertebrae import combine_with_morphometry, image_probabilities
 
 
@@ -18,6 +20,12 @@ def _box_points(cx: float, top: float, height: float, width: float = 40.0, loss_
     bottom = top + height
     top_a = top + loss_anterior * height
     return [[x0, top_a], [cx, top], [x1, top], [x0, bottom], [cx, bottom], [x1, bottom]]
+
+
+def _predictions(results: list[dict]) -> list[FilmPrediction]:
+    """The films as Predictor.predict gives them (typed), from the plain dicts the tests edit."""
+    return [FilmPrediction(probs={}, heatmap=None, head=r["head"],
+                           vertebrae=[VertebraRecord.from_json_dict(v) for v in r["vertebrae"]]) for r in results]
 
 
 def _films(tmp_path, n_films: int = 12, per_film: int = 6, seed: int = 0):
@@ -60,7 +68,7 @@ def _films(tmp_path, n_films: int = 12, per_film: int = 6, seed: int = 0):
 
 def test_combiner_learns_the_morphometry_the_crop_network_missed(tmp_path):
     results, paths, vertebrae_csv, manifest = _films(tmp_path)
-    combiner = fit_vertebra_combiner(results, paths, load_vertebrae_table(vertebrae_csv, manifest))
+    combiner = fit_vertebra_combiner(_predictions(results), paths, load_vertebrae_table(vertebrae_csv, manifest))
     assert combiner is not None
     assert combiner["n_vertebrae"] == 72 and combiner["n_fractured"] == 24
     assert combiner["coef"][1] > 1.0  # height loss raises the probability
@@ -76,7 +84,7 @@ def test_combiner_needs_both_classes(tmp_path):
     truth = pd.read_csv(vertebrae_csv)
     truth["genant_grade"] = 0
     truth.to_csv(vertebrae_csv, index=False)
-    assert fit_vertebra_combiner(results, paths, load_vertebrae_table(vertebrae_csv, manifest)) is None
+    assert fit_vertebra_combiner(_predictions(results), paths, load_vertebrae_table(vertebrae_csv, manifest)) is None
 
 
 def test_unmatched_detection_counts_as_unfractured(tmp_path):
@@ -84,7 +92,7 @@ def test_unmatched_detection_counts_as_unfractured(tmp_path):
     # a detection far from every truth body: matched to nothing, so a negative
     stray = dict(results[0]["vertebrae"][0], points=_box_points(900.0, 900.0, 45.0), height_loss=0.02)
     results[0]["vertebrae"].append(stray)
-    combiner = fit_vertebra_combiner(results, paths, load_vertebrae_table(vertebrae_csv, manifest))
+    combiner = fit_vertebra_combiner(_predictions(results), paths, load_vertebrae_table(vertebrae_csv, manifest))
     assert combiner["n_vertebrae"] == 73 and combiner["n_fractured"] == 24
 
 
@@ -95,15 +103,15 @@ def test_ungraded_bodies_are_left_out_of_the_combiner(tmp_path):
     for r in results:
         r["vertebrae"].append(dict(r["vertebrae"][-1], level="S1", points=_box_points(100.0, 420.0, 30.0),
                                    genant_grade=None, height_loss=None))
-    combiner = fit_vertebra_combiner(results, paths, load_vertebrae_table(vertebrae_csv, manifest))
+    combiner = fit_vertebra_combiner(_predictions(results), paths, load_vertebrae_table(vertebrae_csv, manifest))
     assert combiner["n_vertebrae"] == 72 and combiner["n_fractured"] == 24
 
 
 def test_film_probabilities_follow_the_combined_vertebrae(tmp_path):
     results, paths, vertebrae_csv, manifest = _films(tmp_path)
-    combiner = fit_vertebra_combiner(results, paths, load_vertebrae_table(vertebrae_csv, manifest))
-    _, raw = film_probabilities(results)
-    logits, combined = film_probabilities(results, combiner)
+    combiner = fit_vertebra_combiner(_predictions(results), paths, load_vertebrae_table(vertebrae_csv, manifest))
+    _, raw = film_probabilities(_predictions(results))
+    logits, combined = film_probabilities(_predictions(results), combiner)
     for r, p_raw, p_comb in zip(results, raw["p_fracture"], combined["p_fracture"]):
         crop_max = max(v["p_fracture"] for v in r["vertebrae"])
         assert p_raw == pytest.approx(max(0.3, crop_max))
@@ -154,13 +162,13 @@ def test_calibration_refits_the_combiner_inside_each_fold(tmp_path, monkeypatch)
             pass
 
     monkeypatch.setattr(C, "Predictor", FixedPredictor)
-    monkeypatch.setattr(C, "run_network", lambda predictor, p, bs, nw: (np.arange(len(p)), results, []))
+    monkeypatch.setattr(C, "run_network", lambda predictor, p, bs, nw: (np.arange(len(p)), _predictions(results), []))
     out, cal = C.calibrate_model(ckpt, manifest, out=tmp_path / "cal", method="platt")
     assert (out / "calibration.json").is_file() and json.loads((out / "calibration.json").read_text())["method"] == "platt"
     selection = cal.info["method_selection"]
     assert cal.info["vertebra_combiner"] is not None and selection["refitted_per_fold"]
     # the same folds scored with the combiner fitted on all the films read better: in-sample
-    logits, probs = C.film_probabilities(results, cal.info["vertebra_combiner"])
+    logits, probs = C.film_probabilities(_predictions(results), cal.info["vertebra_combiner"])
     y = np.array([float(fractured[p]) for p in paths])
     groups = np.array([f"p{i // 3}" for i in range(len(paths))])
     in_sample = C.cross_validate_methods(logits[:, 0], probs["p_fracture"], y, groups)

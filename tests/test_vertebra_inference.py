@@ -27,6 +27,8 @@ from inference.vertebrae import (FILL_DRIFT, MAX_GAP_FILL, OVERHANG, TRUSTED_LEV
                               combine_with_morphometry, image_probabilities, read_crops,
                               spine_order, with_morphometry)
 from inference.drawing import GRADE_COLOURS, draw_vertebrae
+from data.records import VertebraRecord
+from inference.predictor import FilmPrediction
 from training_config import phantom_as_dicom, save_untrained_checkpoint
 
 STRIDE = 8
@@ -888,12 +890,14 @@ def test_predictor_reports_the_injected_vertebrae_in_original_pixels(model, tmp_
     results = predictor.predict([data[i] for i in range(3)])
     heads = predictor(torch.stack([data[i]["image"] for i in range(3)]))["p_fracture"]
     for k, (res, bodies) in enumerate(zip(results, FILM_BODIES)):
-        assert res["probs"]["p_fracture_image_head"] == pytest.approx(float(heads[k]), abs=1e-6)
-        _check_vertebrae(res, bodies)
+        assert isinstance(res, FilmPrediction) and all(isinstance(v, VertebraRecord) for v in res.vertebrae)
+        assert res.probs["p_fracture_image_head"] == pytest.approx(float(heads[k]), abs=1e-6)
+        _check_vertebrae({"vertebrae": res.vertebra_dicts(), "levels_trusted": res.levels_trusted,
+                          "level_confidence": res.level_confidence}, bodies)
     # film 0: its L3 (p = 0.97) outweighs the untrained head; film 2: no vertebra, the head's values
-    assert results[0]["probs"]["p_fracture_image_head"] < _sigmoid(3.5)
-    assert results[0]["probs"]["p_fracture"] == pytest.approx(_sigmoid(3.5), abs=1e-6)
-    assert results[2]["probs"]["p_fracture"] == pytest.approx(float(heads[2]), abs=1e-6)
+    assert results[0].probs["p_fracture_image_head"] < _sigmoid(3.5)
+    assert results[0].probs["p_fracture"] == pytest.approx(_sigmoid(3.5), abs=1e-6)
+    assert results[2].probs["p_fracture"] == pytest.approx(float(heads[2]), abs=1e-6)
 
     out = tmp_path / "out"
     summary = run_inference(predictor, model["films"], out, num_workers=0, progress=False)
