@@ -528,7 +528,7 @@ def build_model_card(model, metrics_json: str | Path | None = None, training_dat
 
 def save_with_card(bundle: Bundle, out: str | Path, storage: str = "fp32", overwrite: bool = False) -> Path:
     """Save ``bundle`` to ``out`` with its model card (no evaluation yet) as README.md."""
-    return bundle.save(out, storage=storage, card=bundle_card(bundle), overwrite=overwrite)
+    return bundle.save(out, storage=storage, card=bundle_card, overwrite=overwrite)
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -260,11 +260,11 @@ class Bundle:
         return Bundle(metadata=meta, networks=nets, calibration=self.calibration if calibration == "keep" else calibration,
                       card=None, path=None, extra_files=extra)
 
-    def save(self, out: str | os.PathLike, storage: str = "fp32", card: str | None = None,
-             overwrite: bool = False) -> Path:
+    def save(self, out: str | os.PathLike, storage: str = "fp32", card=None, overwrite: bool = False) -> Path:
         """Write the bundle to folder ``out`` (atomically: a temporary sibling folder renamed into
         place). ``out`` must not exist unless ``overwrite``; it may never be the folder this
-        bundle was loaded from."""
+        bundle was loaded from. ``card``: the model card's text, or a function of the bundle that
+        writes it (called once the saved bundle's id is known)."""
         out = Path(out)
         if self.path is not None and out.resolve() == Path(self.path).resolve():
             raise BundleError(f"{out}: a bundle is never rewritten in place; save the new version elsewhere")
@@ -272,6 +272,7 @@ class Bundle:
             raise BundleError(f"{out}: already exists (choose a new folder, or overwrite)")
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        before = self.metadata
         try:
             meta = copy.deepcopy(self.metadata)
             meta["format"] = BUNDLE_FORMAT
@@ -292,19 +293,32 @@ class Bundle:
             meta["id"] = weights_id(files)
             meta["framework"] = meta.get("framework") or _versions()
             meta["saved"] = {"date": _now(), "storage": storage, "by": _versions()}
-            text = card if card is not None else (self.card or _minimal_card(meta))
+            self.metadata = meta  # the card describes the bundle as saved (its id, its storage)
+            text = card(self) if callable(card) else card if card is not None else (self.card or _minimal_card(meta))
+            self.card = text
             (tmp / CARD_FILE).write_text(text)
             files[CARD_FILE] = file_sha256(tmp / CARD_FILE)
             meta["files"] = files
             (tmp / METADATA_FILE).write_text(json.dumps(_json_safe(meta), indent=1, sort_keys=True) + "\n")
+            _readable(tmp)
             if out.exists():
                 shutil.rmtree(out)
             os.replace(tmp, out)
         except BaseException:
+            self.metadata = before
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         self.metadata = meta
         return out
+
+
+def _readable(folder: Path) -> None:
+    """The permissions of a plain folder and plain files (mkdtemp and safetensors make them private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
 
 
 def weights_id(files: dict[str, str]) -> str:

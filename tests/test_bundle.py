@@ -48,6 +48,11 @@ def test_export_writes_metadata_weights_calibration_and_card(parity):
     assert "vertebra_combiner" in calibration and "balanced" in calibration["operating_points"]
     card = (folder / CARD_FILE).read_text()
     assert "Not for clinical use" in card and "parity 1.0.0" in card
+    assert f"`{meta['id']}`" in card  # the card names the saved bundle's id
+    import os
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all((p.stat().st_mode & 0o777) == (0o666 & ~umask) for p in folder.iterdir())  # not private
 
 
 def test_a_bundle_loads_without_pickle(parity, monkeypatch):

@@ -89,7 +89,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, storage: str = "f
     if onnx:
 
         bundle.extra_files["film_net.onnx"] = onnx_bytes(bundle)
-    return bundle.save(out, storage=storage, card=bundle_card(bundle, training_data=training_data), overwrite=overwrite)
+    return bundle.save(out, storage=storage, card=lambda saved: bundle_card(saved, training_data=training_data),
+                       overwrite=overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:
