@@ -391,8 +391,7 @@ def calibrate_model(model, manifest: str | os.PathLike, out: str | os.PathLike |
         raise CalibrationError(f"{manifest}: {exc}") from None
     calibrated = bundle.derive("calibrate", note=f"{cal.method} on {cal.info['n_images']} image(s) of {manifest}",
                                calibration=cal.to_dict())
-    storage = (bundle.metadata.get("saved") or {}).get("storage", "fp32")
-    path = save_with_card(calibrated, Path(out) if out else default_output(model), storage=storage)
+    path = save_with_card(calibrated, Path(out) if out else default_output(model), storage=bundle.storage)
     return path, cal
 
 

@@ -28,7 +28,7 @@ import torch
 from calibration import predictor_calibration
 from data.io_utils import atomic_write_bytes
 from inference.loading import open_model
-from models.bundle import (CALIBRATION_FILE, ONNX_FILE, Bundle, BundleError, ModelError, file_sha256, is_bundle,
+from models.bundle import (CALIBRATION_FILE, ONNX_FILE, BundleError, ModelError, file_sha256, is_bundle,
                            read_metadata)
 from models.onnx_export import (DEFAULT_OPSET, INPUT_NAME, META_CALIBRATION, META_CHECKPOINT_ID, META_MODEL, MIN_OPSET,
                                  OUTPUT_NAMES, onnx_bytes)
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.bundle_out:
             new = bundle.derive("onnx export", note=f"film network exported to {ONNX_FILE} (opset {args.opset})")
             new.extra_files[ONNX_FILE] = blob
-            print(new.save(args.bundle_out, storage=_storage_of(bundle)))
+            print(new.save(args.bundle_out, storage=bundle.storage))
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -184,11 +184,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot write {args.onnx or args.bundle_out}: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def _storage_of(bundle: Bundle) -> str:
-    """The weight storage a loaded bundle was saved with (fp32 for one made in memory)."""
-    return (bundle.metadata.get("saved") or {}).get("storage", "fp32")
 
 
 if __name__ == "__main__":

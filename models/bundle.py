@@ -214,6 +214,12 @@ class Bundle:
         return str(self.metadata.get("version", "0.0.0"))
 
     @property
+    def storage(self) -> str:
+        """The weight storage it was saved with (fp32 for a bundle made in memory); a derived
+        version is saved the same way."""
+        return str((self.metadata.get("saved") or {}).get("storage", "fp32"))
+
+    @property
     def model(self) -> dict:
         return self.metadata["model"]
 

@@ -360,8 +360,7 @@ def write_refined(model: Bundle, entry: dict, out: str | Path) -> Path:
     refined = model.derive("point refiner", note=note, networks={"point_refiner": refiner.eval()},
                            calibration=None, record=record)
     refined.metadata["point_refiner_training"] = training
-    storage = (model.metadata.get("saved") or {}).get("storage", "fp32")
-    return save_with_card(refined, out, storage=storage)
+    return save_with_card(refined, out, storage=model.storage)
 
 
 def main(argv: list[str] | None = None) -> int:
