@@ -17,10 +17,44 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+from pathlib import Path
+
+import torch
 
 from models.bundle import ModelError
 from inference.pipeline import run_inference
 from inference.predictor import Predictor
+
+
+def _count(minimum: int):
+    """An argparse type: an integer of at least ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+    return parse
+
+
+def usage_problem(args) -> str | None:
+    """What makes these options unusable before any film is read (None: nothing)."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        return f"--out {out}: exists and is not a folder"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        return f"--out {out}: cannot write there ({exc.strerror or type(exc).__name__})"
+    if args.device.startswith("cuda") and args.backend == "torch":
+        if not torch.cuda.is_available():
+            return f"--device {args.device}: no CUDA GPU is available here (use --device cpu or auto)"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--download", action="store_true",
                         help="allow fetching a registry model from its URL (checked by sha256, then cached)")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=_count(1), default=8)
+    parser.add_argument("--num-workers", type=_count(0), default=2)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--sha256", default=None,
                         help="refuse the model unless its sha256 matches (of the checkpoint file, of a bundle's "
@@ -54,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
                                            "default: the one stored by `python -m calibration.fit`)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    problem = usage_problem(args)
+    if problem:
+        parser.error(problem)
     model = args.model or args.checkpoint
     try:
         if args.backend == "onnx":

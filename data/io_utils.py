@@ -49,8 +49,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+def atomic_write_json(path: str | os.PathLike, obj: Any, strict: bool = False) -> Path:
+    """``strict``: refuse NaN and infinity (``ValueError``), which JSON does not have."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default, allow_nan=not strict) + "\n")
 
 
 def atomic_write_image(path: str | os.PathLike, image: np.ndarray) -> Path:

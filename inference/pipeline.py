@@ -202,6 +202,11 @@ def run_inference(predictor: Predictor, inputs: list[str], out: str | os.PathLik
                                           heatmap=probs["heatmap"][k]) for k in range(len(good))]
             for k, b in enumerate(good):
                 i = todo[b["index"]]
+                bad = non_finite_outputs(results[k])
+                if bad:
+                    rows.append(error_row(paths[i], names[i], f"the model gave non-finite outputs ({bad}); "
+                                                              "its weights may be damaged"))
+                    continue
                 try:
                     record = _write_outputs(predictor, out, paths[i], names[i], b, results[k], options)
                 except Exception as exc:  # e.g. a full disk: record it, keep going
@@ -219,6 +224,16 @@ def run_inference(predictor: Predictor, inputs: list[str], out: str | os.PathLik
     n_failed = len(errors)
     return InferenceSummary(n_ok=len(table) - n_failed, n_failed=n_failed, seconds=time.time() - start,
                             predictions_csv=out / "predictions.csv", n_skipped=len(paths) - len(todo))
+
+
+def non_finite_outputs(film: FilmPrediction) -> str:
+    """The film's outputs that are NaN or infinite, named ("" when all are finite)."""
+    bad = [f"{k}={v}" for k, v in film.probs.items() if not np.isfinite(v)]
+    if film.heatmap is not None and not np.isfinite(film.heatmap).all():
+        bad.append("heatmap")
+    bad += [f"vertebra {v.level} p_fracture={v.p_fracture}" for v in film.vertebrae
+            if not (np.isfinite(v.p_fracture) and np.isfinite(v.p_acute))]
+    return ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
 
 
 def write_vertebrae_table(path: Path, records: list[FilmRecord]) -> None:
@@ -295,5 +310,5 @@ def _write_outputs(predictor: Predictor, out: Path, path: str, name: str, item: 
             record.patient = _identifiers(header)
         if options.dicom_sc or options.dicom_sr:
             record.dicom_outputs = _write_dicom_outputs(out, header, name, overlay, record, options)
-    atomic_write_json(out / f"{name}.json", record.to_json_dict())  # last: its presence marks a complete output
+    atomic_write_json(out / f"{name}.json", record.to_json_dict(), strict=True)  # last: its presence marks a complete output
     return record

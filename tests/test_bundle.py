@@ -232,3 +232,4 @@ def test_bundle_dataclass_needs_no_file(parity):
     bundle = bundle_from_checkpoint(parity["checkpoint"])
     assert isinstance(bundle, Bundle) and bundle.path is None
     assert bundle.id == file_sha256(parity["checkpoint"])[:16]  # outputs made from the checkpoint keep their id
+

@@ -1,0 +1,58 @@
+"""infer.py refuses unusable options in one line with exit 2 before reading any film, and a
+model whose outputs are not finite gives error rows, never "ok" rows or invalid JSON."""
+import pytest
+import torch
+
+from tests.parity.parity_model import FILMS_DIR, parity_checkpoint
+from training.export import export_checkpoint
+
+
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("infer_errors")
+    return {"bundle": export_checkpoint(parity_checkpoint(tmp / "parity.ckpt"), tmp / "bundle")}
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--batch-size", "0"], "--batch-size: 0 is below 1"),
+    (["--num-workers", "-1"], "--num-workers: -1 is below 0"),
+    (["--device", "cuda"], "no CUDA GPU is available here"),
+])
+def test_infer_usage_errors_are_one_line_and_exit_2(parity, tmp_path, capsys, options, message):
+    import infer
+
+    if "cuda" in options and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit) as exc:
+        infer.main(["--model", str(parity["bundle"]), "--out", str(tmp_path / "out"), *options, str(FILMS_DIR)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_infer_refuses_an_out_that_is_a_file_or_unwritable_before_reading_films(parity, tmp_path, capsys, monkeypatch):
+    import infer
+
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        infer.main(["--model", str(parity["bundle"]), "--out", str(tmp_path / "taken"), str(FILMS_DIR)])
+    assert exc.value.code == 2 and "exists and is not a folder" in capsys.readouterr().err
+    read = []
+    monkeypatch.setattr("inference.pipeline.run_inference", lambda *a, **k: read.append(1))
+    monkeypatch.setattr("tempfile.NamedTemporaryFile", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    with pytest.raises(SystemExit) as exc:
+        infer.main(["--model", str(parity["bundle"]), "--out", str(tmp_path / "ro"), str(FILMS_DIR)])
+    assert exc.value.code == 2 and "cannot write there (Permission denied)" in capsys.readouterr().err and not read
+
+
+def test_a_model_with_a_nan_weight_gives_error_rows_and_valid_json(parity, tmp_path):
+    from inference.pipeline import run_inference
+    from inference.predictor import Predictor
+
+    predictor = Predictor(parity["bundle"], device="cpu")
+    with torch.no_grad():
+        predictor.net.image_head[-1].bias.fill_(float("nan"))
+    summary = run_inference(predictor, [str(FILMS_DIR)], tmp_path / "out", num_workers=0, progress=False)
+    assert summary.n_ok == 0 and summary.n_failed == 4
+    errors = (tmp_path / "out" / "errors.csv").read_text()
+    assert errors.count("the model gave non-finite outputs (p_fracture=nan") == 4
+    assert not list((tmp_path / "out").glob("*.json"))
