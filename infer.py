@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from models.bundle import ModelError
-from inference.pipeline import run_inference
+from inference.pipeline import OutputFolderInUse, run_inference
 from inference.predictor import Predictor
 
 
@@ -108,10 +108,14 @@ def main(argv: list[str] | None = None) -> int:
         cal, point = predictor.calibrator, predictor.operating_point
         print(f"calibrated ({cal.method}); decisions at operating point {point} "
               f"(p_fracture >= {cal.threshold(point):.4f})")
-    summary = run_inference(predictor, args.inputs, args.out, batch_size=args.batch_size,
-                            num_workers=args.num_workers, voi_lut=args.voi_lut, max_pixels=args.max_pixels,
-                            progress=not args.quiet, resume=args.resume, keep_identifiers=args.keep_identifiers,
-                            dicom_sc=args.dicom_sc, dicom_sr=args.dicom_sr)
+    try:
+        summary = run_inference(predictor, args.inputs, args.out, batch_size=args.batch_size,
+                                num_workers=args.num_workers, voi_lut=args.voi_lut, max_pixels=args.max_pixels,
+                                progress=not args.quiet, resume=args.resume, keep_identifiers=args.keep_identifiers,
+                                dicom_sc=args.dicom_sc, dicom_sr=args.dicom_sr)
+    except OutputFolderInUse as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     skipped = f" ({summary.n_skipped} already complete)" if summary.n_skipped else ""
     print(f"{summary.n_ok} ok{skipped}, {summary.n_failed} failed in {summary.seconds:.1f} s; "
           f"predictions: {summary.predictions_csv}" + (f"; errors: {summary.predictions_csv.parent / 'errors.csv'}"

@@ -8,10 +8,13 @@ a yes/no ``decision`` at an operating point (the stored default, or the one aske
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import socket
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,11 +44,84 @@ def collect_inputs(inputs: list[str | os.PathLike]) -> tuple[list[str], list[tup
     return find_inputs([os.fspath(i) for i in inputs])
 
 
+MAX_NAME_BYTES = 150  # a name gets suffixes such as "_heatmap.npy"; file systems allow 255 bytes
+LOCK_FILE = ".infer.lock"
+FLUSH_SECONDS = 30.0  # the tables are rewritten at least this often while films are written
+
+
+def _path_hash(path: str, digits: int) -> str:
+    return hashlib.sha1(path.encode()).hexdigest()[:digits]
+
+
+def _short_stem(stem: str, path: str) -> str:
+    """``stem``, cut to fit :data:`MAX_NAME_BYTES` with a hash of the path when it is too long."""
+    if len(stem.encode()) <= MAX_NAME_BYTES:
+        return stem
+    head = stem.encode()[:MAX_NAME_BYTES - 9].decode(errors="ignore")
+    return f"{head}_{_path_hash(path, 8)}"
+
+
 def output_names(paths: list[str]) -> list[str]:
-    """A file stem per input; stems shared by several inputs get a short hash of the path."""
-    stems = [Path(p).stem or Path(p).name for p in paths]
-    counts = pd.Series(stems).value_counts()
-    return [s if counts[s] == 1 else f"{s}_{hashlib.sha1(p.encode()).hexdigest()[:8]}" for s, p in zip(stems, paths)]
+    """A file stem per input, unique by construction: stems shared by several inputs get a
+    hash of the path, and a hashed name that meets another input's own stem gets a longer
+    hash; over-long stems are cut and hashed."""
+    stems = [_short_stem(Path(p).stem or Path(p).name, p) for p in paths]
+    names = list(stems)
+    for digits in (8, 16, 40):
+        seen = Counter(names)
+        clash = {n for n, c in seen.items() if c > 1}
+        if not clash:
+            break
+        names = [f"{s}_{_path_hash(p, digits)}" if n in clash else n
+                 for n, s, p in zip(names, stems, paths)]
+    if len(set(names)) != len(names):  # inputs listed twice: the same path
+        raise ValueError("output names: an input is listed twice")
+    return names
+
+
+class OutputFolderInUse(RuntimeError):
+    """Another run writes into the same output folder; the message names it."""
+
+
+@contextlib.contextmanager
+def output_lock(out: Path):
+    """Hold ``OUT/.infer.lock`` for a run: a second run into the same folder is refused with the
+    first one's pid, host and start time; a lock left by a run that no longer exists (same host,
+    dead pid) is taken over."""
+    lock = out / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                other = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                other = {}
+            if other.get("host") == me["host"] and not _alive(other.get("pid")):
+                lock.unlink(missing_ok=True)  # its run is gone
+                continue
+            raise OutputFolderInUse(
+                f"{out}: in use by another run (pid {other.get('pid', '?')} on {other.get('host', '?')}, started "
+                f"{other.get('started', '?')}); wait for it, use another --out, or remove {lock} if that run is "
+                f"gone") from None
+        with os.fdopen(fd, "w") as fh:
+            json.dump(me, fh)
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _identifiers(header) -> dict:
@@ -169,6 +245,13 @@ def run_inference(predictor: Predictor, inputs: list[str], out: str | os.PathLik
     name, ID and birth date are left out of every output unless ``keep_identifiers``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):
+        return _run(predictor, inputs, out, batch_size, num_workers, voi_lut, max_pixels, progress, resume,
+                    OutputOptions(keep_identifiers=keep_identifiers, dicom_sc=dicom_sc, dicom_sr=dicom_sr))
+
+
+def _run(predictor, inputs, out: Path, batch_size: int, num_workers: int, voi_lut: bool, max_pixels: int,
+         progress: bool, resume: bool, options: OutputOptions) -> InferenceSummary:
     start = time.time()
     paths, problems = collect_inputs(inputs)
     names = output_names(paths)
@@ -183,10 +266,23 @@ def run_inference(predictor: Predictor, inputs: list[str], out: str | os.PathLik
         records += [r for r in done.values() if r is not None]
         rows += [r.prediction_row() for r in done.values() if r is not None]
         todo = [i for i in todo if done[i] is None]
-    options = OutputOptions(keep_identifiers=keep_identifiers, dicom_sc=dicom_sc, dicom_sr=dicom_sr)
     dataset = InferenceDataset([paths[i] for i in todo], predictor.image_size, voi_lut=voi_lut, max_pixels=max_pixels)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_items)
     bar = tqdm(total=len(paths), initial=len(paths) - len(todo), desc="inference", unit="img", disable=not progress)
+    flushed = time.time()
+    try:
+        _process(predictor, loader, todo, paths, names, out, options, rows, records, bar, flushed)
+    finally:  # also on Ctrl-C: the tables hold every film finished so far
+        bar.close()
+        table = write_tables(out, rows, records)
+    errors = table[table["status"] != "ok"]
+    n_failed = len(errors)
+    return InferenceSummary(n_ok=len(table) - n_failed, n_failed=n_failed, seconds=time.time() - start,
+                            predictions_csv=out / "predictions.csv", n_skipped=len(paths) - len(todo))
+
+
+def _process(predictor, loader, todo, paths, names, out, options, rows, records, bar, flushed) -> None:
+    """Run the loader's batches, appending each film's row (and record) as it is written."""
     for batch in loader:
         good = [b for b in batch if "error" not in b]
         for b in batch:
@@ -215,15 +311,19 @@ def run_inference(predictor: Predictor, inputs: list[str], out: str | os.PathLik
                     records.append(record)
                     rows.append(record.prediction_row())
         bar.update(len(batch))
-    bar.close()
+        if time.time() - flushed >= FLUSH_SECONDS:  # a killed run keeps what it finished
+            write_tables(out, rows, records)
+            flushed = time.time()
+
+
+def write_tables(out: Path, rows: list[dict], records: list[FilmRecord]) -> pd.DataFrame:
+    """``predictions.csv``, ``vertebrae.csv`` and ``errors.csv`` of the films so far, atomically."""
     table = pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
     atomic_write_text(out / "predictions.csv", table.to_csv(index=False))
     write_vertebrae_table(out / "vertebrae.csv", records)
     errors = table[table["status"] != "ok"][["image", "name", "error"]]
     atomic_write_text(out / "errors.csv", errors.to_csv(index=False))
-    n_failed = len(errors)
-    return InferenceSummary(n_ok=len(table) - n_failed, n_failed=n_failed, seconds=time.time() - start,
-                            predictions_csv=out / "predictions.csv", n_skipped=len(paths) - len(todo))
+    return table
 
 
 def non_finite_outputs(film: FilmPrediction) -> str:

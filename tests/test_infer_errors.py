@@ -56,3 +56,68 @@ def test_a_model_with_a_nan_weight_gives_error_rows_and_valid_json(parity, tmp_p
     errors = (tmp_path / "out" / "errors.csv").read_text()
     assert errors.count("the model gave non-finite outputs (p_fracture=nan") == 4
     assert not list((tmp_path / "out").glob("*.json"))
+
+
+def test_output_names_are_unique_by_construction_and_short():
+    from inference.pipeline import MAX_NAME_BYTES, _path_hash, output_names
+
+    generated = f"a_{_path_hash('/x/a.png', 8)}"  # the name a second a.png would get
+    paths = ["/x/a.png", "/y/a.png", f"/z/{generated}.png", "/w/" + "é" * 200 + ".png"]
+    names = output_names(paths)
+    assert len(set(names)) == len(names) == 4
+    assert all(len(n.encode()) <= MAX_NAME_BYTES for n in names)
+    assert output_names(["/x/b.png", "/y/c.png"]) == ["b", "c"]  # plain stems where nothing clashes
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_first(parity, tmp_path, capsys):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import infer
+    from inference.pipeline import LOCK_FILE
+
+    out = tmp_path / "out"
+    out.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / LOCK_FILE).write_text(json.dumps({"pid": sleeper.pid, "host": os.uname().nodename,
+                                                 "started": "2026-12-06 07:00:00"}))
+        film = str(sorted(FILMS_DIR.glob("*.png"))[0])
+        assert infer.main(["--model", str(parity["bundle"]), "--out", str(out), "--quiet", film]) == 2
+        err = capsys.readouterr().err
+        assert f"in use by another run (pid {sleeper.pid}" in err and not (out / "predictions.csv").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # the same lock, its run gone: taken over, and released at the end
+    assert infer.main(["--model", str(parity["bundle"]), "--out", str(out), "--quiet", "--num-workers", "0",
+                       film]) == 0
+    assert (out / "predictions.csv").is_file() and not (out / LOCK_FILE).exists()
+
+
+def test_an_interrupted_run_keeps_the_tables_of_the_films_it_finished(parity, tmp_path, monkeypatch):
+    import pandas as pd
+
+    import inference.pipeline as pipeline
+    from inference.predictor import Predictor
+
+    predictor = Predictor(parity["bundle"], device="cpu")
+    real = pipeline._write_outputs
+    calls = []
+
+    def write_then_stop(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_write_outputs", write_then_stop)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_inference(predictor, [str(FILMS_DIR)], out, batch_size=1, num_workers=0, progress=False)
+    table = pd.read_csv(out / "predictions.csv")
+    assert len(table) == 2 and (table.status == "ok").all()
+    assert set(pd.read_csv(out / "vertebrae.csv")["name"]) <= set(table.name)
+    assert not (out / pipeline.LOCK_FILE).exists()
