@@ -254,6 +254,9 @@ def _run(predictor, inputs, out: Path, batch_size: int, num_workers: int, voi_lu
          progress: bool, resume: bool, options: OutputOptions) -> InferenceSummary:
     start = time.time()
     paths, problems = collect_inputs(inputs)
+    # an output folder inside an input folder: its overlays are not inputs of the next run
+    own = out.resolve()
+    paths = [p for p in paths if not Path(p).resolve().is_relative_to(own)]
     names = output_names(paths)
     rows: list[dict] = [error_row(p, "", why) for p, why in problems]
     records: list[FilmRecord] = []  # the films written or kept, in the order of their rows
@@ -326,6 +329,11 @@ def write_tables(out: Path, rows: list[dict], records: list[FilmRecord]) -> pd.D
     return table
 
 
+def _inside(point: list[float], image_hw) -> list[float]:
+    h, w = image_hw
+    return [float(min(max(point[0], 0.0), w - 1)), float(min(max(point[1], 0.0), h - 1))]
+
+
 def non_finite_outputs(film: FilmPrediction) -> str:
     """The film's outputs that are NaN or infinite, named ("" when all are finite)."""
     bad = [f"{k}={v}" for k, v in film.probs.items() if not np.isfinite(v)]
@@ -357,6 +365,8 @@ def _write_outputs(predictor: Predictor, out: Path, path: str, name: str, item: 
     heatmap = fracture_map(head_map, vertebrae, to_image)
     peak, peak_value = fracture_peak(head_map, vertebrae, to_image)
     head_peak, head_peak_value = _heatmap_peak(head_map, to_image)
+    # a peak in the letterbox padding (a blank film) is reported at the nearest image pixel
+    peak, head_peak = (_inside(q, item["image_size"]) for q in (peak, head_peak))
     atomic_save_npy(out / f"{name}_heatmap.npy", heatmap)
     display = item["display"]
     on_display = _heatmap_on_display(heatmap, item["box"], display.shape, item["image_size"])

@@ -121,3 +121,37 @@ def test_an_interrupted_run_keeps_the_tables_of_the_films_it_finished(parity, tm
     assert len(table) == 2 and (table.status == "ok").all()
     assert set(pd.read_csv(out / "vertebrae.csv")["name"]) <= set(table.name)
     assert not (out / pipeline.LOCK_FILE).exists()
+
+
+def test_an_output_folder_inside_the_input_folder_is_not_read_as_input(parity, tmp_path):
+    import shutil
+
+    import pandas as pd
+
+    import infer
+
+    films = tmp_path / "films"
+    shutil.copytree(FILMS_DIR, films)
+    args = ["--model", str(parity["bundle"]), "--out", str(films / "out"), "--quiet", "--num-workers", "0", str(films)]
+    assert infer.main(args) == 0
+    assert infer.main(args) == 0  # the overlays written by the first run are not films of the second
+    table = pd.read_csv(films / "out" / "predictions.csv")
+    assert len(table) == 4 and (table.status == "ok").all()
+
+
+def test_the_heatmap_peak_of_a_blank_film_lies_inside_the_image(parity, tmp_path):
+    import json
+
+    import cv2
+    import numpy as np
+
+    import infer
+
+    blank = tmp_path / "wide.png"
+    cv2.imwrite(str(blank), np.full((40, 400), 128, np.uint8))
+    assert infer.main(["--model", str(parity["bundle"]), "--out", str(tmp_path / "out"), "--quiet",
+                       "--num-workers", "0", str(blank)]) == 0
+    record = json.loads((tmp_path / "out" / "wide.json").read_text())
+    for key in ("heatmap_peak", "heatmap_peak_head"):
+        x, y = record[key]
+        assert 0 <= x <= 399 and 0 <= y <= 39, (key, x, y)
