@@ -330,8 +330,9 @@ def write_tables(out: Path, rows: list[dict], records: list[FilmRecord]) -> pd.D
 
 
 def _inside(point: list[float], image_hw) -> list[float]:
+    """``point`` moved onto the image's area (pixel centres at integers: -0.5 .. size - 0.5)."""
     h, w = image_hw
-    return [float(min(max(point[0], 0.0), w - 1)), float(min(max(point[1], 0.0), h - 1))]
+    return [float(min(max(point[0], -0.5), w - 0.5)), float(min(max(point[1], -0.5), h - 0.5))]
 
 
 def non_finite_outputs(film: FilmPrediction) -> str:

@@ -154,4 +154,4 @@ def test_the_heatmap_peak_of_a_blank_film_lies_inside_the_image(parity, tmp_path
     record = json.loads((tmp_path / "out" / "wide.json").read_text())
     for key in ("heatmap_peak", "heatmap_peak_head"):
         x, y = record[key]
-        assert 0 <= x <= 399 and 0 <= y <= 39, (key, x, y)
+        assert -0.5 <= x <= 399.5 and -0.5 <= y <= 39.5, (key, x, y)
