@@ -1,4 +1,4 @@
-"""Phantom + simulated-real benchmark (issues 3 and 4): evaluate one trained checkpoint of the
+"""Phantom + simulated-real benchmark: evaluate one trained checkpoint of the
 phantom + simulated-real model on three held-out test sets and write benchmarks/RESULTS.md.
 
     python -m benchmarks.mixed_benchmark [--checkpoint runs/mix/best.ckpt] [--aasce ../shared/data/aasce]
@@ -16,7 +16,7 @@ users run:
    the films of the patients held out in step 2, ``infer.py``, ``evaluate.py``;
 4. phantom test films of an unseen seed (benchmarks/out/phantom/data/test: 400 films of seed
    1000, generated if absent): ``infer.py``, ``evaluate.py``;
-5. the section "## Phantom + simulated-real model (issues 3 and 4)" of benchmarks/RESULTS.md
+5. the section "## Phantom + simulated-real model" of benchmarks/RESULTS.md
    (replaced if present) and OUT/mixed_result.json with every number.
 
 Relative paths given to the options are taken from the repository root. ``--limit N`` keeps the
@@ -56,7 +56,7 @@ from data.manifest import assign_splits
 from data.landmarks import patient_from_name
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
-SECTION = "## Phantom + simulated-real model (issues 3 and 4)"
+SECTION = "## Phantom + simulated-real model"
 PHANTOM_TEST = {"n": 400, "seed": 1000, "size": 512}
 N_BOOT, BOOT_SEED = 1000, 0  # evaluate.py's defaults
 

@@ -1,4 +1,4 @@
-r"""Where the per-vertebra point error comes from, on labelled films (issue 3's AASCE target).
+r"""Where the per-vertebra point error comes from, on labelled films.
 
     python -m benchmarks.point_error_study --checkpoint CKPT --vertebrae V.csv [--limit N] [--json OUT.json]
 

@@ -1,4 +1,4 @@
-r"""Does fracture synthesis on the fly teach a model fractures from unfractured landmark films? (issue 4)
+r"""Does fracture synthesis on the fly teach a model fractures from unfractured landmark films?
 
     python -m benchmarks.synthesis_study --aasce ../shared/data/aasce --init runs/phantom_gpu/last.ckpt \
         [--epochs 6] [--p 0.5] [--out runs/synth] [--json OUT.json]
