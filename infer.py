@@ -92,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         parser.error(problem)
     model = args.model or args.checkpoint
+    if args.checkpoint and args.backend == "torch":
+        print(f"note: {args.checkpoint} is a training checkpoint, converted to a bundle in memory; export it once "
+              f"with `python -m training.export --checkpoint {args.checkpoint} --out BUNDLE` and use --model BUNDLE",
+              file=sys.stderr)
     try:
         if args.backend == "onnx":
             from inference.onnx import OnnxPredictor
