@@ -275,7 +275,7 @@ def vertebra_rows(image: str, name: str, vertebrae: list[dict], levels_trusted: 
 
 def error_row(image: str, name: str, error: str) -> dict:
     """The ``predictions.csv`` row of an input without outputs (unreadable, or writing failed)."""
-    return {"image": image, "name": name, "status": "error", "error": error}
+    return {"image": image, "name": name, "status": "error", "error": " ".join(str(error).split())}  # one line
 
 
 PREDICTION_COLUMNS = FilmRecord.csv_columns()

@@ -190,7 +190,8 @@ def _heatmap_on_display(heatmap: np.ndarray, box, display_hw: tuple[int, int], i
     """Resample the letterboxed heatmap onto the (downsized) original image."""
     H, W = box.out_hw
     up = cv2.resize(heatmap, (W, H), interpolation=cv2.INTER_LINEAR)
-    nh, nw = round(image_hw[0] * box.scale), round(image_hw[1] * box.scale)
+    # at least one row and column: a film of extreme aspect ratio scales its short side below a pixel
+    nh, nw = max(1, round(image_hw[0] * box.scale)), max(1, round(image_hw[1] * box.scale))
     crop = up[box.pad_top:box.pad_top + nh, box.pad_left:box.pad_left + nw]
     return cv2.resize(crop, (display_hw[1], display_hw[0]), interpolation=cv2.INTER_LINEAR)
 
@@ -368,7 +369,6 @@ def _write_outputs(predictor: Predictor, out: Path, path: str, name: str, item: 
     head_peak, head_peak_value = _heatmap_peak(head_map, to_image)
     # a peak in the letterbox padding (a blank film) is reported at the nearest image pixel
     peak, head_peak = (_inside(q, item["image_size"]) for q in (peak, head_peak))
-    atomic_save_npy(out / f"{name}_heatmap.npy", heatmap)
     display = item["display"]
     on_display = _heatmap_on_display(heatmap, item["box"], display.shape, item["image_size"])
     f = display.shape[1] / item["image_size"][1]
@@ -376,6 +376,8 @@ def _write_outputs(predictor: Predictor, out: Path, path: str, name: str, item: 
                               label=f"p(fracture) {p['p_fracture']:.2f}  p(acute) {p['p_acute']:.2f}")
     if vertebrae:
         overlay = draw_vertebrae(overlay, vertebrae, scale=f, levels_trusted=film.levels_trusted)
+    # written once the overlay is drawn: a film that fails before leaves no file behind
+    atomic_save_npy(out / f"{name}_heatmap.npy", heatmap)
     atomic_write_image(out / f"{name}_heatmap.png", overlay)
     cal, point, threshold = _decision_of(predictor)
     decision = calibration = None

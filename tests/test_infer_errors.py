@@ -155,3 +155,30 @@ def test_the_heatmap_peak_of_a_blank_film_lies_inside_the_image(parity, tmp_path
     for key in ("heatmap_peak", "heatmap_peak_head"):
         x, y = record[key]
         assert -0.5 <= x <= 399.5 and -0.5 <= y <= 39.5, (key, x, y)
+
+
+def test_a_film_of_extreme_aspect_ratio_is_read_and_a_failing_film_leaves_no_files(parity, tmp_path, monkeypatch):
+    import cv2
+    import numpy as np
+    import pandas as pd
+
+    import inference.pipeline as pipeline
+    import infer
+    from data.records import error_row
+
+    wide = tmp_path / "films" / "wide.png"
+    wide.parent.mkdir()
+    cv2.imwrite(str(wide), (np.random.default_rng(0).random((3, 2400)) * 255).astype(np.uint8))
+    args = ["--model", str(parity["bundle"]), "--quiet", "--num-workers", "0", str(wide)]
+    assert infer.main(args + ["--out", str(tmp_path / "a")]) == 0  # 800:1 once failed in OpenCV's resize
+    assert (tmp_path / "a" / "wide.json").is_file()
+
+    def broken_drawing(*a, **k):
+        raise RuntimeError("drawing failed\nsecond line")
+
+    monkeypatch.setattr(pipeline, "overlay_heatmap", broken_drawing)
+    assert infer.main(args + ["--out", str(tmp_path / "b")]) == 1
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["errors.csv", "predictions.csv", "vertebrae.csv"]
+    error = pd.read_csv(tmp_path / "b" / "errors.csv").error.iloc[0]
+    assert "drawing failed second line" in error and "\n" not in error
+    assert error_row("x", "x", "a\nb  c")["error"] == "a b c"
