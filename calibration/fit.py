@@ -391,7 +391,7 @@ def calibrate_model(model, manifest: str | os.PathLike, out: str | os.PathLike |
         raise CalibrationError(f"{manifest}: {exc}") from None
     calibrated = bundle.derive("calibrate", note=f"{cal.method} on {cal.info['n_images']} image(s) of {manifest}",
                                calibration=cal.to_dict())
-    path = save_with_card(calibrated, Path(out) if out else default_output(model), storage=bundle.storage)
+    path = save_with_card(calibrated, Path(out) if out else default_output(model))
     return path, cal
 
 

@@ -526,7 +526,7 @@ def build_model_card(model, metrics_json: str | Path | None = None, training_dat
     return bundle_card(bundle, metrics_json, training_data)
 
 
-def save_with_card(bundle: Bundle, out: str | Path, storage: str = "fp32", overwrite: bool = False) -> Path:
+def save_with_card(bundle: Bundle, out: str | Path, storage: str | None = None, overwrite: bool = False) -> Path:
     """Save ``bundle`` to ``out`` with its model card (no evaluation yet) as README.md."""
     return bundle.save(out, storage=storage, card=bundle_card, overwrite=overwrite)
 

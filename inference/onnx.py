@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.bundle_out:
             new = bundle.derive("onnx export", note=f"film network exported to {ONNX_FILE} (opset {args.opset})")
             new.extra_files[ONNX_FILE] = blob
-            print(new.save(args.bundle_out, storage=bundle.storage))
+            print(new.save(args.bundle_out))
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -266,11 +266,13 @@ class Bundle:
         return Bundle(metadata=meta, networks=nets, calibration=self.calibration if calibration == "keep" else calibration,
                       card=None, path=None, extra_files=extra)
 
-    def save(self, out: str | os.PathLike, storage: str = "fp32", card=None, overwrite: bool = False) -> Path:
+    def save(self, out: str | os.PathLike, storage: str | None = None, card=None, overwrite: bool = False) -> Path:
         """Write the bundle to folder ``out`` (atomically: a temporary sibling folder renamed into
         place). ``out`` must not exist unless ``overwrite``; it may never be the folder this
-        bundle was loaded from. ``card``: the model card's text, or a function of the bundle that
-        writes it (called once the saved bundle's id is known)."""
+        bundle was loaded from. ``storage``: fp32, fp16 or int8; by default the storage of the
+        bundle it derives from (fp32 for one made in memory). ``card``: the model card's text, or
+        a function of the bundle that writes it (called once the saved bundle's id is known)."""
+        storage = storage or self.storage
         out = Path(out)
         if self.path is not None and out.resolve() == Path(self.path).resolve():
             raise BundleError(f"{out}: a bundle is never rewritten in place; save the new version elsewhere")

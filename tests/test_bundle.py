@@ -233,3 +233,10 @@ def test_bundle_dataclass_needs_no_file(parity):
     assert isinstance(bundle, Bundle) and bundle.path is None
     assert bundle.id == file_sha256(parity["checkpoint"])[:16]  # outputs made from the checkpoint keep their id
 
+
+
+def test_a_derived_version_keeps_the_storage_of_its_source(parity, tmp_path):
+    small = load_bundle(export_checkpoint(parity["checkpoint"], tmp_path / "fp16", storage="fp16"))
+    saved = load_bundle(small.derive("calibrate", calibration=None).save(tmp_path / "v2"))
+    assert saved.storage == "fp16" and saved.metadata["networks"]["film_net"]["storage"] == "fp16"
+    assert bundle_from_checkpoint(parity["checkpoint"]).storage == "fp32"

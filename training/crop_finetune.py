@@ -132,7 +132,7 @@ def write_finetuned(model: Bundle, crop_net: torch.nn.Module, record: dict, out:
                          networks={"crop_net": crop_net}, calibration=None, record=record)
     training = tuned.metadata.setdefault("training", {})
     training["hyper_parameters"] = {**(training.get("hyper_parameters") or {}), "crop_map_weight": record["map_weight"]}
-    return save_with_card(tuned, out, storage=model.storage)
+    return save_with_card(tuned, out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -360,7 +360,7 @@ def write_refined(model: Bundle, entry: dict, out: str | Path) -> Path:
     refined = model.derive("point refiner", note=note, networks={"point_refiner": refiner.eval()},
                            calibration=None, record=record)
     refined.metadata["point_refiner_training"] = training
-    return save_with_card(refined, out, storage=model.storage)
+    return save_with_card(refined, out)
 
 
 def main(argv: list[str] | None = None) -> int:
