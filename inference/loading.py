@@ -20,7 +20,7 @@ def open_model(model, sha256: str | None = None, allow_download: bool = False,
     if isinstance(model, Bundle):
         return model
     path = Path(model)
-    if not path.exists() and (path.suffix in CHECKPOINT_SUFFIXES or path.suffix == ".json" or len(path.parts) > 1):
+    if not path.exists() and (path.suffix or len(path.parts) > 1):  # a path, not a registry name
         raise BundleError(f"{path}: model not found")
     if path.is_file():
         if path.suffix not in CHECKPOINT_SUFFIXES:

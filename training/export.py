@@ -16,14 +16,13 @@ import datetime as dt
 import sys
 from pathlib import Path
 
+from calibration.calibrator import CALIBRATION_KEY  # where checkpoints kept a calibration
+from evaluation.model_card import bundle_card, manifest_composition
 from models.bundle import (INTENDED_USE, MODALITIES, OUTPUTS, TASK, Bundle, BundleError, ModelError, file_sha256,
                            network_spec)
-from evaluation.model_card import bundle_card, manifest_composition
-from models.point_refiner import load_refiner
-from training.checkpoint import CheckpointError, build_network, build_vertebra_network, load_checkpoint
 from models.onnx_export import onnx_bytes
-
-CALIBRATION_KEY = "vcf_calibration"  # calibrations stored in checkpoints before bundles
+from models.point_refiner import REFINER_KEY, load_refiner
+from training.checkpoint import CheckpointError, build_network, build_vertebra_network, load_checkpoint
 
 
 def _views(composition: dict | None) -> list[str]:
@@ -43,7 +42,7 @@ def bundle_from_checkpoint(checkpoint: str | Path, sha256: str | None = None, na
     networks = {"film_net": film_net}
     if "crop_size" in model:
         networks["crop_net"] = build_vertebra_network(ckpt, checkpoint)
-    refiner_entry = ckpt.get("point_refiner")
+    refiner_entry = ckpt.get(REFINER_KEY)
     try:
         refiner = load_refiner(ckpt, checkpoint) if "crop_net" in networks else None
     except ValueError as exc:
