@@ -4,6 +4,7 @@
 
 --model takes a bundle folder (models/bundle.py) or a name from models/registry.json; a name
 whose bundle is only at a URL is fetched once with --download, checked by its sha256 and cached.
+With neither --model nor --checkpoint, the shipped model is read (the registry's default).
 --checkpoint takes a training checkpoint instead and converts it in memory (export it once with
 `python -m training.export`).
 
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from models.bundle import ModelError
+from models.registry import default_model
 from inference.pipeline import OutputFolderInUse, run_inference
 from inference.predictor import Predictor
 
@@ -60,8 +62,9 @@ def usage_problem(args) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders or manifest CSVs")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="a bundle folder or a registry name (models/registry.json)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help="a bundle folder or a registry name (models/registry.json); "
+                                        "default: the shipped model")
     source.add_argument("--checkpoint", help="a training checkpoint, converted to a bundle in memory")
     parser.add_argument("--download", action="store_true",
                         help="allow fetching a registry model from its URL (checked by sha256, then cached)")
@@ -92,6 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         parser.error(problem)
     model = args.model or args.checkpoint
+    if model is None:
+        try:
+            model = default_model()
+        except ModelError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if model is None:
+            parser.error("no model named and none ships in models/registry.json: give --model BUNDLE")
+        print(f"model: {model} (the shipped model; name another with --model)", file=sys.stderr)
     if args.checkpoint and args.backend == "torch":
         print(f"note: {args.checkpoint} is a training checkpoint, converted to a bundle in memory; export it once "
               f"with `python -m training.export --checkpoint {args.checkpoint} --out BUNDLE` and use --model BUNDLE",

@@ -4,8 +4,11 @@ Each entry maps a name to a bundle folder (relative to the repository root) or t
 an archive of one (``.tar.gz``, ``.tgz`` or ``.zip``), with the sha256 that vouches for it
 (of ``metadata.json`` for a folder, of the archive for a URL) and a line on its training data::
 
-    {"format": 1, "models": {"NAME": {"path": "models/bundles/NAME", "sha256": "...",
-                                      "training_data": "...", "description": "..."}}}
+    {"format": 1, "default": "NAME",
+     "models": {"NAME": {"path": "models/bundles/NAME", "sha256": "...",
+                         "training_data": "...", "description": "..."}}}
+
+``default`` names the shipped model, the one ``infer.py`` reads when no model is named.
 
 A URL is fetched only when the caller allows it (``allow_download``; ``infer.py --download``),
 then checked against its sha256, unpacked into the cache (``$SPINE_VCF_CACHE``, default
@@ -47,6 +50,15 @@ def read_registry(path: str | os.PathLike = REGISTRY_PATH) -> dict[str, dict]:
         if not isinstance(entry, dict) or not entry.get("sha256") or not (entry.get("path") or entry.get("url")):
             raise BundleError(f"{path}: entry {name!r} needs a sha256 and a path or a url")
     return models
+
+
+def default_model(path: str | os.PathLike = REGISTRY_PATH) -> str | None:
+    """The name of the shipped model (the registry's ``default``), or None when none ships."""
+    models = read_registry(path)
+    name = json.loads(Path(path).read_text()).get("default")
+    if name is not None and name not in models:
+        raise BundleError(f"{path}: the default model {name!r} is not one of its entries")
+    return name
 
 
 def _unpack(archive: Path, url: str, into: Path) -> None:

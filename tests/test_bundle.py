@@ -12,7 +12,7 @@ import torch
 from inference.loading import open_model
 from models.bundle import (CALIBRATION_FILE, CARD_FILE, METADATA_FILE, NETWORK_FILES, Bundle, BundleError, ModelError,
                            decode_state, encode_state, file_sha256, load_bundle)
-from models.registry import resolve
+from models.registry import default_model, resolve
 from tests.parity.compare import compare_with_fixture
 from tests.parity.parity_model import FILMS_DIR, parity_checkpoint, with_content_readers
 from training.export import bundle_from_checkpoint, export_checkpoint, main as export_main
@@ -181,6 +181,16 @@ def test_registry_names_a_folder_and_checks_its_hash(parity, tmp_path):
         resolve("parity", registry=reg)
 
 
+def test_registry_default_names_one_of_its_entries(tmp_path):
+    reg = _registry(tmp_path, {"a": {"path": "bundles/a", "sha256": "0" * 64}})
+    assert default_model(reg) is None  # no default: infer.py then needs --model
+    reg.write_text(json.dumps({"format": 1, "default": "a", "models": {"a": {"path": "bundles/a", "sha256": "0" * 64}}}))
+    assert default_model(reg) == "a"
+    reg.write_text(json.dumps({"format": 1, "default": "b", "models": {"a": {"path": "bundles/a", "sha256": "0" * 64}}}))
+    with pytest.raises(BundleError, match="default model 'b' is not one of its entries"):
+        default_model(reg)
+
+
 def test_registry_url_is_fetched_only_when_allowed_then_cached(parity, tmp_path, monkeypatch):
     monkeypatch.setenv("SPINE_VCF_CACHE", str(tmp_path / "cache"))
     archive = tmp_path / "parity.tar.gz"
@@ -240,3 +250,16 @@ def test_a_derived_version_keeps_the_storage_of_its_source(parity, tmp_path):
     saved = load_bundle(small.derive("calibrate", calibration=None).save(tmp_path / "v2"))
     assert saved.storage == "fp16" and saved.metadata["networks"]["film_net"]["storage"] == "fp16"
     assert bundle_from_checkpoint(parity["checkpoint"]).storage == "fp32"
+
+
+def test_fine_tuning_starts_from_a_bundle(parity):
+    """train.py --model.init_from BUNDLE (make demo fine-tunes the shipped model this way)."""
+    from training.system import FractureSystem
+
+    bundle = load_bundle(parity["bundle"])
+    system = FractureSystem(backbone=bundle.film_net.backbone_name, fpn_dim=bundle.film_net.fpn_dim,
+                            crop_backbone=bundle.crop_net.backbone_name, init_from=str(parity["bundle"]))
+    for mine, theirs in ((system.net, bundle.film_net), (system.vertebra_net, bundle.crop_net)):
+        want = theirs.state_dict()
+        for key, value in mine.state_dict().items():
+            assert torch.equal(value, want[key]), key

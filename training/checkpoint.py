@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from models.bundle import ModelError, file_sha256
+from models.bundle import Bundle, ModelError, file_sha256, is_bundle, load_bundle
+from models.registry import resolve
 from models.network import FractureNet
 from models.vertebra_net import VertebraNet
 
@@ -102,9 +103,29 @@ def _load_into(net: torch.nn.Module, state: dict, path, may_lack: tuple[str, ...
     return lacking
 
 
+def _bundle_of(path: str | Path) -> Bundle | None:
+    """The bundle ``path`` names (a folder, or a registry name), or None for a checkpoint file."""
+    if is_bundle(path):
+        return load_bundle(path)
+    text = str(path)
+    if not Path(text).exists() and "/" not in text and not text.endswith(".ckpt"):
+        return load_bundle(resolve(text))
+    return None
+
+
 def load_network_weights(net: FractureNet, path: str | Path, vertebra_net: VertebraNet | None = None) -> None:
-    """Initialise ``net`` (and the crop network, when given) from an earlier checkpoint
-    (fine-tuning, e.g. phantom -> real data)."""
+    """Initialise ``net`` (and the crop network, when given) from an earlier checkpoint, a
+    bundle folder or a registry name such as the shipped model's (fine-tuning, e.g. phantom ->
+    real data)."""
+    bundle = _bundle_of(path)
+    if bundle is not None:
+        _load_into(net, bundle.film_net.state_dict(), path)
+        if vertebra_net is not None:
+            if bundle.crop_net is None:
+                log.warning("%s has no crop network: it starts from scratch", path)
+            else:
+                _load_into(vertebra_net, bundle.crop_net.state_dict(), path)
+        return
     ckpt = load_checkpoint(path)
     # A checkpoint from before the vertebra head (format 1) still starts the shared layers.
     fresh = _load_into(net, network_state(ckpt), path, may_lack=("vertebra_head.",))

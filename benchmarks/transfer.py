@@ -1,0 +1,308 @@
+"""Transfer to real anatomy: a model trained on the 3D phantom against one trained on the
+retired 2D phantom, with the same config (configs/transfer.yaml) and the same budget
+(``trainer.max_steps`` optimizer steps of ``data.batch_size`` films), read on real films.
+
+    python -m benchmarks.transfer [--arms 3d,2d] [--films 1600] [--steps 400] [--threads 1]
+        [--aasce ../shared/data/aasce] [--verse ../shared/data/verse] [--out runs/transfer]
+        [--stages data,train,evaluate,results]
+
+For each arm (``OUT/<arm>/``):
+
+1. data: ``python -m data.phantom --view both`` (3D) or ``python -m data.phantom2d`` (2D),
+   ``--films`` films of seed 1 at 512 px;
+2. train: ``train.py fit`` with configs/transfer.yaml, resumed from ``last.ckpt`` when a run
+   was cut short; ``--threads`` CPU threads (``OMP_NUM_THREADS``) so that two arms can run side
+   by side and still get the same compute each;
+3. evaluate: the last checkpoint exported as a bundle, ``infer.py`` on every AASCE film (real
+   AP anatomy, no fractures; their corners are the truth), ``evaluate.py`` on all of them and on
+   the films without annotation problems (``data.landmarks``); then lateral DRRs of the VerSe
+   CT facing both ways (``python -m data.drr``) and the smoke check: the six bodies found,
+   no detection on the posterior elements, L1 graded as the most collapsed body;
+4. results: the section "## Transfer: 3D against 2D phantom" of benchmarks/RESULTS.md and
+   ``OUT/transfer_result.json``.
+
+"Found" is evaluate.py's detection recall: a truth body counts as found when a predicted body
+centre lies within half its height (one-to-one matching).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from benchmarks.phantom_benchmark import machine
+from data.geometry import as_points, body_centre, table_points
+from data.io_utils import atomic_write_text
+from data.tables import path_key, read_text_table
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+SECTION = "## Transfer: 3D against 2D phantom"
+GENERATORS = {"3d": ["-m", "data.phantom", "--view", "both"], "2d": ["-m", "data.phantom2d"]}
+VERSE_GRADES = "level,genant_grade\nT10,0\nT11,0\nT12,0\nL1,3\nL2,0\nL3,1\n"  # the subject's README
+TARGET_FOUND = 0.80
+
+
+def log(msg: str) -> None:
+    print(f"[transfer {dt.datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run(cmd: list, what: str, env: dict | None = None) -> float:
+    shown = " ".join(shlex.quote(str(c)) for c in cmd)
+    log(f"{what}: {shown}")
+    t0 = time.time()
+    rc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env={**os.environ, **(env or {})}).returncode
+    if rc != 0:
+        raise SystemExit(f"error: {what} failed (exit status {rc}): {shown}")
+    return time.time() - t0
+
+
+def arm_config(arm_dir: Path, steps: int) -> Path:
+    """configs/transfer.yaml with this arm's paths and budget."""
+    config = yaml.safe_load((ROOT / "configs" / "transfer.yaml").read_text())
+    config["trainer"]["max_steps"] = int(steps)
+    config["trainer"]["default_root_dir"] = str(arm_dir)
+    for logger in config["trainer"]["logger"]:
+        logger["init_args"]["save_dir"] = str(arm_dir)
+    for callback in config["trainer"]["callbacks"]:
+        if "dirpath" in callback.get("init_args", {}):
+            callback["init_args"]["dirpath"] = str(arm_dir)
+    config["data"]["manifest"] = str(arm_dir / "data" / "manifest.csv")
+    path = arm_dir / "config.yaml"
+    atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def precision() -> str:
+    try:
+        return "bf16-mixed" if "avx512_bf16" in Path("/proc/cpuinfo").read_text() else "32-true"
+    except OSError:
+        return "32-true"
+
+
+def stage_data(arm: str, arm_dir: Path, films: int) -> None:
+    if (arm_dir / "data" / "manifest.csv").is_file():
+        log(f"{arm}: data present")
+        return
+    run([sys.executable, *GENERATORS[arm], "--out", arm_dir / "data", "--n", films, "--seed", 1, "--size", 512],
+        f"{arm}: phantom films")
+
+
+def stage_train(arm: str, arm_dir: Path, steps: int, threads: int) -> dict:
+    config = arm_config(arm_dir, steps)
+    cmd = [sys.executable, "train.py", "fit", "--config", config, "--trainer.precision", precision()]
+    if (arm_dir / "last.ckpt").is_file():
+        cmd += ["--ckpt_path", arm_dir / "last.ckpt"]
+    before = os.times()
+    seconds = run(cmd, f"{arm}: training", env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+    info = {"wall_seconds_last_leg": round(seconds, 1), "threads": threads, "steps": steps,
+            "precision": precision(), "cpu_seconds": round(sum(os.times()[2:4]) - sum(before[2:4]), 1)}
+    atomic_write_text(arm_dir / "train_info.json", json.dumps(info, indent=1))
+    return info
+
+
+def aasce_tables(aasce: Path, out: Path) -> dict[str, Path]:
+    """Manifests of every AASCE film and of the films without annotation problems."""
+    every = out / "aasce_all"
+    if not (every / "manifest.csv").is_file():
+        run([sys.executable, "-m", "data.landmarks", "--aasce", aasce, "--out", every, "--keep-flagged"],
+            "AASCE landmarks, every film")
+    clean = out / "aasce_clean"
+    if not (clean / "manifest.csv").is_file():
+        run([sys.executable, "-m", "data.landmarks", "--aasce", aasce, "--out", clean], "AASCE landmarks, clean films")
+    return {"all": every / "manifest.csv", "clean": clean / "manifest.csv"}
+
+
+def verse_films(verse: Path, out: Path) -> Path:
+    drr = out / "verse_drr"
+    if not (drr / "manifest.csv").is_file():
+        grades = out / "verse_grades.csv"
+        atomic_write_text(grades, VERSE_GRADES)
+        run([sys.executable, "-m", "data.drr", "--ct", verse / "sub-verse012_ct.nii.gz",
+             "--mask", verse / "sub-verse012_seg-vert_msk.nii.gz", "--grades", grades, "--out", drr,
+             "--views", "lateral", "--size", "1024"], "VerSe lateral DRRs")
+    return drr / "manifest.csv"
+
+
+def read_metrics(path: Path) -> dict:
+    v = json.loads(path.read_text()).get("vertebrae", {})
+    det, lev, pe = v.get("detection", {}), v.get("level_accuracy", {}), v.get("point_error", {})
+    return {"found": det.get("recall"), "n_truth": det.get("n_truth"), "n_matched": det.get("n_matched"),
+            "precision": det.get("precision"), "level_accuracy": lev.get("accuracy"),
+            "median_point_error_px": pe.get("pixels", {}).get("median"),
+            "median_point_error_pct_height": pe.get("percent_height", {}).get("median")}
+
+
+def verse_smoke(predicted: Path, truth: Path) -> dict:
+    """The six bodies found, none placed behind a body's posterior wall (on the posterior
+    elements), and the body graded most collapsed - per film (one per facing)."""
+    pred = read_text_table(predicted)
+    true = read_text_table(truth)
+    films = {}
+    for image, t in true.groupby("image"):
+        key = path_key(image)
+        p = pred[pred["image"].map(path_key) == key]
+        t_pts, p_pts = as_points(table_points(t)), as_points(table_points(p)) if len(p) else np.zeros((0, 6, 2))
+        t_centre, p_centre = body_centre(t_pts), body_centre(p_pts)
+        heights = np.linalg.norm(t_pts[:, 3] - t_pts[:, 0], axis=1)
+        found, on_posterior = [], 0
+        for c in p_centre:
+            d = np.linalg.norm(t_centre - c, axis=1)
+            j = int(np.argmin(d))
+            if d[j] < 0.5 * heights[j]:
+                found.append(j)
+                continue
+            # behind the nearest body's posterior wall (p3-p6 line), away from its centre?
+            wall_mid = (t_pts[j, 2] + t_pts[j, 5]) / 2
+            outward = wall_mid - t_centre[j]
+            if np.dot(c - wall_mid, outward) > 0:
+                on_posterior += 1
+        levels = list(t["level"])
+        grades = pd.to_numeric(p.get("genant_grade", pd.Series(dtype=str)), errors="coerce").to_numpy()
+        prob = pd.to_numeric(p.get("p_fracture", pd.Series(dtype=str)), errors="coerce").to_numpy()
+        matched = {}
+        for i, c in enumerate(p_centre):
+            d = np.linalg.norm(t_centre - c, axis=1)
+            j = int(np.argmin(d))
+            if d[j] < 0.5 * heights[j]:
+                matched[levels[j]] = (grades[i] if i < len(grades) else np.nan, prob[i] if i < len(prob) else np.nan)
+        most = max(matched, key=lambda lv: (np.nan_to_num(matched[lv][0], nan=-1), np.nan_to_num(matched[lv][1], nan=-1)),
+                   default=None)
+        films[Path(image).name] = {"n_truth": len(t), "n_found": len(set(found)), "n_predicted": len(p),
+                                   "n_on_posterior_elements": on_posterior, "most_collapsed": most,
+                                   "by_level": {lv: {"grade": None if np.isnan(g) else float(g),
+                                                     "p_fracture": None if np.isnan(q) else float(q)}
+                                                for lv, (g, q) in matched.items()}}
+    return films
+
+
+def stage_evaluate(arm: str, arm_dir: Path, aasce: Path | None, verse: Path | None, out: Path) -> dict:
+    bundle = arm_dir / "bundle"
+    run([sys.executable, "-m", "training.export", "--checkpoint", arm_dir / "last.ckpt", "--out", bundle,
+         "--name", f"transfer-{arm}", "--overwrite"], f"{arm}: export")
+    result = {}
+    if aasce is not None and aasce.is_dir():
+        manifests = aasce_tables(aasce, out)
+        infer = arm_dir / "infer_aasce"
+        run([sys.executable, "infer.py", "--model", bundle, "--out", infer, "--resume", manifests["all"]],
+            f"{arm}: inference on the AASCE films")
+        for subset, manifest in manifests.items():
+            report = arm_dir / f"report_aasce_{subset}"
+            run([sys.executable, "evaluate.py", "--predictions", infer / "predictions.csv", "--manifest", manifest,
+                 "--out", report, "--n-boot", 200], f"{arm}: evaluation ({subset} AASCE films)")
+            result[f"aasce_{subset}"] = read_metrics(report / "metrics.json")
+    if verse is not None and verse.is_dir():
+        manifest = verse_films(verse, out)
+        infer = arm_dir / "infer_verse"
+        run([sys.executable, "infer.py", "--model", bundle, "--out", infer, manifest], f"{arm}: inference on VerSe DRRs")
+        result["verse"] = verse_smoke(infer / "vertebrae.csv", manifest.parent / "vertebrae.csv")
+    atomic_write_text(arm_dir / "evaluation.json", json.dumps(result, indent=1))
+    return result
+
+
+def _f(x, digits=3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def results_section(result: dict) -> str:
+    arms = result["arms"]
+    lines = [SECTION, "",
+             f"Command: `{result['command']}`  ",
+             f"Machine: {result['machine']}  ",
+             f"Date: {result['date']}", "",
+             "Both models: configs/transfer.yaml (resnet10t film and crop networks, 384 x 320 input), "
+             f"{result['steps']} optimizer steps of 16 films from {result['films']} phantom films of seed 1 "
+             "(512 px), the last checkpoint. They never saw a real film. The AASCE films are real AP "
+             "films without fractures; \"found\" is evaluate.py's detection recall.", "",
+             "| model | AASCE films | vertebrae found | level accuracy | median point error (px / % height) |",
+             "|---|---|---|---|---|"]
+    for arm, r in arms.items():
+        for subset in ("all", "clean"):
+            m = r.get("evaluation", {}).get(f"aasce_{subset}")
+            if m:
+                lines.append(f"| {arm} phantom | {subset} ({m['n_truth']} vertebrae) | {_f(m['found'])} | "
+                             f"{_f(m['level_accuracy'])} | {_f(m['median_point_error_px'], 1)} / "
+                             f"{_f(m['median_point_error_pct_height'], 1)} |")
+    lines += ["", f"Target: {TARGET_FOUND:.0%} or more of the vertebrae found by the 3D-phantom model.", "",
+              "VerSe smoke check (lateral DRRs of the one real CT, facing left and right; T10-L3, real L1 "
+              "grade-3 and L3 grade-1 fractures):", "",
+              "| model | film | bodies found | detections on posterior elements | most collapsed (predicted) |",
+              "|---|---|---|---|---|"]
+    for arm, r in arms.items():
+        for film, s in (r.get("evaluation", {}).get("verse") or {}).items():
+            lines.append(f"| {arm} phantom | {film} | {s['n_found']} / {s['n_truth']} | {s['n_on_posterior_elements']} | "
+                         f"{s['most_collapsed'] or 'none'} |")
+    for arm, r in arms.items():
+        t = r.get("training") or {}
+        if t:
+            lines.append("")
+            lines.append(f"{arm} arm training: {t.get('threads')} thread(s), {t.get('precision')}, "
+                         f"{t.get('wall_seconds_last_leg')} s wall for its last leg.")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(section: str) -> None:
+    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
+    start = text.find(SECTION)
+    if start >= 0:
+        end = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    atomic_write_text(RESULTS, text)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.transfer", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arms", default="3d,2d")
+    parser.add_argument("--films", type=int, default=1600)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--aasce", type=Path, default=ROOT.parent / "shared" / "data" / "aasce")
+    parser.add_argument("--verse", type=Path, default=ROOT.parent / "shared" / "data" / "verse")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "transfer")
+    parser.add_argument("--stages", default="data,train,evaluate,results")
+    args = parser.parse_args(argv)
+    stages = set(args.stages.split(","))
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    for arm in arms:
+        if arm not in GENERATORS:
+            parser.error(f"unknown arm {arm!r}; expected 3d or 2d")
+    out = args.out.resolve()
+    result = {"command": "python -m benchmarks.transfer " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "machine": machine(), "date": dt.date.today().isoformat(), "steps": args.steps, "films": args.films,
+              "arms": {}}
+    for arm in arms:
+        arm_dir = out / arm
+        arm_dir.mkdir(parents=True, exist_ok=True)
+        entry = {}
+        if "data" in stages:
+            stage_data(arm, arm_dir, args.films)
+        if "train" in stages:
+            entry["training"] = stage_train(arm, arm_dir, args.steps, args.threads)
+        elif (arm_dir / "train_info.json").is_file():
+            entry["training"] = json.loads((arm_dir / "train_info.json").read_text())
+        if "evaluate" in stages:
+            entry["evaluation"] = stage_evaluate(arm, arm_dir, args.aasce, args.verse, out)
+        elif (arm_dir / "evaluation.json").is_file():
+            entry["evaluation"] = json.loads((arm_dir / "evaluation.json").read_text())
+        result["arms"][arm] = entry
+    atomic_write_text(out / "transfer_result.json", json.dumps(result, indent=1))
+    if "results" in stages:
+        write_results(results_section(result))
+        log(f"wrote the section {SECTION!r} of {RESULTS}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
