@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from data.io_utils import atomic_write_text
-from data.manifest import patient_fraction
+from data.manifest import is_held_out
 from data.tables import absolute_path, read_text_table
 
 
@@ -37,7 +37,7 @@ def combine(manifests: list[Path], out: Path, test_fractions: dict[Path, float] 
             table["split"] = ""
         fraction = test_fractions.get(m, 0.0)
         if fraction:
-            held = table["patient_id"].map(lambda p: patient_fraction(f"test:{p}", seed) < fraction)
+            held = table["patient_id"].map(lambda p: is_held_out(p, fraction, seed))
             table.loc[held & (table["split"] == ""), "split"] = "test"
         images.append(table)
         vpath = m.parent / "vertebrae.csv"

@@ -192,6 +192,12 @@ def patient_fraction(patient: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+def is_held_out(patient: str, fraction: float, seed: int = 0) -> bool:
+    """Whether ``data.combine --test-fraction-of M=fraction --seed seed`` holds ``patient`` out
+    (a hash of the id: the same answer wherever it is asked)."""
+    return patient_fraction(f"test:{patient}", seed) < fraction
+
+
 def assign_splits(images: pd.DataFrame, val_fraction: float = 0.15, test_fraction: float = 0.0,
                   seed: int = 0) -> pd.Series:
     """Split by patient: rows with a ``split`` keep it; a row without one takes the split given to

@@ -79,6 +79,7 @@ from data.landmarks import (LandmarkError, manifest_row, points_array, points_bo
 from data.morphometry import CRUSH_POSTERIOR_RATIO, grade_vertebrae, heights_from_points
 from data.phantom import (ACUTE_GRADE_P, ACUTE_SHAPE_P, CHRONIC_GRADE_P, CHRONIC_SHAPE_P,
                           LEVEL_FRACTURE_WEIGHT, LOSS_RANGE)
+from data.manifest import is_held_out
 from data.readers import ImageReadError, read_image
 
 SIMULATE_VERSION = "1"
@@ -758,11 +759,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--p-fracture", type=float, default=0.5)
     parser.add_argument("--size", type=int, default=None, help="output height in pixels")
     parser.add_argument("--limit", type=int, default=None, help="use only the first K source films")
+    parser.add_argument("--held-out", type=float, default=None, metavar="FRACTION",
+                        help="use only the patients that `data.combine --test-fraction-of M=FRACTION` holds out "
+                             "(the shipped model's test patients: 0.2, with --held-out-seed 0)")
+    parser.add_argument("--held-out-seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
         records = read_aasce(args.aasce) if args.aasce else read_vertebrae_csv(args.vertebrae_csv)
     except LandmarkError as exc:
         parser.exit(2, f"error: {exc}\n")
+    if args.held_out is not None:
+        records = [r for r in records if is_held_out(r["patient_id"], args.held_out, args.held_out_seed)]
     if args.limit is not None:
         records = records[: args.limit]
     manifest = simulate_dataset(records, args.out, n_per_image=args.n, p_fracture=args.p_fracture,

@@ -518,3 +518,18 @@ def test_inputs_are_read_once(tiny_eval_set, monkeypatch):
         monkeypatch.setattr(M, name, counted)
     R.evaluate(s["predictions"], s["manifest"], s["vertebrae"], s["infer_dir"], n_boot=20)
     assert calls == {"predictions": 1, "manifest": 1, "vertebrae": 1, "jsons": 1}
+
+
+def test_side_by_side_table_reads_each_report(tmp_path, capsys):
+    """make demo shows the shipped and the fine-tuned model's numbers in one table."""
+    from evaluation.side_by_side import main as side_by_side
+
+    for name, auroc, recall in (("a", 0.61, 0.5), ("b", 0.93, 0.975)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(
+            {"auroc_fracture": auroc, "vertebrae": {"detection": {"recall": recall}}}))
+    assert side_by_side([f"shipped={tmp_path / 'a'}", f"tuned={tmp_path / 'b'}", "--out", str(tmp_path / "t.md")]) == 0
+    table = (tmp_path / "t.md").read_text()
+    assert "| image fracture AUROC | 0.610 | 0.930 |" in table
+    assert "| vertebrae found (recall) | 0.500 | 0.975 |" in table and "| level accuracy | n/a | n/a |" in table
+    assert side_by_side([f"x={tmp_path / 'missing'}"]) == 2 and "missing" in capsys.readouterr().err
