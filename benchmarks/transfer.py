@@ -44,6 +44,7 @@ from benchmarks.phantom_benchmark import machine
 from data.geometry import as_points, body_centre, table_points
 from data.io_utils import atomic_write_text
 from data.tables import path_key, read_text_table
+from training.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
@@ -112,8 +113,6 @@ def stage_train(arm: str, arm_dir: Path, epochs: int, threads: int) -> dict:
 
 
 def checkpoint_steps(path: Path) -> int | None:
-    from training.checkpoint import load_checkpoint
-
     try:
         return int(load_checkpoint(path).get("global_step"))
     except Exception:  # a benchmark note, not a reason to stop
