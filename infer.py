@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
                              "film_net.onnx or a .onnx file of `python -m inference.onnx`")
     parser.add_argument("--resume", action="store_true", help="skip inputs whose outputs are complete")
     parser.add_argument("--keep-identifiers", action="store_true",
-                        help="copy patient name, ID and birth date into the outputs (left out by default)")
+                        help="copy patient name, ID and birth date into the JSON, and write the DICOM SC/SR into "
+                             "the source's study with its patient and study identifiers (default: left out of "
+                             "the JSON; the SC/SR are a de-identified copy with new UIDs, see docs/formats.md)")
     parser.add_argument("--dicom-sc", action="store_true", help="also write the overlay as a DICOM Secondary Capture")
     parser.add_argument("--dicom-sr", action="store_true", help="also write a DICOM Comprehensive SR (TID 1500)")
     parser.add_argument("--operating-point", choices=("high_sensitivity", "balanced", "high_specificity"),

@@ -1,10 +1,19 @@
 """DICOM results out: a Secondary Capture of the heatmap overlay and a TID 1500 Comprehensive SR.
 
-Research output only (not for clinical use). Both objects join the *source* study (same
-StudyInstanceUID, patient/study module copied from the source) in new series, and reference
-the source image. By default the patient's name, ID and birth date are blanked
-(``keep_identifiers=False``); other study attributes (accession number, study date, ...) are
-copied as they are.
+Research output only (not for clinical use). Identifiers follow one policy (docs/formats.md,
+"DICOM outputs and identifiers"):
+
+- default (``keep_identifiers=False``): a de-identified copy following the DICOM Basic
+  Application Level Confidentiality Profile (PS3.15 Annex E, Table E.1-1). The result is built
+  from an allowlist of source attributes (``DEIDENTIFIED_KEPT``), none of which is in Table E.1-1
+  except the UIDs, which are replaced (action U) by a keyed hash of the original
+  (``DEIDENTIFIED_UIDS``): the SR and SC of a film, and the films of one study, share one new
+  study and reference the source image by its new UIDs. The patient becomes a pseudonym (a
+  keyed hash of the source's patient ID, as ID and as family name); birth date, sex, accession
+  number, study ID, study date/time and referring physician are empty; nothing else of the
+  source (institution, device, other patient IDs, request sequences, ...) is read.
+- ``keep_identifiers=True``: results that belong in the source study (same StudyInstanceUID,
+  the patient and study modules copied) in new series, referencing the source image as it is.
 
 Codes used in the SR (``CODES`` below):
 
@@ -33,9 +42,12 @@ Each vertebra is a measurement group whose Tracking Identifier is the level name
 from __future__ import annotations
 
 import copy
+import hashlib
+import hmac
 import math
 import os
 import warnings
+from pathlib import Path
 
 import highdicom as hd
 import numpy as np
@@ -81,14 +93,100 @@ CODES: dict[str, hd.sr.CodedConcept] = {
 
 _HEIGHT_KEYS = ("height_anterior", "height_middle", "height_posterior")
 
-# Patient attributes dropped or blanked unless keep_identifiers=True. Name, ID and birth
-# date are type 2 in the Patient module: blanked (empty) rather than removed.
-_BLANKED = ("PatientName", "PatientID", "PatientBirthDate")
-_REMOVED = ("PatientBirthTime", "OtherPatientIDs", "OtherPatientNames", "OtherPatientIDsSequence",
-            "IssuerOfPatientID", "PatientAddress", "PatientTelephoneNumbers", "PatientMotherBirthName")
 # Type 2 attributes highdicom's SR constructor reads unconditionally from the evidence.
 _TYPE2_DEFAULTS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber",
                    "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
+_REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+
+# The de-identified result (PS3.15 Annex E, Basic Application Level Confidentiality Profile) is
+# made from these source attributes only; none of them is listed in Table E.1-1.
+DEIDENTIFIED_KEPT = ("SOPClassUID", "Modality", "Rows", "Columns", "PatientOrientation", "PixelSpacing",
+                     "ImagerPixelSpacing", "ImagePositionPatient", "ImageOrientationPatient", "SliceThickness",
+                     "Laterality", "BodyPartExamined", "BurnedInAnnotation")
+# Table E.1-1 action U: replaced by a UID derived from the original with the de-identification key.
+DEIDENTIFIED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
+# Table E.1-1 actions Z (type 2 in the result's Patient and General Study modules): present, empty.
+DEIDENTIFIED_EMPTY = ("PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate", "StudyTime",
+                      "ReferringPhysicianName")
+# Body Part Examined values of unpaired parts: an SC of these has no Laterality (General Series, type 2C)
+UNPAIRED_BODY_PARTS = frozenset({"SPINE", "CSPINE", "TSPINE", "LSPINE", "SSPINE", "COCCYX", "CTSPINE", "TLSPINE",
+                                 "LSSPINE", "CHEST", "ABDOMEN", "PELVIS", "WHOLEBODY"})
+DEIDENTIFICATION_METHOD = "PS3.15 E.1 Basic Profile; allowlisted attributes; keyed UIDs"
+DEID_KEY_FILE = ".dicom-deid-key"
+_DEID_KEY_BYTES = 32
+# without a key given, one per process: the outputs of one run share their new studies
+_PROCESS_DEID_KEY = os.urandom(_DEID_KEY_BYTES)
+
+
+def folder_deid_key(folder: str | os.PathLike) -> bytes:
+    """The de-identification key of an output folder (``FOLDER/.dicom-deid-key``, 32 random
+    bytes, made on first use, readable by the owner only), so that a resumed run gives a study
+    the same new UIDs and pseudonym as the run before it."""
+    path = Path(folder) / DEID_KEY_FILE
+    if not path.exists():
+        tmp = path.with_name(f"{DEID_KEY_FILE}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(os.urandom(_DEID_KEY_BYTES))
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)  # atomic and never replaces a key another process made first
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    key = path.read_bytes()
+    if len(key) != _DEID_KEY_BYTES:
+        raise ValueError(f"{path}: not a de-identification key ({len(key)} bytes, expected "
+                         f"{_DEID_KEY_BYTES}); remove it to make a new one")
+    return key
+
+
+def _keyed_hex(key: bytes, kind: str, value: str) -> str:
+    return hmac.new(key, f"{kind}\0{value}".encode(), hashlib.sha256).hexdigest()
+
+
+def _keyed_uid(key: bytes, original: str) -> str:
+    """A "2.25." UID (a 128-bit number) derived from ``original``: the same for one key, unlinkable
+    to it without the key."""
+    return f"2.25.{int(_keyed_hex(key, 'uid', original)[:32], 16)}"
+
+
+def _pseudonym(key: bytes, source: Dataset) -> str:
+    """The patient's pseudonym: a keyed hash of the patient ID (of the study UID when it is empty)."""
+    patient = str(source.get("PatientID", "") or "")
+    basis = ("patient", patient) if patient.strip() else ("study", str(source.StudyInstanceUID))
+    return f"ANON-{_keyed_hex(key, *basis)[:16].upper()}"
+
+
+def _deidentified_header(source: Dataset, key: bytes) -> Dataset:
+    """The header a de-identified result is built from: the allowlisted attributes, new UIDs,
+    a pseudonymous patient and empty study identifiers."""
+    ref = Dataset()
+    for kw in DEIDENTIFIED_KEPT:
+        if kw in source:
+            ref.add(copy.deepcopy(source[kw]))
+    for kw in DEIDENTIFIED_UIDS:
+        if source.get(kw):
+            setattr(ref, kw, _keyed_uid(key, str(source[kw].value)))
+    ref.PatientID = _pseudonym(key, source)
+    ref.PatientName = f"{ref.PatientID}^"  # a family name only
+    for kw in DEIDENTIFIED_EMPTY:
+        setattr(ref, kw, "")
+    return ref
+
+
+def _mark_deidentified(ds: Dataset) -> None:
+    """Patient module's de-identification attributes (PS3.15 E.1.1) and the dates' removal."""
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = DEIDENTIFICATION_METHOD
+    profile = Dataset()
+    code = codes.DCM.BasicApplicationConfidentialityProfile
+    profile.CodeValue, profile.CodingSchemeDesignator, profile.CodeMeaning = (
+        code.value, code.scheme_designator, code.meaning)
+    ds.DeidentificationMethodCodeSequence = [profile]
+    ds.LongitudinalTemporalInformationModified = "REMOVED"
 
 
 def _vertebra_code(level: str) -> hd.sr.CodedConcept | None:
@@ -100,13 +198,14 @@ def _vertebra_code(level: str) -> hd.sr.CodedConcept | None:
     return hd.sr.CodedConcept(code.value, code.scheme_designator, code.meaning)
 
 
-def _reference_header(source: Dataset, keep_identifiers: bool) -> Dataset:
-    """Header-only copy of ``source`` (no pixel data) to build outputs from.
-
-    Missing type 2 attributes are added empty; identifiers are blanked unless kept."""
-    for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+def _reference_header(source: Dataset, keep_identifiers: bool, deid_key: bytes | None) -> Dataset:
+    """Header-only copy of ``source`` (no pixel data) to build outputs from: all of it with
+    ``keep_identifiers`` (missing type 2 attributes added empty), else the de-identified one."""
+    for kw in _REQUIRED_UIDS:
         if not source.get(kw):
             raise ValueError(f"source dataset lacks {kw}; cannot reference it")
+    if not keep_identifiers:
+        return _deidentified_header(source, deid_key or _PROCESS_DEID_KEY)
     ref = Dataset()
     for elem in source:
         if elem.tag.group >= 0x7FE0 or elem.tag.group == 0x0002:
@@ -115,23 +214,16 @@ def _reference_header(source: Dataset, keep_identifiers: bool) -> Dataset:
     for kw in _TYPE2_DEFAULTS:
         if kw not in ref or ref[kw].value is None:
             setattr(ref, kw, "")
-    if not keep_identifiers:
-        for kw in _BLANKED:
-            setattr(ref, kw, "")
-        for kw in _REMOVED:
-            if kw in ref:
-                delattr(ref, kw)
     return ref
 
 
 def _apply_identifiers(ds: Dataset, ref: Dataset, keep_identifiers: bool) -> None:
-    """Make the result's identifiers match the policy, whatever highdicom copied."""
-    for kw in _BLANKED:
-        setattr(ds, kw, ref.get(kw, "") if keep_identifiers else "")
+    """The result's patient is the reference header's (the source's, or its pseudonym), whatever
+    highdicom copied; a de-identified result says so."""
+    for kw in ("PatientName", "PatientID", "PatientBirthDate"):
+        setattr(ds, kw, ref.get(kw, ""))
     if not keep_identifiers:
-        for kw in _REMOVED:
-            if kw in ds:
-                delattr(ds, kw)
+        _mark_deidentified(ds)
 
 
 def _source_image_item(ref: Dataset) -> Dataset:
@@ -157,18 +249,22 @@ def _patient_orientation(ref: Dataset) -> tuple[str, str] | None:
 
 
 def secondary_capture(source: Dataset, overlay_bgr: np.ndarray, series_number: int = 900,
-                      instance_number: int = 1, keep_identifiers: bool = False) -> Dataset:
-    """Secondary Capture (RGB) of a BGR heatmap overlay, in the source's study.
+                      instance_number: int = 1, keep_identifiers: bool = False,
+                      deid_key: bytes | None = None) -> Dataset:
+    """Secondary Capture (RGB) of a BGR heatmap overlay: in the source's study with
+    ``keep_identifiers``, else in its de-identified copy (``deid_key``: the key of the new UIDs and
+    pseudonym, see :func:`folder_deid_key`; default one key per process).
 
     References the source image through SourceImageSequence / ReferencedImageSequence and
-    ReferencedSeriesSequence (series of the source). ``keep_identifiers=False`` blanks
-    PatientName, PatientID and PatientBirthDate."""
+    ReferencedSeriesSequence (series of the source). The overlay's pixels are the source's
+    pixels: a source that says BurnedInAnnotation YES gives an SC that says so too."""
     overlay_bgr = np.asarray(overlay_bgr)
     if overlay_bgr.ndim != 3 or overlay_bgr.shape[2] != 3 or overlay_bgr.dtype != np.uint8:
         raise ValueError(f"overlay must be (H, W, 3) uint8, got {overlay_bgr.shape} {overlay_bgr.dtype}")
     rgb = np.ascontiguousarray(overlay_bgr[..., ::-1])
-    ref = _reference_header(source, keep_identifiers)
+    ref = _reference_header(source, keep_identifiers, deid_key)
     orientation = _patient_orientation(ref)
+    laterality = str(ref.get("Laterality", "") or "").strip().upper()
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=ref,
         pixel_array=rgb,
@@ -183,12 +279,20 @@ def secondary_capture(source: Dataset, overlay_bgr: np.ndarray, series_number: i
         # highdicom requires an orientation for PATIENT; an unknown one is left empty below
         # (Patient Orientation is type 2C, so empty is valid) rather than guessed.
         patient_orientation=orientation or ("A", "F"),
+        laterality=laterality if laterality in ("R", "L") else None,
         transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
         series_description=SC_SERIES_DESCRIPTION,
         software_versions=ALGORITHM_VERSION,
     )
     if orientation is None:
         sc.PatientOrientation = None
+    body_part = str(ref.get("BodyPartExamined", "") or "").strip().upper()
+    if body_part:
+        sc.BodyPartExamined = body_part
+    if "Laterality" not in sc and body_part not in UNPAIRED_BODY_PARTS:
+        sc.Laterality = None  # type 2C in General Series: present and empty when not known
+    if str(ref.get("BurnedInAnnotation", "")).strip().upper() == "YES":
+        sc.BurnedInAnnotation = "YES"
     _apply_identifiers(sc, ref, keep_identifiers)
     sc.SourceImageSequence = [_source_image_item(ref)]
     sc.ReferencedImageSequence = [_source_image_item(ref)]
@@ -246,13 +350,16 @@ def _vertebra_group(vert: dict, algorithm: hd.sr.AlgorithmIdentification, source
 
 
 def structured_report(source: Dataset, findings: dict, series_number: int = 901,
-                      keep_identifiers: bool = False, instance_number: int = 1) -> Dataset:
-    """TID 1500 Comprehensive SR of the findings, referencing the source image.
+                      keep_identifiers: bool = False, instance_number: int = 1,
+                      deid_key: bytes | None = None) -> Dataset:
+    """TID 1500 Comprehensive SR of the findings, referencing the source image: in the source's
+    study with ``keep_identifiers``, else in its de-identified copy (``deid_key`` as for
+    :func:`secondary_capture`).
 
     ``findings``: ``p_fracture``, ``p_acute`` (0-1; NaN/None are left out), optional
     ``vertebrae`` (list of dicts: level, p_fracture, p_acute, genant_grade 0-3, heights
     [anterior, middle, posterior]) and ``height_unit`` ("px", default, or "mm")."""
-    ref = _reference_header(source, keep_identifiers)
+    ref = _reference_header(source, keep_identifiers, deid_key)
     height_unit = findings.get("height_unit", "px")
     if height_unit not in ("px", "mm"):
         raise ValueError(f"height_unit must be 'px' or 'mm', got {height_unit!r}")

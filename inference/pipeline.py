@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,19 +146,32 @@ def sr_findings(record: FilmRecord) -> dict:
 def _write_dicom_outputs(out: Path, source, name: str, overlay_bgr: np.ndarray, record: FilmRecord,
                          options: OutputOptions) -> dict:
     """DICOM Secondary Capture of the overlay and a Comprehensive SR, referencing the source
-    (``source``: its parsed header)."""
+    (``source``: its parsed header). One that cannot be made (e.g. a source without
+    StudyInstanceUID) is left out and its reason kept under ``errors``; the film's other
+    outputs stand."""
     from inference import dicom_out
 
-    written = {}
+    def key():  # the output folder's, so that a resumed run maps a study as the run before it did
+        return None if options.keep_identifiers else dicom_out.folder_deid_key(out)
+
+    makers = {}
     if options.dicom_sc:
-        sc = dicom_out.secondary_capture(source, overlay_bgr, keep_identifiers=options.keep_identifiers)
-        dicom_out.write_dicom(sc, out / f"{name}_sc.dcm")
-        written["secondary_capture"] = f"{name}_sc.dcm"
+        makers["secondary_capture"] = ("sc", lambda: dicom_out.secondary_capture(
+            source, overlay_bgr, keep_identifiers=options.keep_identifiers, deid_key=key()))
     if options.dicom_sr:
-        findings = sr_findings(record)
-        sr = dicom_out.structured_report(source, findings, keep_identifiers=options.keep_identifiers)
-        dicom_out.write_dicom(sr, out / f"{name}_sr.dcm")
-        written["structured_report"] = f"{name}_sr.dcm"
+        makers["structured_report"] = ("sr", lambda: dicom_out.structured_report(
+            source, sr_findings(record), keep_identifiers=options.keep_identifiers, deid_key=key()))
+    written, failed = {}, {}
+    for kind, (suffix, make) in makers.items():
+        try:
+            dicom_out.write_dicom(make(), out / f"{name}_{suffix}.dcm")
+        except Exception as exc:  # only this output is lost
+            failed[kind] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            warnings.warn(f"{record.image}: no DICOM {kind.replace('_', ' ')}: {failed[kind]}", stacklevel=2)
+        else:
+            written[kind] = f"{name}_{suffix}.dcm"
+    if failed:
+        written["errors"] = failed
     return written
 
 
@@ -243,7 +257,9 @@ def run_inference(predictor: Predictor, inputs: list[str], out: str | os.PathLik
 
     ``resume`` skips inputs whose outputs are complete. ``dicom_sc`` / ``dicom_sr`` add a
     DICOM Secondary Capture of the overlay / a Comprehensive SR for DICOM inputs. Patient
-    name, ID and birth date are left out of every output unless ``keep_identifiers``."""
+    name, ID and birth date are left out of the JSON, and the SC/SR are a de-identified copy
+    (new UIDs, a pseudonymous patient), unless ``keep_identifiers``: docs/formats.md, "DICOM
+    outputs and identifiers"."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with output_lock(out):
