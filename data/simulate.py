@@ -22,7 +22,7 @@ pixels:
   stay where they were: the discs next to the fracture widen instead of the spine above
   settling.
 * **Heights.** The anterior, middle and posterior heights fall by amounts drawn from
-  :data:`data.phantom.LOSS_RANGE` (clear of the grade boundaries), with the phantom's shape
+  :data:`data.fracture_priors.LOSS_RANGE` (clear of the grade boundaries), with the phantom's shape
   rules: a *wedge* loses the anterior height most (posterior kept, middle 35-55 % of the
   anterior loss), a *biconcave* fracture the middle height (anterior 20-50 % of it), a
   *crush* all three against the neighbours' posterior height (``data.morphometry``'s crush
@@ -77,8 +77,8 @@ from data.io_utils import atomic_write_image, atomic_write_text
 from data.landmarks import (LandmarkError, manifest_row, points_array, points_box, read_aasce,
                             read_vertebrae_csv, vertebra_row)
 from data.morphometry import CRUSH_POSTERIOR_RATIO, grade_vertebrae, heights_from_points
-from data.phantom import (ACUTE_GRADE_P, ACUTE_SHAPE_P, CHRONIC_GRADE_P, CHRONIC_SHAPE_P,
-                          LEVEL_FRACTURE_WEIGHT, LOSS_RANGE)
+from data.fracture_priors import (ACUTE_GRADE_P, ACUTE_SHAPE_P, CHRONIC_GRADE_P, CHRONIC_SHAPE_P,
+                                  LEVEL_FRACTURE_WEIGHT, LOSS_RANGE)
 from data.manifest import is_held_out
 from data.readers import ImageReadError, read_image
 

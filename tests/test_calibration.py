@@ -288,7 +288,7 @@ def test_cross_validation_refits_per_fold_what_the_outputs_depend_on():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from data.phantom import generate_dataset
+    from data.phantom2d import generate_dataset
     from training.system import FractureSystem
 
     tmp = tmp_path_factory.mktemp("cal")

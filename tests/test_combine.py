@@ -3,7 +3,7 @@ import pandas as pd
 
 from data.combine import combine
 from data.manifest import load_manifest
-from data.phantom import generate_dataset
+from data.phantom2d import generate_dataset
 
 
 def test_combine_holds_out_patients(tmp_path):

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.phantom import generate_dataset
+from data.phantom2d import generate_dataset
 from models.bundle import BundleError, load_bundle
 from training.export import export_checkpoint
 

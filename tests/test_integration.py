@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from data.phantom import generate_dataset
+from data.phantom2d import generate_dataset
 from training_config import compose_config, phantom_as_dicom
 
 ROOT = Path(__file__).resolve().parents[1]

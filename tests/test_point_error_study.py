@@ -81,7 +81,7 @@ def test_crop_study_reads_the_refiner_from_the_truth_and_from_the_crop_reading()
 
 def test_point_error_study_runs_on_phantom_films(tmp_path, capsys):
     from benchmarks import point_error_study
-    from data.phantom import generate_dataset
+    from data.phantom2d import generate_dataset
     from training_config import save_untrained_checkpoint
 
     generate_dataset(tmp_path / "data", n=2, seed=3, size=128, workers=1, progress=False)
@@ -110,7 +110,7 @@ def test_point_error_study_runs_on_phantom_films(tmp_path, capsys):
 def test_point_error_study_reads_a_refined_checkpoint_both_ways_and_filters_variants(tmp_path):
     from benchmarks import point_error_study
     import torch
-    from data.phantom import generate_dataset
+    from data.phantom2d import generate_dataset
     from models.point_refiner import REFINER_KEY, build_refiner
     from training_config import save_untrained_checkpoint
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from data.phantom import generate_dataset
+from data.phantom2d import generate_dataset
 from data.geometry import AP_MIRROR
 from data.vertebra_targets import apply_affine, invert_affine
 from models.bundle import Bundle, load_bundle

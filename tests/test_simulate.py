@@ -12,7 +12,7 @@ import pytest
 from data.landmarks import corners_to_points, points_array, points_box, read_aasce, write_vertebrae_dataset
 from data.manifest import load_manifest
 from data.morphometry import LEVELS, grade_vertebrae
-from data.phantom import LOSS_RANGE, generate_image
+from data.phantom2d import LOSS_RANGE, generate_image
 from data.readers import read_image
 from data.simulate import (SHAPES, FractureSynthesis, InfeasibleFracture, fracture_feasible, main,
                            simulate_dataset, simulate_fracture)

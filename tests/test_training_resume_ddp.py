@@ -7,7 +7,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from data.phantom import generate_dataset
+from data.phantom2d import generate_dataset
 from training_config import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from data.morphometry import LEVELS, grade_vertebrae
-from data.phantom import generate_dataset
+from data.phantom2d import generate_dataset
 from data.vertebra_targets import CROP_CONTEXT, CROP_SIZE, OFFSET_SCALE, VERTEBRA_CHANNELS
 from data.transforms import Letterbox
 from inference.vertebrae import (FILL_DRIFT, MAX_GAP_FILL, OVERHANG, TRUSTED_LEVEL_CONFIDENCE, analyse_film, assign_levels,

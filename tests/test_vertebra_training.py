@@ -14,7 +14,7 @@ import torch
 
 from data.dataset import GRID_STRIDE, RadiographDataset, collate_skipping_failures
 from data.manifest import load_manifest
-from data.phantom import generate_dataset
+from data.phantom2d import generate_dataset
 from data.readers import read_image
 from data.transforms import letterbox, normalize_intensity
 from data.geometry import AP_MIRROR, POINT_COLUMNS, body_centre, body_extent

@@ -54,7 +54,7 @@ def make_films(out: Path) -> list[Path]:
     import shutil
     import tempfile
 
-    from data.phantom import generate_dataset
+    from data.phantom2d import generate_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         generate_dataset(Path(tmp), n=4, seed=7, size=192, workers=1, progress=False)
