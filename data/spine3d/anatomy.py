@@ -370,7 +370,7 @@ def layout(patient: Patient, rng: np.random.Generator) -> None:
 
 def _rotation_between(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """The rotation taking unit vector a onto unit vector b."""
-    v = np.cross(a, b)
+    v = _cross(a, b)
     c = float(a @ b)
     if np.linalg.norm(v) < 1e-12:
         return np.eye(3)
@@ -472,7 +472,7 @@ def vertebra_solids(v: Vertebra, patient: Patient, m: Mats, rng: np.random.Gener
         p0 = np.array([0, 0, top_height(v, view, q0)]) + q0 * axis
         p1 = np.array([0, 0, top_height(v, view, edge) - depth]) + edge * axis
         along = (p1 - p0) / np.linalg.norm(p1 - p0)
-        normal = np.cross(along, other)
+        normal = _cross(along, other)
         normal = normal if normal[2] < 0 else -normal  # inside: above the floor
         floor = _local_plane(v, p0, normal)
         front_lim = _local_plane(v, edge * axis, axis)  # inside: behind the edge
@@ -507,6 +507,13 @@ def vertebra_solids(v: Vertebra, patient: Patient, m: Mats, rng: np.random.Gener
     return out
 
 
+def _cross(a, b) -> np.ndarray:
+    """Cross product of two 3-vectors (numpy's general one costs more than the solids it builds)."""
+    a1, a2, a3 = a
+    b1, b2, b3 = b
+    return np.array([a2 * b3 - a3 * b2, a3 * b1 - a1 * b3, a1 * b2 - a2 * b1], dtype=np.float64)
+
+
 def _plane_flip(p: np.ndarray) -> np.ndarray:
     return -p
 
@@ -536,7 +543,7 @@ def posterior_solids(v: Vertebra, patient: Patient, m: Mats) -> list[Solid]:
         length = np.linalg.norm(e1)
         e1 /= length
         e3 = np.array([0.0, 0.0, 1.0])
-        e2 = np.cross(e3, e1)
+        e2 = _cross(e3, e1)
         out.append(_local_solid(v, (junction + mid_line) / 2, np.stack([e1, e2, e3], 1),
                                 (length / 2 + 2, 3.2 * s, (0.42 * h + 2.5)), weight=bone))
         # articular processes: the superior one rises above the body, the inferior one drops
@@ -556,9 +563,9 @@ def posterior_solids(v: Vertebra, patient: Patient, m: Mats) -> list[Solid]:
             tsemi = (tl / 2, 5.0 * s, 5.5 * s)
             base = junction + np.array([0, -1.0, 0.25 * h])
         tdir /= np.linalg.norm(tdir)
-        e2 = np.cross(np.array([0.0, 0.0, 1.0]), tdir)
+        e2 = _cross(np.array([0.0, 0.0, 1.0]), tdir)
         e2 /= np.linalg.norm(e2)
-        e3 = np.cross(tdir, e2)
+        e3 = _cross(tdir, e2)
         out.append(_local_solid(v, base + tdir * tl / 2, np.stack([tdir, e2, e3], 1), tsemi, weight=bone))
     # spinous process: thoracic ones slope steeply down, lumbar ones run straight back
     idx = LEVELS.index(v.level)
@@ -594,11 +601,11 @@ def _chain(points: np.ndarray, semi_radial: float, semi_height: float, cortex: f
         d = dirs[j]
         start_n = d if j == 0 else (dirs[j - 1] + d) / np.linalg.norm(dirs[j - 1] + d)
         end_n = d if j == len(dirs) - 1 else (d + dirs[j + 1]) / np.linalg.norm(d + dirs[j + 1])
-        radial = np.cross(d, [0.0, 0.0, 1.0])
+        radial = _cross(d, [0.0, 0.0, 1.0])
         if np.linalg.norm(radial) < 1e-6:
             radial = np.array([1.0, 0.0, 0.0])
         radial /= np.linalg.norm(radial)
-        third = np.cross(radial, d)
+        third = _cross(radial, d)
         axes = np.stack([radial, third, d], 1)
         c = (points[j] + points[j + 1]) / 2
         planes = np.stack([plane(points[j], -start_n), plane(points[j + 1], end_n)])
@@ -654,12 +661,11 @@ def sacrum_pelvis_solids(patient: Patient, m: Mats) -> list[Solid]:
     eye = np.eye(3)
     for side in (-1.0, 1.0):
         # alae: the lateral masses of S1-S2, up to the sacroiliac joints
-        out.append(_local_solid(s1, [side * (s1.a + 18 * s), -6 * s, 0.3 * s1.height], eye, (24 * s, 20 * s, 26 * s),
-                                weight=bone))
+        out.append(_local_solid(s1, [side * (s1.a + 16 * s), -8 * s, 0.35 * s1.height], eye, (22 * s, 15 * s, 18 * s),
+                                weight=(m.trabecular - m.soft) * 1.2))
         # iliac wing: a thin curved plate beside the sacrum, its crest near L4-L5
-        centre = s1.to_world([side * 70 * s, 5 * s, 30 * s])
-        turn = rotation(0.0, 0.0, side * np.radians(35))
-        axes = s1.rotation @ turn
+        centre = s1.origin + np.array([side * 75, 10, 15]) * s
+        axes = rotation(0.0, 0.0, side * np.radians(35))
         semi = (6 * s, 62 * s, 68 * s)
         out.append(Solid(np.stack([quadric(centre, axes, semi)]), np.zeros((0, 4)), m.cortical - m.soft,
                          box_bounds(centre, axes, semi)))
@@ -667,7 +673,7 @@ def sacrum_pelvis_solids(patient: Patient, m: Mats) -> list[Solid]:
         out.append(Solid(np.stack([quadric(centre, axes, inner)]), np.zeros((0, 4)), m.trabecular - m.cortical,
                          box_bounds(centre, axes, inner)))
         # femoral heads
-        head = s1.to_world([side * 85 * s, 70 * s, -95 * s])
+        head = s1.origin + np.array([side * 85, 45, -115]) * s
         out.append(Solid(np.stack([quadric(head, eye, (23 * s,) * 3)]), np.zeros((0, 4)), m.cortical - m.soft,
                          box_bounds(head, eye, (23 * s,) * 3)))
         out.append(Solid(np.stack([quadric(head, eye, (21.5 * s,) * 3)]), np.zeros((0, 4)), m.trabecular - m.cortical,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data.projector import Geometry, project_points
+from data.projector import Geometry
 
 BATCH_PIXELS = 400_000  # padded pixels evaluated at once
 
@@ -83,18 +83,26 @@ def box_bounds(centre, axes: np.ndarray, semi) -> np.ndarray:
     return np.stack([c - half, c + half])
 
 
-def pixel_box(solid: Solid, geometry: Geometry, pad: int = 2) -> tuple[int, int, int, int] | None:
-    """(x0, y0, x1, y1) of the detector pixels the solid's bounds project to, clipped; None if none."""
-    lo, hi = solid.bounds
-    corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
-    xy = project_points(corners, geometry)
-    x0, y0 = np.floor(xy.min(0)).astype(int) - pad
-    x1, y1 = np.ceil(xy.max(0)).astype(int) + pad + 1
-    x0, y0 = max(int(x0), 0), max(int(y0), 0)
-    x1, y1 = min(int(x1), geometry.cols), min(int(y1), geometry.rows)
-    if x1 <= x0 or y1 <= y0:
-        return None
-    return x0, y0, x1, y1
+def pixel_boxes(solids: list[Solid], geometry: Geometry, pad: int = 2) -> np.ndarray:
+    """(n, 4) boxes x0, y0, x1, y1 of the detector pixels each solid's bounds project to,
+    clipped to the detector (x1 <= x0 or y1 <= y0: none)."""
+    if not solids:
+        return np.zeros((0, 4), int)
+    bounds = np.stack([s.bounds for s in solids])  # (n, 2, 3)
+    pick = np.array([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)])
+    corners = np.stack([bounds[:, pick[:, k], k] for k in range(3)], axis=-1)  # (n, 8, 3)
+    beam, right, down = geometry.axes
+    r = corners - geometry.source
+    depth = np.maximum(r @ beam, 1e-6)
+    scale = geometry.sdd_mm / depth / geometry.pixel_mm
+    cx, cy = geometry.principal_point()
+    x, y = (r @ right) * scale + cx, (r @ down) * scale + cy
+    boxes = np.stack([np.floor(x.min(1)) - pad, np.floor(y.min(1)) - pad,
+                      np.ceil(x.max(1)) + pad + 1, np.ceil(y.max(1)) + pad + 1], 1)
+    boxes = np.clip(boxes, 0, [geometry.cols, geometry.rows, geometry.cols, geometry.rows]).astype(int)
+    behind = (corners - geometry.source) @ beam <= 0
+    boxes[behind.any(1)] = 0  # a solid reaching behind the source is not drawn
+    return boxes
 
 
 def ray_length(geometry: Geometry) -> np.ndarray:
@@ -121,10 +129,9 @@ def render(solids: list[Solid], geometry: Geometry) -> tuple[np.ndarray, np.ndar
     textured = np.zeros((geometry.rows, geometry.cols), np.float32)
     s, d0, ex, ey = _ray_basis(geometry)
     groups: dict[tuple[int, int], list] = {}
-    for solid in solids:
-        box = pixel_box(solid, geometry)
-        if box is not None:  # solids with as many quadrics and planes are evaluated together
-            groups.setdefault((len(solid.quadrics), len(solid.planes)), []).append((solid, box))
+    for solid, box in zip(solids, pixel_boxes(solids, geometry)):
+        if box[2] > box[0] and box[3] > box[1]:  # solids with as many quadrics and planes are evaluated together
+            groups.setdefault((len(solid.quadrics), len(solid.planes)), []).append((solid, tuple(int(b) for b in box)))
     for (n_quadrics, n_planes), items in groups.items():
         items.sort(key=lambda it: (it[1][2] - it[1][0], it[1][3] - it[1][1]))
         start = 0

@@ -86,7 +86,7 @@ def _geometry(patient: Patient, levels: list[str], rng: np.random.Generator, row
 
 
 def _smooth_noise(rng: np.random.Generator, shape, sigma: tuple[float, float]) -> np.ndarray:
-    n = rng.standard_normal(shape).astype(np.float32)
+    n = rng.standard_normal(shape, dtype=np.float32)
     n = cv2.GaussianBlur(n, (0, 0), sigmaX=max(sigma[1], 0.3), sigmaY=max(sigma[0], 0.3))
     return n / (n.std() + 1e-6)
 
@@ -163,10 +163,12 @@ def _acquire(integrals: np.ndarray, rng: np.random.Generator, geometry: Geometry
     small = cv2.GaussianBlur(small, (0, 0), 0.08 * cols / 8)
     total = primary + spr * cv2.resize(small, (cols, rows), interpolation=cv2.INTER_LINEAR)
     body = L > 0.05
-    target = rng.uniform(300, 3000)  # photons per pixel in the body's median
-    i0 = target / max(float(np.median(total[body])) if body.any() else 1.0, 1e-9)
+    # automatic exposure control: the photons reaching the detector behind the densest part of
+    # the field (its 5th percentile of transmission: the spine and the thick soft tissue)
+    target = rng.uniform(400, 3000)
+    i0 = target / max(float(np.percentile(total[body], 5)) if body.any() else 1.0, 1e-9)
     expected = total * i0
-    noisy = expected + np.sqrt(expected) * rng.standard_normal((rows, cols)).astype(np.float32)
+    noisy = expected + np.sqrt(expected) * rng.standard_normal((rows, cols), dtype=np.float32)
     noisy += 0.02 * target * _smooth_noise(rng, (rows, cols), (1.2, 1.2))  # detector structure
     signal = -np.log(np.clip(noisy, 0.5, None) / i0)
     # digital radiography's dynamic-range compression: part of the large-scale signal (lungs
