@@ -1,14 +1,17 @@
 """Contact sheet: phantom films beside real radiographs, to compare texture and exposure.
 
     python -m data.contact_sheet --manifest runs/demo/data/train/manifest.csv --out sheet.png \
-        [--real ../shared/data/aasce/images] [--n 8]
+        [--also OTHER/manifest.csv] [--real ../shared/data/aasce/images] [--n 8]
 
 Phantom tiles outline fractured vertebrae (red acute, blue chronic) and give the Genant grade;
-real films (any folder of images, e.g. the AASCE AP films) fill a second row, unannotated.
+``--also`` adds a row of another phantom set (e.g. the 2D phantom's films beside the 3D ones),
+each tile named by the generator its folder's ``phantom.json`` records; real films (any folder
+of images, e.g. the AASCE AP films) fill a last row, unannotated.
 """
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import cv2
@@ -28,7 +31,17 @@ def _tile(pixels: np.ndarray) -> tuple[np.ndarray, object]:
     return cv2.cvtColor((img * 255).astype(np.uint8), cv2.COLOR_GRAY2BGR), box
 
 
+def _generator_name(manifest: Path) -> str:
+    info = manifest.parent / "phantom.json"
+    try:
+        return {"data.phantom": "phantom 3D", "data.phantom2d": "phantom 2D"}.get(
+            json.loads(info.read_text()).get("generator", ""), "phantom")
+    except (OSError, ValueError):
+        return "phantom"
+
+
 def phantom_tiles(manifest: Path, n: int) -> list[np.ndarray]:
+    name = _generator_name(manifest)
     man = load_manifest_table(manifest)
     vpath = manifest.parent / "vertebrae.csv"
     vert = load_vertebrae_table(vpath, manifest) if vpath.is_file() else None
@@ -44,7 +57,7 @@ def phantom_tiles(manifest: Path, n: int) -> list[np.ndarray]:
                 cv2.rectangle(tile, (int(x0), int(y0)), (int(x1), int(y1)), colour, 1)
                 cv2.putText(tile, f"{v.level} G{int(v.genant_grade)} {'AC' if v.acute == 1 else 'CH'}",
                             (int(x1) + 2, int(y0) + 8), cv2.FONT_HERSHEY_SIMPLEX, 0.33, colour, 1, cv2.LINE_AA)
-        cv2.putText(tile, "phantom", (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 220, 0), 1, cv2.LINE_AA)
+        cv2.putText(tile, f"{name} {row.get('view', '') or ''}", (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 220, 0), 1, cv2.LINE_AA)
         tiles.append(tile)
     return tiles
 
@@ -69,8 +82,11 @@ def _row(tiles: list[np.ndarray], n: int) -> np.ndarray:
     return np.hstack(tiles[:n])
 
 
-def contact_sheet(manifest: str | Path, out: str | Path, real: str | Path | None = None, n: int = 8) -> Path:
+def contact_sheet(manifest: str | Path, out: str | Path, real: str | Path | None = None, n: int = 8,
+                  also: str | Path | None = None) -> Path:
     rows = [_row(phantom_tiles(Path(manifest), n), n)]
+    if also is not None:
+        rows.append(_row(phantom_tiles(Path(also), n), n))
     if real is not None and Path(real).is_dir():
         rows.append(_row(real_tiles(Path(real), n), n))
     return atomic_write_image(out, np.vstack(rows))
@@ -80,10 +96,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--manifest", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--also", default=None, help="a second phantom manifest, shown as a second row")
     p.add_argument("--real", default=None, help="a folder of real radiographs to show beneath")
     p.add_argument("--n", type=int, default=8)
     a = p.parse_args(argv)
-    print(f"wrote {contact_sheet(a.manifest, a.out, a.real, a.n)}")
+    print(f"wrote {contact_sheet(a.manifest, a.out, a.real, a.n, a.also)}")
 
 
 if __name__ == "__main__":
