@@ -60,13 +60,13 @@ demo: $(STAMP)
 MODEL := runs/model
 MODEL_NAME ?= spine-vcf-default
 MODEL_VERSION ?= 1.0.0
-MODEL_EPOCHS ?= 2
-MODEL_STEPS ?= 200
+MODEL_EPOCHS ?= 1
+MODEL_STEPS ?= 60
 MODEL_STORAGE ?= int8
 model: $(STAMP)
-	$(PY) -m benchmarks.transfer --arms 3d --epochs $(MODEL_EPOCHS) --stages data,train --out runs/transfer
+	$(PY) -m benchmarks.transfer --arms 3d --epochs $(MODEL_EPOCHS) --stages data,train --out $(MODEL)/stage1
 	test -f $(MODEL)/simulated/manifest.csv || $(PY) -m data.simulate --aasce $(AASCE) --out $(MODEL)/simulated --n 2 --seed 0 --size 1024
-	$(PY) -m data.combine runs/transfer/3d/data/manifest.csv $(MODEL)/simulated/manifest.csv --out $(MODEL) \
+	$(PY) -m data.combine $(MODEL)/stage1/3d/data/manifest.csv $(MODEL)/simulated/manifest.csv --out $(MODEL) \
 		--test-fraction-of $(MODEL)/simulated/manifest.csv=0.2
 	$(PY) train.py fit --config configs/shipped.yaml --trainer.max_steps $(MODEL_STEPS) --trainer.precision $(DEMO_PRECISION) \
 		$$(test -f $(MODEL)/last.ckpt && echo --ckpt_path $(MODEL)/last.ckpt)
