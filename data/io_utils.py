@@ -1,6 +1,8 @@
-"""Atomic file writes: a killed process never leaves a half-written output behind."""
+"""Atomic file writes (a killed process never leaves a half-written output behind) and the
+fingerprint of an input file."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -81,3 +83,15 @@ def _json_default(obj: Any):
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def file_fingerprint(path: str | os.PathLike, stat: os.stat_result | None = None) -> dict:
+    """``{"size", "mtime_ns", "sha256"}`` of a file: what tells a replaced or edited input from
+    the one an output was made from. ``stat``: the file's ``os.stat`` taken before it was read
+    (a file changed since then keeps the earlier time, so it no longer matches)."""
+    stat = stat or os.stat(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}

@@ -233,6 +233,9 @@ class FilmRecord(_Record):
     dicom: dict | None = field(default=None, metadata=OPTIONAL)  # UIDs and modality, never identifiers
     patient: dict | None = field(default=None, metadata=OPTIONAL)  # only with keep_identifiers
     dicom_outputs: dict | None = field(default=None, metadata=OPTIONAL)
+    frames: int | None = field(default=None, metadata=OPTIONAL)  # only for a multi-frame input (the first is read)
+    # what the outputs were made from: the input's size, mtime_ns, sha256, format and the run's options
+    fingerprint: dict | None = field(default=None, metadata=OPTIONAL)
 
     def __post_init__(self) -> None:
         for v in self.vertebrae:

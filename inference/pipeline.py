@@ -9,6 +9,7 @@ a yes/no ``decision`` at an operating point (the stored default, or the one aske
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -26,7 +27,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data.io_utils import atomic_save_npy, atomic_write_image, atomic_write_json, atomic_write_text
+from data.io_utils import (atomic_save_npy, atomic_write_image, atomic_write_json, atomic_write_text,
+                           file_fingerprint)
 from data.discovery import find_inputs
 from inference.predictor import FilmPrediction, InferenceDataset, Predictor, collate_items
 from models.network import HEATMAP_STRIDE
@@ -186,9 +188,43 @@ class InferenceSummary:
 
 @dataclass(frozen=True)
 class OutputOptions:
+    """The options that shape a film's outputs (its JSON's ``fingerprint`` names them)."""
+
     keep_identifiers: bool = False
     dicom_sc: bool = False
     dicom_sr: bool = False
+    voi_lut: bool = False
+    max_pixels: int = 50_000_000
+    backend: str = "torch"  # onnx: the film heads only, no vertebrae
+
+
+# options that change nothing written for an input other than DICOM
+DICOM_ONLY_OPTIONS = ("keep_identifiers", "dicom_sc", "dicom_sr", "voi_lut")
+
+
+def fingerprint_options(options: OutputOptions, source_format: str | None) -> dict:
+    """The options of a fingerprint: those that shape the outputs of an input of this format."""
+    chosen = dataclasses.asdict(options)
+    if source_format != "dicom":
+        chosen = {k: v for k, v in chosen.items() if k not in DICOM_ONLY_OPTIONS}
+    return chosen
+
+
+def dicom_output_files(record: FilmRecord) -> list[str]:
+    """The DICOM files a film's record names (its ``dicom_outputs`` less the reasons of those
+    that could not be made)."""
+    return [v for v in (record.dicom_outputs or {}).values() if isinstance(v, str)]
+
+
+def same_source(path: str, fingerprint: dict) -> bool:
+    """Whether the file at ``path`` is still the one of ``fingerprint`` (size, mtime_ns, then sha256)."""
+    try:
+        stat = os.stat(path)
+        if (stat.st_size, stat.st_mtime_ns) != (fingerprint.get("size"), fingerprint.get("mtime_ns")):
+            return False
+        return file_fingerprint(path, stat)["sha256"] == fingerprint.get("sha256")
+    except OSError:
+        return False
 
 
 IDENTIFIER_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate")
@@ -220,14 +256,15 @@ def _decision_of(predictor) -> tuple:
 
 
 def completed_record(out: Path, path: str, name: str, decision: tuple | None = None,
-                     checkpoint_id: str | None = None) -> FilmRecord | None:
+                     checkpoint_id: str | None = None, options: OutputOptions = OutputOptions()) -> FilmRecord | None:
     """The record of an input whose outputs are all present (for --resume), read back through
     the schema; None when it must be redone.
 
     The JSON is written last, so its presence means the heatmaps before it are complete.
     ``decision``: the (operating point, threshold) this run decides at, or None; an output
-    decided otherwise is not complete. A JSON that does not fit the schema (another version's)
-    is redone."""
+    decided otherwise is not complete. So is one whose ``fingerprint`` names another input file
+    (size, mtime_ns, sha256) or other ``options``, or none. A JSON that does not fit the schema
+    (another version's) is redone."""
     record_path = out / f"{name}.json"
     if not record_path.is_file():
         return None
@@ -239,8 +276,14 @@ def completed_record(out: Path, path: str, name: str, decision: tuple | None = N
         return None
     if checkpoint_id is not None and record.checkpoint_id != checkpoint_id:
         return None  # made by another model: redo it
-    if not all((out / f).is_file() for f in (record.heatmap["npy"], record.heatmap["png"])):
+    if not all((out / f).is_file() for f in (record.heatmap["npy"], record.heatmap["png"],
+                                             *dicom_output_files(record))):
         return None
+    made_from = record.fingerprint or {}
+    if made_from.get("options") != fingerprint_options(options, made_from.get("format")):
+        return None  # e.g. --dicom-sr added, or --keep-identifiers left out
+    if not same_source(path, made_from):
+        return None  # the input was replaced or edited
     had = record.decision
     if decision is not None and (not had or (had.get("operating_point"), had.get("threshold")) != decision):
         return None
@@ -264,7 +307,9 @@ def run_inference(predictor: Predictor, inputs: list[str], out: str | os.PathLik
     out.mkdir(parents=True, exist_ok=True)
     with output_lock(out):
         return _run(predictor, inputs, out, batch_size, num_workers, voi_lut, max_pixels, progress, resume,
-                    OutputOptions(keep_identifiers=keep_identifiers, dicom_sc=dicom_sc, dicom_sr=dicom_sr))
+                    OutputOptions(keep_identifiers=keep_identifiers, dicom_sc=dicom_sc, dicom_sr=dicom_sr,
+                                  voi_lut=voi_lut, max_pixels=max_pixels,
+                                  backend="torch" if hasattr(predictor, "predict") else "onnx"))
 
 
 def _run(predictor, inputs, out: Path, batch_size: int, num_workers: int, voi_lut: bool, max_pixels: int,
@@ -281,8 +326,8 @@ def _run(predictor, inputs, out: Path, batch_size: int, num_workers: int, voi_lu
     if resume:
         _, point, threshold = _decision_of(predictor)
         decision = (point, threshold) if point is not None else None
-        done = {i: completed_record(out, paths[i], names[i], decision, getattr(predictor, "checkpoint_id", None))
-                for i in todo}
+        done = {i: completed_record(out, paths[i], names[i], decision, getattr(predictor, "checkpoint_id", None),
+                                    options) for i in todo}
         records += [r for r in done.values() if r is not None]
         rows += [r.prediction_row() for r in done.values() if r is not None]
         todo = [i for i in todo if done[i] is None]
@@ -431,6 +476,8 @@ def _write_outputs(predictor: Predictor, out: Path, path: str, name: str, item: 
                                  if cal is not None and "p_fracture_uncalibrated" in p else None),
         decision=decision,
         calibration=calibration,
+        frames=item["frames"] if item.get("frames", 1) > 1 else None,
+        fingerprint={**item["source"], "options": fingerprint_options(options, item["source"]["format"])},
     )
     if item.get("dicom"):
         record.dicom = item["dicom"]  # UIDs and modality; identifiers only with keep_identifiers
@@ -439,5 +486,7 @@ def _write_outputs(predictor: Predictor, out: Path, path: str, name: str, item: 
             record.patient = _identifiers(header)
         if options.dicom_sc or options.dicom_sr:
             record.dicom_outputs = _write_dicom_outputs(out, header, name, overlay, record, options)
+    for stale in {f"{name}_sc.dcm", f"{name}_sr.dcm"} - set(dicom_output_files(record)):
+        (out / stale).unlink(missing_ok=True)  # an earlier run's, made with other options
     atomic_write_json(out / f"{name}.json", record.to_json_dict(), strict=True)  # last: its presence marks a complete output
     return record

@@ -8,6 +8,7 @@ inference/pipeline.py's job.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from calibration import predictor_calibration
+from data.io_utils import file_fingerprint
 from data.readers import ImageReadError, read_image
 from data.records import VertebraRecord
 from data.transforms import letterbox, normalize_intensity
@@ -38,7 +40,12 @@ class InferenceDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         path = self.paths[i]
         try:
+            stat = os.stat(path)  # taken before the read: an input changed after it no longer matches its outputs
+        except OSError:
+            stat = None  # the reader says what is wrong
+        try:
             img = read_image(path, voi_lut=self.voi_lut, max_pixels=self.max_pixels)
+            source = file_fingerprint(path, stat)
         except ImageReadError as exc:
             return {"index": i, "error": exc.reason}
         except Exception as exc:  # a reader bug must not end a batch run
@@ -50,6 +57,7 @@ class InferenceDataset(Dataset):
         display = cv2.resize(pixels, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA) if f < 1 else pixels
         return {"index": i, "image": torch.from_numpy(x)[None], "box": box, "display": display, "pixels": pixels,
                 "image_size": (h, w), "pixel_spacing_mm": img.pixel_spacing_mm,
+                "source": {**source, "format": img.source_format}, "frames": img.frames,
                 "dicom": dict(img.info) if img.source_format == "dicom" else None,
                 # the reader's parsed header (no pixels): identifiers and DICOM outputs read it, not the file
                 "dicom_header": img.header}

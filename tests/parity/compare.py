@@ -10,8 +10,9 @@ import pandas as pd
 from tests.parity.parity_model import FILMS_DIR, FIXTURE
 
 TOLERANCE = 1e-5
-# identify the model file or the code, not what it predicts
-IGNORED_KEYS = {"checkpoint_id", "model", "note"}
+# identify the model file or the code, not what it predicts; the fingerprint names the input file
+# (its modification time differs in every checkout) and the run's options
+IGNORED_KEYS = {"checkpoint_id", "model", "note", "fingerprint"}
 
 
 def _same(a, b, where: str, problems: list[str]) -> None:
