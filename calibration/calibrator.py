@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from calibration.methods import METHODS, CalibrationError, CalibrationMethod, method_class
+from calibration.methods import METHODS, CalibrationError, CalibrationMethod, method_class, stored_number
 
 CALIBRATION_KEY = "vcf_calibration"
 CALIBRATION_FORMAT = 1
@@ -34,6 +34,9 @@ class Calibrator:
             raise TypeError(f"Calibrator got parameters of unknown method(s) {unknown}")
         self.method = method
         stored = parameters.get(method) or {}
+        if not isinstance(stored, dict):
+            raise CalibrationError(f"{method} parameters are {stored!r}, a {type(stored).__name__}; expected an "
+                                   f"object with a value per head ({', '.join(HEADS)})")
         self.maps: dict[str, CalibrationMethod] = {}
         for head in HEADS:
             if maps is not None and head in maps:
@@ -46,6 +49,10 @@ class Calibrator:
             except CalibrationError as exc:
                 raise CalibrationError(f"{method} calibration of {head}: {exc}") from None
         self.operating_points = dict(points or {})
+        for name, point in self.operating_points.items():
+            if not isinstance(point, dict) or "threshold" not in point:
+                raise CalibrationError(f"operating point {name!r} is {point!r}; expected an object with a threshold")
+            stored_number(point["threshold"], f"the threshold of operating point {name!r}")
         if self.operating_points and default not in self.operating_points:
             raise CalibrationError(f"default operating point {default!r} is not one of "
                                    f"{', '.join(self.operating_points)}")

@@ -99,11 +99,18 @@ def _beta_features(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return -np.logaddexp(0.0, -z), np.logaddexp(0.0, z)
 
 
+def stored_number(value: Any, what: str) -> float:
+    """A number of a stored calibration: a JSON number, never a string or true/false (a
+    calibration edited by hand to ``"2.5"`` is refused, not read)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise CalibrationError(f"{what} is {value!r}, a {type(value).__name__}; it must be a number")
+    return float(value)
+
+
 def _floats(value: Any, keys: tuple[str, ...], what: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(value[k]) for k in keys)
-    except (KeyError, TypeError, ValueError):
-        raise CalibrationError(f"{what} parameters are malformed: {value!r}") from None
+    if not isinstance(value, dict) or any(k not in value for k in keys):
+        raise CalibrationError(f"{what} parameters are malformed: {value!r} (expected numbers {', '.join(keys)})")
+    return tuple(stored_number(value[k], f"{what} parameter {k}") for k in keys)
 
 
 def platt_formula(ab: dict) -> str:
@@ -245,10 +252,7 @@ class TemperatureScaling(CalibrationMethod):
 
     @classmethod
     def from_json(cls, value) -> "TemperatureScaling":
-        try:
-            return cls(float(value or 1.0))
-        except (TypeError, ValueError):
-            raise CalibrationError(f"temperature is malformed: {value!r}") from None
+        return cls() if value is None else cls(stored_number(value, "temperature"))
 
     def describe(self) -> str:
         return f"T={self.temperature:.4g}"
@@ -360,9 +364,10 @@ class IsotonicCalibration(CalibrationMethod):
         if x is None and y is None:
             self.knots = None  # identity
             return
-        if not x or y is None or len(x) != len(y):
-            raise CalibrationError("isotonic table is malformed")
-        self.knots = {"x": [float(v) for v in x], "y": [float(v) for v in y]}
+        if not isinstance(x, (list, tuple)) or not isinstance(y, (list, tuple)) or not x or len(x) != len(y):
+            raise CalibrationError("isotonic table is malformed (expected lists x and y of equal length)")
+        self.knots = {"x": [stored_number(v, "isotonic knot x") for v in x],
+                      "y": [stored_number(v, "isotonic knot y") for v in y]}
 
     @classmethod
     def fit(cls, logits, probs, labels) -> "IsotonicCalibration":

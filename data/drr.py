@@ -46,7 +46,7 @@ import pandas as pd
 from scipy import ndimage
 from tqdm import tqdm
 
-from data.io_utils import atomic_write_image, atomic_write_text
+from data.io_utils import atomic_write_image, atomic_write_text, missing_file
 from data.landmarks import manifest_row, vertebra_row
 from data.morphometry import EXTRA_LEVELS, LEVELS, MORPHOLOGIES
 from data.projector import (BONE_SCALE, MU_WATER_PER_MM, Geometry, Volume, film_response, fit_detector,
@@ -83,7 +83,7 @@ def read_nifti(path: str | Path, what: str) -> tuple[np.ndarray, np.ndarray]:
     """The array and voxel-to-world (RAS mm) affine of a NIfTI file."""
     path = Path(path)
     if not path.is_file():
-        raise DrrError(f"{path}: {what} file not found")
+        raise DrrError(f"{path}: {missing_file(path, what + ' file')}")
     try:
         image = nib.load(str(path))
         data = np.asarray(image.dataobj)
@@ -100,7 +100,7 @@ def read_grades(path: str | Path) -> dict[str, dict]:
     """``level -> {genant_grade, morphology, acute}`` from a CSV ``level,genant_grade[,morphology,acute]``."""
     path = Path(path)
     if not path.is_file():
-        raise DrrError(f"{path}: grades file not found")
+        raise DrrError(f"{path}: {missing_file(path, 'grades file')}")
     raw = pd.read_csv(path, dtype=str, keep_default_na=False)
     missing = [c for c in ("level", "genant_grade") if c not in raw.columns]
     if missing:

@@ -95,3 +95,9 @@ def file_fingerprint(path: str | os.PathLike, stat: os.stat_result | None = None
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+
+
+def missing_file(path: str | os.PathLike, what: str = "file") -> str:
+    """Why ``path``, which is not a file, cannot be read as ``what``: a folder is named as one."""
+    article = "an" if what[:1].lower() in "aeiou" else "a"
+    return f"a folder, not {article} {what}" if Path(path).is_dir() else f"{what} not found"

@@ -70,7 +70,7 @@ import numpy as np
 import pandas as pd
 
 from data.geometry import POINT_COLUMNS, heights as body_heights
-from data.io_utils import atomic_write_text
+from data.io_utils import atomic_write_text, missing_file
 from data.tables import absolute_path, label_value, read_text_table
 from data.morphometry import LEVELS, level_index
 from data.readers import read_image
@@ -270,7 +270,7 @@ def read_vertebrae_csv(path: str | Path, manifest: str | Path | None = "auto",
     """
     path = Path(path).expanduser().resolve()
     if not path.is_file():
-        raise LandmarkError(f"{path}: vertebrae file not found")
+        raise LandmarkError(f"{path}: {missing_file(path, 'vertebrae file')}")
     root = path.parent
     raw = read_text_table(path)
     missing = [c for c in ["image", "level"] + POINT_COLUMNS if c not in raw.columns]
@@ -292,7 +292,7 @@ def read_vertebrae_csv(path: str | Path, manifest: str | Path | None = "auto",
                                "fracture": _label(r.get("fracture", ""), mpath),
                                "acute": _label(r.get("acute", ""), mpath)}
     elif manifest not in ("auto", None):
-        raise LandmarkError(f"{mpath}: manifest not found")
+        raise LandmarkError(f"{mpath}: {missing_file(mpath, 'manifest')}")
 
     groups: dict[str, list[dict]] = {}
     for i, r in raw.iterrows():

@@ -56,7 +56,7 @@ import pandas as pd
 
 from data.geometry import POINT_COLUMNS, body_axes, body_height
 from data.tables import load_vertebrae_table, read_text_table
-from data.io_utils import atomic_write_json, atomic_write_with
+from data.io_utils import atomic_write_json, atomic_write_with, missing_file
 
 OTHER = "other"
 MIN_BODIES = 3  # a film needs this many bodies for a spacing between consecutive centres
@@ -73,7 +73,7 @@ def read_films(vertebrae_csv: str | Path) -> dict[str, np.ndarray]:
     ``MIN_BODIES`` bodies too."""
     path = Path(vertebrae_csv)
     if not path.is_file():
-        raise ConventionError(f"{path}: not found")
+        raise ConventionError(f"{path}: {missing_file(path, 'vertebrae file')}")
     manifest = path.parent / "manifest.csv"
     if manifest.is_file():
         try:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from calibration.methods import beta_formula, platt_formula
-from data.io_utils import atomic_write_text
+from data.io_utils import atomic_write_text, missing_file
 from models.bundle import Bundle, ModelError, load_bundle
 
 REPO = Path(__file__).resolve().parents[1]
@@ -541,7 +541,7 @@ def main(argv: list[str] | None = None) -> Path:
                              "phantom, simulated-on-real and real films, and their views)")
     args = parser.parse_args(argv)
     if args.metrics and not Path(args.metrics).is_file():
-        parser.exit(2, f"error: {args.metrics}: metrics file not found (write it with evaluate.py)\n")
+        parser.exit(2, f"error: {args.metrics}: {missing_file(args.metrics, 'metrics file')} (write it with evaluate.py)\n")
     try:
         card = build_model_card(args.model, args.metrics, args.training_data)
     except ModelError as exc:

@@ -6,7 +6,8 @@ import logging
 import os
 from pathlib import Path
 
-from models.bundle import METADATA_FILE, Bundle, BundleError, file_sha256, is_bundle, load_bundle
+from models.bundle import (METADATA_FILE, Bundle, BundleError, file_sha256, is_bundle, load_bundle,
+                           not_a_checkpoint)
 from models.registry import REGISTRY_PATH, resolve
 
 log = logging.getLogger(__name__)
@@ -23,9 +24,12 @@ def open_model(model, sha256: str | None = None, allow_download: bool = False,
     if not path.exists() and (path.suffix or len(path.parts) > 1):  # a path, not a registry name
         raise BundleError(f"{path}: model not found")
     if path.is_file():
-        if path.suffix not in CHECKPOINT_SUFFIXES:
-            raise BundleError(f"{path}: not a model: give a bundle folder, a model name, or a training checkpoint "
-                              f"({', '.join(CHECKPOINT_SUFFIXES)})")
+        other = not_a_checkpoint(path)
+        if other and "--backend onnx" in other:  # an ONNX model: its own hint says how to run it
+            raise BundleError(f"{path}: {other}")
+        if other or path.suffix not in CHECKPOINT_SUFFIXES:
+            raise BundleError(f"{path}: {other or 'not a model'}: give a bundle folder, a model name, or a training "
+                              f"checkpoint ({', '.join(CHECKPOINT_SUFFIXES)})")
         from training.export import bundle_from_checkpoint  # training code, only for a checkpoint
 
         log.info("%s: a training checkpoint, converted in memory; export it once with "

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from calibration import predictor_calibration
-from data.io_utils import atomic_write_bytes
+from data.io_utils import atomic_write_bytes, missing_file
 from inference.loading import open_model
 from models.bundle import (CALIBRATION_FILE, ONNX_FILE, BundleError, ModelError, file_sha256, is_bundle,
                            read_metadata)
@@ -119,7 +119,7 @@ class OnnxPredictor:
     def _from_file(path: Path, sha256: str | None) -> tuple[dict, dict | None, str]:
         """(model metadata, stored calibration, model id) of a .onnx file of :func:`export_onnx`."""
         if not path.is_file():
-            raise BundleError(f"{path}: ONNX model not found")
+            raise BundleError(f"{path}: {missing_file(path, 'ONNX model')} (a bundle folder holds metadata.json)")
         if sha256:
             actual = file_sha256(path)
             if actual.lower() != sha256.lower():

@@ -79,6 +79,40 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+# protobuf tags of ModelProto's fields: producer_name, producer_version, domain, model_version,
+# doc_string, graph, opset_import, metadata_props
+ONNX_MODEL_TAGS = {0x12, 0x1a, 0x22, 0x28, 0x32, 0x3a, 0x42, 0x72}
+
+
+def not_a_checkpoint(path: str | os.PathLike) -> str | None:
+    """What a file given as a torch checkpoint plainly is instead, said as "an ONNX model, not a
+    torch model (...)", "a text file, not a model", ..., from its first bytes; None when it may
+    be a checkpoint (a zip or a pickle)."""
+    path = Path(path)
+    if path.is_dir():
+        return "a folder, not a checkpoint file" + (" (a model bundle: give it to --model)" if is_bundle(path) else "")
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    if not head:
+        return "an empty file, not a model"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None  # torch's zip format, or a pickle of the older one
+    # ONNX: a protobuf ModelProto, ir_version (field 1) first, then another of its fields
+    if path.suffix.lower() == ".onnx" or (len(head) > 2 and head[0] == 0x08 and 1 <= head[1] <= 30
+                                          and head[2] in ONNX_MODEL_TAGS):
+        return "an ONNX model, not a torch model (infer.py runs it with --backend onnx)"
+    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return "a safetensors file of network weights, not a model (a bundle folder holds such files)"
+    if b"\0" not in head:
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if exc.start < len(head) - 4:  # not merely a character cut at the end of the head
+                return None
+        return "a text file, not a model"
+    return None
+
+
 def _versions() -> dict:
     import importlib.metadata
 

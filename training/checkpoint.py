@@ -5,13 +5,15 @@ would run code is refused with :class:`CheckpointError` rather than executed.
 """
 from __future__ import annotations
 
-import pickle
 import logging
+import pickle
+import pickletools
+import zipfile
 from pathlib import Path
 
 import torch
 
-from models.bundle import Bundle, ModelError, file_sha256, is_bundle, load_bundle
+from models.bundle import Bundle, ModelError, file_sha256, is_bundle, load_bundle, not_a_checkpoint
 from models.registry import resolve
 from models.network import FractureNet
 from models.vertebra_net import VertebraNet
@@ -19,6 +21,8 @@ from models.vertebra_net import VertebraNet
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 2  # 2: adds the vertebra head and the crop network
+# pickle opcodes that look up or call a callable
+CALLABLE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX"}
 
 
 class CheckpointError(ModelError):
@@ -27,8 +31,11 @@ class CheckpointError(ModelError):
 
 def load_checkpoint(path: str | Path, sha256: str | None = None, map_location: str = "cpu") -> dict:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
+    other = not_a_checkpoint(path)  # an ONNX model, a text file, a folder: named, not unpickled
+    if other:
+        raise CheckpointError(f"{path}: {other}")
     if sha256:
         actual = file_sha256(path)
         if actual.lower() != sha256.lower():
@@ -36,16 +43,36 @@ def load_checkpoint(path: str | Path, sha256: str | None = None, map_location: s
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        detail = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line),
-                      str(exc).splitlines()[0])
+        lines = [line.strip() for line in str(exc).splitlines()]
+        code = next((line for line in lines if "Unsupported global" in line), None)
+        if code is None and not names_callables(path):  # damaged, or another kind of file
+            detail = next((line for line in lines if line.startswith(("Unsupported operand", "invalid load key"))),
+                          lines[0] if lines else "")
+            raise CheckpointError(f"{path}: not a readable checkpoint (its pickle does not parse: {detail})") from exc
         raise CheckpointError(
             f"{path}: refused: the file holds objects that only an unrestricted pickle could load "
-            f"(it could run code), so it was not loaded ({detail})") from exc
+            f"(it could run code), so it was not loaded ({code or 'it names callables'})") from exc
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not a training checkpoint of this project (no state_dict)")
     return ckpt
+
+
+def names_callables(path: str | Path) -> bool:
+    """Whether ``path`` is a pickle (or torch's zip of one) that names callables, which only an
+    unrestricted unpickler loads, calling them; read with :mod:`pickletools`, never unpickled."""
+    path = Path(path)
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                data = archive.read(name) if name else b""
+        else:
+            data = path.read_bytes()
+        return any(op.name in CALLABLE_OPCODES for op, _, _ in pickletools.genops(data))
+    except Exception:  # not a pickle that parses
+        return False
 
 
 def network_state(ckpt: dict, prefix: str = "net.") -> dict[str, torch.Tensor]:
