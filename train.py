@@ -5,13 +5,18 @@
     python train.py fit --config configs/phantom.yaml --ckpt_path runs/phantom/last.ckpt   # resume
     python train.py fit --config configs/real_template.yaml --model.init_from runs/phantom/best.ckpt
 
-The fully resolved config is saved beside every run (``config.yaml`` in the log folder).
+The fully resolved config is saved beside every run (``config.yaml`` in the log folder). A
+manifest with problems (docs/formats.md) stops the run before training, printing every problem
+on a line of its own (exit status 2).
 """
 from __future__ import annotations
+
+import sys
 
 from lightning.pytorch.cli import LightningCLI
 
 from data.dataset import SpineDataModule
+from data.tables import ManifestError
 from training.system import FractureSystem
 
 
@@ -26,11 +31,20 @@ def main(args: list[str] | None = None) -> FractureCLI:
                        save_config_kwargs={"overwrite": True}, args=args)
 
 
+def run(args: list[str] | None = None) -> int:
+    """:func:`main`, with its exit status: 2 for a manifest with problems, printed one a line."""
+    try:
+        main(args)
+    except ManifestError as exc:
+        print("error: " + "\n".join(exc.lines()), file=sys.stderr)
+        return 2
+    return 0
+
 
 def cli() -> int:
     """Console-script entry point (its return value is the exit status)."""
-    main()
-    return 0
+    return run()
+
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run())

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from data.manifest import Manifest, assign_splits, label_arrays, load_manifest
+from data.manifest import Manifest, assign_splits, check_apart_from_training, label_arrays, load_manifest
 from data.readers import ImageReadError, read_image
 from data.simulate import FractureSynthesis
 from data.transforms import letterbox, normalize_intensity, rasterize_vertebrae, train_augmentation
@@ -248,13 +248,18 @@ class SpineDataModule(L.LightningDataModule):
         size = tuple(hp.image_size)
         self.train_set = RadiographDataset(main, np.flatnonzero(splits == "train"), size, augment=hp.augment,
                                            crop_jitter=hp.crop_jitter, fracture_synthesis=hp.fracture_synthesis)
+        training = main.images[(splits == "train").to_numpy()]
         if hp.val_manifest:
-            self.val_set = RadiographDataset(load_manifest(hp.val_manifest), None, size)
+            val = load_manifest(hp.val_manifest)
+            check_apart_from_training(val, training, hp.manifest, "validation")
+            self.val_set = RadiographDataset(val, None, size)
         else:
             self.val_set = RadiographDataset(main, np.flatnonzero(splits == "val"), size)
         test_idx = np.flatnonzero(splits == "test")
         if hp.test_manifest:
-            self.test_set = RadiographDataset(load_manifest(hp.test_manifest), None, size)
+            test = load_manifest(hp.test_manifest)
+            check_apart_from_training(test, training, hp.manifest, "test")
+            self.test_set = RadiographDataset(test, None, size)
         elif len(test_idx):
             self.test_set = RadiographDataset(main, test_idx, size)
         if len(self.train_set) == 0:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from data.io_utils import missing_file
 from data.morphometry import EXTRA_LEVELS, LEVELS, MORPHOLOGIES
 from data.tables import (MANIFEST_COLUMNS, TRUTH_VERTEBRA_COLUMNS, ManifestError, absolute_path, label_value,
                          path_key, read_text_table)
@@ -55,7 +56,7 @@ def load_manifest(path: str | Path, vertebrae: str | Path | None = "auto",
     """Read and validate a manifest (and ``vertebrae.csv`` beside it when ``"auto"``)."""
     path = Path(path)
     if not path.is_file():
-        raise ManifestError(path, ["manifest file not found"])
+        raise ManifestError(path, [missing_file(path, "manifest file")])
     root = path.parent.resolve()
     raw = read_text_table(path, ManifestError)
     problems: list[str] = []
@@ -122,9 +123,13 @@ def load_manifest(path: str | Path, vertebrae: str | Path | None = "auto",
 
 def _load_vertebrae(path: Path, root: Path, images: set[str], problems: list[str]) -> pd.DataFrame | None:
     if not path.is_file():
-        problems.append(f"{path}: vertebrae file not found")
+        problems.append(f"{path}: {missing_file(path, 'vertebrae file')}")
         return None
-    raw = read_text_table(path, ManifestError)
+    try:
+        raw = read_text_table(path, ManifestError)
+    except ManifestError as exc:  # e.g. an unbalanced quote: one more problem of the manifest's list
+        problems += [f"{path.name} {p}" for p in exc.problems]
+        return None
     missing = [c for c in VERTEBRA_COLUMNS if c not in raw.columns]
     if missing:
         problems.append(f"{path.name}: missing column(s): {', '.join(missing)}")
@@ -169,8 +174,16 @@ def _load_vertebrae(path: Path, root: Path, images: set[str], problems: list[str
                 problems.append(f"{where}: {c} is not a number ({r[c]!r})")
                 coords[c] = float("nan")
         rec = {"image": abs_path, "level": level, "genant_grade": grade, "morphology": morph, "acute": acute, **coords}
-        if "mask_value" in raw.columns and r["mask_value"].strip():
-            rec["mask_value"] = int(float(r["mask_value"]))
+        mask_value = r["mask_value"].strip() if "mask_value" in raw.columns else ""
+        if mask_value:
+            try:
+                value = float(mask_value)
+            except ValueError:
+                value = math.nan
+            if value.is_integer():
+                rec["mask_value"] = int(value)
+            else:
+                problems.append(f"{where}: mask_value {mask_value!r} is not an integer (a label of the mask)")
         out.append(rec)
     return pd.DataFrame(out)
 
@@ -215,6 +228,26 @@ def assign_splits(images: pd.DataFrame, val_fraction: float = 0.15, test_fractio
         f = patient_fraction(str(patient), seed)
         out.append("test" if f < test_fraction else "val" if f < test_fraction + val_fraction else "train")
     return pd.Series(out, index=images.index, name="split")
+
+
+def check_apart_from_training(other: Manifest, training: pd.DataFrame, training_manifest: str | Path,
+                              role: str) -> None:
+    """Refuse a separate validation or test manifest (``role``) that shares an image or a patient
+    with ``training`` (the training split's rows of ``training_manifest``): splits never share
+    a patient. Raises one :class:`ManifestError` naming ``other``'s rows."""
+    images = {path_key(p) for p in training["image"]}
+    patients = set(training["patient_id"])
+    problems = []
+    for k, (image, patient) in enumerate(zip(other.images["image"], other.images["patient_id"])):
+        row = k + 2  # a manifest that loaded has every row, the header being row 1
+        if path_key(image) in images:
+            problems.append(f"row {row}: image {image} is a training image of {training_manifest} "
+                            f"(a {role} image must not be trained on)")
+        elif patient in patients:
+            problems.append(f"row {row}: patient {patient} has training images in {training_manifest} "
+                            f"(splits never share a patient)")
+    if problems:
+        raise ManifestError(other.path, problems)
 
 
 def label_arrays(images: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:

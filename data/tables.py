@@ -15,6 +15,7 @@ Problems are collected and raised together as one :class:`TableError` naming the
 """
 from __future__ import annotations
 
+import csv
 import math
 import os
 from pathlib import Path
@@ -35,6 +36,7 @@ __all__ = [
     "absolute_path",
     "path_key",
     "read_text_table",
+    "unparsable_csv",
     "label_value",
     "label_column",
     "number_column",
@@ -63,6 +65,10 @@ class TableError(ValueError):
         shown = "; ".join(self.problems[:10]) + (f"; ... ({len(self.problems) - 10} more)" if len(self.problems) > 10 else "")
         super().__init__(f"{self.path}: {len(self.problems)} problem(s): {shown}")
 
+    def lines(self) -> list[str]:
+        """The error as a command prints it: ``PATH: N problem(s):``, then a line per problem."""
+        return [f"{self.path}: {len(self.problems)} problem(s):", *(f"  {p}" for p in self.problems)]
+
 
 class ManifestError(TableError):
     """A manifest (or the vertebrae.csv beside it) with problems."""
@@ -90,9 +96,27 @@ def read_text_table(path: str | os.PathLike, error: type[TableError] = TableErro
     except FileNotFoundError:
         raise
     except Exception as exc:  # pandas raises several types for a malformed CSV
-        raise error(path, [f"cannot parse CSV: {type(exc).__name__}: {exc}"]) from exc
+        raise error(path, [unparsable_csv(path, exc)]) from exc
     df.columns = [str(c).strip() for c in df.columns]
     return df
+
+
+def unparsable_csv(path: str | os.PathLike, exc: Exception) -> str:
+    """The problem of a CSV that pandas cannot parse, naming the row (line of the file, the
+    header being row 1) where it breaks; pandas names a row of its own count, or none."""
+    try:
+        with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+            reader = csv.reader(fh, strict=True)
+            start = 1
+            for _ in reader:
+                start = reader.line_num + 1
+    except csv.Error as err:
+        if "end of data" in str(err):
+            return f"row {start}: a quoted field is never closed (an unbalanced quote runs to the end of the file)"
+        return f"row {start}: cannot parse CSV ({err})"
+    except OSError:
+        pass
+    return f"cannot parse CSV: {type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 def require_columns(df: pd.DataFrame, columns: Iterable[str], path, error: type[TableError] = TableError) -> None:

@@ -123,3 +123,73 @@ def test_a_film_without_a_split_follows_its_patients_given_split(tmp_path):
     (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
     man = load_manifest(tmp_path / "manifest.csv", check_files=False)
     assert (assign_splits(man.images, val_fraction=0.3, seed=1) == "test").all()
+
+
+VERTEBRA_HEADER = "image,level,genant_grade,morphology,acute,x_min,y_min,x_max,y_max," + ",".join(
+    f"p{i}{c}" for i in range(1, 7) for c in "xy")
+NUMS = ",".join(["1"] * 16)
+
+
+def test_a_broken_quote_and_a_bad_mask_value_join_the_one_problem_list(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"x")
+    write(tmp_path / "manifest.csv", "image,patient_id,fracture,acute\na.png,p1,1,0\nmissing.png,p2,0,\n")
+    write(tmp_path / "vertebrae.csv", VERTEBRA_HEADER + ",mask_value\n"
+          f"a.png,L1,1,wedge,1,{NUMS},3\n"
+          f'"a.png,L2,0,normal,,{NUMS},4\n'      # the quote is never closed
+          f"a.png,L3,0,normal,,{NUMS},5\n")
+    with pytest.raises(ManifestError) as err:
+        load_manifest(tmp_path / "manifest.csv")
+    assert err.value.problems == [
+        "row 3: image file not found: missing.png",
+        "vertebrae.csv row 3: a quoted field is never closed (an unbalanced quote runs to the end of the file)"]
+    write(tmp_path / "vertebrae.csv", VERTEBRA_HEADER + ",mask_value\n"
+          f"a.png,L1,1,wedge,1,{NUMS},abc\n"
+          f"a.png,L2,0,normal,,{NUMS},4.0\n")
+    with pytest.raises(ManifestError) as err:
+        load_manifest(tmp_path / "manifest.csv")
+    assert err.value.problems == [
+        "row 3: image file not found: missing.png",
+        "vertebrae.csv row 2: mask_value 'abc' is not an integer (a label of the mask)"]
+    assert err.value.lines()[0] == f"{tmp_path / 'manifest.csv'}: 2 problem(s):"
+
+
+def _two_patient_set(folder, patients=("p1", "p2")):
+    folder.mkdir()
+    rows = []
+    for k, patient in enumerate(patients):
+        (folder / f"f{k}.png").write_bytes(b"x")
+        rows.append(f"f{k}.png,{patient},0,,train")
+    return write(folder / "manifest.csv", "image,patient_id,fracture,acute,split\n" + "\n".join(rows) + "\n")
+
+
+def test_a_validation_manifest_sharing_training_patients_or_files_is_refused(tmp_path):
+    from data.dataset import SpineDataModule
+
+    train = _two_patient_set(tmp_path / "train")
+    for val, needle in ((train, "is a training image of"),  # the very same files
+                        (_two_patient_set(tmp_path / "val", ("p9", "p2")), "patient p2 has training images in")):
+        dm = SpineDataModule(str(train), val_manifest=str(val), image_size=(64, 48), num_workers=0)
+        with pytest.raises(ManifestError) as err:
+            dm.setup("fit")
+        assert err.value.path == str(val) and needle in str(err.value)
+    dm = SpineDataModule(str(train), test_manifest=str(train), image_size=(64, 48), num_workers=0)
+    with pytest.raises(ManifestError, match="a test image must not be trained on"):
+        dm.setup("fit")
+    other = _two_patient_set(tmp_path / "other", ("p8", "p9"))
+    dm = SpineDataModule(str(train), val_manifest=str(other), image_size=(64, 48), num_workers=0)
+    dm.setup("fit")
+    assert len(dm.train_set) == 2 and len(dm.val_set) == 2
+
+
+def test_train_prints_manifest_problems_one_a_line_and_exits_2(tmp_path, capsys):
+    import train
+    from tests.training_config import compose_config
+
+    manifest = _two_patient_set(tmp_path / "data")
+    write(manifest, manifest.read_text() + "gone.png,p3,maybe,,train\n")
+    config = compose_config(tmp_path / "run", manifest, trainer={"max_epochs": 1}, data={"num_workers": 0})
+    assert train.run(["fit", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-3:] == [f"error: {manifest}: 2 problem(s):", "  row 4: image file not found: gone.png",
+                                     "  row 4: fracture has unknown value 'maybe' (expected 1, 0 or empty)"]

@@ -249,8 +249,11 @@ def test_fracture_synthesis_during_training_changes_every_target(tmp_path):
     assert still.synthesis is None and float(still[0]["fracture"]) == 0.0
     with pytest.raises(ValueError, match="fracture_synthesis"):
         RadiographDataset(man, image_size=size, augment=True, fracture_synthesis=1.5)
-    dm = SpineDataModule(str(manifest), val_manifest=str(manifest), image_size=size, fracture_synthesis=0.3,
-                         num_workers=0)
+    # a separate validation manifest of another patient (splits never share one)
+    train_manifest = write_vertebrae_dataset(records[:2], tmp_path / "train_set")
+    val_manifest = write_vertebrae_dataset(records[2:], tmp_path / "val_set")
+    dm = SpineDataModule(str(train_manifest), val_manifest=str(val_manifest), image_size=size,
+                         fracture_synthesis=0.3, num_workers=0)
     dm.setup("fit")
     assert dm.train_set.synthesis is not None and dm.train_set.synthesis.p == 0.3
     assert dm.val_set.synthesis is None
