@@ -7,7 +7,8 @@ Confidence intervals come from a bootstrap over patients (``patient_id`` of the 
 When the inference folder holds a ``vertebrae.csv`` (per-vertebra predictions) and truth
 vertebrae are given, metrics.json, the plots and report.html gain a per-vertebra section
 (evaluation/vertebrae.py).
-Images with unknown labels are left out of each metric and counted. See evaluation/report/
+Images with unknown labels are left out of each metric and counted; what the fracture metrics
+leave out is counted by reason (metrics.json ``left_out``, printed and in the report). See evaluation/report/
 for the methods. Research metrics: on synthetic phantom films they are not clinical performance.
 """
 from __future__ import annotations
@@ -20,6 +21,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+from data.io_utils import missing_file  # noqa: E402
+from evaluation.metrics import left_out_line  # noqa: E402
 from evaluation.report import compute, page  # noqa: E402
 from evaluation.report.formatting import format_ci, format_value  # noqa: E402
 
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     for flag, path in (("--predictions", args.predictions), ("--manifest", args.manifest)):
         if not Path(path).is_file():
-            parser.exit(2, f"error: {flag} {path}: file not found\n")
+            parser.exit(2, f"error: {flag} {path}: {missing_file(path)}\n")
     t0 = time.perf_counter()
     try:
         inputs = compute.load_inputs(args.predictions, args.manifest, vertebrae, infer_dir)
@@ -81,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     if result.get("pointing_game"):
         msg += f"; pointing game {format_value(result['pointing_game']['score'])}"
     print(msg)
+    print(left_out_line(result["left_out"]))
     per_vertebra = result.get("vertebrae")
     if per_vertebra:
         print(vertebrae_summary_line(per_vertebra))

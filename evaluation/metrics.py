@@ -89,9 +89,12 @@ def join_tables(pred: pd.DataFrame, man: pd.DataFrame) -> pd.DataFrame:
     ``df.attrs`` holds the counts: ``n_predictions`` (rows in predictions.csv), ``n_error``
     (status other than ok), ``n_unmatched`` (ok rows whose image is not in the manifest),
     ``n_duplicate`` (repeated ok rows of one image), ``n_manifest``, ``n_missing_prediction``
-    (manifest images without an ok prediction) and ``n_joined``.
+    (manifest images without an ok prediction; ``n_missing_error_row`` of them have an error
+    row, ``n_missing_no_row`` no row at all) and ``n_joined``.
     """
     ok = pred[pred["status"] == "ok"].copy()
+    numbers = ok.select_dtypes("float").columns
+    ok[numbers] = ok[numbers].replace([np.inf, -np.inf], np.nan)  # an infinite score is no score
     ok["_key"] = ok["image"].map(path_key)
     n_dup = int(ok["_key"].duplicated().sum())
     ok = ok.drop_duplicates("_key", keep="first")
@@ -102,6 +105,9 @@ def join_tables(pred: pd.DataFrame, man: pd.DataFrame) -> pd.DataFrame:
     pred_cols = [c for c in ok.columns if c == "_key" or c not in man.columns]
     joined = man.merge(ok[pred_cols], on="_key", how="inner", validate="one_to_one")
     n_unmatched = int((~ok["_key"].isin(man["_key"])).sum())
+    failed = set(pred.loc[pred["status"] != "ok", "image"].map(path_key))
+    missing = man.loc[~man["_key"].isin(ok["_key"]), "_key"]
+    n_missing_error_row = int(missing.isin(failed).sum())
     joined = joined.drop(columns="_key").reset_index(drop=True)
     joined.attrs = {
         "n_predictions": int(len(pred)),
@@ -110,9 +116,47 @@ def join_tables(pred: pd.DataFrame, man: pd.DataFrame) -> pd.DataFrame:
         "n_duplicate": n_dup,
         "n_manifest": int(len(man)),
         "n_missing_prediction": int(len(man) - len(joined)),
+        "n_missing_error_row": n_missing_error_row,
+        "n_missing_no_row": int(len(missing) - n_missing_error_row),
         "n_joined": int(len(joined)),
     }
     return joined
+
+
+# why a manifest image is left out of the fracture metrics, or a prediction row goes unused
+LEFT_OUT_REASONS = {
+    "error_row": "prediction failed (error row)",
+    "no_prediction": "not in predictions.csv",
+    "non_finite_score": "p_fracture empty, NaN or infinite",
+    "missing_label": "fracture label unknown",
+    "not_in_manifest": "prediction row not in the manifest",
+    "duplicate_prediction": "repeated prediction row of an image",
+}
+
+
+def left_out(df: pd.DataFrame) -> dict[str, int]:
+    """What the fracture metrics leave out of a :func:`join_tables` result, by reason (the keys
+    of :data:`LEFT_OUT_REASONS`): manifest images whose prediction failed, that have none, whose
+    ``p_fracture`` is not a finite number, or whose ``fracture`` label is unknown; and
+    prediction rows not in the manifest, or repeating an image. The first four and the images
+    evaluated add up to the manifest."""
+    scored = finite_scores(df["p_fracture"])
+    a = df.attrs
+    return {"error_row": int(a.get("n_missing_error_row", 0)), "no_prediction": int(a.get("n_missing_no_row", 0)),
+            "non_finite_score": int((~scored).sum()),
+            "missing_label": int((scored & df["fracture"].isna().to_numpy()).sum()),
+            "not_in_manifest": int(a.get("n_unmatched", 0)), "duplicate_prediction": int(a.get("n_duplicate", 0))}
+
+
+def left_out_line(counts: dict[str, int]) -> str:
+    """:func:`left_out` in a line, naming only the reasons that occurred."""
+    parts = [f"{n} {LEFT_OUT_REASONS[k]}" for k, n in counts.items() if n]
+    return "left out: " + ("; ".join(parts) if parts else "nothing")
+
+
+def finite_scores(scores: pd.Series) -> np.ndarray:
+    """Which scores are finite numbers (an empty cell is NaN, so not finite)."""
+    return np.isfinite(scores.to_numpy(dtype=float))
 
 
 def image_max_grade(vertebrae_df: pd.DataFrame) -> pd.Series:
@@ -173,7 +217,7 @@ def _task_frame(df: pd.DataFrame, task: str, score: str | None = None) -> tuple[
         raise ValueError(f"unknown task {task!r}: use 'fracture' or 'acute'")
     if score not in rows.columns:
         raise ValueError(f"no column {score!r} in the table")
-    rows = rows[rows[score].notna()]
+    rows = rows[finite_scores(rows[score])]
     return rows, label, score
 
 
@@ -450,6 +494,7 @@ def summarise_tables(df: pd.DataFrame, vert: pd.DataFrame | None = None, records
     out: dict[str, Any] = {
         "inputs": dict(inputs or {}),
         "counts": counts,
+        "left_out": left_out(df),
         "auroc_fracture": auroc_fracture(df),
         "auroc_acute": auroc_acute(df) if "p_acute" in df.columns else float("nan"),
     }

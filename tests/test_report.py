@@ -533,3 +533,33 @@ def test_side_by_side_table_reads_each_report(tmp_path, capsys):
     assert "| image fracture AUROC | 0.610 | 0.930 |" in table
     assert "| vertebrae found (recall) | 0.500 | 0.975 |" in table and "| level accuracy | n/a | n/a |" in table
     assert side_by_side([f"x={tmp_path / 'missing'}"]) == 2 and "missing" in capsys.readouterr().err
+
+
+def test_evaluate_counts_what_it_leaves_out_by_reason(tiny_eval_set, tmp_path, capsys):
+    """An error row, a film without a row, an infinite and an empty score, unknown labels, a
+    stray and a repeated row: each is counted under its reason, printed and in metrics.json."""
+    import evaluate
+
+    s = tiny_eval_set
+    table = pd.read_csv(s["predictions"], dtype=str, keep_default_na=False)
+    name = table["name"]
+    table.loc[name == "img_05", "p_fracture"] = "inf"
+    table.loc[name == "img_06", "p_fracture"] = ""
+    table = pd.concat([table[name != "img_07"], table[name == "img_08"]])  # one film gone, one twice
+    predictions = tmp_path / "predictions.csv"
+    table.to_csv(predictions, index=False)
+    out = tmp_path / "report"
+    result = evaluate.main(["--predictions", str(predictions), "--manifest", s["manifest"], "--out", str(out),
+                            "--n-boot", "10", "--gallery", "0"])
+    expected = {"error_row": 1, "no_prediction": 1, "non_finite_score": 2, "missing_label": 2,
+                "not_in_manifest": 1, "duplicate_prediction": 1}
+    assert result["left_out"] == expected
+    assert json.loads((out / "metrics.json").read_text())["left_out"] == expected
+    fracture = result["roc"]["fracture"]
+    assert fracture["n_pos"] + fracture["n_neg"] + sum(list(expected.values())[:4]) == 12  # the manifest's images
+    assert (fracture["n_pos"], fracture["n_neg"]) == (5, 1)
+    printed = capsys.readouterr().out
+    assert ("left out: 1 prediction failed (error row); 1 not in predictions.csv; 2 p_fracture empty, NaN or "
+            "infinite; 2 fracture label unknown; 1 prediction row not in the manifest; 1 repeated prediction row "
+            "of an image") in printed
+    assert "Left out, by reason" in (out / "report.html").read_text()

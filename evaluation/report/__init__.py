@@ -30,7 +30,10 @@ Methods (also written into the report)
   (:func:`evaluation.metrics.expected_calibration_error`: the value of torchmetrics'
   ``BinaryCalibrationError``), and its bootstrap interval from the same function with the
   resampling weights; Brier score (scikit-learn).
-* **Unknown labels** are left out of each metric and counted (``n_unknown_left_out``).
+* **Unknown labels** are left out of each metric and counted (``n_unknown_left_out``); what the
+  fracture metrics leave out is counted by reason in ``left_out``
+  (:func:`evaluation.metrics.left_out`: error rows, no prediction, non-finite score, unknown label,
+  and unused prediction rows: not in the manifest, repeated).
 
 These are research metrics. On synthetic phantom films they say nothing about clinical
 performance.

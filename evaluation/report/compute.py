@@ -462,7 +462,8 @@ def evaluate_inputs(inputs: ReportInputs, n_boot: int = 1000, seed: int | None =
                     gallery_n: int = 4) -> dict:
     """Every metric of the report in one JSON-serialisable dict (NaN as ``None``).
 
-    Top-level keys: ``schema_version``, ``inputs``, ``counts``, ``bootstrap``,
+    Top-level keys: ``schema_version``, ``inputs``, ``counts``, ``left_out``
+    (:func:`evaluation.metrics.left_out`: what the fracture metrics leave out, by reason), ``bootstrap``,
     ``auroc_fracture``, ``auroc_acute`` (, ``auroc_acute_given_fracture``) (point values, as in
     :func:`evaluation.metrics.summarise`), ``roc`` and ``pr`` (per task, with CI and counts),
     ``by_grade``, ``by_level``, ``operating_points``, ``stored_operating_point``,
@@ -478,7 +479,8 @@ def evaluate_inputs(inputs: ReportInputs, n_boot: int = 1000, seed: int | None =
     patients = df["patient_id"].astype(str).tolist()
     W = B.patient_bootstrap_weights(patients, n_boot, seed)
 
-    out: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "inputs": base["inputs"], "counts": base["counts"]}
+    out: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "inputs": base["inputs"], "counts": base["counts"],
+                           "left_out": base["left_out"]}
     out["inputs"]["n_boot"] = int(n_boot)
     out["bootstrap"] = {"unit": "patient", "n_boot": int(n_boot), "seed": seed, "level": 0.95,
                         "interval": "percentile", "n_patients": int(len(set(patients))), "n_images": int(len(df))}

@@ -12,6 +12,7 @@ import pandas as pd
 
 from data.io_utils import atomic_write_json, atomic_write_text, atomic_write_with
 from evaluation import vertebrae as V
+from evaluation.metrics import LEFT_OUT_REASONS
 from evaluation.report import plots
 from evaluation.report.formatting import format_ci, format_value
 
@@ -150,6 +151,10 @@ def render_html(result: dict, images: dict[str, Path] | None = None) -> str:
                  f"{c.get('n_missing_prediction', 0)} manifest image(s) have no usable prediction, "
                  f"{c.get('n_unmatched', 0)} prediction(s) are not in the manifest.</p>")
     parts.append(_table(["count", "value"], [[k, v] for k, v in c.items()]))
+    left = result.get("left_out")
+    if left:
+        parts.append("<h3>Left out, by reason</h3>" + _table(
+            ["reason", "what", "count"], [[k, LEFT_OUT_REASONS.get(k, k), n] for k, n in left.items()]))
 
     # headline
     rows = []
