@@ -1,7 +1,7 @@
 """The shipped model on data it never saw, against the targets of its card.
 
     python -m benchmarks.shipped_model [--model spine-vcf-default] [--reference BUNDLE]
-        [--aasce ../shared/data/aasce] [--out runs/shipped_benchmark] [--phantom-n 400] [--draws 6]
+        [--aasce ../shared/data/aasce] [--out runs/shipped_benchmark] [--phantom-n 400] [--draws 7]
         [--no-results]
 
 Test sets (each written by the project's own command lines, then ``infer.py`` and ``evaluate.py``):
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--aasce", type=Path, default=ROOT.parent / "shared" / "data" / "aasce")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "shipped_benchmark")
     parser.add_argument("--phantom-n", type=int, default=400)
-    parser.add_argument("--draws", type=int, default=6, help="simulated films per held-out source film")
+    parser.add_argument("--draws", type=int, default=7, help="simulated films per held-out source film")
     parser.add_argument("--no-results", action="store_true")
     args = parser.parse_args(argv)
     model = args.model or default_model()
