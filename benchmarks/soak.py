@@ -48,6 +48,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from benchmarks.phantom_benchmark import machine
 from data.io_utils import atomic_write_text
 from data.phantom import generate_dataset
+from inference.dicom_out import DEID_KEY_FILE
 from inference.pipeline import LOCK_FILE
 from training.export import export_checkpoint
 from training.system import FractureSystem
@@ -332,7 +333,8 @@ def compare(ref: Path, soak: Path, good: list[Path], hostile: dict[Path, str]) -
     elif len(ref_v):
         numbers = ref_v.select_dtypes("number").columns
         worst = max(worst, float((ref_v[numbers] - soak_v[numbers]).abs().max().max()))
-    leftovers = sorted(p.name for p in soak.iterdir() if p.name.startswith("."))
+    # hidden files other than the folder's de-identification key: temporary files, a lock
+    leftovers = sorted(p.name for p in soak.iterdir() if p.name.startswith(".") and p.name != DEID_KEY_FILE)
     if leftovers:
         problems.append(f"left in the output folder: {leftovers}")
     return {"good_complete": complete, "hostile_same": hostile_same, "largest_difference": worst,
@@ -351,7 +353,7 @@ def summary_lines(r: dict) -> list[str]:
         "A check that a killed run loses nothing and keeps nothing stale, not a benchmark of the model.",
         "", f"- command: `{r['command']}`", f"- date: {r['date']}", f"- machine: {r['machine']}",
         f"- model: {r['model']}",
-        f"- inputs: {r['n_good']} good films of {r['size']} px ({r['n_dicom']} of them DICOM; "
+        f"- inputs: {r['n_good']} good films (3D phantom, data.phantom, {r['size']} px; {r['n_dicom']} of them DICOM; "
         f"{len(GOOD_NAMES)} under odd unicode or 240-byte names) and {r['n_hostile']} hostile files "
         f"({', '.join(r['hostile'])})",
         f"- infer.py options: `--num-workers {r['workers']} --batch-size {r['batch_size']} --dicom-sr --dicom-sc "
@@ -390,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--good", type=int, default=30, help="good phantom films")
     p.add_argument("--size", type=int, default=384, help="phantom film size in pixels")
-    p.add_argument("--kills", type=int, default=8, help="runs killed before one is let finish")
+    p.add_argument("--kills", type=int, default=8, help="at most this many runs are killed; the next one finishes")
     p.add_argument("--model", default=None, help="a bundle (default: a seeded, untrained model made here)")
     p.add_argument("--workers", type=int, default=2, help="infer.py --num-workers")
     p.add_argument("--batch-size", type=int, default=4)
