@@ -11,18 +11,28 @@ With neither --model nor --checkpoint, the shipped model is read (the registry's
 INPUT may be image files (PNG, JPEG, TIFF, DICOM), folders (walked recursively) or manifest
 CSVs. Outputs are described in docs/formats.md. A checkpoint calibrated by
 `python -m calibration.fit` adds a yes/no decision per image at an operating point
-(--operating-point overrides the stored default). Exit status: 0 if every input was processed,
-1 if any failed (each failure has an error row in predictions.csv), 2 on a usage error.
+(--operating-point overrides the stored default). Inputs that cannot be spine radiographs are
+refused, and films where the model finds no spine get no probability (docs/formats.md, "Inputs
+inference refuses").
+
+Exit status: 0 if every input has a prediction; 1 if any has none (each has a row in
+predictions.csv with status error, refused or no_spine, and its reason); 2 on a usage error;
+130 when interrupted by Ctrl-C (SIGINT) and 143 by SIGTERM: the run stops at once, abandoning
+the film in progress, the tables are written with every film finished, and --resume completes it.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
 
+from inference.acceptance import NO_SPINE_SCORE
 from models.bundle import ModelError
 from models.registry import default_model
 from inference.pipeline import OutputFolderInUse, run_inference
@@ -40,6 +50,31 @@ def _count(minimum: int):
             raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
         return value
     return parse
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, so that it stops as on Ctrl-C (its tables written)."""
+
+    signum = signal.SIGTERM
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block, SIGTERM raises :class:`Terminated` once (a second one is ignored
+    while the tables are written)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def usage_problem(args) -> str | None:
@@ -91,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--operating-point", choices=("high_sensitivity", "balanced", "high_specificity"),
                         default=None, help="threshold of the per-image decision (a calibrated checkpoint only; "
                                            "default: the one stored by `python -m calibration.fit`)")
+    parser.add_argument("--min-spine-score", type=float, default=NO_SPINE_SCORE,
+                        help="a film whose strongest vertebral-body score is below this gets status no_spine and no "
+                             f"probability (default {NO_SPINE_SCORE:g}; 0 turns the rule off, e.g. for an untrained "
+                             "model)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     problem = usage_problem(args)
@@ -127,15 +166,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"calibrated ({cal.method}); decisions at operating point {point} "
               f"(p_fracture >= {cal.threshold(point):.4f})")
     try:
-        summary = run_inference(predictor, args.inputs, args.out, batch_size=args.batch_size,
-                                num_workers=args.num_workers, voi_lut=args.voi_lut, max_pixels=args.max_pixels,
-                                progress=not args.quiet, resume=args.resume, keep_identifiers=args.keep_identifiers,
-                                dicom_sc=args.dicom_sc, dicom_sr=args.dicom_sr)
+        with sigterm_as_interrupt():
+            summary = run_inference(predictor, args.inputs, args.out, batch_size=args.batch_size,
+                                    num_workers=args.num_workers, voi_lut=args.voi_lut, max_pixels=args.max_pixels,
+                                    progress=not args.quiet, resume=args.resume,
+                                    keep_identifiers=args.keep_identifiers, dicom_sc=args.dicom_sc,
+                                    dicom_sr=args.dicom_sr, min_spine_score=args.min_spine_score)
     except OutputFolderInUse as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"interrupted by {signal.Signals(signum).name}: {Path(args.out) / 'predictions.csv'} holds the films "
+              f"finished; run again with --resume to complete", file=sys.stderr)
+        return 128 + int(signum)
     skipped = f" ({summary.n_skipped} already complete)" if summary.n_skipped else ""
-    print(f"{summary.n_ok} ok{skipped}, {summary.n_failed} failed in {summary.seconds:.1f} s; "
+    by_status = ", ".join(f"{n} {status}" for status, n in sorted(summary.failed_by_status.items()))
+    print(f"{summary.n_ok} ok{skipped}, {summary.n_failed} failed"  # failed: without a prediction
+          + (f" ({by_status})" if set(summary.failed_by_status) - {"error"} else "") + f" in {summary.seconds:.1f} s; "
           f"predictions: {summary.predictions_csv}" + (f"; errors: {summary.predictions_csv.parent / 'errors.csv'}"
                                                        if summary.n_failed else ""))
     return 1 if summary.n_failed else 0

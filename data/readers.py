@@ -32,6 +32,8 @@ DICOM (pydicom)
       if that range is degenerate (or the data are float pixel data), by the image's own
       min / max.
     * MONOCHROME1 is inverted (``1 - x``) after scaling, so bone is bright.
+    * pixel values that are NaN or infinite (float pixel data, or after the modality LUT) are
+      refused, as in floating-point TIFFs.
 
 Every result is clipped to [0, 1] and is float32. Any failure is raised as
 :class:`ImageReadError` with a one-line message ``"{path}: {reason}"``; no other exception
@@ -637,6 +639,8 @@ def _read_dicom(path: Path, voi_lut: bool, max_pixels: int | None) -> Radiograph
     is_float = "PixelData" not in ds
     modality = np.asarray(apply_modality_lut(arr, ds))
     data = modality.astype(np.float64)
+    if not np.isfinite(data).all():  # float pixel data, or a rescale that overflows
+        raise ImageReadError(path, "pixel data contain NaN or infinite values")
     value_range = None
     if voi_lut:
         window = _voi_range(ds)

@@ -33,6 +33,7 @@ __all__ = [
     "PREDICTION_COLUMNS",
     "VERTEBRA_COLUMNS",
     "error_row",
+    "STATUSES",
     "vertebra_rows",
 ]
 
@@ -236,6 +237,7 @@ class FilmRecord(_Record):
     frames: int | None = field(default=None, metadata=OPTIONAL)  # only for a multi-frame input (the first is read)
     # what the outputs were made from: the input's size, mtime_ns, sha256, format and the run's options
     fingerprint: dict | None = field(default=None, metadata=OPTIONAL)
+    warnings: list[str] | None = field(default=None, metadata=OPTIONAL)  # e.g. an implausible pixel spacing ignored
 
     def __post_init__(self) -> None:
         for v in self.vertebrae:
@@ -276,9 +278,16 @@ def vertebra_rows(image: str, name: str, vertebrae: list[dict], levels_trusted: 
             for v in vertebrae]
 
 
-def error_row(image: str, name: str, error: str) -> dict:
-    """The ``predictions.csv`` row of an input without outputs (unreadable, or writing failed)."""
-    return {"image": image, "name": name, "status": "error", "error": " ".join(str(error).split())}  # one line
+STATUSES = ("ok", "error", "refused", "no_spine")  # a predictions.csv row's status (docs/formats.md)
+
+
+def error_row(image: str, name: str, error: str, status: str = "error") -> dict:
+    """The ``predictions.csv`` row of an input without outputs: ``error`` (unreadable, or
+    writing failed), ``refused`` (not a spine radiograph) or ``no_spine`` (the model found no
+    spine); ``error`` holds the one-line reason."""
+    if status not in STATUSES[1:]:
+        raise ValueError(f"error_row: status {status!r} is not one of {STATUSES[1:]}")
+    return {"image": image, "name": name, "status": status, "error": " ".join(str(error).split())}  # one line
 
 
 PREDICTION_COLUMNS = FilmRecord.csv_columns()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ import socket
 import time
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -30,7 +31,8 @@ from tqdm import tqdm
 from data.io_utils import (atomic_save_npy, atomic_write_image, atomic_write_json, atomic_write_text,
                            file_fingerprint)
 from data.discovery import find_inputs
-from inference.predictor import FilmPrediction, InferenceDataset, Predictor, collate_items
+from inference.acceptance import NO_SPINE_SCORE, no_spine_reason
+from inference.predictor import FilmPrediction, InferenceDataset, Predictor, collate_items, worker_init
 from models.network import HEATMAP_STRIDE
 from inference.vertebrae import fracture_map, fracture_peak
 from inference.drawing import draw_vertebrae, overlay_heatmap
@@ -184,6 +186,8 @@ class InferenceSummary:
     seconds: float
     predictions_csv: Path
     n_skipped: int = 0  # complete outputs found by --resume
+    # the rows without outputs, by status: error, refused, no_spine (n_failed is their sum)
+    failed_by_status: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -196,6 +200,7 @@ class OutputOptions:
     voi_lut: bool = False
     max_pixels: int = 50_000_000
     backend: str = "torch"  # onnx: the film heads only, no vertebrae
+    min_spine_score: float = NO_SPINE_SCORE  # below it a film is no_spine (inference/acceptance.py); 0: off
 
 
 # options that change nothing written for an input other than DICOM
@@ -295,21 +300,24 @@ def completed_record(out: Path, path: str, name: str, decision: tuple | None = N
 def run_inference(predictor: Predictor, inputs: list[str], out: str | os.PathLike, batch_size: int = 8,
                   num_workers: int = 0, voi_lut: bool = False, max_pixels: int = 50_000_000,
                   progress: bool = True, resume: bool = False, keep_identifiers: bool = False,
-                  dicom_sc: bool = False, dicom_sr: bool = False) -> InferenceSummary:
+                  dicom_sc: bool = False, dicom_sr: bool = False,
+                  min_spine_score: float = NO_SPINE_SCORE) -> InferenceSummary:
     """Run ``predictor`` over every input and write the outputs of docs/formats.md.
 
     ``resume`` skips inputs whose outputs are complete. ``dicom_sc`` / ``dicom_sr`` add a
     DICOM Secondary Capture of the overlay / a Comprehensive SR for DICOM inputs. Patient
     name, ID and birth date are left out of the JSON, and the SC/SR are a de-identified copy
     (new UIDs, a pseudonymous patient), unless ``keep_identifiers``: docs/formats.md, "DICOM
-    outputs and identifiers"."""
+    outputs and identifiers". A film whose strongest vertebral-body score is below
+    ``min_spine_score`` gets a ``no_spine`` row instead of a probability (0: every film gets one)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with output_lock(out):
         return _run(predictor, inputs, out, batch_size, num_workers, voi_lut, max_pixels, progress, resume,
                     OutputOptions(keep_identifiers=keep_identifiers, dicom_sc=dicom_sc, dicom_sr=dicom_sr,
                                   voi_lut=voi_lut, max_pixels=max_pixels,
-                                  backend="torch" if hasattr(predictor, "predict") else "onnx"))
+                                  backend="torch" if hasattr(predictor, "predict") else "onnx",
+                                  min_spine_score=min_spine_score))
 
 
 def _run(predictor, inputs, out: Path, batch_size: int, num_workers: int, voi_lut: bool, max_pixels: int,
@@ -332,7 +340,8 @@ def _run(predictor, inputs, out: Path, batch_size: int, num_workers: int, voi_lu
         rows += [r.prediction_row() for r in done.values() if r is not None]
         todo = [i for i in todo if done[i] is None]
     dataset = InferenceDataset([paths[i] for i in todo], predictor.image_size, voi_lut=voi_lut, max_pixels=max_pixels)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_items)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_items,
+                        worker_init_fn=functools.partial(worker_init, os.getpid()))  # workers die with the run
     bar = tqdm(total=len(paths), initial=len(paths) - len(todo), desc="inference", unit="img", disable=not progress)
     flushed = time.time()
     try:
@@ -343,17 +352,21 @@ def _run(predictor, inputs, out: Path, batch_size: int, num_workers: int, voi_lu
     errors = table[table["status"] != "ok"]
     n_failed = len(errors)
     return InferenceSummary(n_ok=len(table) - n_failed, n_failed=n_failed, seconds=time.time() - start,
-                            predictions_csv=out / "predictions.csv", n_skipped=len(paths) - len(todo))
+                            predictions_csv=out / "predictions.csv", n_skipped=len(paths) - len(todo),
+                            failed_by_status={k: int(v) for k, v in errors["status"].value_counts().items()})
 
 
 def _process(predictor, loader, todo, paths, names, out, options, rows, records, bar, flushed) -> None:
     """Run the loader's batches, appending each film's row (and record) as it is written."""
     for batch in loader:
-        good = [b for b in batch if "error" not in b]
+        good = [b for b in batch if "error" not in b and "refused" not in b]
         for b in batch:
             if "error" in b:
                 i = todo[b["index"]]
                 rows.append(error_row(paths[i], names[i], b["error"]))
+            elif "refused" in b:
+                i = todo[b["index"]]
+                rows.append(error_row(paths[i], names[i], b["refused"], status="refused"))
         if good:
             if hasattr(predictor, "predict"):
                 results = predictor.predict(good)
@@ -367,6 +380,10 @@ def _process(predictor, loader, todo, paths, names, out, options, rows, records,
                 if bad:
                     rows.append(error_row(paths[i], names[i], f"the model gave non-finite outputs ({bad}); "
                                                               "its weights may be damaged"))
+                    continue
+                no_spine = no_spine_reason(results[k].spine_score, options.min_spine_score)
+                if no_spine:  # no probability for a film without a spine
+                    rows.append(error_row(paths[i], names[i], no_spine, status="no_spine"))
                     continue
                 try:
                     record = _write_outputs(predictor, out, paths[i], names[i], b, results[k], options)
@@ -478,6 +495,7 @@ def _write_outputs(predictor: Predictor, out: Path, path: str, name: str, item: 
         calibration=calibration,
         frames=item["frames"] if item.get("frames", 1) > 1 else None,
         fingerprint={**item["source"], "options": fingerprint_options(options, item["source"]["format"])},
+        warnings=list(item.get("warnings") or []) or None,
     )
     if item.get("dicom"):
         record.dicom = item["dicom"]  # UIDs and modality; identifiers only with keep_identifiers

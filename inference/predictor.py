@@ -8,7 +8,10 @@ inference/pipeline.py's job.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from data.io_utils import file_fingerprint
 from data.readers import ImageReadError, read_image
 from data.records import VertebraRecord
 from data.transforms import letterbox, normalize_intensity
+from inference.acceptance import checked_spacing, contrast_refusal, refusal
 from inference.loading import open_model
 from inference.vertebrae import analyse_film, image_probabilities, with_morphometry
 from models.network import HEATMAP_STRIDE, FractureNet
@@ -30,6 +34,11 @@ OVERLAY_MAX_SIDE = 1024  # overlays are downsized to this long side; the .npy ke
 
 
 class InferenceDataset(Dataset):
+    """Each input read and prepared: a dict with the network ``image``, its letterbox ``box``,
+    the normalised ``pixels`` and a downsized ``display``; ``{"index", "error"}`` for an input
+    that cannot be read, ``{"index", "refused"}`` for one refused by inference/acceptance.py.
+    An implausible pixel spacing is dropped and named in ``warnings``."""
+
     def __init__(self, paths: list[str], image_size: tuple[int, int], voi_lut: bool = False,
                  max_pixels: int = 50_000_000):
         self.paths, self.image_size, self.voi_lut, self.max_pixels = paths, tuple(image_size), voi_lut, max_pixels
@@ -50,13 +59,19 @@ class InferenceDataset(Dataset):
             return {"index": i, "error": exc.reason}
         except Exception as exc:  # a reader bug must not end a batch run
             return {"index": i, "error": f"{type(exc).__name__}: {exc}"}
-        pixels = normalize_intensity(img.pixels)
+        refused = refusal(img)  # inference/acceptance.py: what cannot be a spine radiograph
+        if not refused:
+            pixels = normalize_intensity(img.pixels)
+            refused = contrast_refusal(pixels)
+        if refused:
+            return {"index": i, "refused": refused}
+        spacing, warning = checked_spacing(img.pixel_spacing_mm)
         x, box = letterbox(pixels, self.image_size)
         h, w = pixels.shape
         f = min(1.0, OVERLAY_MAX_SIDE / max(h, w))
         display = cv2.resize(pixels, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA) if f < 1 else pixels
         return {"index": i, "image": torch.from_numpy(x)[None], "box": box, "display": display, "pixels": pixels,
-                "image_size": (h, w), "pixel_spacing_mm": img.pixel_spacing_mm,
+                "image_size": (h, w), "pixel_spacing_mm": spacing, "warnings": [warning] if warning else [],
                 "source": {**source, "format": img.source_format}, "frames": img.frames,
                 "dicom": dict(img.info) if img.source_format == "dicom" else None,
                 # the reader's parsed header (no pixels): identifiers and DICOM outputs read it, not the file
@@ -65,6 +80,24 @@ class InferenceDataset(Dataset):
 
 def collate_items(batch: list[dict]) -> list[dict]:
     return batch
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def worker_init(parent_pid: int, worker_id: int) -> None:
+    """A DataLoader worker's start (``worker_init_fn=functools.partial(worker_init, os.getpid())``):
+    it is killed when the run that started it dies, even by SIGKILL, and it dies at once on
+    SIGTERM. Without this a worker blocked writing a film into the pipe of a dead run waits
+    forever, holding its memory. Linux only (prctl); elsewhere the DataLoader's own check of
+    its parent (every few seconds, while idle) remains."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the run's handler (tables) is not the worker's
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the run died before the signal was set
+        os._exit(1)
 
 
 
@@ -84,6 +117,8 @@ class FilmPrediction:
     level_confidence: float | None = None
     levels_trusted: bool = False
     vertebra_error: str | None = None
+    # the film network's strongest vertebral-body score (None where the backend has no such output)
+    spine_score: float | None = None
 
     def vertebra_dicts(self) -> list[dict]:
         """The vertebrae in their JSON form (what drawing and the heatmap rules read)."""
@@ -139,6 +174,7 @@ class Predictor:
         exceeds its film."""
         out = self.net(torch.stack([b["image"] for b in items]).to(self.device))
         raw = {k: v.float().cpu().numpy() for k, v in FractureNet.probabilities(out).items()}
+        spine_scores = torch.sigmoid(out["vertebra_logits"][:, 0].float()).amax(dim=(1, 2)).cpu().numpy()
         results = []
         for k, item in enumerate(items):
             head = {key: np.float64(raw[key][k]) for key in ("p_fracture", "p_acute", "p_acute_given_fracture")}
@@ -178,5 +214,5 @@ class Predictor:
                 probs=probs, heatmap=raw["heatmap"][k], head={key: float(v) for key, v in head_raw.items()},
                 vertebrae=[VertebraRecord.from_json_dict(v) for v in film["vertebrae"]],
                 level_confidence=film.get("level_confidence"), levels_trusted=trusted,
-                vertebra_error=film.get("vertebra_error") or None))
+                vertebra_error=film.get("vertebra_error") or None, spine_score=float(spine_scores[k])))
         return results

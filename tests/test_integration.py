@@ -86,7 +86,8 @@ def test_infer_end_to_end(trained, tmp_path):
     bad.write_bytes(b"not an image")
     out = tmp_path / "infer"
     proc = subprocess.run([sys.executable, "infer.py", "--checkpoint", str(trained / "best.ckpt"), "--out", str(out),
-                           "--num-workers", "0", "--quiet", str(trained / "test" / "manifest.csv"), str(bad)],
+                           "--num-workers", "0", "--quiet", "--min-spine-score", "0",  # a minute's training finds no spine
+                           str(trained / "test" / "manifest.csv"), str(bad)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr  # one input failed
     assert "6 ok, 1 failed" in proc.stdout
@@ -171,7 +172,8 @@ def test_resume_errors_and_identifiers(trained, tmp_path):
     dcm = phantom_as_dicom(images[0], folder / "study1")  # no suffix: found by content
     (folder / "empty.dcm").write_bytes(b"")
     out = tmp_path / "out"
-    args = ["--checkpoint", str(trained / "best.ckpt"), "--out", str(out), "--num-workers", "0", "--quiet"]
+    args = ["--checkpoint", str(trained / "best.ckpt"), "--out", str(out), "--num-workers", "0", "--quiet",
+            "--min-spine-score", "0"]  # a minute's training finds no spine
     assert infer.main(args + [str(folder)]) == 1
     errors = pd.read_csv(out / "errors.csv")
     assert len(errors) == 1 and errors.image.iloc[0].endswith("empty.dcm") and "empty" in errors.error.iloc[0]
@@ -205,7 +207,7 @@ def test_dicom_outputs_and_onnx_backend(trained, tmp_path):
     images = sorted((trained / "test" / "images").glob("*.png"))
     dcm = phantom_as_dicom(images[1], tmp_path / "film.dcm")
     out = tmp_path / "out"
-    args = ["--out", str(out), "--num-workers", "0", "--quiet", str(dcm)]
+    args = ["--out", str(out), "--num-workers", "0", "--quiet", "--min-spine-score", "0", str(dcm)]
     assert infer.main(["--checkpoint", str(trained / "best.ckpt"), "--dicom-sc", "--dicom-sr"] + args) == 0
     source = pydicom.dcmread(dcm)
     sc = pydicom.dcmread(out / "film_sc.dcm")

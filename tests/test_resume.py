@@ -44,7 +44,7 @@ def test_a_replaced_input_is_made_again_and_an_unchanged_one_kept(predictor, tmp
     made_from = first["fingerprint"]
     assert made_from["sha256"] == hashlib.sha256((films / "a.png").read_bytes()).hexdigest()
     assert made_from["size"] == (films / "a.png").stat().st_size and made_from["format"] == "png"
-    assert made_from["options"] == {"max_pixels": 50_000_000, "backend": "torch"}
+    assert made_from["options"] == {"max_pixels": 50_000_000, "backend": "torch", "min_spine_score": 0.3}
 
     shutil.copy(FILMS[1], films / "a.png")  # another film under the same name
     summary = _run(predictor, films, out, resume=True)

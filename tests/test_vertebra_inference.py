@@ -898,13 +898,20 @@ def test_predictor_reports_the_injected_vertebrae_in_original_pixels(model, tmp_
     assert results[0].probs["p_fracture_image_head"] < _sigmoid(3.5)
     assert results[0].probs["p_fracture"] == pytest.approx(_sigmoid(3.5), abs=1e-6)
     assert results[2].probs["p_fracture"] == pytest.approx(float(heads[2]), abs=1e-6)
+    # the film network's strongest body score: the injected centres, or sigmoid(-10) where nothing is
+    assert results[1].spine_score == pytest.approx(_sigmoid(max(CENTRE_LOGITS[:3])), abs=1e-6)
+    assert results[2].spine_score == pytest.approx(_sigmoid(-10.0), abs=1e-6)
 
     out = tmp_path / "out"
     summary = run_inference(predictor, model["films"], out, num_workers=0, progress=False)
-    assert summary.n_ok == 3 and summary.n_failed == 0
+    # the film without a vertebra gets no probability (the no-spine rule, inference/acceptance.py)
+    assert summary.n_ok == 2 and summary.failed_by_status == {"no_spine": 1}
     table = pd.read_csv(out / "predictions.csv")
+    spineless = table[table.image == model["films"][2]].iloc[0]
+    assert spineless.status == "no_spine" and "no spine found" in spineless.error and pd.isna(spineless.p_fracture)
+    assert not (out / f"{spineless['name']}.json").exists()
     records = {}
-    for path, bodies in zip(model["films"], FILM_BODIES):
+    for path, bodies in zip(model["films"][:2], FILM_BODIES[:2]):
         row = table[table.image == path].iloc[0]
         record = json.loads((out / f"{row['name']}.json").read_text())
         records[row["name"]] = record
@@ -961,8 +968,8 @@ def test_calibrated_predictor_keeps_films_above_their_vertebrae(model, tmp_path)
     out = tmp_path / "out"
     run_inference(predictor, model["films"], out, num_workers=0, progress=False)
     table = pd.read_csv(out / "predictions.csv", dtype={"decision": str})
-    assert (table.status == "ok").all()
-    for path, bodies in zip(model["films"], FILM_BODIES):
+    assert list(table.status) == ["ok", "ok", "no_spine"]  # the third film shows no vertebra
+    for path, bodies in zip(model["films"][:2], FILM_BODIES[:2]):
         row = table[table.image == path].iloc[0]
         record = json.loads((out / f"{row['name']}.json").read_text())
         _check_film_agrees(record)
