@@ -13,7 +13,8 @@ For each arm (``OUT/<arm>/``):
 2. train: ``train.py fit`` with configs/transfer.yaml, resumed from ``last.ckpt`` when a run
    was cut short; ``--threads`` CPU threads (``OMP_NUM_THREADS``) so that two arms can run side
    by side and still get the same compute each;
-3. evaluate: the last checkpoint exported as a bundle, ``infer.py`` on every AASCE film (real
+3. evaluate: the last checkpoint exported as a bundle, ``infer.py --min-spine-score 0`` (what
+   each model localises, with no film turned away as "no spine") on every AASCE film (real
    AP anatomy, no fractures; their corners are the truth), ``evaluate.py`` on all of them and on
    the films without annotation problems (``data.landmarks``); then lateral DRRs of the VerSe
    CT facing both ways (``python -m data.drr``) and the smoke check: the six bodies found,
@@ -202,7 +203,8 @@ def stage_evaluate(arm: str, arm_dir: Path, aasce: Path | None, verse: Path | No
     if aasce is not None and aasce.is_dir():
         manifests = aasce_tables(aasce, out)
         infer = arm_dir / "infer_aasce"
-        run([sys.executable, "infer.py", "--model", bundle, "--out", infer, "--resume", manifests["all"]],
+        run([sys.executable, "infer.py", "--model", bundle, "--out", infer, "--resume", "--min-spine-score", 0,
+             manifests["all"]],
             f"{arm}: inference on the AASCE films")
         for subset, manifest in manifests.items():
             report = arm_dir / f"report_aasce_{subset}"
@@ -212,7 +214,8 @@ def stage_evaluate(arm: str, arm_dir: Path, aasce: Path | None, verse: Path | No
     if verse is not None and verse.is_dir():
         manifest = verse_films(verse, out)
         infer = arm_dir / "infer_verse"
-        run([sys.executable, "infer.py", "--model", bundle, "--out", infer, manifest], f"{arm}: inference on VerSe DRRs")
+        run([sys.executable, "infer.py", "--model", bundle, "--out", infer, "--min-spine-score", 0, manifest],
+            f"{arm}: inference on VerSe DRRs")
         result["verse"] = verse_smoke(infer / "vertebrae.csv", manifest.parent / "vertebrae.csv")
     atomic_write_text(arm_dir / "evaluation.json", json.dumps(result, indent=1))
     return result
