@@ -105,9 +105,10 @@ def join_tables(pred: pd.DataFrame, man: pd.DataFrame) -> pd.DataFrame:
     pred_cols = [c for c in ok.columns if c == "_key" or c not in man.columns]
     joined = man.merge(ok[pred_cols], on="_key", how="inner", validate="one_to_one")
     n_unmatched = int((~ok["_key"].isin(man["_key"])).sum())
-    failed = set(pred.loc[pred["status"] != "ok", "image"].map(path_key))
+    status_of = dict(zip(pred.loc[pred["status"] != "ok", "image"].map(path_key), pred.loc[pred["status"] != "ok", "status"]))
     missing = man.loc[~man["_key"].isin(ok["_key"]), "_key"]
-    n_missing_error_row = int(missing.isin(failed).sum())
+    missing_status = missing.map(status_of)
+    n_missing_error_row = int(missing_status.notna().sum())
     joined = joined.drop(columns="_key").reset_index(drop=True)
     joined.attrs = {
         "n_predictions": int(len(pred)),
@@ -118,6 +119,8 @@ def join_tables(pred: pd.DataFrame, man: pd.DataFrame) -> pd.DataFrame:
         "n_missing_prediction": int(len(man) - len(joined)),
         "n_missing_error_row": n_missing_error_row,
         "n_missing_no_row": int(len(missing) - n_missing_error_row),
+        "n_missing_refused": int((missing_status == "refused").sum()),
+        "n_missing_no_spine": int((missing_status == "no_spine").sum()),
         "n_joined": int(len(joined)),
     }
     return joined
@@ -126,6 +129,8 @@ def join_tables(pred: pd.DataFrame, man: pd.DataFrame) -> pd.DataFrame:
 # why a manifest image is left out of the fracture metrics, or a prediction row goes unused
 LEFT_OUT_REASONS = {
     "error_row": "prediction failed (error row)",
+    "refused": "refused: not a readable spine radiograph (status refused)",
+    "no_spine": "no spine found (status no_spine)",
     "no_prediction": "not in predictions.csv",
     "non_finite_score": "p_fracture empty, NaN or infinite",
     "missing_label": "fracture label unknown",
@@ -136,13 +141,16 @@ LEFT_OUT_REASONS = {
 
 def left_out(df: pd.DataFrame) -> dict[str, int]:
     """What the fracture metrics leave out of a :func:`join_tables` result, by reason (the keys
-    of :data:`LEFT_OUT_REASONS`): manifest images whose prediction failed, that have none, whose
+    of :data:`LEFT_OUT_REASONS`): manifest images whose prediction failed, was refused or found
+    no spine, that have none, whose
     ``p_fracture`` is not a finite number, or whose ``fracture`` label is unknown; and
     prediction rows not in the manifest, or repeating an image. The first four and the images
     evaluated add up to the manifest."""
     scored = finite_scores(df["p_fracture"])
     a = df.attrs
-    return {"error_row": int(a.get("n_missing_error_row", 0)), "no_prediction": int(a.get("n_missing_no_row", 0)),
+    refused, no_spine = int(a.get("n_missing_refused", 0)), int(a.get("n_missing_no_spine", 0))
+    return {"error_row": int(a.get("n_missing_error_row", 0)) - refused - no_spine, "refused": refused,
+            "no_spine": no_spine, "no_prediction": int(a.get("n_missing_no_row", 0)),
             "non_finite_score": int((~scored).sum()),
             "missing_label": int((scored & df["fracture"].isna().to_numpy()).sum()),
             "not_in_manifest": int(a.get("n_unmatched", 0)), "duplicate_prediction": int(a.get("n_duplicate", 0))}

@@ -536,8 +536,8 @@ def test_side_by_side_table_reads_each_report(tmp_path, capsys):
 
 
 def test_evaluate_counts_what_it_leaves_out_by_reason(tiny_eval_set, tmp_path, capsys):
-    """An error row, a film without a row, an infinite and an empty score, unknown labels, a
-    stray and a repeated row: each is counted under its reason, printed and in metrics.json."""
+    """An error row, a refused and a no-spine film, a film without a row, an infinite and an empty
+    score, a stray and a repeated row: each is counted under its reason, printed and in metrics.json."""
     import evaluate
 
     s = tiny_eval_set
@@ -545,21 +545,24 @@ def test_evaluate_counts_what_it_leaves_out_by_reason(tiny_eval_set, tmp_path, c
     name = table["name"]
     table.loc[name == "img_05", "p_fracture"] = "inf"
     table.loc[name == "img_06", "p_fracture"] = ""
+    for film, status in (("img_09", "refused"), ("img_10", "no_spine")):
+        table.loc[name == film, ["status", "p_fracture"]] = [status, ""]
     table = pd.concat([table[name != "img_07"], table[name == "img_08"]])  # one film gone, one twice
     predictions = tmp_path / "predictions.csv"
     table.to_csv(predictions, index=False)
     out = tmp_path / "report"
     result = evaluate.main(["--predictions", str(predictions), "--manifest", s["manifest"], "--out", str(out),
                             "--n-boot", "10", "--gallery", "0"])
-    expected = {"error_row": 1, "no_prediction": 1, "non_finite_score": 2, "missing_label": 2,
-                "not_in_manifest": 1, "duplicate_prediction": 1}
+    # img_09 and img_10 are the two films of unknown label: turned away, they count under their status
+    expected = {"error_row": 1, "refused": 1, "no_spine": 1, "no_prediction": 1, "non_finite_score": 2,
+                "missing_label": 0, "not_in_manifest": 1, "duplicate_prediction": 1}
     assert result["left_out"] == expected
     assert json.loads((out / "metrics.json").read_text())["left_out"] == expected
     fracture = result["roc"]["fracture"]
-    assert fracture["n_pos"] + fracture["n_neg"] + sum(list(expected.values())[:4]) == 12  # the manifest's images
+    assert fracture["n_pos"] + fracture["n_neg"] + sum(list(expected.values())[:6]) == 12  # the manifest's images
     assert (fracture["n_pos"], fracture["n_neg"]) == (5, 1)
     printed = capsys.readouterr().out
-    assert ("left out: 1 prediction failed (error row); 1 not in predictions.csv; 2 p_fracture empty, NaN or "
-            "infinite; 2 fracture label unknown; 1 prediction row not in the manifest; 1 repeated prediction row "
-            "of an image") in printed
+    assert ("left out: 1 prediction failed (error row); 1 refused: not a readable spine radiograph (status "
+            "refused); 1 no spine found (status no_spine); 1 not in predictions.csv; 2 p_fracture empty, NaN or "
+            "infinite; 1 prediction row not in the manifest; 1 repeated prediction row of an image") in printed
     assert "Left out, by reason" in (out / "report.html").read_text()
