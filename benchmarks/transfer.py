@@ -44,7 +44,7 @@ import yaml
 from benchmarks.phantom_benchmark import machine
 from data.geometry import as_points, body_centre, table_points
 from data.io_utils import atomic_write_text
-from data.tables import path_key, read_text_table
+from data.tables import absolute_path, path_key, read_text_table
 from training.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,6 +157,7 @@ def verse_smoke(predicted: Path, truth: Path) -> dict:
     elements), and the body graded most collapsed - per film (one per facing)."""
     pred = read_text_table(predicted)
     true = read_text_table(truth)
+    true["image"] = [absolute_path(p, Path(truth).resolve().parent) for p in true["image"]]
     films = {}
     for image, t in true.groupby("image"):
         key = path_key(image)
