@@ -49,6 +49,16 @@ def collect_inputs(inputs: list[str | os.PathLike]) -> tuple[list[str], list[tup
     return find_inputs([os.fspath(i) for i in inputs])
 
 
+def run_inputs(inputs: list[str | os.PathLike], out: Path) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+    """The inputs of a run into ``out``: their image paths, their output names
+    (:func:`output_names`) and the inputs that could not be listed, with a reason. An output
+    folder inside an input folder is skipped: its overlays are not inputs of the next run."""
+    paths, problems = collect_inputs(inputs)
+    own = out.resolve()
+    paths = [p for p in paths if not Path(p).resolve().is_relative_to(own)]
+    return paths, output_names(paths), problems
+
+
 MAX_NAME_BYTES = 150  # a name gets suffixes such as "_heatmap.npy"; file systems allow 255 bytes
 LOCK_FILE = ".infer.lock"
 FLUSH_SECONDS = 30.0  # the tables are rewritten at least this often while films are written
@@ -297,6 +307,15 @@ def completed_record(out: Path, path: str, name: str, decision: tuple | None = N
     return record
 
 
+def kept_record(predictor, out: Path, path: str, name: str, options: OutputOptions) -> FilmRecord | None:
+    """The record ``--resume`` keeps for an input: :func:`completed_record` for what this
+    predictor writes with these options (its model, decision and fingerprint); None when the
+    input must be redone."""
+    _, point, threshold = _decision_of(predictor)
+    decision = (point, threshold) if point is not None else None
+    return completed_record(out, path, name, decision, getattr(predictor, "checkpoint_id", None), options)
+
+
 def run_inference(predictor: Predictor, inputs: list[str], out: str | os.PathLike, batch_size: int = 8,
                   num_workers: int = 0, voi_lut: bool = False, max_pixels: int = 50_000_000,
                   progress: bool = True, resume: bool = False, keep_identifiers: bool = False,
@@ -323,19 +342,12 @@ def run_inference(predictor: Predictor, inputs: list[str], out: str | os.PathLik
 def _run(predictor, inputs, out: Path, batch_size: int, num_workers: int, voi_lut: bool, max_pixels: int,
          progress: bool, resume: bool, options: OutputOptions) -> InferenceSummary:
     start = time.time()
-    paths, problems = collect_inputs(inputs)
-    # an output folder inside an input folder: its overlays are not inputs of the next run
-    own = out.resolve()
-    paths = [p for p in paths if not Path(p).resolve().is_relative_to(own)]
-    names = output_names(paths)
+    paths, names, problems = run_inputs(inputs, out)
     rows: list[dict] = [error_row(p, "", why) for p, why in problems]
     records: list[FilmRecord] = []  # the films written or kept, in the order of their rows
     todo = list(range(len(paths)))
     if resume:
-        _, point, threshold = _decision_of(predictor)
-        decision = (point, threshold) if point is not None else None
-        done = {i: completed_record(out, paths[i], names[i], decision, getattr(predictor, "checkpoint_id", None),
-                                    options) for i in todo}
+        done = {i: kept_record(predictor, out, paths[i], names[i], options) for i in todo}
         records += [r for r in done.values() if r is not None]
         rows += [r.prediction_row() for r in done.values() if r is not None]
         todo = [i for i in todo if done[i] is None]
@@ -348,7 +360,7 @@ def _run(predictor, inputs, out: Path, batch_size: int, num_workers: int, voi_lu
         _process(predictor, loader, todo, paths, names, out, options, rows, records, bar, flushed)
     finally:  # also on Ctrl-C: the tables hold every film finished so far
         bar.close()
-        table = write_tables(out, rows, records)
+        table = write_tables(out, *in_input_order(rows, records, paths))
     errors = table[table["status"] != "ok"]
     n_failed = len(errors)
     return InferenceSummary(n_ok=len(table) - n_failed, n_failed=n_failed, seconds=time.time() - start,
@@ -358,44 +370,77 @@ def _run(predictor, inputs, out: Path, batch_size: int, num_workers: int, voi_lu
 
 def _process(predictor, loader, todo, paths, names, out, options, rows, records, bar, flushed) -> None:
     """Run the loader's batches, appending each film's row (and record) as it is written."""
+    todo_paths, todo_names = [paths[i] for i in todo], [names[i] for i in todo]
     for batch in loader:
-        good = [b for b in batch if "error" not in b and "refused" not in b]
-        for b in batch:
-            if "error" in b:
-                i = todo[b["index"]]
-                rows.append(error_row(paths[i], names[i], b["error"]))
-            elif "refused" in b:
-                i = todo[b["index"]]
-                rows.append(error_row(paths[i], names[i], b["refused"], status="refused"))
-        if good:
-            if hasattr(predictor, "predict"):
-                results = predictor.predict(good)
-            else:  # a backend with the film-level heads only (ONNX)
-                probs = predictor(torch.stack([b["image"] for b in good]))
-                results = [FilmPrediction(probs={key: v[k] for key, v in probs.items() if key != "heatmap"},
-                                          heatmap=probs["heatmap"][k]) for k in range(len(good))]
-            for k, b in enumerate(good):
-                i = todo[b["index"]]
-                bad = non_finite_outputs(results[k])
-                if bad:
-                    rows.append(error_row(paths[i], names[i], f"the model gave non-finite outputs ({bad}); "
-                                                              "its weights may be damaged"))
-                    continue
-                no_spine = no_spine_reason(results[k].spine_score, options.min_spine_score)
-                if no_spine:  # no probability for a film without a spine
-                    rows.append(error_row(paths[i], names[i], no_spine, status="no_spine"))
-                    continue
-                try:
-                    record = _write_outputs(predictor, out, paths[i], names[i], b, results[k], options)
-                except Exception as exc:  # e.g. a full disk: record it, keep going
-                    rows.append(error_row(paths[i], names[i], f"writing outputs failed: {type(exc).__name__}: {exc}"))
-                else:
-                    records.append(record)
-                    rows.append(record.prediction_row())
+        good = readable(batch)
+        results = predict_films(predictor, good) if good else []
+        for row, record in write_batch(predictor, out, batch, results, todo_paths, todo_names, options):
+            rows.append(row)
+            if record is not None:
+                records.append(record)
         bar.update(len(batch))
         if time.time() - flushed >= FLUSH_SECONDS:  # a killed run keeps what it finished
             write_tables(out, rows, records)
             flushed = time.time()
+
+
+def readable(batch: list[dict]) -> list[dict]:
+    """The items of a loaded batch that were read and are radiographs: those to predict."""
+    return [b for b in batch if "error" not in b and "refused" not in b]
+
+
+def predict_films(predictor, items: list[dict]) -> list[FilmPrediction]:
+    """A :class:`FilmPrediction` per readable item (the ONNX backend: film-level heads only)."""
+    if hasattr(predictor, "predict"):
+        return predictor.predict(items)
+    probs = predictor(torch.stack([b["image"] for b in items]))
+    return [FilmPrediction(probs={key: v[k] for key, v in probs.items() if key != "heatmap"},
+                           heatmap=probs["heatmap"][k]) for k in range(len(items))]
+
+
+def write_batch(predictor, out: Path, batch: list[dict], results: list[FilmPrediction], paths: list[str],
+                names: list[str], options: OutputOptions) -> list[tuple[dict, FilmRecord | None]]:
+    """Each item's ``predictions.csv`` row and record (None where it has no outputs), its
+    outputs written: ``results`` are the predictions of :func:`readable` items, in order;
+    ``paths`` and ``names`` are indexed by an item's ``index``."""
+    films = iter(results)
+    outcomes = []
+    for b in batch:
+        path, name = paths[b["index"]], names[b["index"]]
+        if "error" in b:
+            outcomes.append((error_row(path, name, b["error"]), None))
+        elif "refused" in b:
+            outcomes.append((error_row(path, name, b["refused"], status="refused"), None))
+        else:
+            outcomes.append(write_film(predictor, out, path, name, b, next(films), options))
+    return outcomes
+
+
+def write_film(predictor, out: Path, path: str, name: str, item: dict, film: FilmPrediction,
+               options: OutputOptions = OutputOptions()) -> tuple[dict, FilmRecord | None]:
+    """Write one predicted film's outputs: its ``predictions.csv`` row and its record, or an
+    error row (and no record) when its outputs are not finite, it shows no spine, or its outputs
+    cannot be written."""
+    bad = non_finite_outputs(film)
+    if bad:
+        return error_row(path, name, f"the model gave non-finite outputs ({bad}); its weights may be damaged"), None
+    no_spine = no_spine_reason(film.spine_score, options.min_spine_score)
+    if no_spine:  # no probability for a film without a spine
+        return error_row(path, name, no_spine, status="no_spine"), None
+    try:
+        record = _write_outputs(predictor, out, path, name, item, film, options)
+    except Exception as exc:  # e.g. a full disk: record it, keep going
+        return error_row(path, name, f"writing outputs failed: {type(exc).__name__}: {exc}"), None
+    return record.prediction_row(), record
+
+
+def in_input_order(rows: list[dict], records: list[FilmRecord], paths: list[str]) -> tuple[list[dict], list[FilmRecord]]:
+    """``rows`` and ``records`` in the order of their inputs in ``paths`` (rows of inputs that
+    could not be listed first, as they came), so a resumed or sharded run's tables read as an
+    uninterrupted run's."""
+    position = {p: k for k, p in enumerate(paths)}
+    return (sorted(rows, key=lambda row: position.get(row["image"], -1)),
+            sorted(records, key=lambda record: position[record.image]))
 
 
 def write_tables(out: Path, rows: list[dict], records: list[FilmRecord]) -> pd.DataFrame:

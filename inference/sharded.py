@@ -1,0 +1,312 @@
+"""Sharded inference: one run over many processes, GPUs and machines, on Lightning's machinery.
+
+    python -m inference.sharded --model BUNDLE --out OUT --accelerator gpu --devices 4 INPUT ...
+    torchrun --nnodes 2 --nproc-per-node 4 ... -m inference.sharded --num-nodes 2 --devices 4 ...
+    python -m inference.sharded merge --out OUT
+
+``Trainer.predict`` with the DDP strategy runs one rank per device. Rank 0 takes the run's lock
+on OUT (a second run into OUT, sharded or not, is refused), lists and names the inputs as
+``infer.py`` does and sends the list to every rank; input k goes to rank ``k mod W``. Each rank
+predicts its films, writes their outputs into OUT through the writers of single-process
+inference, and keeps its own tables under ``OUT/parts/rank-NNNNN/`` current. At the end rank 0
+merges the parts into one ``predictions.csv``, ``vertebrae.csv`` and ``errors.csv``, in the
+format and order of a single-process run (inference/parts.py, docs/formats.md). ``--resume``
+keeps every film whose outputs are complete, on every rank, by the rules of ``infer.py``.
+
+Rank 0 prints the summary and carries the exit status: 0 if every input was processed, 1 if
+any failed or has no row yet, 2 on a usage error or a refused run; the other ranks exit 0
+unless they crash.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.strategies import DDPStrategy
+from torch import nn
+from torch.utils.data import DataLoader
+
+from data.records import FilmRecord, error_row
+from inference.parts import MergeError, merge_parts, part_dir, rank_share, write_run_listing
+from inference.pipeline import (FLUSH_SECONDS, OutputFolderInUse, OutputOptions, in_input_order, kept_record,
+                                output_lock, run_inputs, write_film, write_tables)
+from inference.predictor import InferenceDataset, Predictor, collate_items
+from models.bundle import ModelError
+
+# the ranks wait for each other while rank 0 lists an archive and while the slowest rank
+# finishes its share: far longer than torch.distributed's default of 30 minutes
+RANK_WAIT = timedelta(hours=24)
+
+
+class ShardedRun:
+    """One rank's view of a sharded run: its share of the inputs, and the rows and records of
+    its part (the films it wrote and, with --resume, those it kept)."""
+
+    def __init__(self, predictor: Predictor, inputs: list[str], out: Path, options: OutputOptions, resume: bool,
+                 batch_size: int, num_workers: int, voi_lut: bool, max_pixels: int):
+        self.predictor, self.inputs, self.out, self.options, self.resume = predictor, inputs, out, options, resume
+        self.batch_size, self.num_workers, self.voi_lut, self.max_pixels = batch_size, num_workers, voi_lut, max_pixels
+        self.lock = contextlib.ExitStack()  # rank 0 holds OUT's lock in it for the whole run
+        self.started = time.time()
+        self.rank = 0
+        self.paths: list[str] = []
+        self.names: list[str] = []
+        self.todo: list[int] = []  # indices into paths of the films this rank predicts
+        self.n_kept = 0
+        self.rows: list[dict] = []
+        self.records: list[FilmRecord] = []
+        self.flushed = 0.0
+        self.part: Path | None = None  # set once the rank knows its share
+
+    def start(self, trainer: L.Trainer) -> None:
+        """Rank 0 takes the lock and lists the inputs; every rank then takes its share."""
+        self.rank, world = trainer.global_rank, trainer.world_size
+        listing = None
+        if self.rank == 0:
+            try:
+                self.lock.enter_context(output_lock(self.out))
+                paths, names, problems = run_inputs(self.inputs, self.out)
+                write_run_listing(self.out, paths, names, world, {
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S"), "checkpoint_id": self.predictor.checkpoint_id})
+                listing = ("ok", paths, names, problems)
+            except Exception as exc:  # every rank must hear of it, or the others wait forever
+                listing = ("refused" if isinstance(exc, OutputFolderInUse) else "failed",
+                           str(exc) if isinstance(exc, OutputFolderInUse) else f"{type(exc).__name__}: {exc}")
+        listing = trainer.strategy.broadcast(listing, src=0)
+        if listing[0] == "refused":
+            raise OutputFolderInUse(listing[1])
+        if listing[0] == "failed":
+            raise RuntimeError(f"rank 0 could not start the run: {listing[1]}")
+        _, self.paths, self.names, problems = listing
+        share = rank_share(len(self.paths), self.rank, world)
+        kept = {i: kept_record(self.predictor, self.out, self.paths[i], self.names[i]) for i in share} \
+            if self.resume else {}
+        self.records = [r for r in kept.values() if r is not None]
+        self.n_kept = len(self.records)
+        self.rows = [error_row(p, "", why) for p, why in problems] if self.rank == 0 else []
+        self.rows += [r.prediction_row() for r in self.records]
+        self.todo = [i for i in share if kept.get(i) is None]
+        self.part = part_dir(self.out, self.rank)
+        self.write_part()  # at once: the part of an earlier run is not mistaken for this one's
+
+    def dataset(self) -> InferenceDataset:
+        return InferenceDataset([self.paths[i] for i in self.todo], self.predictor.image_size, voi_lut=self.voi_lut,
+                                max_pixels=self.max_pixels)
+
+    def add_batch(self, batch: list[dict], predictions: list) -> None:
+        """Write the outputs of one predicted batch (``predictions``: one per readable item)."""
+        films = iter(predictions)
+        for item in batch:
+            i = self.todo[item["index"]]
+            if "error" in item:
+                self.rows.append(error_row(self.paths[i], self.names[i], item["error"]))
+                continue
+            row, record = write_film(self.predictor, self.out, self.paths[i], self.names[i], item, next(films),
+                                     self.options)
+            self.rows.append(row)
+            if record is not None:
+                self.records.append(record)
+        if time.time() - self.flushed >= FLUSH_SECONDS:  # a killed run keeps what it finished
+            self.write_part()
+
+    def write_part(self) -> None:
+        if self.part is not None:
+            write_tables(self.part, *in_input_order(self.rows, self.records, self.paths))
+            self.flushed = time.time()
+
+
+class FilmPredictionModule(L.LightningModule):
+    """The :class:`~inference.predictor.Predictor` as a LightningModule: ``predict_step`` gives a
+    :class:`~inference.predictor.FilmPrediction` per readable film of a batch."""
+
+    def __init__(self, predictor: Predictor):
+        super().__init__()
+        self.predictor = predictor
+        # registered so that Lightning moves them to the rank's device
+        self.networks = nn.ModuleList([m for m in (predictor.net, predictor.vertebra_net, predictor.point_refiner)
+                                       if m is not None])
+
+    def on_predict_start(self) -> None:
+        self.predictor.device = self.device
+
+    def predict_step(self, batch: list[dict]) -> list:
+        good = [item for item in batch if "error" not in item]
+        return self.predictor.predict(good) if good else []
+
+
+class ShardInputs(L.LightningDataModule):
+    """The rank's share of the run's inputs (a rank may have none)."""
+
+    allow_zero_length_dataloader_with_multiple_devices = True
+
+    def __init__(self, run: ShardedRun):
+        super().__init__()
+        self.run = run
+
+    def setup(self, stage: str) -> None:
+        self.run.start(self.trainer)
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.run.dataset(), batch_size=self.run.batch_size, num_workers=self.run.num_workers,
+                          collate_fn=collate_items)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch  # the predictor moves the images; the rest of an item (pixels, header) stays on the host
+
+
+class PartWriter(BasePredictionWriter):
+    """Writes each predicted batch's outputs and keeps the rank's part current."""
+
+    def __init__(self, run: ShardedRun):
+        super().__init__(write_interval="batch")
+        self.run = run
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        self.run.add_batch(batch, prediction)
+
+
+def run_sharded(run: ShardedRun, trainer: L.Trainer) -> tuple[int, object | None]:
+    """Run ``trainer.predict`` over the inputs, then merge the parts on rank 0. Returns the number
+    of films kept by --resume over all ranks and, on rank 0, the merge's summary."""
+    with run.lock:
+        try:
+            trainer.predict(FilmPredictionModule(run.predictor), datamodule=ShardInputs(run), return_predictions=False)
+        finally:  # also on Ctrl-C or a crash: the part holds every film this rank finished
+            run.write_part()
+        # a rank with nothing to predict skips predict's hooks, so the ranks meet here
+        kept = trainer.strategy.reduce(torch.tensor(run.n_kept, device=trainer.strategy.root_device), reduce_op="sum")
+        trainer.strategy.barrier("parts written")
+        summary = merge_parts(run.out) if run.rank == 0 else None
+    return int(kept), summary
+
+
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+    return parse
+
+
+def _writable_folder(out: Path) -> str | None:
+    if out.exists() and not out.is_dir():
+        return f"--out {out}: exists and is not a folder"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        return f"--out {out}: cannot write there ({exc.strerror or type(exc).__name__})"
+    return None
+
+
+def _devices(text: str):
+    return text if text == "auto" else _count(1)(text)
+
+
+def run_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m inference.sharded", description=__doc__.split("\n\n")[0])
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders or manifest CSVs")
+    parser.add_argument("--model", required=True,
+                        help="a bundle folder, a registry name (models/registry.json) or a training checkpoint")
+    parser.add_argument("--download", action="store_true", help="allow fetching a registry model from its URL")
+    parser.add_argument("--sha256", default=None, help="refuse the model unless its sha256 matches")
+    parser.add_argument("--out", required=True, help="output folder (shared by every machine of the run)")
+    parser.add_argument("--accelerator", choices=("cpu", "gpu", "auto"), default="auto")
+    parser.add_argument("--devices", type=_devices, default="auto", help="processes per machine (auto: every GPU)")
+    parser.add_argument("--num-nodes", type=_count(1), default=1, help="machines")
+    parser.add_argument("--strategy", choices=("ddp", "auto"), default="ddp",
+                        help="ddp: one process per device, as launched by Lightning, torchrun or SLURM")
+    parser.add_argument("--batch-size", type=_count(1), default=8)
+    parser.add_argument("--num-workers", type=_count(0), default=2, help="data loader workers per process")
+    parser.add_argument("--voi-lut", action="store_true", help="apply the DICOM VOI LUT / window")
+    parser.add_argument("--max-pixels", type=int, default=50_000_000)
+    parser.add_argument("--resume", action="store_true", help="skip inputs whose outputs are complete")
+    parser.add_argument("--keep-identifiers", action="store_true",
+                        help="copy patient name, ID and birth date into the outputs (left out by default)")
+    parser.add_argument("--dicom-sc", action="store_true", help="also write the overlay as a DICOM Secondary Capture")
+    parser.add_argument("--dicom-sr", action="store_true", help="also write a DICOM Comprehensive SR (TID 1500)")
+    parser.add_argument("--operating-point", choices=("high_sensitivity", "balanced", "high_specificity"),
+                        default=None, help="threshold of the per-image decision (a calibrated model only)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    problem = _writable_folder(out)
+    if problem:
+        parser.error(problem)
+    try:
+        predictor = Predictor(args.model, device="cpu", sha256=args.sha256, operating_point=args.operating_point,
+                              allow_download=args.download)
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    strategy = DDPStrategy(timeout=RANK_WAIT) if args.strategy == "ddp" else "auto"
+    try:
+        trainer = L.Trainer(accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
+                            strategy=strategy, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                            enable_progress_bar=not args.quiet, use_distributed_sampler=False)
+    except (MisconfigurationException, ValueError, RuntimeError) as exc:
+        parser.error(" ".join(str(exc).split()))
+    options = OutputOptions(keep_identifiers=args.keep_identifiers, dicom_sc=args.dicom_sc, dicom_sr=args.dicom_sr)
+    run = ShardedRun(predictor, args.inputs, out, options, args.resume, args.batch_size, args.num_workers,
+                     args.voi_lut, args.max_pixels)
+    trainer.callbacks.append(PartWriter(run))
+    try:
+        kept, summary = run_sharded(run, trainer)
+    except OutputFolderInUse as exc:
+        if trainer.global_rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    if summary is None:  # not rank 0
+        return 0
+    skipped = f" ({kept} already complete)" if kept else ""
+    print(f"{summary.n_ok} ok{skipped}, {summary.n_failed} failed in {time.time() - run.started:.1f} s on "
+          f"{trainer.world_size} process(es); predictions: {summary.predictions_csv}"
+          + (f"; errors: {out / 'errors.csv'}" if summary.n_failed else ""))
+    if summary.missing:
+        print(f"error: {len(summary.missing)} input(s) have no row, e.g. {summary.missing[0]}; run again with --resume",
+              file=sys.stderr)
+    return 1 if summary.n_failed or summary.missing else 0
+
+
+def merge_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m inference.sharded merge",
+                                     description="Merge the parts of a sharded run into OUT's tables.")
+    parser.add_argument("--out", required=True, help="the output folder of the sharded run")
+    args = parser.parse_args(argv)
+    if not Path(args.out).is_dir():
+        parser.error(f"--out {args.out}: not a folder")
+    try:
+        with output_lock(Path(args.out)):  # not while a run writes its parts
+            summary = merge_parts(args.out)
+    except (MergeError, OutputFolderInUse) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{summary.n_ok} ok, {summary.n_failed} failed, {len(summary.missing)} without a row; "
+          f"predictions: {summary.predictions_csv}")
+    return 1 if summary.n_failed or summary.missing else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["merge"]:
+        return merge_main(argv[1:])
+    return run_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
