@@ -146,11 +146,10 @@ class FilmPredictionModule(L.LightningModule):
 class ShardInputs(L.LightningDataModule):
     """The rank's share of the run's inputs (a rank may have none)."""
 
-    allow_zero_length_dataloader_with_multiple_devices = True
-
     def __init__(self, run: ShardedRun):
         super().__init__()
         self.run = run
+        self.allow_zero_length_dataloader_with_multiple_devices = True  # fewer films than ranks, or all kept
 
     def setup(self, stage: str) -> None:
         self.run.start(self.trainer)

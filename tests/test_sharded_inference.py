@@ -196,9 +196,11 @@ def test_resume_after_a_partial_run_redoes_only_what_is_missing(archive, two_pro
     for name in TABLES:
         (out / name).unlink()
     kept = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")}
-    proc = sharded(archive, out, "--resume")
+    # resumed with 3 processes: both lost films are rank 0's (inputs 0 and 3), rank 2 has nothing left to do
+    proc = sharded(archive, out, "--resume", processes=3)
     assert proc.returncode == 1, (proc.stdout + proc.stderr)[-3000:]
-    assert "8 ok (6 already complete), 2 failed" in proc.stdout
+    assert "8 ok (6 already complete), 2 failed" in proc.stdout and "on 3 process(es)" in proc.stdout
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.json") if p.name in kept} == kept
     assert all((out / f"{name}.json").is_file() for name in lost)
     assert_same_outputs(out, archive["single"])
+    assert [len(read_table(part_dir(out, rank) / "predictions.csv")) for rank in range(3)] == [4, 3, 3]
