@@ -3,9 +3,11 @@
     python -m benchmarks.sharded_scaling --model runs/demo/bundle --work /tmp/sharded_bench
 
 Phantom films (``--films`` of seed 3 at ``--size`` px) are run through ``python -m
-inference.sharded --accelerator cpu --devices W`` for each W of ``--processes``. Every
-configuration gets all the machine's cores: each process runs ``cores / W`` torch threads
-(OMP_NUM_THREADS), with no loader workers, so reading and writing run in the processes too.
+inference.sharded --accelerator cpu --devices W`` for each configuration ``WxT`` of
+``--configs``: W processes of T torch threads each (OMP_NUM_THREADS), with no loader workers, so
+reading and writing run in the processes too. The default compares 1 process with 2 threads
+and 2 processes with 1 thread (each gets the 2 cores) and adds 1 process with 1 thread, the
+per-process baseline.
 
 Two times per configuration, each the median of ``--repeats`` whole-process runs:
 * the wall time of the whole run over all films (what a user waits, start-up included);
@@ -64,8 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--films", type=int, default=40)
     p.add_argument("--small", type=int, default=4, help="films of the short run that measures start-up")
     p.add_argument("--size", type=int, default=512)
-    p.add_argument("--processes", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--cores", type=int, default=os.cpu_count(), help="torch threads shared by the processes")
+    p.add_argument("--configs", nargs="+", default=["1x2", "2x1", "1x1"],
+                   help="PROCESSESxTHREADS each; the first is the baseline of the speed-up")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-write", action="store_true", help="leave benchmarks/RESULTS.md as it is")
@@ -76,23 +78,26 @@ def main(argv: list[str] | None = None) -> dict:
         generate_dataset(data, n=args.films, seed=3, size=args.size, workers=1, progress=False)
     films = sorted((data / "images").glob("*.png"))
     load_before = os.getloadavg()[0]
-    times = {processes: {"whole": [], "small": []} for processes in args.processes}
-    threads = {processes: max(1, args.cores // processes) for processes in args.processes}
+    configs = [tuple(int(n) for n in c.lower().split("x")) for c in args.configs]
+    times = {c: {"whole": [], "small": []} for c in configs}
     for _ in range(args.repeats):  # configurations and long and short runs in turn, so that load changes hit all
-        for processes in args.processes:
+        for processes, threads in configs:
             for kind, chosen in (("whole", films), ("small", films[:args.small])):
-                times[processes][kind].append(timed_run(args.model, chosen, work / "out", processes,
-                                                        threads[processes], args.batch_size))
+                times[processes, threads][kind].append(
+                    timed_run(args.model, chosen, work / "out", processes, threads, args.batch_size))
     rows = []
-    for processes in args.processes:
-        t_all, t_small = (statistics.median(t for t, _ in times[processes][kind]) for kind in ("whole", "small"))
-        cpu_all, cpu_small = (statistics.median(c for _, c in times[processes][kind]) for kind in ("whole", "small"))
+    for processes, threads in configs:
+        runs = times[processes, threads]
+        t_all, t_small = (statistics.median(t for t, _ in runs[kind]) for kind in ("whole", "small"))
+        cpu_all, cpu_small = (statistics.median(c for _, c in runs[kind]) for kind in ("whole", "small"))
         per_film = (t_all - t_small) / (len(films) - args.small)
-        rows.append({"processes": processes, "threads": threads[processes], "whole": t_all, "small": t_small,
+        rows.append({"processes": processes, "threads": threads, "whole": t_all, "small": t_small,
                      "per_film": per_film, "films_per_second": 1.0 / per_film,
-                     "cpu_per_film": (cpu_all - cpu_small) / (len(films) - args.small)})
-        print(f"{processes} process(es) x {threads[processes]} thread(s): {t_all:.1f} s for {len(films)} films, "
-              f"{t_small:.1f} s for {args.small}; {per_film:.3f} s per film, {1 / per_film:.2f} films/s")
+                     "cpu_per_film": (cpu_all - cpu_small) / (len(films) - args.small),
+                     "all_runs": {kind: [round(t, 1) for t, _ in runs[kind]] for kind in runs}})
+        print(f"{processes} process(es) x {threads} thread(s): {t_all:.1f} s for {len(films)} films, "
+              f"{t_small:.1f} s for {args.small}; {per_film:.3f} s per film, {1 / per_film:.2f} films/s; "
+              f"runs {rows[-1]['all_runs']}")
     result = {"rows": rows, "films": len(films), "small": args.small, "size": args.size,
               "batch_size": args.batch_size, "repeats": args.repeats, "model": args.model, "machine": machine(),
               "date": time.strftime("%Y-%m-%d %H:%M"), "load": (load_before, os.getloadavg()[0]),

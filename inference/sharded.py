@@ -47,6 +47,10 @@ from models.bundle import ModelError
 RANK_WAIT = timedelta(hours=24)
 
 
+class RunNotStarted(RuntimeError):
+    """Rank 0 could not list the inputs or write the run's listing; the message says why."""
+
+
 class ShardedRun:
     """One rank's view of a sharded run: its share of the inputs, and the rows and records of
     its part (the films it wrote and, with --resume, those it kept)."""
@@ -78,14 +82,15 @@ class ShardedRun:
                 write_run_listing(self.out, paths, names, world, {
                     "started": time.strftime("%Y-%m-%d %H:%M:%S"), "checkpoint_id": self.predictor.checkpoint_id})
                 listing = ("ok", paths, names, problems)
-            except Exception as exc:  # every rank must hear of it, or the others wait forever
-                listing = ("refused" if isinstance(exc, OutputFolderInUse) else "failed",
-                           str(exc) if isinstance(exc, OutputFolderInUse) else f"{type(exc).__name__}: {exc}")
+            except OutputFolderInUse as exc:  # every rank must hear of it, or the others wait forever
+                listing = ("refused", str(exc))
+            except Exception as exc:
+                listing = ("failed", f"{self.out}: the run could not start: {type(exc).__name__}: {exc}")
         listing = trainer.strategy.broadcast(listing, src=0)
         if listing[0] == "refused":
             raise OutputFolderInUse(listing[1])
         if listing[0] == "failed":
-            raise RuntimeError(f"rank 0 could not start the run: {listing[1]}")
+            raise RunNotStarted(listing[1])
         _, self.paths, self.names, problems = listing
         share = rank_share(len(self.paths), self.rank, world)
         kept = {i: kept_record(self.predictor, self.out, self.paths[i], self.names[i]) for i in share} \
@@ -265,10 +270,10 @@ def run_main(argv: list[str]) -> int:
     trainer.callbacks.append(PartWriter(run))
     try:
         kept, summary = run_sharded(run, trainer)
-    except OutputFolderInUse as exc:
+    except (OutputFolderInUse, RunNotStarted) as exc:
         if trainer.global_rank == 0:
             print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return 2 if isinstance(exc, OutputFolderInUse) else 1
         return 0
     if summary is None:  # not rank 0
         return 0
