@@ -3,7 +3,8 @@
 A run over W ranks into ``OUT`` writes the per-film outputs of docs/formats.md into ``OUT`` as a
 single-process run does, and its tables in parts:
 
-    OUT/parts/run.json                  ranks, number of inputs, model, start time
+    OUT/parts/run.json                  ranks, number of inputs, model, start time; at the end
+                                        each rank's films, seconds and CPU seconds
     OUT/parts/inputs.csv                image, name: the run's inputs in their order, as rank 0
                                         listed and named them
     OUT/parts/rank-00000/predictions.csv, vertebrae.csv, errors.csv
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -62,12 +63,24 @@ def write_run_listing(out: Path, paths: list[str], names: list[str], world_size:
             folder.rmdir()
 
 
+def record_rank_times(out: Path, times: list[list[float]]) -> None:
+    """Add each rank's ``[films predicted, seconds, CPU seconds, films kept]`` to ``run.json``
+    (``finished``), so a run shows how evenly its ranks worked."""
+    path = out / PARTS_DIR / RUN_FILE
+    run = json.loads(path.read_text())
+    run["finished"] = [{"rank": rank, "films": int(films), "seconds": round(seconds, 3),
+                        "cpu_seconds": round(cpu, 3), "kept": int(kept)}
+                       for rank, (films, seconds, cpu, kept) in enumerate(times)]
+    atomic_write_json(path, run)
+
+
 @dataclass
 class MergeSummary:
     n_ok: int
-    n_failed: int
+    n_failed: int  # rows without a prediction (status error, refused or no_spine)
     missing: list[str]  # inputs with no row in any part: the run has not finished them
     predictions_csv: Path
+    failed_by_status: dict[str, int] = field(default_factory=dict)
 
 
 def merge_parts(out: str | os.PathLike) -> MergeSummary:
@@ -103,7 +116,9 @@ def merge_parts(out: str | os.PathLike) -> MergeSummary:
     atomic_write_text(out / "errors.csv", errors.to_csv(index=False))
     done = set(listed["image"])
     return MergeSummary(n_ok=int((predictions["status"] == "ok").sum()), n_failed=len(errors),
-                        missing=[p for p in inputs["image"] if p not in done], predictions_csv=out / "predictions.csv")
+                        missing=[p for p in inputs["image"] if p not in done], predictions_csv=out / "predictions.csv",
+                        failed_by_status={k: int(v) for k, v in
+                                          predictions.loc[predictions["status"] != "ok", "status"].value_counts().items()})
 
 
 def _read_parts(out: Path, ranks: int, table: str, columns: list[str]) -> pd.DataFrame:

@@ -13,14 +13,18 @@ merges the parts into one ``predictions.csv``, ``vertebrae.csv`` and ``errors.cs
 format and order of a single-process run (inference/parts.py, docs/formats.md). ``--resume``
 keeps every film whose outputs are complete, on every rank, by the rules of ``infer.py``.
 
-Rank 0 prints the summary and carries the exit status: 0 if every input was processed, 1 if
-any failed or has no row yet, 2 on a usage error or a refused run; the other ranks exit 0
-unless they crash.
+Rank 0 prints the summary and carries the exit status: 0 if every input has a prediction, 1 if
+any has none (status error, refused or no_spine) or has no row yet, 2 on a usage error or a
+refused run, 130 on Ctrl-C and 143 on SIGTERM (each rank writes its part first: --resume
+completes the run); the other ranks exit 0 unless they crash.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import os
+import signal
 import sys
 import tempfile
 import time
@@ -36,10 +40,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from data.records import FilmRecord, error_row
-from inference.parts import MergeError, merge_parts, part_dir, rank_share, write_run_listing
+from inference.acceptance import NO_SPINE_SCORE
+from inference.parts import MergeError, merge_parts, part_dir, rank_share, record_rank_times, write_run_listing
 from inference.pipeline import (FLUSH_SECONDS, OutputFolderInUse, OutputOptions, in_input_order, kept_record,
-                                output_lock, run_inputs, write_film, write_tables)
-from inference.predictor import InferenceDataset, Predictor, collate_items
+                                output_lock, predict_films, readable, run_inputs, write_batch, write_tables)
+from inference.predictor import InferenceDataset, Predictor, collate_items, worker_init
 from models.bundle import ModelError
 
 # the ranks wait for each other while rank 0 lists an archive and while the slowest rank
@@ -65,11 +70,15 @@ class ShardedRun:
         self.paths: list[str] = []
         self.names: list[str] = []
         self.todo: list[int] = []  # indices into paths of the films this rank predicts
+        self.todo_paths: list[str] = []
+        self.todo_names: list[str] = []
         self.n_kept = 0
         self.rows: list[dict] = []
         self.records: list[FilmRecord] = []
         self.flushed = 0.0
         self.part: Path | None = None  # set once the rank knows its share
+        self.predict_started = self.cpu_started = 0.0
+        self.stopped_by: int | None = None  # the signal that stopped the run
 
     def start(self, trainer: L.Trainer) -> None:
         """Rank 0 takes the lock and lists the inputs; every rank then takes its share."""
@@ -93,30 +102,27 @@ class ShardedRun:
             raise RunNotStarted(listing[1])
         _, self.paths, self.names, problems = listing
         share = rank_share(len(self.paths), self.rank, world)
-        kept = {i: kept_record(self.predictor, self.out, self.paths[i], self.names[i]) for i in share} \
-            if self.resume else {}
+        kept = {i: kept_record(self.predictor, self.out, self.paths[i], self.names[i], self.options)
+                for i in share} if self.resume else {}
         self.records = [r for r in kept.values() if r is not None]
         self.n_kept = len(self.records)
         self.rows = [error_row(p, "", why) for p, why in problems] if self.rank == 0 else []
         self.rows += [r.prediction_row() for r in self.records]
         self.todo = [i for i in share if kept.get(i) is None]
+        self.todo_paths = [self.paths[i] for i in self.todo]  # by the index of the dataset's items
+        self.todo_names = [self.names[i] for i in self.todo]
         self.part = part_dir(self.out, self.rank)
         self.write_part()  # at once: the part of an earlier run is not mistaken for this one's
+        self.predict_started, self.cpu_started = time.perf_counter(), time.process_time()
 
     def dataset(self) -> InferenceDataset:
-        return InferenceDataset([self.paths[i] for i in self.todo], self.predictor.image_size, voi_lut=self.voi_lut,
+        return InferenceDataset(self.todo_paths, self.predictor.image_size, voi_lut=self.voi_lut,
                                 max_pixels=self.max_pixels)
 
     def add_batch(self, batch: list[dict], predictions: list) -> None:
         """Write the outputs of one predicted batch (``predictions``: one per readable item)."""
-        films = iter(predictions)
-        for item in batch:
-            i = self.todo[item["index"]]
-            if "error" in item:
-                self.rows.append(error_row(self.paths[i], self.names[i], item["error"]))
-                continue
-            row, record = write_film(self.predictor, self.out, self.paths[i], self.names[i], item, next(films),
-                                     self.options)
+        for row, record in write_batch(self.predictor, self.out, batch, predictions, self.todo_paths,
+                                       self.todo_names, self.options):
             self.rows.append(row)
             if record is not None:
                 self.records.append(record)
@@ -127,6 +133,11 @@ class ShardedRun:
         if self.part is not None:
             write_tables(self.part, *in_input_order(self.rows, self.records, self.paths))
             self.flushed = time.time()
+
+    def times(self) -> list[float]:
+        """This rank's films predicted, seconds and CPU seconds since it took its share, films kept."""
+        return [len(self.todo), time.perf_counter() - self.predict_started, time.process_time() - self.cpu_started,
+                self.n_kept]
 
 
 class FilmPredictionModule(L.LightningModule):
@@ -144,8 +155,8 @@ class FilmPredictionModule(L.LightningModule):
         self.predictor.device = self.device
 
     def predict_step(self, batch: list[dict]) -> list:
-        good = [item for item in batch if "error" not in item]
-        return self.predictor.predict(good) if good else []
+        good = readable(batch)
+        return predict_films(self.predictor, good) if good else []
 
 
 class ShardInputs(L.LightningDataModule):
@@ -161,7 +172,8 @@ class ShardInputs(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(self.run.dataset(), batch_size=self.run.batch_size, num_workers=self.run.num_workers,
-                          collate_fn=collate_items)
+                          collate_fn=collate_items,
+                          worker_init_fn=functools.partial(worker_init, os.getpid()))  # workers die with the rank
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch  # the predictor moves the images; the rest of an item (pixels, header) stays on the host
@@ -174,8 +186,18 @@ class PartWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.run = run
 
+    def on_predict_start(self, trainer, pl_module) -> None:
+        # in place of Lightning's handler, which lets a prediction run on: SIGTERM stops the rank as Ctrl-C does
+        signal.signal(signal.SIGTERM, functools.partial(_stop, self.run))
+
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         self.run.add_batch(batch, prediction)
+
+
+def _stop(run: ShardedRun, signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one while the part is written
+    run.stopped_by = signum
+    raise KeyboardInterrupt
 
 
 def run_sharded(run: ShardedRun, trainer: L.Trainer) -> tuple[int, object | None]:
@@ -187,10 +209,25 @@ def run_sharded(run: ShardedRun, trainer: L.Trainer) -> tuple[int, object | None
         finally:  # also on Ctrl-C or a crash: the part holds every film this rank finished
             run.write_part()
         # a rank with nothing to predict skips predict's hooks, so the ranks meet here
-        kept = trainer.strategy.reduce(torch.tensor(run.n_kept, device=trainer.strategy.root_device), reduce_op="sum")
+        times = trainer.strategy.all_gather(torch.tensor(run.times(), dtype=torch.float64,
+                                                         device=trainer.strategy.root_device))
+        times = times.reshape(-1, 4).cpu().tolist()  # one row per rank
         trainer.strategy.barrier("parts written")
-        summary = merge_parts(run.out) if run.rank == 0 else None
-    return int(kept), summary
+        summary = None
+        if run.rank == 0:
+            record_rank_times(run.out, times)
+            summary = merge_parts(run.out)
+    return int(sum(row[3] for row in times)), summary
+
+
+@contextlib.contextmanager
+def _sigterm_stops(run: ShardedRun):
+    """Outside ``Trainer.predict`` too, SIGTERM stops the rank as Ctrl-C does."""
+    previous = signal.signal(signal.SIGTERM, functools.partial(_stop, run))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _count(minimum: int):
@@ -245,6 +282,9 @@ def run_main(argv: list[str]) -> int:
     parser.add_argument("--dicom-sr", action="store_true", help="also write a DICOM Comprehensive SR (TID 1500)")
     parser.add_argument("--operating-point", choices=("high_sensitivity", "balanced", "high_specificity"),
                         default=None, help="threshold of the per-image decision (a calibrated model only)")
+    parser.add_argument("--min-spine-score", type=float, default=NO_SPINE_SCORE,
+                        help=f"a film whose strongest vertebral-body score is below this gets status no_spine "
+                             f"(default {NO_SPINE_SCORE:g}; 0 turns the rule off)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -264,22 +304,36 @@ def run_main(argv: list[str]) -> int:
                             enable_progress_bar=not args.quiet, use_distributed_sampler=False)
     except (MisconfigurationException, ValueError, RuntimeError) as exc:
         parser.error(" ".join(str(exc).split()))
-    options = OutputOptions(keep_identifiers=args.keep_identifiers, dicom_sc=args.dicom_sc, dicom_sr=args.dicom_sr)
+    options = OutputOptions(keep_identifiers=args.keep_identifiers, dicom_sc=args.dicom_sc, dicom_sr=args.dicom_sr,
+                            voi_lut=args.voi_lut, max_pixels=args.max_pixels, backend="torch",
+                            min_spine_score=args.min_spine_score)
     run = ShardedRun(predictor, args.inputs, out, options, args.resume, args.batch_size, args.num_workers,
                      args.voi_lut, args.max_pixels)
     trainer.callbacks.append(PartWriter(run))
     try:
-        kept, summary = run_sharded(run, trainer)
+        with _sigterm_stops(run):
+            kept, summary = run_sharded(run, trainer)
     except (OutputFolderInUse, RunNotStarted) as exc:
         if trainer.global_rank == 0:
             print(f"error: {exc}", file=sys.stderr)
             return 2 if isinstance(exc, OutputFolderInUse) else 1
         return 0
+    except (KeyboardInterrupt, SystemExit, Exception) as exc:
+        # Lightning turns an interruption into SystemExit(1); a loader worker killed by the same
+        # SIGTERM surfaces as a RuntimeError
+        if isinstance(exc, Exception) and run.stopped_by is None:
+            raise
+        signum = run.stopped_by or signal.SIGINT
+        print(f"rank {run.rank} interrupted by {signal.Signals(signum).name}: {run.part or out} holds the films it "
+              f"finished; run again with --resume to complete", file=sys.stderr)
+        return 128 + int(signum)
     if summary is None:  # not rank 0
         return 0
     skipped = f" ({kept} already complete)" if kept else ""
-    print(f"{summary.n_ok} ok{skipped}, {summary.n_failed} failed in {time.time() - run.started:.1f} s on "
-          f"{trainer.world_size} process(es); predictions: {summary.predictions_csv}"
+    by_status = ", ".join(f"{n} {status}" for status, n in sorted(summary.failed_by_status.items()))
+    print(f"{summary.n_ok} ok{skipped}, {summary.n_failed} failed"  # failed: without a prediction
+          + (f" ({by_status})" if set(summary.failed_by_status) - {"error"} else "")
+          + f" in {time.time() - run.started:.1f} s on "          f"{trainer.world_size} process(es); predictions: {summary.predictions_csv}"
           + (f"; errors: {out / 'errors.csv'}" if summary.n_failed else ""))
     if summary.missing:
         print(f"error: {len(summary.missing)} input(s) have no row, e.g. {summary.missing[0]}; run again with --resume",
