@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
                "cpu_per_film": statistics.median(r["cpu"] / r["films"] for r in done),
                "phases": [round(r["seconds"], 1) for r in done]}
         row["films_per_second"] = row["films"] / row["phase"]
+        row["cores_used"] = row["films_per_second"] * row["cpu_per_film"]
         rows.append(row)
         print(f"{processes} process(es) x {threads} thread(s): whole run {row['wall']:.1f} s, prediction phase "
               f"{row['phase']:.1f} s ({row['phases']}), {row['films_per_second']:.2f} films/s, "
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
               "model": args.model, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
               "load": (load_before, os.getloadavg()[0]),
               "command": "python -m benchmarks.sharded_scaling " + " ".join(argv if argv is not None else sys.argv[1:])}
+    atomic_write_text(work / "sharded_scaling.json", json.dumps(result, indent=2))
     if not args.no_write:
         write_results(result)
     return result
@@ -119,14 +121,22 @@ def write_results(r: dict) -> None:
         "rank's (`parts/run.json`, `finished`); CPU s: user + system time of the ranks in that phase",
         "",
         "| processes x torch threads | whole run | prediction phase (each run) | films / s | speed-up "
-        "| CPU s per film |",
-        "|---|---|---|---|---|---|",
+        "| CPU s per film | cores used |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
         lines.append(f"| {row['processes']} x {row['threads']} | {row['wall']:.1f} s | {row['phase']:.1f} s "
                      f"({', '.join(map(str, row['phases']))}) | {row['films_per_second']:.2f} "
-                     f"| {row['films_per_second'] / base['films_per_second']:.2f} | {row['cpu_per_film']:.3f} |")
-    lines.append("")
+                     f"| {row['films_per_second'] / base['films_per_second']:.2f} | {row['cpu_per_film']:.3f} "
+                     f"| {row['cores_used']:.2f} |")
+    lines += [
+        "",
+        "Cores used: CPU seconds per second of the prediction phase. Where W processes use no more cores than",
+        "one, the machine had no free core for them (a shared machine) and the speed-up measures the machine,",
+        "not the sharding; the CPU seconds per film then say what sharding costs per film. More torch threads",
+        "than free cores can cost several times the CPU per film, spent waiting in torch's thread pool.",
+        "",
+    ]
     text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n\n"
     block = "\n".join(lines)
     if SECTION in text:

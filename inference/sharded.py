@@ -41,7 +41,8 @@ from torch.utils.data import DataLoader
 
 from data.records import FilmRecord, error_row
 from inference.acceptance import NO_SPINE_SCORE
-from inference.parts import MergeError, merge_parts, part_dir, rank_share, record_rank_times, write_run_listing
+from inference.parts import (MergeError, MergeSummary, merge_parts, part_dir, rank_share, record_rank_times,
+                             write_run_listing)
 from inference.pipeline import (FLUSH_SECONDS, OutputFolderInUse, OutputOptions, in_input_order, kept_record,
                                 output_lock, predict_films, readable, run_inputs, write_batch, write_tables)
 from inference.predictor import InferenceDataset, Predictor, collate_items, worker_init
@@ -200,7 +201,7 @@ def _stop(run: ShardedRun, signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def run_sharded(run: ShardedRun, trainer: L.Trainer) -> tuple[int, object | None]:
+def run_sharded(run: ShardedRun, trainer: L.Trainer) -> tuple[int, MergeSummary | None]:
     """Run ``trainer.predict`` over the inputs, then merge the parts on rank 0. Returns the number
     of films kept by --resume over all ranks and, on rank 0, the merge's summary."""
     with run.lock:

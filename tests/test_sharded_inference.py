@@ -144,6 +144,8 @@ def test_two_processes_write_what_one_process_writes(archive, two_processes):
     parts = [read_table(part_dir(out, rank) / "predictions.csv") for rank in (0, 1)]
     assert all(len(p) >= 4 for p in parts)
     assert sorted(pd.concat(parts)["image"]) == sorted(table["image"])
+    finished = json.loads((out / PARTS_DIR / "run.json").read_text())["finished"]
+    assert [(r["rank"], r["films"], r["kept"]) for r in finished] == [(0, 5, 0), (1, 4, 0)]
     vertebrae = read_table(out / "vertebrae.csv")
     assert len(vertebrae) > 0
     assert len(vertebrae) == sum(len(read_table(part_dir(out, r) / "vertebrae.csv")) for r in (0, 1))
@@ -204,3 +206,5 @@ def test_resume_after_a_partial_run_redoes_only_what_is_missing(archive, two_pro
     assert all((out / f"{name}.json").is_file() for name in lost)
     assert_same_outputs(out, archive["single"])
     assert [len(read_table(part_dir(out, rank) / "predictions.csv")) for rank in range(3)] == [4, 3, 3]
+    finished = json.loads((out / PARTS_DIR / "run.json").read_text())["finished"]
+    assert [(r["films"], r["kept"]) for r in finished] == [(2, 1), (1, 2), (0, 3)]
