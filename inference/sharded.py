@@ -47,6 +47,7 @@ from inference.pipeline import (FLUSH_SECONDS, OutputFolderInUse, OutputOptions,
                                 output_lock, predict_films, readable, run_inputs, write_batch, write_tables)
 from inference.predictor import InferenceDataset, Predictor, collate_items, worker_init
 from models.bundle import ModelError
+from models.registry import default_model
 
 # the ranks wait for each other while rank 0 lists an archive and while the slowest rank
 # finishes its share: far longer than torch.distributed's default of 30 minutes
@@ -262,8 +263,8 @@ def _devices(text: str):
 def run_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m inference.sharded", description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders or manifest CSVs")
-    parser.add_argument("--model", required=True,
-                        help="a bundle folder, a registry name (models/registry.json) or a training checkpoint")
+    parser.add_argument("--model", help="a bundle folder, a registry name (models/registry.json) or a training "
+                                        "checkpoint; default: the shipped model")
     parser.add_argument("--download", action="store_true", help="allow fetching a registry model from its URL")
     parser.add_argument("--sha256", default=None, help="refuse the model unless its sha256 matches")
     parser.add_argument("--out", required=True, help="output folder (shared by every machine of the run)")
@@ -293,7 +294,14 @@ def run_main(argv: list[str]) -> int:
     if problem:
         parser.error(problem)
     try:
-        predictor = Predictor(args.model, device="cpu", sha256=args.sha256, operating_point=args.operating_point,
+        model = args.model or default_model()
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if model is None:
+        parser.error("no model named and none ships in models/registry.json: give --model BUNDLE")
+    try:
+        predictor = Predictor(model, device="cpu", sha256=args.sha256, operating_point=args.operating_point,
                               allow_download=args.download)
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
