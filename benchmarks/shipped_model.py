@@ -2,7 +2,7 @@
 
     python -m benchmarks.shipped_model [--model spine-vcf-default] [--reference BUNDLE]
         [--aasce ../shared/data/aasce] [--out runs/shipped_benchmark] [--phantom-n 400] [--draws 7]
-        [--no-results]
+        [--no-results] [--reuse]
 
 Test sets (each written by the project's own command lines, then ``infer.py`` and ``evaluate.py``):
 
@@ -55,10 +55,18 @@ def bundle_path(model: str) -> Path:
     return path if path.is_dir() else resolve(model)
 
 
-def infer_evaluate(bundle: Path, manifest: Path, out: Path, name: str) -> dict:
+def infer_evaluate(bundle: Path, manifest: Path, out: Path, name: str, reuse: bool = False) -> dict:
     infer, report = out / f"infer_{name}", out / f"report_{name}"
+    stamp = infer / "benchmark_model.json"
+    same = stamp.is_file() and json.loads(stamp.read_text()).get("id") == load_bundle(bundle).id
+    if reuse and same and (report / "metrics.json").is_file():
+        log(f"{name}: reusing {report}")
+        return {"metrics": json.loads((report / "metrics.json").read_text()), "infer_seconds": None,
+                "predictions": infer / "predictions.csv"}
     shutil.rmtree(infer, ignore_errors=True)
-    seconds = run([sys.executable, "infer.py", "--model", bundle, "--out", infer, "--quiet", manifest], f"{name}: infer")
+    seconds = run([sys.executable, "infer.py", "--model", bundle, "--out", infer, "--quiet", manifest], f"{name}: infer",
+                  ok_codes=(0, 1))  # 1: some films turned away (no_spine) or failed; evaluate.py counts them
+    atomic_write_text(stamp, json.dumps({"id": load_bundle(bundle).id}))
     run([sys.executable, "evaluate.py", "--predictions", infer / "predictions.csv", "--manifest", manifest,
          "--out", report, "--n-boot", 200], f"{name}: evaluate")
     return {"metrics": json.loads((report / "metrics.json").read_text()), "infer_seconds": round(seconds, 1),
@@ -157,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--phantom-n", type=int, default=400)
     parser.add_argument("--draws", type=int, default=7, help="simulated films per held-out source film")
     parser.add_argument("--no-results", action="store_true")
+    parser.add_argument("--reuse", action="store_true", help="keep a test set's report made with the same bundle")
     args = parser.parse_args(argv)
     model = args.model or default_model()
     if model is None:
@@ -175,21 +184,21 @@ def main(argv: list[str] | None = None) -> dict:
     if not (phantom / "manifest.csv").is_file():
         run([sys.executable, "-m", "data.phantom", "--out", phantom, "--n", args.phantom_n, "--seed", PHANTOM_SEED,
              "--view", "both"], "phantom test films")
-    result["phantom"] = numbers(infer_evaluate(bundle, phantom / "manifest.csv", out, "phantom")["metrics"])
+    result["phantom"] = numbers(infer_evaluate(bundle, phantom / "manifest.csv", out, "phantom", args.reuse)["metrics"])
     if args.reference is not None:
         ref = load_bundle(args.reference)
         result["reference"] = {**numbers(infer_evaluate(args.reference, phantom / "manifest.csv", out,
-                                                        "phantom_reference")["metrics"]),
+                                                        "phantom_reference", args.reuse)["metrics"]),
                                "storage": ref.storage, "size_mb": folder_mb(args.reference)}
     if args.aasce.is_dir():
         manifest = held_out_films(args.aasce, out)
-        got = infer_evaluate(bundle, manifest, out, "aasce")
+        got = infer_evaluate(bundle, manifest, out, "aasce", args.reuse)
         result["aasce"] = {**numbers(got["metrics"]), "n_films": int(len(load_dataset(manifest)[0]))}
         sim = out / "simulated"
         if not (sim / "manifest.csv").is_file():
             run([sys.executable, "-m", "data.simulate", "--aasce", args.aasce, "--held-out", HELD_OUT_FRACTION,
                  "--n", args.draws, "--seed", 99, "--size", 1024, "--out", sim], "fractures simulated on held-out films")
-        got = infer_evaluate(bundle, sim / "manifest.csv", out, "simulated")
+        got = infer_evaluate(bundle, sim / "manifest.csv", out, "simulated", args.reuse)
         g23 = grade_group_auroc(got["predictions"], sim / "manifest.csv", sim / "vertebrae.csv")
         result["simulated"] = {"auroc_grade23": g23.get("auroc"), "ci": [g23.get("ci_low"), g23.get("ci_high")],
                                "n_films": int(len(load_dataset(sim / "manifest.csv")[0]))}
