@@ -128,3 +128,18 @@ def test_the_data_module_builds_the_cache_and_passes_the_loader_options(copied, 
     assert loader.pin_memory and not loader.persistent_workers and loader.prefetch_factor == 3
     batch = next(iter(loader))  # the cache's memory maps open in the worker
     assert batch["image"].shape == (2, 1, *SIZE) and batch["heatmap_target"].dtype == torch.uint8
+
+
+def test_the_float32_brightness_contrast_is_albumentations_own():
+    """The loader's RandomBrightnessContrast draws as albumentations' does and gives its result."""
+    import albumentations as A
+
+    from data.transforms import RandomBrightnessContrast
+
+    image = np.random.default_rng(1).random((64, 48)).astype(np.float32)
+    for seed in range(5):
+        ours, theirs = (A.Compose([cls(brightness_limit=0.3, contrast_limit=0.4, p=1.0)], seed=seed)
+                        for cls in (RandomBrightnessContrast, A.RandomBrightnessContrast))
+        a, b = ours(image=image)["image"], theirs(image=image)["image"]
+        assert a.dtype == b.dtype == np.float32 and np.abs(a - b).max() < 1e-6
+        assert np.abs(a - image).max() > 1e-3  # it did change the image

@@ -28,10 +28,6 @@ def batch(phantom):
     return collate_skipping_failures([ds[i] for i in range(2)])
 
 
-def _losses(system: FractureSystem, batch: dict) -> dict:
-    return system._losses(batch, system(batch["image"]))
-
-
 def test_channels_last_keeps_the_losses_and_trains_under_bf16_autocast(batch):
     torch.manual_seed(0)
     plain = FractureSystem(fpn_dim=16, image_size=IMAGE_SIZE).eval()
@@ -41,13 +37,13 @@ def test_channels_last_keeps_the_losses_and_trains_under_bf16_autocast(batch):
         conv = next(p for p in net.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1)
         assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     with torch.no_grad():
-        a, b = _losses(plain, batch), _losses(last, batch)
+        a, b = plain.batch_losses(batch), last.batch_losses(batch)
     assert set(a) == set(b)
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-5), key
     last.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = _losses(last, batch)["loss"]
+        loss = last.batch_losses(batch)["loss"]
     loss.backward()
     assert torch.isfinite(loss) and last.net.encoder.conv1.weight.grad is not None
     assert last.vertebra_net.encoder.conv1.weight.grad is not None  # the crops went through too
@@ -62,13 +58,13 @@ def test_compile_compiles_both_networks_in_place(batch):
     system = FractureSystem(fpn_dim=16, image_size=IMAGE_SIZE, compile="eager").eval()
     keys = list(system.state_dict())
     with torch.no_grad():
-        before = _losses(system, batch)
+        before = system.batch_losses(batch)
     system.configure_model()
     system.configure_model()  # a second fit does not compile twice
     assert system.compiled and system.net._compiled_call_impl is not None
     assert system.vertebra_net._compiled_call_impl is not None
     with torch.no_grad():
-        after = _losses(system, batch)
+        after = system.batch_losses(batch)
     for key in before:
         assert torch.allclose(before[key], after[key], rtol=1e-5, atol=1e-6), key
     assert list(system.state_dict()) == keys
@@ -80,7 +76,7 @@ def test_compile_with_inductor(batch):
     torch.manual_seed(0)
     system = FractureSystem(fpn_dim=16, image_size=IMAGE_SIZE, compile=True)
     system.configure_model()
-    loss = _losses(system, batch)["loss"]
+    loss = system.batch_losses(batch)["loss"]
     loss.backward()
     assert torch.isfinite(loss)
 

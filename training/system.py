@@ -89,6 +89,10 @@ class FractureSystem(L.LightningModule):
             self.compiled = True
 
     # ------------------------------------------------------------------ losses
+    def batch_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Every loss of a collated batch (``loss``: their weighted sum), as a training step computes them."""
+        return self._losses(batch, self(batch["image"]))
+
     def _losses(self, batch: dict, out: dict) -> dict[str, torch.Tensor]:
         logits = out["logits"]
         loss_fracture = masked_bce(logits[:, 0], batch["fracture"])
