@@ -208,7 +208,7 @@ class OutputOptions:
     dicom_sr: bool = False
     voi_lut: bool = False
     max_pixels: int = 50_000_000
-    backend: str = "torch"  # onnx: the film heads only, no vertebrae
+    backend: str = "torch"  # or "onnx" (inference/onnx.py): the same outputs to 1e-4, not to the bit
     min_spine_score: float = NO_SPINE_SCORE  # below it a film is no_spine (inference/acceptance.py); 0: off
 
 

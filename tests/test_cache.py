@@ -13,7 +13,7 @@ import torch
 from data.cache import REGION_CONTEXT, REGION_SIZE, cache_folder, main, open_cache, region_crop, region_matrix
 from data.dataset import RadiographDataset, SpineDataModule, collate_skipping_failures
 from data.manifest import load_manifest
-from data.phantom import generate_dataset
+from data.phantom2d import generate_dataset
 from data.vertebra_targets import CROP_CONTEXT, crop_matrix, extract_crop
 
 SIZE = (96, 80)

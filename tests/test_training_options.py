@@ -7,7 +7,7 @@ import torch
 
 from data.dataset import RadiographDataset, collate_skipping_failures
 from data.manifest import load_manifest
-from data.phantom import generate_dataset
+from data.phantom2d import generate_dataset
 from training.system import FractureSystem
 from training_config import compose_config
 
