@@ -23,6 +23,7 @@ import datetime as dt
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -46,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Training loader, CPU"
 IMAGE_SIZE = (384, 320)
+TARGET = 250  # images per second per worker: enough that 16 workers feed a GPU training this model
 
 
 def per_worker(dataset, samples: int, seed: int = 0, repeats: int = 1) -> dict:
@@ -200,8 +202,18 @@ def results_section(r: dict, command: str) -> str:
         if "cache_build_s_per_film" in size:
             note += (f"; the cache is built once, in {size['cache_build_s_per_film'] * 1000:.0f} ms per film "
                      f"({size['cache_mb_per_film']:.2f} MB per film on disk)")
+        if "baseline_img_s_cpu" in size and "cache" in size["modes"]:
+            note += (f"; with the cache a worker delivers "
+                     f"{size['modes']['cache']['img_s_cpu'] / size['baseline_img_s_cpu']:.1f}x the images per second "
+                     f"of the loader before")
         notes.append(f"- {note}.")
-    return "\n".join(lines + [""] + notes) + "\n"
+    met = all(s["modes"]["cache"]["img_s_cpu"] >= TARGET for s in r["sizes"] if "cache" in s["modes"])
+    closing = [
+        "", f"Target: {TARGET} images per second per worker; {'met' if met else 'not met'} on this machine's CPU "
+        "time. The DataLoader columns are not per-worker capacity: on 2 cores shared with other jobs a second "
+        "worker competes with the first and with the process that receives the batches. What a worker delivers "
+        "with a core of its own, and whether 16 of them keep a GPU fed, is measured on the device (next section)."]
+    return "\n".join(lines + [""] + notes + closing) + "\n"
 
 
 def write_results(section: str) -> None:
@@ -233,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     r = run(args)
     if args.write:
-        command = "python -m benchmarks.loader " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = "python -m benchmarks.loader " + shlex.join(argv if argv is not None else sys.argv[1:])
         write_results(results_section(r, command.strip()))
     return r
 
