@@ -114,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-pixels", type=int, default=50_000_000,
                         help="refuse images larger than this before decoding them")
     parser.add_argument("--backend", choices=("torch", "onnx"), default="torch",
-                        help="torch: the networks of the model; onnx: the film network only, from a bundle with "
-                             "film_net.onnx or a .onnx file of `python -m inference.onnx`")
+                        help="torch: the networks of the model; onnx: their ONNX graphs run by onnxruntime, the "
+                             "same outputs (a bundle with the .onnx graphs, or a .onnx file of "
+                             "`python -m inference.onnx`)")
     parser.add_argument("--resume", action="store_true", help="skip inputs whose outputs are complete")
     parser.add_argument("--keep-identifiers", action="store_true",
                         help="copy patient name, ID and birth date into the JSON, and write the DICOM SC/SR into "

@@ -1,8 +1,9 @@
 """Datasets and the Lightning DataModule for labelled radiographs.
 
 A sample is a dict: ``image`` (1, H, W) float in [0, 1]; ``fracture`` and ``acute`` (acute
-given a fracture) as floats with NaN for unknown; ``heatmap_target`` (3, H, W): fractured, acutely
-fractured and any vertebra, with ``heatmap_known`` (3,) saying which channels may be trained; ``index``.
+given a fracture) as floats with NaN for unknown; ``heatmap_target`` (3, H, W) uint8 0/1 masks:
+fractured, acutely fractured and any vertebra, with ``heatmap_known`` (3,) saying which channels
+may be trained; ``index``.
 Unknown labels stay NaN all the way to the loss, where they are masked out.
 
 Per-vertebra truth (``vertebrae.csv``) adds the stage-1 targets on the stride-8 grid
@@ -22,17 +23,19 @@ from __future__ import annotations
 
 import logging
 
+import cv2
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from data.cache import FilmCache, open_cache, region_crop
 from data.manifest import Manifest, assign_splits, check_apart_from_training, label_arrays, load_manifest
 from data.readers import ImageReadError, read_image
 from data.simulate import FractureSynthesis
 from data.transforms import letterbox, normalize_intensity, rasterize_vertebrae, train_augmentation
-from data.geometry import AP_MIRROR, POINT_COLUMNS, body_centre, body_extent
-from data.vertebra_targets import (CROP_CONTEXT, CROP_SIZE, apply_affine, crop_matrix, extract_crop, level_code,
+from data.geometry import AP_MIRROR, body_centre, body_extent
+from data.vertebra_targets import (CROP_CONTEXT, CROP_SIZE, apply_affine, crop_matrix, extract_crop, film_vertebrae,
                                    stage1_targets)
 
 log = logging.getLogger(__name__)
@@ -42,8 +45,12 @@ GRID_STRIDE = 8  # the network's heatmap stride (models.network.HEATMAP_STRIDE)
 class RadiographDataset(Dataset):
     def __init__(self, manifest: Manifest, indices: np.ndarray | None = None,
                  image_size: tuple[int, int] = (384, 320), augment: bool = False, max_crops: int | None = None,
-                 crop_jitter: float = 2.0, fracture_synthesis: float = 0.0):
+                 crop_jitter: float = 2.0, fracture_synthesis: float = 0.0, cache: FilmCache | None = None):
         self.manifest = manifest
+        if cache is not None and tuple(cache.image_size) != tuple(image_size):
+            raise ValueError(f"{cache.folder}: a cache of image size {tuple(cache.image_size)}, not {tuple(image_size)}")
+        # the decoded films and crop regions (data/cache.py); None: decode each film when it is drawn
+        self.cache = cache
         self.images = manifest.images if indices is None else manifest.images.iloc[indices].reset_index(drop=True)
         self.image_size = tuple(image_size)
         self.augment = train_augmentation(flip=False) if augment else None
@@ -58,10 +65,18 @@ class RadiographDataset(Dataset):
         # only training films are fractured on the fly: evaluation must see the films as labelled
         self.synthesis = (FractureSynthesis(p=float(fracture_synthesis), assume_intact=False)
                           if augment and fracture_synthesis > 0 else None)
-        self._vertebrae = {}
+        # with a cache, the films drawn for synthesis are decoded: the draw is made before reading
+        self.drawn_synthesis = FractureSynthesis(p=1.0, assume_intact=False) if self.synthesis else None
+        self._vertebrae = {}  # read once: a pandas lookup per sample costs more than the augmentation
         if manifest.vertebrae is not None:
+            wanted = set(self.images["image"])
             for image, group in manifest.vertebrae.groupby("image"):
-                self._vertebrae[image] = group
+                arrays = film_vertebrae(group) if image in wanted else None
+                if arrays is not None:
+                    for a in arrays:
+                        if isinstance(a, np.ndarray):
+                            a.setflags(write=False)  # shared by every sample of the film
+                    self._vertebrae[image] = arrays
 
     def __len__(self) -> int:
         return len(self.images)
@@ -89,14 +104,15 @@ class RadiographDataset(Dataset):
             known[1] = 1.0
         return target, known
 
-    def _synthesise(self, full: np.ndarray, verts, fracture: float, acute: float):
-        """Fracture synthesis on one training film: ``(full, verts, fracture, acute)`` after it."""
+    def _synthesise(self, full: np.ndarray, verts, fracture: float, acute: float, synthesis=None):
+        """Fracture synthesis on one training film: ``(full, verts, fracture, acute)`` after it
+        (``synthesis``: the one to apply, by default ``self.synthesis``)."""
         pts, levels, _, v_acute, grade = verts
         if fracture == 0:  # a normal film's vertebrae are intact, graded or not
             grade = np.where(np.isnan(grade), 0.0, grade)
         labels = {"genant_grade": grade, "acute_vertebrae": v_acute, "fracture": fracture,
                   "acute": acute if fracture == 1 else float("nan"), "levels": [str(v) for v in levels]}
-        full, pts, labels = self.synthesis(full, pts, labels, rng=self.rng)
+        full, pts, labels = (synthesis or self.synthesis)(full, pts, labels, rng=self.rng)
         if labels["simulated"] is None:
             return full, verts, fracture, acute
         grade = np.asarray(labels["genant_grade"], dtype=float)
@@ -108,23 +124,12 @@ class RadiographDataset(Dataset):
 
     def _vertebra_arrays(self, image: str):
         """Points (K, 6, 2), level codes, fracture and acute labels and Genant grades (NaN unknown)
-        of one film."""
-        rows = self._vertebrae.get(image)
-        if rows is None or len(rows) == 0:
-            return None
-        pts = rows[POINT_COLUMNS].to_numpy(dtype=float).reshape(-1, 6, 2)
-        good = np.isfinite(pts).all(axis=(1, 2))
-        rows, pts = rows[good], pts[good]
-        if len(rows) == 0:
-            return None
-        grade = rows["genant_grade"].to_numpy(dtype=float)
-        fracture = np.where(np.isnan(grade), np.nan, (grade > 0).astype(float))
-        acute = rows["acute"].to_numpy(dtype=float) if "acute" in rows else np.full(len(rows), np.nan)
-        acute = np.where(fracture == 1, acute, np.nan)
-        levels = [level_code(v) for v in rows["level"]] if "level" in rows else [-1] * len(rows)
-        return pts, levels, fracture, acute, grade
+        of one film (:func:`~data.vertebra_targets.film_vertebrae`, read once), or None."""
+        return self._vertebrae.get(image)
 
-    def _crops(self, full: np.ndarray, verts, ap: bool) -> dict:
+    def _crops(self, full: np.ndarray | None, verts, ap: bool, regions=None) -> dict:
+        """Up to ``max_crops`` vertebra crops, read from the film ``full`` or, with the cache,
+        from each vertebra's cached source ``regions`` (regions, affines)."""
         m = self.max_crops
         crops = np.zeros((m, 1, CROP_SIZE, CROP_SIZE), np.float32)
         points = np.zeros((m, 6, 2), np.float32)
@@ -144,7 +149,7 @@ class RadiographDataset(Dataset):
                     side *= float(np.clip(np.exp(self.rng.normal(0, 0.1 * self.crop_jitter)), 0.85, 1.35))
                     angle = float(self.rng.uniform(-8, 8))
                 matrix = crop_matrix(centre, side, angle)
-                crop = extract_crop(full, matrix)
+                crop = extract_crop(full, matrix) if regions is None else region_crop(regions[0][k], regions[1][k], matrix)
                 p = apply_affine(matrix, pts[k])
                 if self.augment is not None:
                     if self.rng.random() < 0.5:
@@ -162,32 +167,47 @@ class RadiographDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict | None:
         row = self.images.iloc[i]
+        image = row["image"]
         # drawn from torch's generator, which Lightning seeds per worker (a numpy Generator made
         # once would be copied into every worker and repeat the same jitter there)
         self.rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, ()).item()))
+        fracture, acute = float(self.fracture[i]), float(self.acute[i])
+        verts = self._vertebra_arrays(image)
+        regions = None
+        cached = self.cache is not None and image in self.cache
+        if cached and self.synthesis is not None and verts is not None and self.rng.random() < self.synthesis.p:
+            cached = False  # synthesis needs the full film
+            synthesis = self.drawn_synthesis
+        else:
+            synthesis = None if cached else self.synthesis
         try:
-            full = normalize_intensity(read_image(row["image"]).pixels)
+            if cached:
+                pixels, box = self.cache.film(image)
+                regions = self.cache.regions(image)
+                full = None
+            else:
+                full = normalize_intensity(read_image(image).pixels)
         except ImageReadError as exc:
             log.warning("skipping unreadable training image: %s", exc)
             return {"failed": str(exc)}
-        fracture, acute = float(self.fracture[i]), float(self.acute[i])
-        verts = self._vertebra_arrays(row["image"])
-        if self.synthesis is not None and verts is not None:
-            full, verts, fracture, acute = self._synthesise(full, verts, fracture, acute)
-        pixels, box = letterbox(full, self.image_size)
+        if not cached:
+            if synthesis is not None and verts is not None:
+                full, verts, fracture, acute = self._synthesise(full, verts, fracture, acute, synthesis)
+            pixels, box = letterbox(full, self.image_size)
         target, known = self._targets(verts, fracture, box)
         ap = str(row.get("view", "")).strip().lower() == "ap"
         keypoints = box.to_input(verts[0].reshape(-1, 2)) if verts is not None else np.zeros((0, 2))
         if self.augment is not None:
+            # the three target channels as one (H, W, 3) mask: one warp instead of three, the same pixels
+            mask = cv2.merge(list(target))
             if self.rng.random() < 0.5:  # mirror here, so that AP points can be relabelled
-                pixels, target = pixels[:, ::-1], target[:, :, ::-1]
+                pixels, mask = cv2.flip(pixels, 1), cv2.flip(mask, 1)
                 keypoints = keypoints.copy()
                 keypoints[:, 0] = self.image_size[1] - 1 - keypoints[:, 0]
                 if ap and len(keypoints):
                     keypoints = keypoints.reshape(-1, 6, 2)[:, AP_MIRROR].reshape(-1, 2)
-            out = self.augment(image=np.ascontiguousarray(pixels), masks=list(np.ascontiguousarray(target)),
-                               keypoints=keypoints)
-            pixels, target = out["image"], np.stack(out["masks"])
+            out = self.augment(image=pixels, mask=mask, keypoints=keypoints)
+            pixels, target = out["image"], out["mask"].transpose(2, 0, 1)
             keypoints = np.asarray(out["keypoints"], dtype=np.float64).reshape(-1, 2)
         grid = (-(-self.image_size[0] // GRID_STRIDE), -(-self.image_size[1] // GRID_STRIDE))
         levels = verts[1] if verts is not None else []
@@ -196,7 +216,8 @@ class RadiographDataset(Dataset):
             "image": torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None],
             "fracture": torch.tensor(fracture, dtype=torch.float32),
             "acute": torch.tensor(acute, dtype=torch.float32),
-            "heatmap_target": torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32)),
+            # 0/1 masks as uint8: a quarter of the bytes to collate, pin and copy to the device
+            "heatmap_target": torch.from_numpy(np.ascontiguousarray(target, dtype=np.uint8)),
             "heatmap_known": torch.from_numpy(known),
             "vert_centre": torch.from_numpy(st1["centre"]),
             "vert_offsets": torch.from_numpy(st1["offsets"]),
@@ -205,7 +226,7 @@ class RadiographDataset(Dataset):
             "vert_known": torch.tensor(float(verts is not None)),
             "index": i,
         }
-        sample.update(self._crops(full, verts, ap))
+        sample.update(self._crops(full, verts, ap, regions))
         return sample
 
 
@@ -228,13 +249,19 @@ def collate_skipping_failures(batch: list[dict]) -> dict:
 
 
 class SpineDataModule(L.LightningDataModule):
-    """Patient-grouped train/val/test splits of one manifest (or a separate validation one)."""
+    """Patient-grouped train/val/test splits of one manifest (or a separate validation one).
+
+    Loader options: ``cache_dir`` reads each manifest's films from a decoded, pre-sized cache
+    there (data/cache.py), built on first use and rebuilt when the manifest or its images
+    change; ``pin_memory`` (for a GPU), ``persistent_workers`` (workers kept between epochs)
+    and ``prefetch_factor`` (batches each worker prepares ahead) go to the DataLoader."""
 
     def __init__(self, manifest: str, vertebrae: str | None = "auto", val_manifest: str | None = None,
                  test_manifest: str | None = None, image_size: tuple[int, int] = (384, 320),
                  batch_size: int = 16, num_workers: int = 2, val_fraction: float = 0.15,
                  split_seed: int = 0, augment: bool = True, crop_jitter: float = 2.0,
-                 fracture_synthesis: float = 0.0):
+                 fracture_synthesis: float = 0.0, cache_dir: str | None = None, pin_memory: bool = False,
+                 persistent_workers: bool = True, prefetch_factor: int = 2):
         super().__init__()
         self.save_hyperparameters()
         self.train_set = self.val_set = self.test_set = None
@@ -246,22 +273,31 @@ class SpineDataModule(L.LightningDataModule):
         splits = assign_splits(main.images, val_fraction=0.0 if hp.val_manifest else hp.val_fraction,
                                seed=hp.split_seed)
         size = tuple(hp.image_size)
-        self.train_set = RadiographDataset(main, np.flatnonzero(splits == "train"), size, augment=hp.augment,
-                                           crop_jitter=hp.crop_jitter, fracture_synthesis=hp.fracture_synthesis)
         training = main.images[(splits == "train").to_numpy()]
+        val = test = None
         if hp.val_manifest:
             val = load_manifest(hp.val_manifest)
             check_apart_from_training(val, training, hp.manifest, "validation")
-            self.val_set = RadiographDataset(val, None, size)
-        else:
-            self.val_set = RadiographDataset(main, np.flatnonzero(splits == "val"), size)
-        test_idx = np.flatnonzero(splits == "test")
         if hp.test_manifest:
             test = load_manifest(hp.test_manifest)
             check_apart_from_training(test, training, hp.manifest, "test")
-            self.test_set = RadiographDataset(test, None, size)
+
+        def cache(manifest: Manifest) -> FilmCache | None:  # built once the manifests are known to be usable
+            return open_cache(hp.cache_dir, manifest, size) if hp.cache_dir else None
+
+        main_cache = cache(main)
+        self.train_set = RadiographDataset(main, np.flatnonzero(splits == "train"), size, augment=hp.augment,
+                                           crop_jitter=hp.crop_jitter, fracture_synthesis=hp.fracture_synthesis,
+                                           cache=main_cache)
+        if val is not None:
+            self.val_set = RadiographDataset(val, None, size, cache=cache(val))
+        else:
+            self.val_set = RadiographDataset(main, np.flatnonzero(splits == "val"), size, cache=main_cache)
+        test_idx = np.flatnonzero(splits == "test")
+        if test is not None:
+            self.test_set = RadiographDataset(test, None, size, cache=cache(test))
         elif len(test_idx):
-            self.test_set = RadiographDataset(main, test_idx, size)
+            self.test_set = RadiographDataset(main, test_idx, size, cache=main_cache)
         if len(self.train_set) == 0:
             raise ValueError(f"{hp.manifest}: no training images after the split")
         for name, ds in (("train", self.train_set), ("val", self.val_set)):
@@ -270,9 +306,17 @@ class SpineDataModule(L.LightningDataModule):
             log.info("%s: %d images (%d fractured, %d unknown)", name, len(ds), n_pos, n_unknown)
 
     def _loader(self, ds, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=shuffle,
-                          num_workers=self.hparams.num_workers, collate_fn=collate_skipping_failures,
-                          persistent_workers=self.hparams.num_workers > 0, drop_last=False)
+        hp = self.hparams
+        workers = hp.num_workers
+        if workers > 0:
+            # OpenCV in the workers uses one thread, as torch does there (many workers each starting a
+            # thread per core contend for the cores they share); set here, before they fork: set in a
+            # forked worker, it can deadlock on the thread pool the parent left behind
+            cv2.setNumThreads(1)
+        return DataLoader(ds, batch_size=hp.batch_size, shuffle=shuffle, num_workers=workers,
+                          collate_fn=collate_skipping_failures, pin_memory=hp.pin_memory,
+                          persistent_workers=hp.persistent_workers and workers > 0,
+                          prefetch_factor=hp.prefetch_factor if workers > 0 else None, drop_last=False)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

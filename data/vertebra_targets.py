@@ -17,7 +17,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from data.geometry import body_height
+from data.geometry import POINT_COLUMNS, body_height
 from data.morphometry import LEVELS
 
 LEVEL_INDEX = {name: i for i, name in enumerate(LEVELS)}
@@ -32,6 +32,26 @@ CROP_CONTEXT = 1.8
 def level_code(level) -> int:
     """0-16 for T1-L5; -1 (ignored by the loss) for transitional or missing levels."""
     return LEVEL_INDEX.get(str(level).strip(), -1)
+
+
+def film_vertebrae(rows) -> tuple | None:
+    """One film's vertebrae with six finite points, from its rows of ``vertebrae.csv`` (a
+    DataFrame): points (K, 6, 2), level codes, fracture and acute labels and Genant grades (NaN
+    unknown); None when it has none. Training samples and the training cache (data/cache.py)
+    both take the vertebrae in this order."""
+    if rows is None or len(rows) == 0:
+        return None
+    pts = rows[POINT_COLUMNS].to_numpy(dtype=float).reshape(-1, 6, 2)
+    good = np.isfinite(pts).all(axis=(1, 2))
+    rows, pts = rows[good], pts[good]
+    if len(rows) == 0:
+        return None
+    grade = rows["genant_grade"].to_numpy(dtype=float)
+    fracture = np.where(np.isnan(grade), np.nan, (grade > 0).astype(float))
+    acute = rows["acute"].to_numpy(dtype=float) if "acute" in rows else np.full(len(rows), np.nan)
+    acute = np.where(fracture == 1, acute, np.nan)
+    levels = [level_code(v) for v in rows["level"]] if "level" in rows else [-1] * len(rows)
+    return pts, levels, fracture, acute, grade
 
 
 def crop_matrix(centre, side, angle_deg: float = 0.0, out: int = CROP_SIZE) -> np.ndarray:
@@ -99,20 +119,22 @@ def stage1_targets(points: np.ndarray, levels: list[int], grid_hw: tuple[int, in
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 6, 2)
     if len(pts) == 0:
         return {"centre": centre, "offsets": offsets, "offset_mask": mask, "level": level}
-    ys, xs = np.mgrid[0:h, 0:w]
-    heights = body_height(pts)
-    for p, lvl, height in zip(pts, levels, heights):
-        c = p.mean(axis=0)
-        gx, gy = (c + 0.5) / stride - 0.5  # grid coordinates of the centre
-        j, i = int(round(gx)), int(round(gy))
-        if not (0 <= i < h and 0 <= j < w):
-            continue
-        sigma = float(np.clip(0.25 * height / stride, 0.5, 2.0))
-        g = np.exp(-((xs - gx) ** 2 + (ys - gy) ** 2) / (2 * sigma ** 2)).astype(np.float32)
-        centre[0] = np.maximum(centre[0], g)
+    g = (pts.mean(axis=1) + 0.5) / stride - 0.5  # grid coordinates of the centres
+    cells = np.round(g).astype(int)  # (j, i) per body
+    inside = (cells[:, 0] >= 0) & (cells[:, 0] < w) & (cells[:, 1] >= 0) & (cells[:, 1] < h)
+    if not inside.any():
+        return {"centre": centre, "offsets": offsets, "offset_mask": mask, "level": level}
+    # every body's Gaussian at once (the training loader's hot spot), then the largest per cell
+    sigma = np.clip(0.25 * body_height(pts[inside]) / stride, 0.5, 2.0)[:, None, None]
+    gx, gy = g[inside, 0, None, None], g[inside, 1, None, None]
+    dx2 = (np.arange(w, dtype=np.float64)[None, None, :] - gx) ** 2
+    dy2 = (np.arange(h, dtype=np.float64)[None, :, None] - gy) ** 2
+    centre[0] = np.exp(-(dx2 + dy2) / (2 * sigma ** 2)).astype(np.float32).max(axis=0)
+    for k in np.flatnonzero(inside):  # in order: a later body on the same cell wins, as it always has
+        j, i = cells[k]
         centre[0, i, j] = 1.0
         cell = (np.array([j, i], dtype=np.float64) + 0.5) * stride - 0.5
-        offsets[:, i, j] = ((p - cell) / (stride * OFFSET_SCALE)).reshape(-1)
+        offsets[:, i, j] = ((pts[k] - cell) / (stride * OFFSET_SCALE)).reshape(-1)
         mask[i, j] = 1.0
-        level[i, j] = lvl
+        level[i, j] = levels[k]
     return {"centre": centre, "offsets": offsets, "offset_mask": mask, "level": level}

@@ -92,7 +92,7 @@ def checked_spacing(spacing_mm) -> tuple[tuple[float, float] | None, str | None]
 def no_spine_reason(spine_score: float | None, min_score: float = NO_SPINE_SCORE) -> str | None:
     """Why a film is reported as ``no_spine`` instead of given a probability: the film network's
     strongest vertebral-body score is below ``min_score`` (0 turns the rule off; a score of
-    None is not known, e.g. on the ONNX backend, which has the film heads only)."""
+    None is not known, e.g. from an ONNX film graph exported without the vertebra maps)."""
     if spine_score is None or spine_score >= min_score:
         return None
     return f"no spine found: the strongest vertebral-body score is {spine_score:.3f}, below {min_score:g}"

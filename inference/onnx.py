@@ -1,25 +1,32 @@
-"""ONNX: export a model's film network, and an onnxruntime predictor with the interface of
-:class:`inference.pipeline.Predictor`.
+"""ONNX: export a model's networks, and an onnxruntime predictor that gives what
+:class:`inference.predictor.Predictor` gives.
 
-Export (the graph and its outputs are described in :mod:`models.onnx_export`)::
+Export (the graphs and their outputs are described in :mod:`models.onnx_export`)::
 
+    python -m inference.onnx --model BUNDLE --bundle-out NEW_BUNDLE     # the .onnx graphs added
     python -m inference.onnx --model BUNDLE --onnx model.onnx [--opset 18]
-    python -m inference.onnx --model BUNDLE --bundle-out NEW_BUNDLE     # film_net.onnx added
     python -m inference.onnx --checkpoint model.ckpt --onnx model.onnx
 
-The graph has four outputs, ``p_fracture``, ``p_acute``, ``p_acute_given_fracture`` and
-``heatmap``: the film network only, with raw probabilities. :class:`OnnxPredictor` reads a
-bundle holding ``film_net.onnx`` or a .onnx file, and applies the stored calibration to the
-graph's outputs as :class:`~inference.pipeline.Predictor` does; a calibration fitted on the film
-probability combined with the vertebrae is then approximate, and a warning says so.
+A model with a crop network has three graphs: the film network, the crop network and the point
+refiner (when it has one). In a bundle they are ``film_net.onnx``, ``crop_net.onnx`` and
+``point_refiner.onnx``; a standalone export writes ``model.onnx`` (the film network) with
+``model.crop_net.onnx`` and ``model.point_refiner.onnx`` beside it, named with their sha256 in
+the film graph's metadata.
+
+:class:`OnnxPredictor` runs them with onnxruntime and shares everything else with the PyTorch
+:class:`~inference.predictor.Predictor`: the per-vertebra analysis (inference/vertebrae.py)
+calls the crop graphs through :class:`OnnxCropNetwork`, which is called as the PyTorch crop
+network is, and the calibration is applied as there. A film graph exported before the crop
+graphs existed (film network only) still runs, without the per-vertebra analysis; a warning
+says so.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import warnings
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,20 +35,48 @@ import torch
 from calibration import predictor_calibration
 from data.io_utils import atomic_write_bytes, missing_file
 from inference.loading import open_model
-from models.bundle import (CALIBRATION_FILE, ONNX_FILE, BundleError, ModelError, file_sha256, is_bundle,
+from inference.predictor import Predictor
+from models.bundle import (CALIBRATION_FILE, ONNX_FILE, ONNX_FILES, BundleError, ModelError, file_sha256, is_bundle,
                            read_metadata)
-from models.onnx_export import (DEFAULT_OPSET, INPUT_NAME, META_CALIBRATION, META_CHECKPOINT_ID, META_MODEL, MIN_OPSET,
-                                 OUTPUT_NAMES, onnx_bytes)
+from models.onnx_export import (CROP_INPUT, CROP_NETWORKS, CROP_OUTPUTS, DEFAULT_OPSET, FILM_GRAPH_OUTPUTS, INPUT_NAME,
+                                META_CALIBRATION, META_CHECKPOINT_ID, META_GRAPHS, META_MODEL, META_NETWORK, MIN_OPSET,
+                                OUTPUT_NAMES, VERTEBRA_LOGITS, bundle_graphs, crop_graphs, onnx_bytes, with_graphs)
+
+
+def companion_path(onnx_path: str | os.PathLike, name: str) -> Path:
+    """Where a standalone export keeps network ``name``'s graph: ``model.crop_net.onnx`` beside ``model.onnx``."""
+    path = Path(onnx_path)
+    return path.with_name(f"{path.stem}.{name}.onnx")
+
+
+def write_standalone(bundle, onnx_path: str | os.PathLike, opset: int = DEFAULT_OPSET,
+                     exporter: str = "dynamo", film: bytes | None = None,
+                     crops: dict[str, bytes] | None = None) -> list[Path]:
+    """Write ``bundle``'s graphs as a standalone export at ``onnx_path`` (see the module
+    docstring), each file atomically, the film graph last; returns the paths written. ``film``
+    and ``crops``: graphs already exported (:func:`~models.onnx_export.onnx_bytes`,
+    :func:`~models.onnx_export.crop_graphs`)."""
+    film = film if film is not None else onnx_bytes(bundle, opset, exporter)
+    crops = crops if crops is not None else crop_graphs(bundle, opset, exporter)
+    written, graphs = [], {}
+    for name, blob in crops.items():
+        path = atomic_write_bytes(companion_path(onnx_path, name), blob)
+        graphs[name] = {"file": path.name, "sha256": file_sha256(path)}
+        written.append(path)
+    # the film graph names its crop graphs, so that a predictor finds them and knows them unchanged
+    written.append(atomic_write_bytes(onnx_path, with_graphs(film, graphs) if graphs else film))
+    return written
+
 
 def export_onnx(model, onnx_path: str | os.PathLike, opset: int = DEFAULT_OPSET,
                 sha256: str | None = None, exporter: str = "dynamo") -> Path:
-    """Export the film network of ``model`` (a bundle folder, a registry name or a training
-    checkpoint) to ``onnx_path`` (written atomically); returns the path.
+    """Export the networks of ``model`` (a bundle folder, a registry name or a training
+    checkpoint) to ``onnx_path`` (the film network) and its companions; returns ``onnx_path``.
 
     Raises :class:`~models.bundle.ModelError` for a missing, unsafe or foreign model."""
     bundle = open_model(model, sha256=sha256)
-    # checked before writing: a model that fails the checker never replaces an existing file
-    return atomic_write_bytes(onnx_path, onnx_bytes(bundle, opset, exporter))
+    # every graph is checked before the first is written: a model that fails the checker replaces no file
+    return write_standalone(bundle, onnx_path, opset, exporter)[-1]
 
 
 def read_onnx_metadata(onnx_path: str | os.PathLike) -> dict[str, str]:
@@ -52,31 +87,73 @@ def read_onnx_metadata(onnx_path: str | os.PathLike) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
-class OnnxPredictor:
-    """An exported model run by onnxruntime, with the interface of :class:`inference.pipeline.Predictor`.
+def onnx_session(path: Path, providers: list):
+    """An onnxruntime session of the graph at ``path``, or :class:`BundleError` naming it."""
+    import onnxruntime as ort
 
-    ``device``: ``"auto"`` (CUDA when onnxruntime offers it, else CPU), ``"cpu"``, ``"cuda"``
-    or ``"cuda:N"``. ``sha256``: if given, the .onnx file must have this digest.
-    ``operating_point``: as for :class:`~inference.pipeline.Predictor` (a calibrated model only)."""
+    try:
+        return ort.InferenceSession(str(path), providers=providers)
+    except Exception as exc:
+        raise BundleError(f"{path}: onnxruntime cannot load it ({type(exc).__name__}: {exc})") from exc
 
+
+class OnnxCropNetwork:
+    """A crop network or point refiner run by onnxruntime, called as its PyTorch module is: a
+    ``(n, 1, S, S)`` crop tensor in, ``points`` ``(n, 6, 2)`` and ``logits`` ``(n, 2)`` tensors
+    out. It carries the attributes the per-vertebra analysis reads: ``crop_size`` and, for the
+    point refiner, ``context``, ``passes`` and ``flip``."""
+
+    def __init__(self, session, path: Path, expected: str):
+        self.session = session
+        props = session.get_modelmeta().custom_metadata_map
+        try:
+            window = json.loads(props[META_NETWORK])
+            self.name, self.crop_size = str(window["name"]), int(window["crop_size"])
+            if self.name == "point_refiner":
+                self.context = tuple(float(c) for c in window["context"])
+                self.passes, self.flip = int(window["passes"]), bool(window["flip"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{path}: no readable '{META_NETWORK}' metadata ({type(exc).__name__}: {exc}); "
+                              f"not a crop graph of inference.onnx") from exc
+        if self.name != expected:
+            raise BundleError(f"{path}: holds the {self.name} graph, expected the {expected} one")
+        outputs = [o.name for o in session.get_outputs()]
+        if sorted(outputs) != sorted(CROP_OUTPUTS):
+            raise BundleError(f"{path}: outputs {outputs}, expected {list(CROP_OUTPUTS)}")
+
+    def __call__(self, crops: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = np.ascontiguousarray(crops.detach().to("cpu", torch.float32).numpy())
+        out = self.session.run(list(CROP_OUTPUTS), {CROP_INPUT: x})
+        return {name: torch.from_numpy(np.asarray(v, dtype=np.float32)) for name, v in zip(CROP_OUTPUTS, out)}
+
+
+class OnnxPredictor(Predictor):
+    """An exported model run by onnxruntime: :class:`~inference.predictor.Predictor` with its
+    networks replaced by the ONNX graphs (the film network by :meth:`film_outputs`, the crop
+    network and point refiner by :class:`OnnxCropNetwork`), and everything else shared.
+
+    ``onnx_path``: a bundle holding ``film_net.onnx`` (and ``crop_net.onnx``,
+    ``point_refiner.onnx``), or a .onnx file of a standalone export. ``device``: ``"auto"``
+    (CUDA when onnxruntime offers it, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; the
+    graphs run there (``onnx_device``), the analysis between them on the CPU. ``sha256``: if
+    given, the .onnx file (or the bundle's metadata.json) must have this digest.
+    ``operating_point``: as for :class:`~inference.predictor.Predictor` (a calibrated model only)."""
+
+    backend = "onnx"
+
+    # Predictor.__init__ is not called: it loads the PyTorch networks this predictor replaces
     def __init__(self, onnx_path: str | os.PathLike, device: str = "auto", sha256: str | None = None,
                  operating_point: str | None = None):
         import onnxruntime as ort
 
         source = Path(onnx_path)
         if is_bundle(source):
-            self.meta, stored, self.checkpoint_id, self.checkpoint = self._from_bundle(source, sha256)
+            self.meta, stored, self.checkpoint_id, self.checkpoint, crop_paths = self._from_bundle(source, sha256)
         else:
-            self.meta, stored, self.checkpoint_id = self._from_file(source, sha256)
+            self.meta, stored, self.checkpoint_id, crop_paths = self._from_file(source, sha256)
             self.checkpoint = source
         self.image_size = tuple(int(v) for v in self.meta["image_size"])
         self.calibrator, self.operating_point = predictor_calibration(stored, source, operating_point)
-        if self.calibrator is not None and "crop_size" in self.meta:
-            # fitted on the film head combined with the vertebrae, which this graph does not compute
-            warnings.warn(f"{self.checkpoint}: the stored calibration and operating points were fitted on the film "
-                          f"probability combined with the per-vertebra analysis; the ONNX graph has the film head "
-                          f"only, so its calibrated probabilities and decisions are approximate. Use the PyTorch "
-                          f"backend for calibrated decisions.", stacklevel=2)
 
         available = ort.get_available_providers()
         if device == "auto":
@@ -91,33 +168,44 @@ class OnnxPredictor:
             providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
         else:
             raise ValueError(f"unknown device {device!r} (auto, cpu, cuda or cuda:N)")
-        self.device = device
-        try:
-            self.session = ort.InferenceSession(str(self.checkpoint), providers=providers)
-        except Exception as exc:
-            raise BundleError(f"{self.checkpoint}: onnxruntime cannot load it ({type(exc).__name__}: {exc})") from exc
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        if sorted(self.output_names) != sorted(OUTPUT_NAMES):
-            raise BundleError(f"{self.checkpoint}: outputs {self.output_names}, expected {list(OUTPUT_NAMES)}")
+        self.onnx_device = device
+        self.device = torch.device("cpu")  # where the per-vertebra analysis puts its tensors
+        self.session = onnx_session(self.checkpoint, providers)
+        outputs = [o.name for o in self.session.get_outputs()]
+        if not set(OUTPUT_NAMES) <= set(outputs) or not set(outputs) <= set(FILM_GRAPH_OUTPUTS):
+            raise BundleError(f"{self.checkpoint}: outputs {outputs}, expected {list(FILM_GRAPH_OUTPUTS)}")
+        self.output_names = [name for name in FILM_GRAPH_OUTPUTS if name in outputs]
+        crops = {name: OnnxCropNetwork(onnx_session(path, providers), path, name) for name, path in crop_paths.items()}
+        self.vertebra_net = crops.get("crop_net") if VERTEBRA_LOGITS in outputs else None
+        self.point_refiner = crops.get("point_refiner") if self.vertebra_net is not None else None
+        if self.vertebra_net is None and "crop_size" in self.meta:
+            approximate = (" Its calibrated probabilities and decisions are approximate: the calibration was fitted "
+                           "on the film probability combined with the vertebrae.") if self.calibrator is not None else ""
+            warnings.warn(f"{self.checkpoint}: this ONNX export has the film network only, so the per-vertebra "
+                          f"analysis is skipped.{approximate} Export the crop networks too with "
+                          f"`python -m inference.onnx --model BUNDLE --bundle-out NEW_BUNDLE`.", stacklevel=2)
 
     @staticmethod
-    def _from_bundle(folder: Path, sha256: str | None) -> tuple[dict, dict | None, str, Path]:
-        """(model metadata, stored calibration, model id, .onnx path) of a bundle with film_net.onnx."""
+    def _from_bundle(folder: Path, sha256: str | None) -> tuple[dict, dict | None, str, Path, dict[str, Path]]:
+        """(model metadata, stored calibration, model id, film graph path, crop graph paths by
+        network name) of a bundle with film_net.onnx."""
         meta = read_metadata(folder)
         if ONNX_FILE not in meta["files"]:
             raise BundleError(f"{folder}: the bundle has no {ONNX_FILE}; export one with "
                               f"`python -m inference.onnx --model {folder} --bundle-out NEW_BUNDLE` or use --backend torch")
         if sha256 and file_sha256(folder / "metadata.json").lower() != sha256.lower():
             raise BundleError(f"{folder}: sha256 of metadata.json does not match {sha256}")
-        for name in (ONNX_FILE, CALIBRATION_FILE):
+        for name in (*ONNX_FILES.values(), CALIBRATION_FILE):
             if name in meta["files"] and file_sha256(folder / name) != meta["files"][name]:
                 raise BundleError(f"{folder / name}: sha256 does not match metadata.json (the file was changed or damaged)")
         stored = json.loads((folder / CALIBRATION_FILE).read_text()) if CALIBRATION_FILE in meta["files"] else None
-        return meta["model"], stored, str(meta.get("id")), folder / ONNX_FILE
+        crops = {name: folder / ONNX_FILES[name] for name in CROP_NETWORKS if ONNX_FILES[name] in meta["files"]}
+        return meta["model"], stored, str(meta.get("id")), folder / ONNX_FILE, crops
 
     @staticmethod
-    def _from_file(path: Path, sha256: str | None) -> tuple[dict, dict | None, str]:
-        """(model metadata, stored calibration, model id) of a .onnx file of :func:`export_onnx`."""
+    def _from_file(path: Path, sha256: str | None) -> tuple[dict, dict | None, str, dict[str, Path]]:
+        """(model metadata, stored calibration, model id, crop graph paths by network name) of a
+        .onnx file of :func:`export_onnx`."""
         if not path.is_file():
             raise BundleError(f"{path}: {missing_file(path, 'ONNX model')} (a bundle folder holds metadata.json)")
         if sha256:
@@ -132,31 +220,46 @@ class OnnxPredictor:
             raise BundleError(f"{path}: no '{META_MODEL}' metadata: not exported by inference.onnx")
         try:
             stored = json.loads(props[META_CALIBRATION]) if META_CALIBRATION in props else None
+            graphs = json.loads(props.get(META_GRAPHS) or "{}")
         except ValueError as exc:
-            raise BundleError(f"{path}: '{META_CALIBRATION}' metadata is not JSON ({exc})") from exc
-        return json.loads(props[META_MODEL]), stored, props.get(META_CHECKPOINT_ID) or file_sha256(path)[:16]
+            raise BundleError(f"{path}: its metadata is not JSON ({exc})") from exc
+        crops = {}
+        for name in CROP_NETWORKS:
+            if name not in graphs:
+                continue
+            companion = path.with_name(str(graphs[name]["file"]))
+            if not companion.is_file():
+                raise BundleError(f"{companion}: missing; {path.name} needs it beside it (its {name} graph)")
+            if file_sha256(companion) != graphs[name]["sha256"]:
+                raise BundleError(f"{companion}: sha256 does not match the one {path.name} records "
+                                  f"(the file was changed or belongs to another export)")
+            crops[name] = companion
+        return json.loads(props[META_MODEL]), stored, props.get(META_CHECKPOINT_ID) or file_sha256(path)[:16], crops
 
-    def __call__(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+    def film_outputs(self, images) -> tuple[dict[str, np.ndarray], torch.Tensor | None]:
         if isinstance(images, torch.Tensor):
             images = images.detach().to("cpu", torch.float32).numpy()
         x = np.ascontiguousarray(images, dtype=np.float32)
         expected = (1, *self.image_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"images of shape {tuple(x.shape)}; this model takes (batch, {', '.join(map(str, expected))})")
-        outputs = self.session.run(self.output_names, {INPUT_NAME: x})
-        probs = {name: np.asarray(v, dtype=np.float32) for name, v in zip(self.output_names, outputs)}
-        return self.calibrator.apply_probabilities(probs) if self.calibrator is not None else probs
+        outputs = dict(zip(self.output_names, self.session.run(self.output_names, {INPUT_NAME: x})))
+        logits = outputs.pop(VERTEBRA_LOGITS, None)
+        probs = {name: np.asarray(v, dtype=np.float32) for name, v in outputs.items()}
+        return probs, torch.from_numpy(logits) if logits is not None else None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Export a model's film network to ONNX (probabilities and heatmap "
-                                                 "as outputs).")
+    parser = argparse.ArgumentParser(description="Export a model's networks to ONNX: the film network (probabilities, "
+                                                 "heatmap and vertebra maps), the crop network and the point refiner.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a bundle folder or a registry name")
     source.add_argument("--checkpoint", help="a training checkpoint (.ckpt)")
-    parser.add_argument("--onnx", default=None, help="output .onnx file (written atomically)")
+    parser.add_argument("--onnx", default=None,
+                        help="output .onnx file of the film network, with NAME.crop_net.onnx and "
+                             "NAME.point_refiner.onnx beside it (each written atomically)")
     parser.add_argument("--bundle-out", default=None,
-                        help="write a new version of the bundle with film_net.onnx added (the input is not changed)")
+                        help="write a new version of the bundle with the .onnx graphs added (the input is not changed)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     parser.add_argument("--sha256", default=None, help="expected sha256 of the checkpoint file or of metadata.json")
     parser.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
@@ -170,12 +273,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--opset {args.opset} outside the supported range {MIN_OPSET}..{onnx.defs.onnx_opset_version()}")
     try:
         bundle = open_model(args.model or args.checkpoint, sha256=args.sha256)
-        blob = onnx_bytes(bundle, args.opset, args.exporter)
+        graphs = bundle_graphs(bundle, args.opset, args.exporter)
         if args.onnx:
-            print(atomic_write_bytes(args.onnx, blob))
+            crops = {name: graphs[ONNX_FILES[name]] for name in CROP_NETWORKS if ONNX_FILES[name] in graphs}
+            print(write_standalone(bundle, args.onnx, film=graphs[ONNX_FILE], crops=crops)[-1])
         if args.bundle_out:
-            new = bundle.derive("onnx export", note=f"film network exported to {ONNX_FILE} (opset {args.opset})")
-            new.extra_files[ONNX_FILE] = blob
+            new = bundle.derive("onnx export", note=f"networks exported to {', '.join(graphs)} (opset {args.opset})")
+            new.extra_files.update(graphs)
             print(new.save(args.bundle_out))
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -24,7 +24,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -209,7 +208,7 @@ class OutputOptions:
     dicom_sr: bool = False
     voi_lut: bool = False
     max_pixels: int = 50_000_000
-    backend: str = "torch"  # onnx: the film heads only, no vertebrae
+    backend: str = "torch"  # or "onnx" (inference/onnx.py): the same outputs to 1e-4, not to the bit
     min_spine_score: float = NO_SPINE_SCORE  # below it a film is no_spine (inference/acceptance.py); 0: off
 
 
@@ -335,7 +334,7 @@ def run_inference(predictor: Predictor, inputs: list[str], out: str | os.PathLik
         return _run(predictor, inputs, out, batch_size, num_workers, voi_lut, max_pixels, progress, resume,
                     OutputOptions(keep_identifiers=keep_identifiers, dicom_sc=dicom_sc, dicom_sr=dicom_sr,
                                   voi_lut=voi_lut, max_pixels=max_pixels,
-                                  backend="torch" if hasattr(predictor, "predict") else "onnx",
+                                  backend=getattr(predictor, "backend", "torch"),
                                   min_spine_score=min_spine_score))
 
 
@@ -390,12 +389,9 @@ def readable(batch: list[dict]) -> list[dict]:
 
 
 def predict_films(predictor, items: list[dict]) -> list[FilmPrediction]:
-    """A :class:`FilmPrediction` per readable item (the ONNX backend: film-level heads only)."""
-    if hasattr(predictor, "predict"):
-        return predictor.predict(items)
-    probs = predictor(torch.stack([b["image"] for b in items]))
-    return [FilmPrediction(probs={key: v[k] for key, v in probs.items() if key != "heatmap"},
-                           heatmap=probs["heatmap"][k]) for k in range(len(items))]
+    """A :class:`FilmPrediction` per readable item, from either backend (inference/predictor.py's
+    ``Predictor``, inference/onnx.py's ``OnnxPredictor``)."""
+    return predictor.predict(items)
 
 
 def write_batch(predictor, out: Path, batch: list[dict], results: list[FilmPrediction], paths: list[str],

@@ -136,6 +136,8 @@ class Predictor:
     written per image. ``sha256``: the expected digest of the checkpoint file, or of the
     bundle's metadata.json."""
 
+    backend = "torch"  # what runs the networks (inference.onnx's OnnxPredictor: "onnx")
+
     def __init__(self, model, device: str = "auto", sha256: str | None = None,
                  operating_point: str | None = None, calibrated: bool = True, allow_download: bool = False):
         self.bundle = open_model(model, sha256=sha256, allow_download=allow_download)
@@ -158,10 +160,18 @@ class Predictor:
         self.image_size = tuple(self.meta["image_size"])
 
     @torch.no_grad()
+    def film_outputs(self, images: torch.Tensor) -> tuple[dict[str, np.ndarray], torch.Tensor | None]:
+        """The film network's raw probabilities and heatmap, and its ``vertebra_logits`` (what
+        the per-vertebra analysis decodes), for a batch of prepared films. With
+        ``vertebra_net`` and ``point_refiner`` (called on a crop batch tensor, giving
+        ``points`` and ``logits``) this is all a backend provides: inference.onnx's
+        ``OnnxPredictor`` replaces the three and shares the rest."""
+        out = self.net(images.to(self.device))
+        return {k: v.float().cpu().numpy() for k, v in FractureNet.probabilities(out).items()}, out["vertebra_logits"]
+
     def __call__(self, images: torch.Tensor) -> dict[str, np.ndarray]:
         """Film-level heads only (calibrated when the checkpoint is)."""
-        out = self.net(images.to(self.device))
-        probs = {k: v.float().cpu().numpy() for k, v in FractureNet.probabilities(out).items()}
+        probs, _ = self.film_outputs(images)
         return self.calibrator.apply_probabilities(probs) if self.calibrator is not None else probs
 
     @torch.no_grad()
@@ -172,16 +182,17 @@ class Predictor:
         Calibration is monotone, so it is applied to the film head and to every vertebra before
         they are combined: the combined probability is then the calibrated one, and no vertebra
         exceeds its film."""
-        out = self.net(torch.stack([b["image"] for b in items]).to(self.device))
-        raw = {k: v.float().cpu().numpy() for k, v in FractureNet.probabilities(out).items()}
-        spine_scores = torch.sigmoid(out["vertebra_logits"][:, 0].float()).amax(dim=(1, 2)).cpu().numpy()
+        raw, vertebra_logits = self.film_outputs(torch.stack([b["image"] for b in items]))
+        # the strongest vertebral-body score per film (none from a film graph without the vertebra maps)
+        spine_scores = ([None] * len(items) if vertebra_logits is None else
+                        torch.sigmoid(vertebra_logits[:, 0].float()).amax(dim=(1, 2)).cpu().numpy().tolist())
         results = []
         for k, item in enumerate(items):
             head = {key: np.float64(raw[key][k]) for key in ("p_fracture", "p_acute", "p_acute_given_fracture")}
             film = {"vertebrae": [], "level_confidence": None, "levels_trusted": False}
             if self.vertebra_net is not None:
                 try:
-                    film = analyse_film(out["vertebra_logits"][k], item["box"], HEATMAP_STRIDE, self.vertebra_net,
+                    film = analyse_film(vertebra_logits[k], item["box"], HEATMAP_STRIDE, self.vertebra_net,
                                         item["pixels"], self.device, item.get("pixel_spacing_mm"),
                                         point_refiner=self.point_refiner,
                                         view=(item.get("dicom") or {}).get("ViewPosition"))
@@ -214,5 +225,6 @@ class Predictor:
                 probs=probs, heatmap=raw["heatmap"][k], head={key: float(v) for key, v in head_raw.items()},
                 vertebrae=[VertebraRecord.from_json_dict(v) for v in film["vertebrae"]],
                 level_confidence=film.get("level_confidence"), levels_trusted=trusted,
-                vertebra_error=film.get("vertebra_error") or None, spine_score=float(spine_scores[k])))
+                vertebra_error=film.get("vertebra_error") or None,
+                spine_score=None if spine_scores[k] is None else float(spine_scores[k])))
         return results

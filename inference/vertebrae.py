@@ -28,6 +28,8 @@ The film's ``p_fracture`` and ``p_acute`` follow the vertebrae: see :func:`image
 """
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -53,6 +55,15 @@ LEVEL_WEIGHT = 0.25  # weight of the per-body level evidence in the counting (se
 RIB_WEIGHT = 0.5  # weight of the thoracic (rib-bearing) or not evidence: the anchor
 MAX_GAP_FILL = 2  # a gap is filled only when it misses at most this many bodies
 FILL_DRIFT = 0.3  # a filled body read farther than this x the step from its window is dropped
+
+
+class CropNetwork(Protocol):
+    """What reads the crops: a ``(n, 1, S, S)`` float tensor in [0, 1] in, ``points`` ``(n, 6, 2)``
+    (crop pixels) and ``logits`` ``(n, 2)`` tensors out. A :class:`~models.vertebra_net.VertebraNet`
+    or an ONNX graph run by onnxruntime (inference.onnx); a point refiner also carries
+    ``crop_size``, ``context``, ``passes`` and ``flip`` (models/point_refiner.py)."""
+
+    def __call__(self, crops: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
 
 def decode_detections(vertebra_logits: torch.Tensor, stride: int, min_score: float = MIN_DETECTION_SCORE,
@@ -219,7 +230,7 @@ def assign_levels(points: np.ndarray, level_logp: np.ndarray, level_weight: floa
 
 
 @torch.no_grad()
-def read_crops(vertebra_net: torch.nn.Module, image: np.ndarray, points: np.ndarray, device: torch.device,
+def read_crops(vertebra_net: CropNetwork, image: np.ndarray, points: np.ndarray, device: torch.device,
                passes: int = 2, flip: bool = False) -> dict:
     """Refined points (n, 6, 2) in original pixels and the crop network's probabilities.
 
@@ -396,7 +407,7 @@ def _measurable(points: np.ndarray) -> np.ndarray:
 
 
 def _fill_gaps(read: dict, scores: np.ndarray, logp: np.ndarray, vertebra_logits: torch.Tensor, box, stride: int,
-               vertebra_net: torch.nn.Module, image: np.ndarray, device: torch.device):
+               vertebra_net: CropNetwork, image: np.ndarray, device: torch.device):
     """The found bodies plus those read in the counted gaps (see :func:`gap_proposals`), in
     head-to-feet order. A filled body is dropped when the crop network moved it away from its
     window (``FILL_DRIFT``) or onto a found body. Filled bodies vote for no level (the level
@@ -501,10 +512,10 @@ def _measurable_in_spine_order(read: dict, scores: np.ndarray, logp: np.ndarray)
     return {k: v[order] for k, v in read.items()}, scores[order], logp[order]
 
 
-def analyse_film(vertebra_logits: torch.Tensor, box, stride: int, vertebra_net: torch.nn.Module,
+def analyse_film(vertebra_logits: torch.Tensor, box, stride: int, vertebra_net: CropNetwork,
                  image: np.ndarray, device: torch.device, pixel_spacing_mm=None,
                  min_score: float = MIN_DETECTION_SCORE, fill_gaps: bool = True,
-                 point_refiner: torch.nn.Module | None = None, view: str | None = None) -> dict:
+                 point_refiner: CropNetwork | None = None, view: str | None = None) -> dict:
     """All four steps for one film. ``image``: the normalised original pixels; ``box``: the
     letterbox that made the network input. Returns ``vertebrae`` and the film's level summary.
 

@@ -8,7 +8,8 @@ A bundle is a folder, in the spirit of a MONAI bundle (format described in docs/
     crop_net.safetensors     VertebraNet state dict (the per-vertebra crop network)
     point_refiner.safetensors  VertebraNet state dict of the point refiner (optional)
     calibration.json         calibration method, parameters, vertebra combiner, operating points (optional)
-    film_net.onnx            the film network as ONNX (optional; see inference/onnx.py)
+    film_net.onnx, crop_net.onnx, point_refiner.onnx
+                             the networks as ONNX graphs (optional; see models/onnx_export.py)
     README.md                the model card
 
 Weights are stored in fp32, fp16 or int8 (symmetric, one scale per output channel, kept beside
@@ -46,6 +47,8 @@ METADATA_FILE = "metadata.json"
 CALIBRATION_FILE = "calibration.json"
 CARD_FILE = "README.md"
 ONNX_FILE = "film_net.onnx"
+# the ONNX graph of each network (models/onnx_export.py), kept beside the weights when exported
+ONNX_FILES = {"film_net": ONNX_FILE, "crop_net": "crop_net.onnx", "point_refiner": "point_refiner.onnx"}
 NETWORK_FILES = {"film_net": "film_net.safetensors", "crop_net": "crop_net.safetensors",
                  "point_refiner": "point_refiner.safetensors"}
 STORAGES = ("fp32", "fp16", "int8")
@@ -237,7 +240,7 @@ class Bundle:
     calibration: dict | None = None
     card: str | None = None
     path: Path | None = None
-    extra_files: dict[str, bytes] = field(default_factory=dict)  # e.g. film_net.onnx
+    extra_files: dict[str, bytes] = field(default_factory=dict)  # the ONNX graphs (ONNX_FILES)
 
     @property
     def name(self) -> str:
@@ -440,5 +443,5 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
         except ValueError as exc:
             raise BundleError(f"{path / CALIBRATION_FILE}: not JSON ({exc})") from exc
     card = (path / CARD_FILE).read_text() if (path / CARD_FILE).is_file() else None
-    extra = {f: (path / f).read_bytes() for f in files if f == ONNX_FILE}
+    extra = {f: (path / f).read_bytes() for f in files if f in ONNX_FILES.values()}
     return Bundle(metadata=meta, networks=nets, calibration=calibration, card=card, path=path, extra_files=extra)

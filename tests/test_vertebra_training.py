@@ -142,7 +142,7 @@ def _forced_dataset(manifest, coin, **kw):
         rng = property(lambda self: _ForcedRng(coin), lambda self, value: None)  # __getitem__'s draw is ignored
 
     ds = Forced(manifest, image_size=IMAGE_SIZE, augment=True, **kw)
-    ds.augment = lambda image, masks, keypoints: {"image": image, "masks": masks, "keypoints": keypoints}
+    ds.augment = lambda image, mask, keypoints: {"image": image, "mask": mask, "keypoints": keypoints}
     return ds
 
 

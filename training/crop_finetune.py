@@ -100,7 +100,8 @@ def finetune(model, manifest: str | os.PathLike, out: str | os.PathLike, epochs:
         raise BundleError(f"{where}: no training hyper-parameters recorded; fine-tune from the training checkpoint")
     L.seed_everything(seed, workers=True)
     hp = {k: v for k, v in training["hyper_parameters"].items() if not k.startswith("_")}
-    hp.update(init_from=None, pretrained=None, crop_map_weight=map_weight, lr=lr)
+    # the original run's speed options (channels_last, compile) are not the fine-tune's
+    hp.update(init_from=None, pretrained=None, crop_map_weight=map_weight, lr=lr, channels_last=False, compile=False)
     system = CropFinetuneSystem(**hp)
     system.net.load_state_dict(bundle.film_net.state_dict())
     system.vertebra_net.load_state_dict(bundle.crop_net.state_dict())

@@ -5,8 +5,9 @@
 
 The checkpoint is read with ``torch.load(weights_only=True)``; the bundle keeps its networks
 (film network, crop network, point refiner), its calibration, what it was trained on and its
-training settings, and drops the optimizer state. ``--onnx`` also writes the film network as
-``film_net.onnx`` into the bundle (inference/onnx.py). The model card (README.md) is written
+training settings, and drops the optimizer state. ``--onnx`` also writes the networks as ONNX
+graphs (``film_net.onnx``, ``crop_net.onnx``, ``point_refiner.onnx``) into the bundle
+(models/onnx_export.py). The model card (README.md) is written
 from the bundle.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from calibration.calibrator import CALIBRATION_KEY  # where checkpoints kept a c
 from evaluation.model_card import bundle_card, manifest_composition
 from models.bundle import (INTENDED_USE, MODALITIES, OUTPUTS, TASK, Bundle, BundleError, ModelError, file_sha256,
                            network_spec)
-from models.onnx_export import onnx_bytes
+from models.onnx_export import bundle_graphs
 from models.point_refiner import REFINER_KEY, load_refiner
 from training.checkpoint import CheckpointError, build_network, build_vertebra_network, load_checkpoint
 
@@ -86,8 +87,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, storage: str = "f
     """Write the bundle of ``checkpoint`` to folder ``out``; returns ``out``."""
     bundle = bundle_from_checkpoint(checkpoint, name=name, version=version)
     if onnx:
-
-        bundle.extra_files["film_net.onnx"] = onnx_bytes(bundle)
+        bundle.extra_files.update(bundle_graphs(bundle))
     return bundle.save(out, storage=storage, card=lambda saved: bundle_card(saved, training_data=training_data),
                        overwrite=overwrite)
 
@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--version", default="0.1.0")
     p.add_argument("--storage", choices=("fp32", "fp16", "int8"), default="fp32",
                    help="weight storage: fp32, fp16 (half the size) or int8 (a quarter; per-channel scales)")
-    p.add_argument("--onnx", action="store_true", help="also write the film network as film_net.onnx")
+    p.add_argument("--onnx", action="store_true",
+                   help="also write the networks as ONNX graphs (film_net.onnx, crop_net.onnx, point_refiner.onnx)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     p.add_argument("--training-data", default=None, help="text describing the training data for the model card")
     args = p.parse_args(argv)

@@ -48,13 +48,25 @@ class FractureSystem(L.LightningModule):
                  dropout: float = 0.2, lr: float = 1e-3, weight_decay: float = 1e-4,
                  warmup_fraction: float = 0.05, acute_weight: float = 1.0, heatmap_weight: float = 1.0,
                  init_from: str | None = None, image_size: tuple[int, int] = (384, 320),
-                 vertebra_weight: float = 1.0, crop_backbone: str = "resnet18", crop_map_weight: float = 0.0):
+                 vertebra_weight: float = 1.0, crop_backbone: str = "resnet18", crop_map_weight: float = 0.0,
+                 channels_last: bool = False, compile: bool | str = False):
+        """``channels_last``: keep the networks' weights and inputs in the channels-last memory
+        format (faster convolutions with tensor cores, e.g. under bf16 autocast,
+        ``trainer.precision: bf16-mixed``). ``compile``: compile both networks with
+        ``torch.compile`` when training starts (true: the default inductor backend; or a backend's
+        name); a one-off cost of a minute or more, which pays on long GPU runs. Neither changes
+        the weights or what the checkpoint holds."""
         super().__init__()
         self.save_hyperparameters()
         self.net = FractureNet(backbone=backbone, pretrained=pretrained, fpn_dim=fpn_dim, dropout=dropout)
         self.vertebra_net = VertebraNet(backbone=crop_backbone, dropout=dropout)
         if init_from:
             load_network_weights(self.net, init_from, self.vertebra_net)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+            self.vertebra_net.to(memory_format=torch.channels_last)
+        self.compiled = False
         self.dice = DiceLoss(sigmoid=True, reduction="none")
         self.metrics = torch.nn.ModuleDict({
             f"{stage}_{t}": BinaryAUROC() for stage in ("val", "test") for t in TARGETS + ("vertebra_fracture",)})
@@ -66,15 +78,27 @@ class FractureSystem(L.LightningModule):
         return self.net.encoder
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.net(x)
+        return self.net(x.contiguous(memory_format=self.memory_format))
+
+    def configure_model(self) -> None:
+        """Compile the networks in place (``compile``): their state dicts keep their keys."""
+        if self.hparams.compile and not self.compiled:
+            backend = "inductor" if self.hparams.compile is True else str(self.hparams.compile)
+            self.net.compile(backend=backend)
+            self.vertebra_net.compile(backend=backend)
+            self.compiled = True
 
     # ------------------------------------------------------------------ losses
+    def batch_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Every loss of a collated batch (``loss``: their weighted sum), as a training step computes them."""
+        return self._losses(batch, self(batch["image"]))
+
     def _losses(self, batch: dict, out: dict) -> dict[str, torch.Tensor]:
         logits = out["logits"]
         loss_fracture = masked_bce(logits[:, 0], batch["fracture"])
         loss_acute = masked_bce(logits[:, 1], batch["acute"])
         hm_logits = out["heatmap_logits"]
-        target = F.adaptive_avg_pool2d(batch["heatmap_target"], hm_logits.shape[-2:])
+        target = F.adaptive_avg_pool2d(batch["heatmap_target"].float(), hm_logits.shape[-2:])
         known = batch["heatmap_known"]  # (B, channels)
         if known.sum() > 0:
             bce = F.binary_cross_entropy_with_logits(hm_logits, target, reduction="none").mean(dim=(2, 3))
@@ -143,7 +167,7 @@ class FractureSystem(L.LightningModule):
         sel = batch["crop_valid"] > 0
         if not sel.any():
             return None
-        return self.vertebra_net(batch["crops"][sel]), sel
+        return self.vertebra_net(batch["crops"][sel].contiguous(memory_format=self.memory_format)), sel
 
     def training_step(self, batch: dict, batch_idx: int):
         self.failed_images += int(batch.get("n_failed", 0))

@@ -15,23 +15,23 @@ TOLERANCE = 1e-5
 IGNORED_KEYS = {"checkpoint_id", "model", "note", "fingerprint"}
 
 
-def _same(a, b, where: str, problems: list[str]) -> None:
+def _same(a, b, where: str, problems: list[str], tolerance: float = TOLERANCE) -> None:
     if isinstance(a, dict) and isinstance(b, dict):
         keys = (set(a) | set(b)) - IGNORED_KEYS
         for k in sorted(keys):
             if k not in a or k not in b:
                 problems.append(f"{where}.{k}: only in {'fixture' if k in a else 'output'}")
             else:
-                _same(a[k], b[k], f"{where}.{k}", problems)
+                _same(a[k], b[k], f"{where}.{k}", problems, tolerance)
     elif isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
             problems.append(f"{where}: {len(a)} items in the fixture, {len(b)} in the output")
         for k, (x, y) in enumerate(zip(a, b)):
-            _same(x, y, f"{where}[{k}]", problems)
+            _same(x, y, f"{where}[{k}]", problems, tolerance)
     elif isinstance(a, float) or isinstance(b, float):
         if not (isinstance(a, (int, float)) and isinstance(b, (int, float))) or isinstance(a, bool) or isinstance(b, bool):
             problems.append(f"{where}: {a!r} vs {b!r}")
-        elif not (math.isclose(a, b, rel_tol=TOLERANCE, abs_tol=TOLERANCE) or (math.isnan(a) and math.isnan(b))):
+        elif not (math.isclose(a, b, rel_tol=tolerance, abs_tol=tolerance) or (math.isnan(a) and math.isnan(b))):
             problems.append(f"{where}: {a!r} vs {b!r}")
     elif a != b:
         problems.append(f"{where}: {a!r} vs {b!r}")
@@ -44,8 +44,9 @@ def _table(path: Path, films_dir: Path) -> pd.DataFrame:
     return t
 
 
-def compare_with_fixture(out: Path, films_dir: Path = FILMS_DIR) -> list[str]:
-    """Every difference between ``out`` and the fixture, as one line each (empty: the same)."""
+def compare_with_fixture(out: Path, films_dir: Path = FILMS_DIR, tolerance: float = TOLERANCE) -> list[str]:
+    """Every difference between ``out`` and the fixture, as one line each (empty: the same);
+    numbers agree to ``tolerance`` (relative or absolute)."""
     problems: list[str] = []
     for name in ("predictions.csv", "vertebrae.csv"):
         want, got = _table(FIXTURE / name, films_dir), _table(out / name, films_dir)
@@ -66,7 +67,7 @@ def compare_with_fixture(out: Path, films_dir: Path = FILMS_DIR) -> list[str]:
                     if a != b:
                         problems.append(f"{name} row {k} {col}: fixture {a!r}, output {b!r}")
                     continue
-                if not math.isclose(fa, fb, rel_tol=TOLERANCE, abs_tol=TOLERANCE) and not (math.isnan(fa) and math.isnan(fb)):
+                if not math.isclose(fa, fb, rel_tol=tolerance, abs_tol=tolerance) and not (math.isnan(fa) and math.isnan(fb)):
                     problems.append(f"{name} row {k} {col}: fixture {a}, output {b}")
     for record in sorted(FIXTURE.glob("*.json")):
         mine = out / record.name
@@ -75,5 +76,5 @@ def compare_with_fixture(out: Path, films_dir: Path = FILMS_DIR) -> list[str]:
             continue
         got = json.loads(mine.read_text())
         got["image"] = got["image"].replace(str(films_dir) + "/", "FILMS/")
-        _same(json.loads(record.read_text()), got, record.stem, problems)
+        _same(json.loads(record.read_text()), got, record.stem, problems, tolerance)
     return problems

@@ -40,7 +40,7 @@ class ContentReader(nn.Module):
         s, half = self.crop_size, (self.crop_size - 1) / 2.0
         hx, hy = s / (2 * self.context[0]), s / (2 * self.context[1])
         base = torch.tensor([[-1, -1], [0, -1], [1, -1], [-1, 1], [0, 1], [1, 1]], dtype=torch.float64)
-        pts = (base * torch.tensor([hx, hy], dtype=torch.float64) + half).expand(len(c), 6, 2).clone()
+        pts = (base * torch.tensor([hx, hy], dtype=torch.float64) + half).expand(c.shape[0], 6, 2).clone()
         loss = (4.0 * (mean - 0.40)).clamp(0.0, 0.6) * hy  # 0 .. 60 % of the half height
         pts[:, 0, 1] += loss
         pts[:, 3, 1] -= loss
