@@ -222,7 +222,7 @@ def test_open_model_says_what_is_wrong(tmp_path):
         open_model(tmp_path / "notes.txt")
 
 
-def test_infer_runs_a_bundle_and_says_what_to_give_without_a_model(parity, tmp_path, capsys):
+def test_infer_runs_a_bundle_and_says_what_to_give_without_a_model(parity, tmp_path, capsys, monkeypatch):
     import infer
 
     out = tmp_path / "out"
@@ -231,6 +231,7 @@ def test_infer_runs_a_bundle_and_says_what_to_give_without_a_model(parity, tmp_p
                        str(film)]) == 0
     record = json.loads((out / f"{film.stem}.json").read_text())
     assert record["checkpoint_id"] == load_bundle(parity["bundle"]).id
+    monkeypatch.setattr(infer, "default_model", lambda: None)  # a registry with no shipped model
     with pytest.raises(SystemExit) as exc:
         infer.main(["--out", str(out), str(film)])
     assert exc.value.code == 2 and "--model" in capsys.readouterr().err
