@@ -31,7 +31,7 @@ from pathlib import Path
 
 from benchmarks.mixed_benchmark import grade_group_auroc, load_dataset, write_subset
 from benchmarks.phantom_benchmark import machine
-from benchmarks.transfer import log, run
+from benchmarks.transfer import log, run, write_results
 from data.io_utils import atomic_write_text
 from data.manifest import is_held_out
 from models.bundle import load_bundle
@@ -141,17 +141,6 @@ def results_section(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(section: str) -> None:
-    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
-    start = text.find(SECTION + "\n")
-    if start >= 0:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    atomic_write_text(RESULTS, text)
-
-
 def folder_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 1e6
 
@@ -206,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"{args.aasce} not found: the AASCE rows are left out")
     atomic_write_text(out / "shipped_result.json", json.dumps(result, indent=1, default=str))
     if not args.no_results:
-        write_results(results_section(result))
+        write_results(results_section(result), SECTION)
         log(f"wrote the section {SECTION!r} of {RESULTS}")
     return result
 

@@ -264,11 +264,13 @@ def results_section(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(section: str) -> None:
+def write_results(section: str, title: str = SECTION) -> None:
+    """Put ``section`` (which starts with the line ``title``) into RESULTS.md in place of the
+    section of that title, or at its end."""
     text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
-    start = text.find(SECTION)
+    start = text.find(title + "\n")
     if start >= 0:
-        end = text.find("\n## ", start + len(SECTION))
+        end = text.find("\n## ", start + len(title))
         text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
