@@ -1,0 +1,471 @@
+"""CPU inference speed, measured as a user would, against torchxrayvision.
+
+    python -m benchmarks.speed [--model BUNDLE] [--repeats 5] [--films 40] [--size 1024]
+                               [--sizes 512 1024 2048 3000] [--work runs/speed] [--no-write]
+
+Writes ``--films`` phantom films (data/phantom.py, seed 3, ``--size`` px high) as 16-bit
+MONOCHROME2 DX DICOM, then measures, each as whole processes run one after another (median of
+``--repeats``):
+
+* **whole runs**: torchxrayvision's pipeline (benchmarks/xrv_peer.py) at 224 and 512 px, this
+  project's torch backend (``infer.py`` with its defaults, ``--batch-size 8 --num-workers 2``)
+  and its ONNX backend (the bundle's networks exported once by ``python -m inference.onnx``);
+  with the peak memory of the largest process and of the process tree (summed PSS) of each;
+* **start-up**: ``import infer`` alone, and with the model loaded;
+* **steady state**: seconds per film once the model is loaded and one batch has run;
+* **stages** of the torch backend (one process, ``--num-workers 0``): reading, pre-processing,
+  film network, per-vertebra analysis, writing;
+* **film size**: seconds and peak memory per film at each of ``--sizes`` (square films, the
+  phantom films resized), at batch 8, and at batch 1 for the largest.
+
+``--model``: a bundle folder or registry name; the default is the registry's shipped model, when
+one exists. torchxrayvision is used when installed (the ``bench`` extra: ``pip install -e
+.[bench]``); nothing is installed at run time, and its DenseNet has random weights (no
+download). Results replace this benchmark's section of benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+SECTION = "## CPU inference speed against torchxrayvision"
+SEED = 3
+SAMPLE_SECONDS = 0.1  # memory sampling period of a measured process tree
+SCALING_FILMS = 8  # films per size in the film-size series
+
+
+# --------------------------------------------------------------------------- films
+def write_dx(path: Path, image, bits_stored: int, index: int, spacing_mm: float) -> None:
+    """A 16-bit MONOCHROME2 DX DICOM file of ``image`` (uint16), as a modality writes it."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, UID, generate_uid
+
+    from data.io_utils import atomic_write_with
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.1.1")  # DX for presentation
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.ViewPosition, ds.BodyPartExamined = "DX", "LL", "SPINE"
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = f"Phantom^{index}", f"phantom-{index}", "19500101"
+    ds.StudyDate, ds.StudyTime, ds.AccessionNumber = "20261206", "120000", ""
+    ds.Rows, ds.Columns = image.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, 0
+    ds.PixelSpacing = ds.ImagerPixelSpacing = [f"{spacing_mm:.4f}", f"{spacing_mm:.4f}"]
+    ds.PixelData = np.ascontiguousarray(image, dtype="<u2").tobytes()
+    atomic_write_with(path, lambda fh: ds.save_as(fh, enforce_file_format=True))
+
+
+def make_films(folder: Path, n: int, size: int, square: int | None = None, source: Path | None = None) -> Path:
+    """``n`` phantom DICOM films (seed 3) of ``size`` px high in ``folder`` (kept between runs).
+    ``square``: instead, the films of ``source`` (a folder made here) padded to a square and
+    resized to ``square`` x ``square`` px (drawing a phantom of 3000 px takes minutes)."""
+    import cv2
+    import numpy as np
+    import pydicom
+
+    want = {"n": n, "seed": SEED, "size": size, "square": square, "format": 1}
+    info = folder / "films.json"
+    if info.is_file() and json.loads(info.read_text()) == want:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for i in range(n):
+        if square is None:
+            from data.phantom import generate_image
+
+            film = generate_image(SEED, i, size)
+            image, bits, spacing = film["image"], int(film["meta"]["bits_stored"]), 300.0 / size
+        else:
+            ds = pydicom.dcmread(source / f"film_{i:03d}.dcm")
+            image, bits = ds.pixel_array, int(ds.BitsStored)
+            h, w = image.shape
+            side = max(h, w)
+            image = cv2.copyMakeBorder(image, 0, side - h, 0, side - w, cv2.BORDER_REPLICATE)
+            image = cv2.resize(image, (square, square), interpolation=cv2.INTER_LINEAR)
+            spacing = float(ds.PixelSpacing[0]) * side / square
+        write_dx(folder / f"film_{i:03d}.dcm", image.astype(np.uint16), bits, i, spacing)
+    info.write_text(json.dumps(want))
+    return folder
+
+
+# --------------------------------------------------------------------------- processes
+def _status_kb(pid: int, field: str) -> int:
+    """A ``kB`` field of /proc/PID/status (0 when the process is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _pss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def run_process(cmd: list[str], cwd: Path = ROOT) -> dict:
+    """Run ``cmd`` to its end: wall seconds, CPU seconds of the whole process tree (user and
+    system, its workers included), the peak RSS of its largest process (the kernel's high-water
+    mark) and the peak of the tree's summed PSS (shared pages counted once), both in MB, and
+    its stdout."""
+    import psutil
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err, text=True)
+        parent = psutil.Process(proc.pid)
+        largest = tree = 0
+        while True:
+            try:
+                pids = [proc.pid] + [c.pid for c in parent.children(recursive=True)]
+            except psutil.Error:
+                pids = [proc.pid]
+            largest = max([largest] + [_status_kb(pid, "VmHWM") for pid in pids])
+            tree = max(tree, sum(_pss_kb(pid) for pid in pids))
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            time.sleep(SAMPLE_SECONDS)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        largest = max(largest, usage.ru_maxrss)  # kB on Linux
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{shlex.join(cmd)} exited {proc.returncode}: {stderr.strip()[-2000:]}")
+    return {"seconds": wall, "cpu_seconds": usage.ru_utime + usage.ru_stime, "largest_mb": largest / 1024,
+            "tree_mb": tree / 1024, "stdout": stdout}
+
+
+def median_run(cmd: list[str], repeats: int, out: Path | None = None) -> dict:
+    """:func:`run_process` ``repeats`` times (``out`` emptied before each): the median wall
+    time, every wall time, and the largest memory peaks seen."""
+    runs = []
+    for _ in range(repeats):
+        if out is not None:
+            shutil.rmtree(out, ignore_errors=True)
+        runs.append(run_process(cmd))
+    return {"seconds": statistics.median(r["seconds"] for r in runs), "all": [r["seconds"] for r in runs],
+            "cpu_seconds": statistics.median(r["cpu_seconds"] for r in runs),
+            "largest_mb": max(r["largest_mb"] for r in runs), "tree_mb": max(r["tree_mb"] for r in runs),
+            "stdout": runs[-1]["stdout"]}
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- in-process probes
+def probe_steady(model: str, films: str, batch_size: int, num_workers: int, backend: str) -> dict:
+    """Seconds per film once the model is loaded and one batch has run (a fresh output folder)."""
+    from inference.pipeline import run_inference
+
+    predictor = _predictor(model, backend)
+    paths = sorted(str(p) for p in Path(films).glob("*.dcm"))
+    with tempfile.TemporaryDirectory() as tmp:
+        run_inference(predictor, paths[:batch_size], Path(tmp) / "warm", batch_size=batch_size,
+                      num_workers=num_workers, progress=False)
+        start = time.perf_counter()
+        summary = run_inference(predictor, paths, Path(tmp) / "out", batch_size=batch_size,
+                                num_workers=num_workers, progress=False)
+        seconds = time.perf_counter() - start
+    if summary.n_failed:
+        raise RuntimeError(f"{summary.n_failed} film(s) failed")
+    return {"seconds_per_film": seconds / len(paths), "films": len(paths)}
+
+
+def probe_stages(model: str, films: str, batch_size: int) -> dict:
+    """Per-film seconds of each stage in one process (``num_workers=0``), after one warm-up batch.
+
+    Reading is ``read_image``; pre-processing the rest of the dataset's item (normalisation,
+    letterbox, overlay base); the film network its forward pass; per-vertebra analysis the rest
+    of ``Predictor.predict``; writing the rest of the run (overlays, heatmaps, JSON, tables)."""
+    start = time.perf_counter()
+    import inference.predictor as predictor_module
+    from inference.pipeline import run_inference
+
+    predictor = _predictor(model, "torch")
+    startup = time.perf_counter() - start
+    spent = {"read": 0.0, "item": 0.0, "film_net": 0.0, "predict": 0.0}
+
+    def timed(key, fn):
+        def wrapper(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[key] += time.perf_counter() - t
+        return wrapper
+
+    predictor_module.read_image = timed("read", predictor_module.read_image)
+    dataset_cls = predictor_module.InferenceDataset
+    dataset_cls.__getitem__ = timed("item", dataset_cls.__getitem__)
+    predictor.net.forward = timed("film_net", predictor.net.forward)
+    predictor.predict = timed("predict", predictor.predict)
+    paths = sorted(str(p) for p in Path(films).glob("*.dcm"))
+    with tempfile.TemporaryDirectory() as tmp:
+        run_inference(predictor, paths[:batch_size], Path(tmp) / "warm", batch_size=batch_size, num_workers=0,
+                      progress=False)
+        spent.update(dict.fromkeys(spent, 0.0))
+        t = time.perf_counter()
+        run_inference(predictor, paths, Path(tmp) / "out", batch_size=batch_size, num_workers=0, progress=False)
+        total = time.perf_counter() - t
+    n = len(paths)
+    return {"startup": startup, "read": spent["read"] / n, "preprocess": (spent["item"] - spent["read"]) / n,
+            "film_net": spent["film_net"] / n, "vertebrae": (spent["predict"] - spent["film_net"]) / n,
+            "write": (total - spent["item"] - spent["predict"]) / n, "total": total / n}
+
+
+def _predictor(model: str, backend: str):
+    if backend == "onnx":
+        from inference.onnx import OnnxPredictor
+
+        return OnnxPredictor(model, device="cpu")
+    from inference.predictor import Predictor
+
+    return Predictor(model, device="cpu")
+
+
+def probe_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.speed probe")
+    p.add_argument("what", choices=("steady", "stages"))
+    p.add_argument("--model", required=True)
+    p.add_argument("--films", required=True)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--backend", default="torch")
+    a = p.parse_args(argv)
+    if a.what == "steady":
+        result = probe_steady(a.model, a.films, a.batch_size, a.num_workers, a.backend)
+    else:
+        result = probe_stages(a.model, a.films, a.batch_size)
+    print(json.dumps(result))
+    return 0
+
+
+# --------------------------------------------------------------------------- the benchmark
+def default_model() -> str | None:
+    from models.registry import read_registry
+
+    names = sorted(read_registry())
+    return names[0] if names else None
+
+
+def have_peer() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torchxrayvision") is not None
+
+
+def onnx_bundle(model: str, work: Path) -> Path:
+    """The model with its networks in ONNX (``python -m inference.onnx --bundle-out``), made
+    once per model version."""
+    from inference.loading import open_model
+
+    bundle_id = open_model(model).id
+    out = work / f"onnx-{bundle_id}"
+    if not (out / "metadata.json").is_file():
+        run_process([sys.executable, "-m", "inference.onnx", "--model", str(model), "--bundle-out", str(out)])
+    return out
+
+
+def machine() -> str:
+    import platform
+
+    import torch
+
+    cpu = platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{os.cpu_count()} CPU cores ({cpu}), no GPU used, torch {torch.__version__} with "
+            f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["probe"]:
+        return probe_main(argv[1:])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="bundle folder or registry name (default: the shipped model)")
+    p.add_argument("--repeats", type=int, default=5, help="whole-process runs per pipeline (median)")
+    p.add_argument("--films", type=int, default=40)
+    p.add_argument("--size", type=int, default=1024, help="phantom film height in pixels")
+    p.add_argument("--sizes", type=int, nargs="*", default=[512, 1024, 2048, 3000],
+                   help="square film sides of the film-size series (none: skip it)")
+    p.add_argument("--work", default=str(ROOT / "runs" / "speed"), help="films and outputs (kept between runs)")
+    p.add_argument("--skip", nargs="*", default=[], choices=("peer", "torch", "onnx", "steady", "stages", "sizes"),
+                   help="parts to leave out")
+    p.add_argument("--no-write", action="store_true", help="print the results only")
+    a = p.parse_args(argv)
+    model = a.model or default_model()
+    if model is None:
+        p.error("no shipped model in models/registry.json yet: give --model BUNDLE")
+    if a.repeats < 1:
+        p.error("--repeats must be at least 1")
+    work = Path(a.work)
+    py = sys.executable
+    films = make_films(work / f"films-{a.size}-{a.films}", a.films, a.size)
+    r: dict = {"command": "python -m benchmarks.speed " + shlex.join(argv), "model": str(model),
+               "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": machine(), "films": a.films,
+               "size": a.size, "repeats": a.repeats, "whole": {}, "steady": {}}
+    out = work / "out"
+
+    def whole(key: str, cmd: list[str]) -> None:
+        r["whole"][key] = median_run(cmd, a.repeats, out)
+        print(f"{key}: {r['whole'][key]['seconds']:.2f} s (runs {', '.join(f'{s:.2f}' for s in r['whole'][key]['all'])}), "
+              f"CPU {r['whole'][key]['cpu_seconds']:.1f} s, "
+              f"largest {r['whole'][key]['largest_mb']:.0f} MB, tree {r['whole'][key]['tree_mb']:.0f} MB", flush=True)
+
+    peer = have_peer() and "peer" not in a.skip
+    if peer:
+        for size in (224, 512):
+            whole(f"xrv{size}", [py, "-m", "benchmarks.xrv_peer", str(films), "--size", str(size),
+                                 "--out", str(out / "xrv.csv")])
+    if "torch" not in a.skip:
+        whole("torch", [py, "infer.py", "--model", str(model), "--out", str(out), "--quiet", str(films)])
+    onnx_model = None
+    if "onnx" not in a.skip:
+        onnx_model = onnx_bundle(model, work)
+        whole("onnx", [py, "infer.py", "--backend", "onnx", "--model", str(onnx_model), "--out", str(out), "--quiet",
+                       str(films)])
+    imports = median_run([py, "-c", "import infer"], a.repeats)
+    loaded = median_run([py, "-c", f"import infer; from inference.predictor import Predictor; "
+                                   f"Predictor({str(model)!r}, device='cpu')"], a.repeats)
+    r["startup"] = {"imports": imports["seconds"], "with_model": loaded["seconds"]}
+    print(f"start-up: imports {imports['seconds']:.2f} s, with the model {loaded['seconds']:.2f} s", flush=True)
+    if "steady" not in a.skip:
+        if peer:
+            for size in (224, 512):
+                run = median_run([py, "-m", "benchmarks.xrv_peer", str(films), "--size", str(size), "--steady"],
+                                 a.repeats)
+                r["steady"][f"xrv{size}"] = last_json(run["stdout"])["seconds_per_film"]
+        backends = [("torch", "torch")] + ([("onnx", "onnx")] if onnx_model else [])
+        for key, backend in backends:
+            m = onnx_model if backend == "onnx" else model
+            run = median_run([py, "-m", "benchmarks.speed", "probe", "steady", "--model", str(m), "--films", str(films),
+                              "--backend", backend], a.repeats)
+            r["steady"][key] = last_json(run["stdout"])["seconds_per_film"]
+        print("steady state, s/film: " + ", ".join(f"{k} {v:.3f}" for k, v in r["steady"].items()), flush=True)
+    if "stages" not in a.skip:
+        runs = [last_json(run_process([py, "-m", "benchmarks.speed", "probe", "stages", "--model", str(model),
+                                       "--films", str(films)])["stdout"]) for _ in range(a.repeats)]
+        r["stages"] = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
+        print("stages, s/film: " + ", ".join(f"{k} {v:.3f}" for k, v in r["stages"].items()), flush=True)
+    if a.sizes and "sizes" not in a.skip:
+        r["sizes"] = []
+        for side in a.sizes:
+            folder = make_films(work / f"films-square-{side}", SCALING_FILMS, a.size, square=side, source=films)
+            for batch in ((8, 1) if side == max(a.sizes) else (8,)):
+                run = median_run([py, "-m", "benchmarks.speed", "probe", "steady", "--model", str(model), "--films",
+                                  str(folder), "--batch-size", str(batch)], a.repeats)
+                r["sizes"].append({"side": side, "batch": batch,
+                                   "seconds_per_film": last_json(run["stdout"])["seconds_per_film"],
+                                   "largest_mb": run["largest_mb"], "tree_mb": run["tree_mb"]})
+                print(f"{side} px, batch {batch}: {r['sizes'][-1]['seconds_per_film']:.3f} s/film, "
+                      f"largest {run['largest_mb']:.0f} MB", flush=True)
+    for v in r["whole"].values():
+        v.pop("stdout", None)
+    print(json.dumps(r, indent=1))
+    if not a.no_write:
+        write_results(r)
+    return 0
+
+
+# --------------------------------------------------------------------------- RESULTS.md
+def _ratio(r: dict, key: str) -> str:
+    base = r["whole"].get("xrv224")
+    return f"{r['whole'][key]['seconds'] / base['seconds']:.2f}" if base else "n/a"
+
+
+def write_results(r: dict) -> None:
+    from data.io_utils import atomic_write_text
+
+    names = {"xrv224": "torchxrayvision, DenseNet-121 at 224 px",
+             "xrv512": "torchxrayvision, DenseNet-121 at 512 px",
+             "torch": "this project, torch backend (film and crop networks, overlays, JSON, npy)",
+             "onnx": "this project, ONNX backend"}
+    lines = [SECTION, "",
+             f"{r['films']} phantom films (data/phantom.py, seed {SEED}, {r['size']} px high), written as 16-bit "
+             "MONOCHROME2 DX DICOM; each pipeline run as whole processes one after another. torchxrayvision's "
+             "DenseNet-121 has random weights (same cost as trained ones); this project's options are its defaults "
+             "(`--batch-size 8 --num-workers 2`). The machine is shared with other work, so single runs vary by "
+             "10-20 %.", "",
+             f"- command: `{r['command']}`",
+             f"- model: `{r['model']}` (a demo bundle trained on phantom films: no model ships yet)",
+             f"- date: {r['date']}",
+             f"- machine: {r['machine']} (shared)", ""]
+    if r["whole"]:
+        lines += [f"| pipeline (whole process, {r['films']} films) | wall, median of {r['repeats']} | ratio to "
+                  "torchxrayvision 224 px | CPU time (all processes) | peak memory, largest process | peak memory, process "
+                  "tree (PSS) |", "|---|---|---|---|---|---|"]
+        for key, v in r["whole"].items():
+            lines.append(f"| {names[key]} | {v['seconds']:.1f} s | {_ratio(r, key)} | {v['cpu_seconds']:.1f} s "
+                         f"| {v['largest_mb']:.0f} MB "
+                         f"| {v['tree_mb']:.0f} MB |")
+        lines.append("")
+    if r["steady"]:
+        lines += ["Steady state (model loaded, one batch run first), seconds per film: " + "; ".join(
+            f"{names[k].split(' (')[0]} {v:.3f}" for k, v in r["steady"].items()) + ".", ""]
+    s = r["startup"]
+    lines += [f"Start-up (whole process, median): `import infer` {s['imports']:.2f} s; with the model loaded "
+              f"{s['with_model']:.2f} s.", ""]
+    if r.get("stages"):
+        st = r["stages"]
+        lines += ["Where the torch backend's time goes, per film (one process, `--num-workers 0`, batch 8, median "
+                  f"of {r['repeats']}):", "", "| stage | time |", "|---|---|",
+                  f"| start-up (imports and model loading), once | {st['startup']:.2f} s |",
+                  f"| reading (DICOM decode, rescale) | {1000 * st['read']:.0f} ms |",
+                  f"| pre-processing (normalisation, letterbox, overlay base) | {1000 * st['preprocess']:.0f} ms |",
+                  f"| film network | {1000 * st['film_net']:.0f} ms |",
+                  f"| per-vertebra analysis (crop network, levels, morphometry) | {1000 * st['vertebrae']:.0f} ms |",
+                  f"| writing (overlay, heatmap, JSON, tables) | {1000 * st['write']:.0f} ms |",
+                  f"| all, in steady state | {1000 * st['total']:.0f} ms |", ""]
+    if r.get("sizes"):
+        lines += ["Cost per film by film size (square films: the phantom films resized; steady state, default "
+                  "workers):", "", "| film | batch | time per film | peak memory, largest process | process tree |",
+                  "|---|---|---|---|---|"]
+        for row in r["sizes"]:
+            lines.append(f"| {row['side']} x {row['side']} | {row['batch']} | {row['seconds_per_film']:.3f} s "
+                         f"| {row['largest_mb']:.0f} MB | {row['tree_mb']:.0f} MB |")
+        lines.append("")
+    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n\n"
+    block = "\n".join(lines)
+    if SECTION in text:
+        text = re.sub(re.escape(SECTION) + r".*?(?=\n## |\Z)", lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    atomic_write_text(RESULTS, text.rstrip("\n") + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
