@@ -42,6 +42,7 @@ Each vertebra is a measurement group whose Tracking Identifier is the level name
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import hmac
 import math
@@ -57,6 +58,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from data.io_utils import atomic_write_with
+from inference import sr_items
 
 PRIVATE_SCHEME = "99VCF"
 PRIVATE_SCHEME_NAME = "spine-vcf research codes (private, not for clinical use)"
@@ -91,6 +93,7 @@ CODES: dict[str, hd.sr.CodedConcept] = {
     "unit_mm": hd.sr.CodedConcept("mm", "UCUM", "millimeter"),
 }
 
+ENGLISH = hd.sr.CodedConcept("en-US", "RFC5646", "English (United States)")  # the language highdicom defaults to
 _HEIGHT_KEYS = ("height_anterior", "height_middle", "height_posterior")
 
 # Type 2 attributes highdicom's SR constructor reads unconditionally from the evidence.
@@ -189,8 +192,10 @@ def _mark_deidentified(ds: Dataset) -> None:
     ds.LongitudinalTemporalInformationModified = "REMOVED"
 
 
+@functools.lru_cache(maxsize=64)
 def _vertebra_code(level: str) -> hd.sr.CodedConcept | None:
-    """SNOMED CT code of a vertebra level ("L1" -> 66794005), or None when unknown (T13, L6)."""
+    """SNOMED CT code of a vertebra level ("L1" -> 66794005), or None when unknown (T13, L6).
+    Cached: pydicom's code dictionary lookup costs about 0.2 ms; the codes are only read."""
     try:
         code = getattr(codes.SCT, f"{level.strip().upper()}Vertebra")
     except AttributeError:
@@ -313,40 +318,35 @@ def _finite(value) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _probability(key: str, value) -> list[hd.sr.Measurement]:
+def _probability(items: sr_items.ContentItems, key: str, value) -> list[Dataset]:
     v = _finite(value)
     if v is None:  # NaN / missing: no NUM item rather than a made-up value
         return []
-    return [hd.sr.Measurement(name=CODES[key], value=v, unit=CODES["unit_probability"])]
+    return [items.num(CODES[key], v, CODES["unit_probability"])]
 
 
-def _vertebra_group(vert: dict, algorithm: hd.sr.AlgorithmIdentification, source_images, height_unit: str):
+def _vertebra_group(items: sr_items.ContentItems, vert: dict, algorithm: tuple[str, str],
+                    source_image: tuple[str, str], height_unit: str):
     level = str(vert["level"])
-    measurements = _probability("p_fracture", vert.get("p_fracture")) + _probability("p_acute", vert.get("p_acute"))
+    measurements = (_probability(items, "p_fracture", vert.get("p_fracture"))
+                    + _probability(items, "p_acute", vert.get("p_acute")))
     heights = vert.get("heights") or []
     if heights and len(heights) != 3:
         raise ValueError(f"vertebra {level}: heights must hold 3 values (anterior, middle, posterior)")
     for key, h in zip(_HEIGHT_KEYS, heights):
         v = _finite(h)
         if v is not None:
-            measurements.append(hd.sr.Measurement(name=CODES[key], value=v, unit=CODES[f"unit_{height_unit}"]))
+            measurements.append(items.num(CODES[key], v, CODES[f"unit_{height_unit}"]))
     evaluations = []
     grade = vert.get("genant_grade")
     if grade is not None and _finite(grade) is not None:
         g = int(grade)
         if g not in (0, 1, 2, 3):
             raise ValueError(f"vertebra {level}: genant_grade must be 0-3, got {grade!r}")
-        evaluations.append(hd.sr.QualitativeEvaluation(name=CODES["genant_grade"], value=CODES[f"genant_{g}"]))
-    site = _vertebra_code(level)
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=level),
-        finding_type=CODES["finding_vcf"],
-        algorithm_id=algorithm,
-        finding_sites=[hd.sr.FindingSite(site)] if site is not None else None,
-        measurements=measurements or None,
-        qualitative_evaluations=evaluations or None,
-        source_images=source_images,
-    )
+        evaluations.append(items.code_value(CODES["genant_grade"], CODES[f"genant_{g}"], sr_items.CONTAINS))
+    return items.measurement_group(level, hd.UID(), CODES["finding_vcf"], algorithm, source_image,
+                                   finding_site=_vertebra_code(level), measurements=measurements,
+                                   evaluations=evaluations)
 
 
 def structured_report(source: Dataset, findings: dict, series_number: int = 901,
@@ -358,46 +358,44 @@ def structured_report(source: Dataset, findings: dict, series_number: int = 901,
 
     ``findings``: ``p_fracture``, ``p_acute`` (0-1; NaN/None are left out), optional
     ``vertebrae`` (list of dicts: level, p_fracture, p_acute, genant_grade 0-3, heights
-    [anterior, middle, posterior]) and ``height_unit`` ("px", default, or "mm")."""
+    [anterior, middle, posterior]) and ``height_unit`` ("px", default, or "mm").
+
+    The document's head (language, observer, procedure, image library) comes from highdicom's
+    content items; the measurement groups are built as plain datasets (inference/sr_items.py),
+    and highdicom's document class is given the root container without them, so that it does not
+    copy and search a tree that grows with every vertebra (what made an SR cost 135 ms)."""
     ref = _reference_header(source, keep_identifiers, deid_key)
     height_unit = findings.get("height_unit", "px")
     if height_unit not in ("px", "mm"):
         raise ValueError(f"height_unit must be 'px' or 'mm', got {height_unit!r}")
-    algorithm = hd.sr.AlgorithmIdentification(name=ALGORITHM_NAME, version=ALGORITHM_VERSION)
-    source_images = [hd.sr.SourceImageForMeasurementGroup.from_source_image(ref)]
-
-    groups = [hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="image"),
-        finding_type=CODES["finding_vcf"],
-        algorithm_id=algorithm,
-        measurements=(_probability("p_fracture", findings.get("p_fracture"))
-                      + _probability("p_acute", findings.get("p_acute"))) or None,
-        source_images=source_images,
-    )]
+    algorithm = (ALGORITHM_NAME, ALGORITHM_VERSION)
+    source_image = (str(ref.SOPClassUID), str(ref.SOPInstanceUID))
+    items = sr_items.ContentItems()
+    groups = [items.measurement_group(
+        "image", hd.UID(), CODES["finding_vcf"], algorithm, source_image,
+        measurements=_probability(items, "p_fracture", findings.get("p_fracture"))
+        + _probability(items, "p_acute", findings.get("p_acute")))]
     for vert in findings.get("vertebrae") or []:
-        groups.append(_vertebra_group(vert, algorithm, source_images, height_unit))
+        groups.append(_vertebra_group(items, vert, algorithm, source_image, height_unit))
 
     observer = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
         observer_type=CODES["observer_type"],
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=hd.UID(), name=ALGORITHM_NAME, manufacturer_name=MANUFACTURER, model_name=ALGORITHM_VERSION),
     ))
+    head = list(hd.sr.LanguageOfContentItemAndDescendants(ENGLISH)) + list(observer)
+    head.append(hd.sr.CodeContentItem(name=codes.DCM.ProcedureReported, value=CODES["procedure"],
+                                      relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD))
     try:
-        hd.sr.ImageLibraryEntryDescriptors(ref)
-        library = [ref]
+        head += list(hd.sr.ImageLibrary([ref]))
     except (ValueError, KeyError, AttributeError) as exc:  # e.g. an SOP class highdicom cannot map
         warnings.warn(f"source image left out of the SR image library: {exc}")
-        library = None
-    report = hd.sr.MeasurementReport(
-        observation_context=observer,
-        procedure_reported=CODES["procedure"],
-        imaging_measurements=groups,
-        title=CODES["title"],
-        referenced_images=library,
-    )
+    measurements = items.container(sr_items.IMAGING_MEASUREMENTS, groups)
+    # the root container with its first item only: highdicom copies, converts and searches what it is given
+    root = items.container(CODES["title"], head[:1], template_id="1500", relationship=None)
     sr = hd.sr.ComprehensiveSR(
         evidence=[ref],
-        content=report,
+        content=root,
         series_instance_uid=hd.UID(),
         series_number=series_number,
         sop_instance_uid=hd.UID(),
@@ -409,6 +407,7 @@ def structured_report(source: Dataset, findings: dict, series_number: int = 901,
             designator=PRIVATE_SCHEME, name=PRIVATE_SCHEME_NAME,
             responsible_organization="spine-vcf project (research code)")],
     )
+    sr.ContentSequence = head + [measurements]  # every group references the source, which is the evidence
     _apply_identifiers(sr, ref, keep_identifiers)
     return sr
 

@@ -27,7 +27,7 @@ from data.records import VertebraRecord
 from data.transforms import letterbox, normalize_intensity
 from inference.acceptance import checked_spacing, contrast_refusal, refusal
 from inference.loading import open_model
-from inference.vertebrae import analyse_film, image_probabilities, with_morphometry
+from inference.vertebrae import analyse_films, image_probabilities, with_morphometry
 from models.network import HEATMAP_STRIDE, FractureNet
 
 OVERLAY_MAX_SIDE = 1024  # overlays are downsized to this long side; the .npy keeps full detail
@@ -186,18 +186,21 @@ class Predictor:
         # the strongest vertebral-body score per film (none from a film graph without the vertebra maps)
         spine_scores = ([None] * len(items) if vertebra_logits is None else
                         torch.sigmoid(vertebra_logits[:, 0].float()).amax(dim=(1, 2)).cpu().numpy().tolist())
+        analysed = [None] * len(items)
+        if self.vertebra_net is not None and vertebra_logits is not None:  # every film's vertebrae in shared passes
+            analysed = analyse_films(
+                [{"vertebra_logits": vertebra_logits[k], "box": item["box"], "image": item["pixels"],
+                  "pixel_spacing_mm": item.get("pixel_spacing_mm"),
+                  "view": (item.get("dicom") or {}).get("ViewPosition")} for k, item in enumerate(items)],
+                HEATMAP_STRIDE, self.vertebra_net, self.device, point_refiner=self.point_refiner)
         results = []
         for k, item in enumerate(items):
             head = {key: np.float64(raw[key][k]) for key in ("p_fracture", "p_acute", "p_acute_given_fracture")}
             film = {"vertebrae": [], "level_confidence": None, "levels_trusted": False}
-            if self.vertebra_net is not None:
-                try:
-                    film = analyse_film(vertebra_logits[k], item["box"], HEATMAP_STRIDE, self.vertebra_net,
-                                        item["pixels"], self.device, item.get("pixel_spacing_mm"),
-                                        point_refiner=self.point_refiner,
-                                        view=(item.get("dicom") or {}).get("ViewPosition"))
-                except Exception as exc:  # one film's vertebra analysis must not end the batch
-                    film["vertebra_error"] = f"{type(exc).__name__}: {exc}"
+            if isinstance(analysed[k], Exception):  # one film's vertebra analysis does not end the batch
+                film["vertebra_error"] = f"{type(analysed[k]).__name__}: {analysed[k]}"
+            elif analysed[k] is not None:
+                film = analysed[k]
             combiner = self.calibrator.vertebra_combiner if self.calibrator is not None else None
             film["vertebrae"] = with_morphometry(film["vertebrae"], combiner)
             combined_raw = image_probabilities(head, film["vertebrae"])

@@ -38,7 +38,8 @@ from data.morphometry import LEVELS, grade_vertebrae
 from data.geometry import OUTLINE, body_centre, body_extent, body_height, heights, points_in_polygon, unmirror_points
 from data.vertebra_targets import (CROP_CONTEXT, CROP_SIZE, N_LEVELS, OFFSET_SCALE, apply_affine, crop_matrix,
                                    extract_crop, invert_affine)
-from models.point_refiner import refine_points
+from models.point_refiner import REFINER_KEY, refine_steps
+from models.vertebra_net import ReadingSteps, read_in_batches, read_one
 
 MIN_DETECTION_SCORE = 0.3
 AP_VIEWS = ("AP", "PA")  # DICOM ViewPositions whose outer heights are the body's two sides
@@ -55,6 +56,7 @@ LEVEL_WEIGHT = 0.25  # weight of the per-body level evidence in the counting (se
 RIB_WEIGHT = 0.5  # weight of the thoracic (rib-bearing) or not evidence: the anchor
 MAX_GAP_FILL = 2  # a gap is filled only when it misses at most this many bodies
 FILL_DRIFT = 0.3  # a filled body read farther than this x the step from its window is dropped
+CROP_NET = "crop_net"  # the network name the crop readings ask for (models.vertebra_net.read_in_batches)
 
 
 class CropNetwork(Protocol):
@@ -229,13 +231,18 @@ def assign_levels(points: np.ndarray, level_logp: np.ndarray, level_weight: floa
             "placements": {"starts": starts.tolist(), "posterior": posterior.tolist()}}
 
 
-@torch.no_grad()
 def read_crops(vertebra_net: CropNetwork, image: np.ndarray, points: np.ndarray, device: torch.device,
                passes: int = 2, flip: bool = False) -> dict:
     """Refined points (n, 6, 2) in original pixels and the crop network's probabilities.
 
     ``flip``: the last pass also reads each crop mirrored left to right and averages the two
     readings (points and probabilities), a test-time augmentation at twice that pass's cost."""
+    return read_one(read_crop_steps(image, points, passes, flip), {CROP_NET: vertebra_net}, device)
+
+
+def read_crop_steps(image: np.ndarray, points: np.ndarray, passes: int = 2, flip: bool = False) -> ReadingSteps:
+    """:func:`read_crops` as a reading in steps (models.vertebra_net.read_in_batches): it yields
+    its crops for the network named ``CROP_NET``."""
     if passes < 1:
         raise ValueError(f"passes must be at least 1, got {passes}")
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 6, 2)
@@ -246,14 +253,14 @@ def read_crops(vertebra_net: CropNetwork, image: np.ndarray, points: np.ndarray,
         # a collapsed stage-1 guess still gets a window a body could fit in
         matrices = [crop_matrix(c, max(CROP_CONTEXT * e, MIN_CROP_SIDE)) for c, e in zip(body_centre(pts), body_extent(pts))]
         crops = np.stack([extract_crop(image, m) for m in matrices])[:, None].astype(np.float32)
-        out = vertebra_net(torch.from_numpy(crops).to(device))
-        crop_pts = out["points"].float().cpu().numpy().astype(np.float64)
-        probs = torch.sigmoid(out["logits"].float()).cpu().numpy().astype(np.float64)
+        read, logits = yield CROP_NET, crops
+        crop_pts = read.astype(np.float64)
+        probs = torch.sigmoid(torch.from_numpy(logits)).numpy().astype(np.float64)
         if flip and k == passes - 1:
-            out_m = vertebra_net(torch.from_numpy(np.ascontiguousarray(crops[..., ::-1])).to(device))
-            mirrored = unmirror_points(out_m["points"].float().cpu().numpy().astype(np.float64), crop_pts, CROP_SIZE)
+            read_m, logits_m = yield CROP_NET, np.ascontiguousarray(crops[..., ::-1])
+            mirrored = unmirror_points(read_m.astype(np.float64), crop_pts, CROP_SIZE)
             crop_pts = (crop_pts + mirrored) / 2
-            probs = (probs + torch.sigmoid(out_m["logits"].float()).cpu().numpy().astype(np.float64)) / 2
+            probs = (probs + torch.sigmoid(torch.from_numpy(logits_m)).numpy().astype(np.float64)) / 2
         pts = np.stack([apply_affine(invert_affine(m), p) for m, p in zip(matrices, crop_pts)])
     return {"points": pts, "p_fracture": probs[:, 0], "p_acute_given_fracture": probs[:, 1],
             "p_acute": probs[:, 0] * probs[:, 1]}
@@ -407,17 +414,17 @@ def _measurable(points: np.ndarray) -> np.ndarray:
 
 
 def _fill_gaps(read: dict, scores: np.ndarray, logp: np.ndarray, vertebra_logits: torch.Tensor, box, stride: int,
-               vertebra_net: CropNetwork, image: np.ndarray, device: torch.device):
+               image: np.ndarray):
     """The found bodies plus those read in the counted gaps (see :func:`gap_proposals`), in
     head-to-feet order. A filled body is dropped when the crop network moved it away from its
     window (``FILL_DRIFT``) or onto a found body. Filled bodies vote for no level (the level
     head is trained at body centres it found) and their ``detection_score`` is the centre
     heatmap's value under them. If the fills would change how the found bodies are counted,
-    none is kept."""
+    none is kept. A reading in steps (see :func:`read_crop_steps`)."""
     proposals, drift = gap_proposals(read["points"])
     if not len(proposals):
         return read, scores, logp
-    extra = read_crops(vertebra_net, image, proposals, device, passes=CROP_PASSES, flip=FLIP_CROPS)
+    extra = yield from read_crop_steps(image, proposals, passes=CROP_PASSES, flip=FLIP_CROPS)
     moved = np.linalg.norm(body_centre(extra["points"]) - body_centre(proposals), axis=1)
     extra_scores = _scores_at(vertebra_logits, box, stride, body_centre(extra["points"]))
     merged = {k: np.concatenate([read[k], extra[k]]) for k in read}
@@ -521,7 +528,33 @@ def analyse_film(vertebra_logits: torch.Tensor, box, stride: int, vertebra_net: 
 
     ``point_refiner`` (models/point_refiner.py), when given, re-reads every body's points in
     its own frame after the crop network and the gap filling; the probabilities stay the crop
-    network's."""
+    network's. :func:`analyse_films` analyses many films with shared forward passes."""
+    steps = film_steps(vertebra_logits, box, stride, image, pixel_spacing_mm, min_score=min_score,
+                       fill_gaps=fill_gaps, point_refiner=point_refiner, view=view)
+    return read_one(steps, _networks(vertebra_net, point_refiner), device)
+
+
+def analyse_films(films: list[dict], stride: int, vertebra_net: CropNetwork, device: torch.device,
+                  point_refiner: CropNetwork | None = None) -> list:
+    """:func:`analyse_film` for many films at once, their crops read in shared forward passes
+    (models.vertebra_net.read_in_batches); the results equal one film's at a time. Each film is
+    a dict of :func:`analyse_film`'s arguments (``vertebra_logits``, ``box``, ``image``, and
+    optionally ``pixel_spacing_mm`` and ``view``). Returns each film's result, or the exception
+    its analysis raised."""
+    steps = [film_steps(f["vertebra_logits"], f["box"], stride, f["image"], f.get("pixel_spacing_mm"),
+                        point_refiner=point_refiner, view=f.get("view")) for f in films]
+    return read_in_batches(steps, _networks(vertebra_net, point_refiner), device)
+
+
+def _networks(vertebra_net: CropNetwork, point_refiner: CropNetwork | None) -> dict:
+    return {CROP_NET: vertebra_net, **({REFINER_KEY: point_refiner} if point_refiner is not None else {})}
+
+
+def film_steps(vertebra_logits: torch.Tensor, box, stride: int, image: np.ndarray, pixel_spacing_mm=None,
+               min_score: float = MIN_DETECTION_SCORE, fill_gaps: bool = True,
+               point_refiner: CropNetwork | None = None, view: str | None = None) -> ReadingSteps:
+    """:func:`analyse_film` as a reading in steps: it yields its crops for the networks named
+    ``CROP_NET`` and ``REFINER_KEY`` and returns the film's result."""
     found = decode_detections(vertebra_logits, stride, min_score=min_score)
     if not found:
         return {"vertebrae": [], "level_confidence": None, "levels_trusted": False}
@@ -530,16 +563,16 @@ def analyse_film(vertebra_logits: torch.Tensor, box, stride: int, vertebra_net: 
     rough = rough[order]
     scores = np.array([found[k]["score"] for k in order])
     logp = np.stack([found[k]["level_logp"] for k in order])
-    read = read_crops(vertebra_net, image, rough, device, passes=CROP_PASSES, flip=FLIP_CROPS)
+    read = yield from read_crop_steps(image, rough, passes=CROP_PASSES, flip=FLIP_CROPS)
     read, scores, logp = _measurable_in_spine_order(read, scores, logp)
     if not len(scores):
         return {"vertebrae": [], "level_confidence": None, "levels_trusted": False}
     if fill_gaps:
-        read, scores, logp = _fill_gaps(read, scores, logp, vertebra_logits, box, stride, vertebra_net, image, device)
+        read, scores, logp = yield from _fill_gaps(read, scores, logp, vertebra_logits, box, stride, image)
     if point_refiner is not None:
         # the refiner may collapse a body or pull two onto one vertebra: checked as the crop reads were
-        read, scores, logp = _measurable_in_spine_order(
-            {**read, "points": refine_points(point_refiner, image, read["points"], device)}, scores, logp)
+        refined = yield from refine_steps(point_refiner, image, read["points"])
+        read, scores, logp = _measurable_in_spine_order({**read, "points": refined}, scores, logp)
         if not len(scores):
             return {"vertebrae": [], "level_confidence": None, "levels_trusted": False}
     labels = assign_levels(read["points"], logp)

@@ -33,7 +33,7 @@ import torch
 
 from data.geometry import body_height, endplate_width, unmirror_points
 from data.vertebra_targets import apply_affine, crop_matrix, extract_crop, invert_affine
-from models.vertebra_net import VertebraNet
+from models.vertebra_net import ReadingSteps, VertebraNet, read_one
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,6 @@ def build_refiner(config: dict) -> VertebraNet:
     return net
 
 
-@torch.no_grad()
 def refine_points(net: torch.nn.Module, image: np.ndarray, points: np.ndarray, device: torch.device,
                   passes: int | None = None, flip: bool | None = None) -> np.ndarray:
     """Refined points (n, 6, 2) in original pixels, each pass read in the frame of the last.
@@ -122,7 +121,15 @@ def refine_points(net: torch.nn.Module, image: np.ndarray, points: np.ndarray, d
     ``image``: the normalised original pixels; ``points``: (n, 6, 2) in original pixels. The
     window, the number of passes and ``flip`` (the last pass also reads each window mirrored
     and averages the two readings) are the ones stored with ``net`` (:func:`build_refiner`)
-    unless given here."""
+    unless given here. Many films' bodies are refined together with :func:`refine_steps` and
+    :func:`models.vertebra_net.read_in_batches`."""
+    return read_one(refine_steps(net, image, points, passes, flip), {REFINER_KEY: net}, device)
+
+
+def refine_steps(net: torch.nn.Module, image: np.ndarray, points: np.ndarray, passes: int | None = None,
+                 flip: bool | None = None) -> ReadingSteps:
+    """:func:`refine_points` as a reading in steps: it yields its windows for the network named
+    ``REFINER_KEY`` (``net`` gives the window, passes and flip) and returns the refined points."""
     passes = int(getattr(net, "passes", REFINE_PASSES)) if passes is None else passes
     flip = bool(getattr(net, "flip", False)) if flip is None else flip
     context = tuple(getattr(net, "context", (WIDTH_CONTEXT, HEIGHT_CONTEXT)))
@@ -135,10 +142,11 @@ def refine_points(net: torch.nn.Module, image: np.ndarray, points: np.ndarray, d
     for k in range(passes):
         mats = frame_matrices(pts, out=size, context=context)
         crops = np.stack([extract_crop(image, m, out=size) for m in mats])[:, None].astype(np.float32)
-        read = net(torch.from_numpy(crops).to(device))["points"].float().cpu().numpy().astype(np.float64)
+        read, _ = yield REFINER_KEY, crops
+        read = read.astype(np.float64)
         if flip and k == passes - 1:
-            mirrored = net(torch.from_numpy(np.ascontiguousarray(crops[..., ::-1])).to(device))["points"]
-            read = (read + unmirror_points(mirrored.float().cpu().numpy(), read, size)) / 2
+            mirrored, _ = yield REFINER_KEY, np.ascontiguousarray(crops[..., ::-1])
+            read = (read + unmirror_points(mirrored, read, size)) / 2
         pts = np.stack([apply_affine(invert_affine(m), p) for m, p in zip(mats, read)])
     return pts
 

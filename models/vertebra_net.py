@@ -8,15 +8,27 @@ Input: a ``CROP_SIZE`` square crop of the original film centred on a vertebral b
 * ``logits`` ``(N, 2)``: this vertebra is fractured; it is acutely fractured, given a fracture;
 * ``log_prob`` ``(N, 6, h, w)``: the log-softmax point maps the soft-argmax reads, for
   :func:`point_map_loss`.
+
+:func:`read_in_batches` runs the crop readings of many vertebrae, of many films, through each
+network together: one call reads every crop that waits on it.
 """
 from __future__ import annotations
 
+from collections.abc import Generator
+
+import numpy as np
 import timm
 import torch
 from torch import nn
 
 from data.vertebra_targets import CROP_SIZE
 from models.network import top_down
+
+MAX_CROPS_PER_CALL = 64  # crops per forward pass: past this a CPU gains nothing, and memory grows
+
+# A reading in steps: a generator that yields (network name, crops (n, 1, s, s) float32), is sent
+# back (points (n, 6, 2), logits (n, 2) or None) as float32 arrays, and returns its result.
+ReadingSteps = Generator[tuple[str, np.ndarray], tuple[np.ndarray, np.ndarray | None], object]
 
 
 class VertebraNet(nn.Module):
@@ -75,3 +87,63 @@ def point_map_loss(log_prob: torch.Tensor, points: torch.Tensor, stride: int, si
     log_target = torch.log_softmax((gx + gy).reshape(n, k, h * w), dim=-1)
     kl = (log_target.exp() * (log_target - log_prob.float().reshape(n, k, h * w))).sum(-1)
     return kl.mean()
+
+
+@torch.no_grad()
+def read_in_batches(readings: list[ReadingSteps], networks: dict[str, nn.Module], device: torch.device) -> list:
+    """Run ``readings`` (see :data:`ReadingSteps`) side by side: in each round, the crops of all
+    readings that wait on the same network go through it in one call (``MAX_CROPS_PER_CALL`` at
+    most), so many films' vertebrae share a forward pass instead of one small one each.
+
+    Returns each reading's result, or the exception it (or its network call) raised: one
+    reading's failure does not end the others."""
+    results: list = [None] * len(readings)
+    waiting: dict[int, tuple[str, np.ndarray]] = {}
+
+    def advance(k: int, value) -> None:
+        try:
+            waiting[k] = readings[k].send(value)
+        except StopIteration as stop:
+            results[k] = stop.value
+        except Exception as exc:  # this reading fails alone
+            results[k] = exc
+
+    for k in range(len(readings)):
+        advance(k, None)
+    while waiting:
+        name = next(iter(waiting.values()))[0]
+        group = [k for k, (net_name, _) in waiting.items() if net_name == name]
+        crops = [waiting.pop(k)[1] for k in group]
+        try:
+            points, logits = _forward(networks[name], np.concatenate(crops), device)
+        except Exception as exc:
+            for k in group:
+                readings[k].close()
+                results[k] = exc
+            continue
+        start = 0
+        for k, c in zip(group, crops):
+            end = start + len(c)
+            advance(k, (points[start:end], None if logits is None else logits[start:end]))
+            start = end
+    return results
+
+
+def read_one(reading: ReadingSteps, networks: dict[str, nn.Module], device: torch.device):
+    """The result of one reading (:func:`read_in_batches`), raising what it raised."""
+    result = read_in_batches([reading], networks, device)[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def _forward(net: nn.Module, crops: np.ndarray, device: torch.device) -> tuple[np.ndarray, np.ndarray | None]:
+    if not len(crops):
+        return np.zeros((0, 6, 2), np.float32), np.zeros((0, 2), np.float32)
+    points, logits = [], []
+    for start in range(0, len(crops), MAX_CROPS_PER_CALL):
+        out = net(torch.from_numpy(np.ascontiguousarray(crops[start:start + MAX_CROPS_PER_CALL])).to(device))
+        points.append(out["points"].float().cpu().numpy())
+        if out.get("logits") is not None:
+            logits.append(out["logits"].float().cpu().numpy())
+    return np.concatenate(points), (np.concatenate(logits) if len(logits) == len(points) else None)

@@ -259,13 +259,13 @@ def test_predictor_runs_the_stored_refiner_and_refuses_a_broken_one(tmp_path, ph
     import inference.predictor as inference_module
 
     seen = {}
-    real = inference_module.analyse_film
+    real = inference_module.analyse_films
 
     def spy(*args, **kwargs):
         seen.update(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(inference_module, "analyse_film", spy)
+    monkeypatch.setattr(inference_module, "analyse_films", spy)
     result = predictor.predict([item])[0]
     assert seen["point_refiner"] is predictor.point_refiner  # what analyse_film does with it: test_vertebra_inference
     assert result.vertebra_error is None

@@ -460,10 +460,27 @@ class _StubCropNet(nn.Module):
 
     def forward(self, crops):
         self.seen.append(crops.detach().cpu().numpy().copy())
-        n = crops.shape[0]
-        points = np.stack([self.templates.get(k, self.default) for k in range(n)])
+        index = self.indices(crops.shape[0])
+        points = np.stack([self.templates.get(k, self.default) for k in index])
         return {"points": torch.tensor(points, dtype=torch.float32, device=crops.device),
-                "logits": torch.tensor([self.logit(k) for k in range(n)], dtype=torch.float32, device=crops.device)}
+                "logits": torch.tensor([self.logit(k) for k in index], dtype=torch.float32, device=crops.device)}
+
+    def indices(self, n):
+        return list(range(n))
+
+
+class _FilmBatchStubCropNet(_StubCropNet):
+    """A :class:`_StubCropNet` for a batch of films whose crops may share one call, film after
+    film (``film_sizes`` bodies each): ``templates`` and ``logits`` are indexed by the body within its film."""
+
+    def __init__(self, film_sizes, **kwargs):
+        super().__init__(**kwargs)
+        self.film_sizes = [n for n in film_sizes if n]
+
+    def indices(self, n):
+        if n == sum(self.film_sizes):  # every film's crops in one call
+            return [k for size in self.film_sizes for k in range(size)]
+        return list(range(n))
 
 
 def _extent(p):
@@ -821,7 +838,8 @@ def _rig(predictor, paths, bodies):
     grid = (IMAGE_SIZE[0] // STRIDE, IMAGE_SIZE[1] // STRIDE)
     known = [(data[i]["image"], _designed_logits(data[i]["box"], b, grid)) for i, b in enumerate(bodies)]
     predictor.net = _InjectVertebrae(predictor.net, known)
-    predictor.vertebra_net = _StubCropNet(templates={2: _wedge_template()}, logits=CROP_LOGITS)
+    predictor.vertebra_net = _FilmBatchStubCropNet([len(b) for b in bodies], templates={2: _wedge_template()},
+                                                   logits=CROP_LOGITS)
     return data
 
 
