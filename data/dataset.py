@@ -33,7 +33,8 @@ from data.cache import FilmCache, open_cache, region_crop
 from data.manifest import Manifest, assign_splits, check_apart_from_training, label_arrays, load_manifest
 from data.readers import ImageReadError, read_image
 from data.simulate import FractureSynthesis
-from data.transforms import letterbox, normalize_intensity, rasterize_vertebrae, train_augmentation
+from data.augmentation import train_augmentation
+from data.transforms import letterbox, normalize_intensity, rasterize_vertebrae
 from data.geometry import AP_MIRROR, body_centre, body_extent
 from data.vertebra_targets import (CROP_CONTEXT, CROP_SIZE, apply_affine, crop_matrix, extract_crop, film_vertebrae,
                                    stage1_targets)

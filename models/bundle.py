@@ -38,7 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.network import FractureNet
+from models.network import WEIGHTS_LOADED, FractureNet
 from models.point_refiner import build_refiner
 from models.vertebra_net import VertebraNet
 
@@ -193,16 +193,18 @@ def load_state_into(net: nn.Module, state: dict[str, torch.Tensor], where: str) 
 
 # --------------------------------------------------------------------------- networks
 def build_networks(spec: dict) -> dict[str, nn.Module]:
-    """Untrained networks as ``metadata["networks"]`` describes them."""
+    """Networks as ``metadata["networks"]`` describes them, to receive their stored weights
+    (``WEIGHTS_LOADED``: a ResNet is built without importing timm)."""
     nets: dict[str, nn.Module] = {}
     for name, entry in spec.items():
         cls, cfg = entry.get("class"), dict(entry.get("config") or {})
         if name == "film_net" and cls == "FractureNet":
-            nets[name] = FractureNet(backbone=cfg["backbone"], pretrained=None, fpn_dim=int(cfg["fpn_dim"]))
+            nets[name] = FractureNet(backbone=cfg["backbone"], pretrained=WEIGHTS_LOADED, fpn_dim=int(cfg["fpn_dim"]))
         elif name == "crop_net" and cls == "VertebraNet":
-            nets[name] = VertebraNet(backbone=cfg.get("backbone", "resnet18"), crop_size=int(cfg.get("crop_size", 96)))
+            nets[name] = VertebraNet(backbone=cfg.get("backbone", "resnet18"), crop_size=int(cfg.get("crop_size", 96)),
+                                     pretrained=WEIGHTS_LOADED)
         elif name == "point_refiner" and cls == "VertebraNet":
-            nets[name] = build_refiner(cfg)
+            nets[name] = build_refiner(cfg, pretrained=WEIGHTS_LOADED)
         else:
             raise BundleError(f"unknown network {name!r} of class {cls!r}")
     return nets

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from data.vertebra_targets import VERTEBRA_CHANNELS
+from models.resnet import DEPTHS as PLAIN_RESNETS, ResNetFeatures
 
 TARGETS = ("fracture", "acute")
 # Dense channels: fractured vertebra, acutely fractured vertebra, and any vertebra. The last
@@ -49,15 +49,26 @@ def top_down(laterals: nn.ModuleList, feats: list[torch.Tensor]) -> torch.Tensor
     return top
 
 
-def create_encoder(backbone: str, pretrained: str | None, in_chans: int = 1) -> nn.Module:
-    """A timm feature extractor at strides 8, 16 and 32.
+# ``pretrained`` for a network whose weights are loaded next (from a bundle): no initialisation
+# is needed, and a ResNet is built in plain torch, without importing timm (models/resnet.py)
+WEIGHTS_LOADED = "loaded"
 
-    ``pretrained``: None (random init), ``"hub"`` (timm's download; needs a network), or a
-    path to a local weights file, loaded by timm with ``weights_only=True``. timm adapts an
-    RGB stem to one channel by summing its weights.
+
+def create_encoder(backbone: str, pretrained: str | None, in_chans: int = 1,
+                   out_indices: tuple[int, ...] = (-3, -2, -1)) -> nn.Module:
+    """A timm feature extractor at ``out_indices`` (strides 8, 16 and 32 by default).
+
+    ``pretrained``: None (random init), ``"hub"`` (timm's download; needs a network), a path to
+    a local weights file, loaded by timm with ``weights_only=True``, or ``WEIGHTS_LOADED``
+    (weights are loaded next: a ResNet is then built without timm). timm adapts an RGB stem to
+    one channel by summing its weights.
     """
-    kwargs = dict(features_only=True, out_indices=(-3, -2, -1), in_chans=in_chans)
-    if pretrained in (None, "", "none"):
+    if pretrained == WEIGHTS_LOADED and backbone in PLAIN_RESNETS:
+        return ResNetFeatures(backbone, in_chans, out_indices)
+    import timm  # here: 1.5-2 s of imports that inference from a bundle of ResNets does without
+
+    kwargs = dict(features_only=True, out_indices=out_indices, in_chans=in_chans)
+    if pretrained in (None, "", "none", WEIGHTS_LOADED):
         return timm.create_model(backbone, pretrained=False, **kwargs)
     if pretrained == "hub":
         return timm.create_model(backbone, pretrained=True, **kwargs)

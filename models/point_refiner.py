@@ -105,9 +105,11 @@ def frame_matrices(points: np.ndarray, rng: np.random.Generator | None = None, o
     return mats
 
 
-def build_refiner(config: dict) -> VertebraNet:
-    """The refiner's network, carrying the window it was trained with (``context``, ``passes``)."""
-    net = VertebraNet(backbone=config.get("backbone", "resnet18"), crop_size=int(config.get("size", REFINE_SIZE)))
+def build_refiner(config: dict, pretrained: str | None = None) -> VertebraNet:
+    """The refiner's network, carrying the window it was trained with (``context``, ``passes``).
+    ``pretrained``: as for :class:`VertebraNet`."""
+    net = VertebraNet(backbone=config.get("backbone", "resnet18"), crop_size=int(config.get("size", REFINE_SIZE)),
+                      pretrained=pretrained)
     net.context = (float(config.get("width_context", WIDTH_CONTEXT)), float(config.get("height_context", HEIGHT_CONTEXT)))
     net.passes = int(config.get("passes", REFINE_PASSES))
     net.flip = bool(config.get("flip", False))  # refiners stored before the option: not mirrored

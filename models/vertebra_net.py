@@ -17,12 +17,11 @@ from __future__ import annotations
 from collections.abc import Generator
 
 import numpy as np
-import timm
 import torch
 from torch import nn
 
 from data.vertebra_targets import CROP_SIZE
-from models.network import top_down
+from models.network import create_encoder, top_down
 
 MAX_CROPS_PER_CALL = 64  # crops per forward pass: past this a CPU gains nothing, and memory grows
 
@@ -33,13 +32,13 @@ ReadingSteps = Generator[tuple[str, np.ndarray], tuple[np.ndarray, np.ndarray | 
 
 class VertebraNet(nn.Module):
     def __init__(self, backbone: str = "resnet18", width: int = 64, dropout: float = 0.2,
-                 crop_size: int = CROP_SIZE, in_chans: int = 1):
+                 crop_size: int = CROP_SIZE, in_chans: int = 1, pretrained: str | None = None):
         super().__init__()
         self.backbone_name = backbone
         self.crop_size = crop_size
-        # strides 4, 8, 16, 32: the points are read at stride 4 (24 x 24 cells on a 96 px crop)
-        self.encoder = timm.create_model(backbone, pretrained=False, features_only=True,
-                                         out_indices=(1, 2, 3, 4), in_chans=in_chans)
+        # strides 4, 8, 16, 32: the points are read at stride 4 (24 x 24 cells on a 96 px crop);
+        # ``pretrained``: None (random init) or models.network.WEIGHTS_LOADED (a bundle's weights follow)
+        self.encoder = create_encoder(backbone, pretrained, in_chans, out_indices=(1, 2, 3, 4))
         chans = self.encoder.feature_info.channels()
         self.stride = self.encoder.feature_info.reduction()[0]
         self.lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in chans)

@@ -131,6 +131,7 @@ def test_imports_inside_functions_are_the_listed_lazy_ones():
 
 def test_inference_starts_without_training_and_plotting_libraries():
     code = ("import sys, infer, inference.pipeline, inference.loading; "
-            "print(' '.join(m for m in ('lightning', 'matplotlib', 'highdicom', 'monai') if m in sys.modules))")
+            "print(' '.join(m for m in ('lightning', 'matplotlib', 'highdicom', 'monai', 'timm', 'torchvision', "
+            "'albumentations', 'sklearn', 'scipy') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert loaded.stdout.strip() == "", f"imported at inference start-up: {loaded.stdout.strip()}"

@@ -134,7 +134,7 @@ def test_the_float32_brightness_contrast_is_albumentations_own():
     """The loader's RandomBrightnessContrast draws as albumentations' does and gives its result."""
     import albumentations as A
 
-    from data.transforms import RandomBrightnessContrast
+    from data.augmentation import RandomBrightnessContrast
 
     image = np.random.default_rng(1).random((64, 48)).astype(np.float32)
     for seed in range(5):

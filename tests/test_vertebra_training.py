@@ -342,7 +342,7 @@ def test_vertebrae_with_unknown_grades_give_points_but_no_crop_labels(phantom):
 def test_train_augmentation_keypoints_follow_the_image():
     """The geometric augmentation moves keypoints exactly as it moves the pixels (to < 0.3 px),
     and with flip=False it never mirrors (the dataset mirrors, and relabels AP points, itself)."""
-    from data.transforms import train_augmentation
+    from data.augmentation import train_augmentation
 
     aug = train_augmentation(flip=False)
     assert not any(type(t).__name__ == "HorizontalFlip" for t in aug.transforms)
