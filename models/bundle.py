@@ -177,8 +177,9 @@ def decode_state(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_state_into(net: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """Load ``state`` strictly, or raise :class:`BundleError` naming ``where`` and what does not fit."""
+def load_state_into(net: nn.Module, state: dict[str, torch.Tensor], where: str, assign: bool = False) -> None:
+    """Load ``state`` strictly, or raise :class:`BundleError` naming ``where`` and what does not fit.
+    ``assign``: the network's tensors become ``state``'s (for a network built on the meta device)."""
     own = net.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -188,7 +189,7 @@ def load_state_into(net: nn.Module, state: dict[str, torch.Tensor], where: str) 
         parts = [f"{len(x)} {what}, e.g. {x[0]}" for x, what in
                  ((wrong, "shape mismatch(es)"), (missing, "missing key(s)"), (unexpected, "unexpected key(s)")) if x]
         raise BundleError(f"{where}: weights do not fit {type(net).__name__}: " + "; ".join(parts))
-    net.load_state_dict(state)
+    net.load_state_dict(state, assign=assign)
 
 
 # --------------------------------------------------------------------------- networks
@@ -427,7 +428,12 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
             raise BundleError(f"{f}: sha256 does not match {METADATA_FILE} (the file was changed or damaged)")
     if "film_net" not in meta["networks"]:
         raise BundleError(f"{path}: no film_net in {METADATA_FILE}")
-    nets = build_networks(meta["networks"])
+    try:  # on the meta device: no memory and no initialisation for weights that are replaced next
+        with torch.device("meta"):
+            nets = build_networks(meta["networks"])
+        on_meta = True
+    except (RuntimeError, NotImplementedError):  # a network that cannot be built there
+        nets, on_meta = build_networks(meta["networks"]), False
     for name, net in nets.items():
         fname = meta["networks"][name].get("file", NETWORK_FILES[name])
         if fname not in files:
@@ -436,7 +442,9 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
             stored = load_file(path / fname)
         except (SafetensorError, OSError, ValueError) as exc:
             raise BundleError(f"{path / fname}: not a readable safetensors file ({exc})") from exc
-        load_state_into(net, decode_state(stored), str(path / fname))
+        load_state_into(net, decode_state(stored), str(path / fname), assign=on_meta)
+        if any(x.is_meta for x in (*net.parameters(), *net.buffers())):  # a tensor no stored weight replaced
+            raise BundleError(f"{path / fname}: {type(net).__name__} has tensors that its weights do not hold")
         net.eval()
     calibration = None
     if CALIBRATION_FILE in files:
