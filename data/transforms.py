@@ -47,13 +47,32 @@ def letterbox(image: np.ndarray, out_hw: tuple[int, int], fill: float = 0.0) -> 
     return out, Letterbox(scale=scale, pad_left=left, pad_top=top, out_hw=(H, W), in_hw=(h, w))
 
 
+# Above this many pixels the percentiles of normalize_intensity come from a regular grid of
+# about PERCENTILE_SAMPLES pixels: 0.5 % of a million is still 5000 pixels in each tail
+SUBSAMPLE_ABOVE = 2_000_000
+PERCENTILE_SAMPLES = 1_000_000
+
+
 def normalize_intensity(pixels: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
     """Robust per-image contrast: the low/high percentiles map to 0/1, so bit depth and
-    exposure differences between films and sites do not reach the network."""
-    lo, hi = np.percentile(pixels, [low, high])
+    exposure differences between films and sites do not reach the network.
+
+    A film of more than ``SUBSAMPLE_ABOVE`` pixels takes its percentiles on every k-th row and
+    column (about ``PERCENTILE_SAMPLES`` pixels) and is scaled in float32: a 3000 x 3000 film
+    in about 20 ms instead of 140. Smaller films are exact, as before."""
+    if pixels.size <= SUBSAMPLE_ABOVE:
+        lo, hi = np.percentile(pixels, [low, high])
+        if hi - lo < 1e-6:
+            return np.zeros_like(pixels, dtype=np.float32)
+        return np.clip((pixels - lo) / (hi - lo), 0, 1).astype(np.float32)
+    step = int(np.ceil(np.sqrt(pixels.size / PERCENTILE_SAMPLES)))
+    sample = pixels[::step, ::step] if pixels.ndim == 2 else pixels.reshape(-1)[::step * step]
+    lo, hi = np.percentile(sample, [low, high])
     if hi - lo < 1e-6:
         return np.zeros_like(pixels, dtype=np.float32)
-    return np.clip((pixels - lo) / (hi - lo), 0, 1).astype(np.float32)
+    out = np.subtract(pixels, np.float32(lo), dtype=np.float32)
+    out *= np.float32(1.0 / (hi - lo))
+    return np.clip(out, 0, 1, out=out)
 
 
 

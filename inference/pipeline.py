@@ -35,6 +35,8 @@ from inference.predictor import FilmPrediction, InferenceDataset, Predictor, col
 from models.network import HEATMAP_STRIDE
 from inference.vertebrae import fracture_map, fracture_peak
 from inference.drawing import draw_vertebrae, overlay_heatmap
+from inference.memory import release_freed_memory
+from inference.writer import InlineWriter, OrderedWriter
 from data.records import (PREDICTION_COLUMNS, VERTEBRA_COLUMNS, FilmRecord,
                                error_row)
 
@@ -351,7 +353,9 @@ def _run(predictor, inputs, out: Path, batch_size: int, num_workers: int, voi_lu
         rows += [r.prediction_row() for r in done.values() if r is not None]
         todo = [i for i in todo if done[i] is None]
     dataset = InferenceDataset([paths[i] for i in todo], predictor.image_size, voi_lut=voi_lut, max_pixels=max_pixels)
+    # one batch ahead per worker: each waiting batch holds its films' full-size pixels in memory
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_items,
+                        prefetch_factor=1 if num_workers else None,
                         worker_init_fn=functools.partial(worker_init, os.getpid()))  # workers die with the run
     bar = tqdm(total=len(paths), initial=len(paths) - len(todo), desc="inference", unit="img", disable=not progress)
     flushed = time.time()
@@ -368,19 +372,35 @@ def _run(predictor, inputs, out: Path, batch_size: int, num_workers: int, voi_lu
 
 
 def _process(predictor, loader, todo, paths, names, out, options, rows, records, bar, flushed) -> None:
-    """Run the loader's batches, appending each film's row (and record) as it is written."""
+    """Run the loader's batches, appending each film's row (and record) as it is written.
+
+    The films' outputs are written by a background thread (inference/writer.py) while the next
+    batch runs; a failure there is the film's error row, as in :func:`write_film`."""
     todo_paths, todo_names = [paths[i] for i in todo], [names[i] for i in todo]
-    for batch in loader:
-        good = readable(batch)
-        results = predict_films(predictor, good) if good else []
-        for row, record in write_batch(predictor, out, batch, results, todo_paths, todo_names, options):
-            rows.append(row)
-            if record is not None:
-                records.append(record)
-        bar.update(len(batch))
-        if time.time() - flushed >= FLUSH_SECONDS:  # a killed run keeps what it finished
-            write_tables(out, rows, records)
-            flushed = time.time()
+    writer = OrderedWriter()
+
+    def take(finished) -> None:
+        for index, outcome, exc in finished:
+            if exc is not None:
+                outcome = (error_row(todo_paths[index], todo_names[index],
+                                     f"writing outputs failed: {type(exc).__name__}: {exc}"), None)
+            rows.append(outcome[0])
+            if outcome[1] is not None:
+                records.append(outcome[1])
+
+    try:
+        for batch in loader:
+            good = readable(batch)
+            results = predict_films(predictor, good) if good else []
+            take(queue_batch(writer, predictor, out, batch, results, todo_paths, todo_names, options))
+            take(writer.done())
+            release_freed_memory()  # what this batch freed, before the next one allocates
+            bar.update(len(batch))
+            if time.time() - flushed >= FLUSH_SECONDS:  # a killed run keeps what it finished
+                write_tables(out, rows, records)
+                flushed = time.time()
+    finally:  # also on Ctrl-C: what was queued is written, and its rows are kept
+        take(writer.close())
 
 
 def readable(batch: list[dict]) -> list[dict]:
@@ -399,17 +419,27 @@ def write_batch(predictor, out: Path, batch: list[dict], results: list[FilmPredi
     """Each item's ``predictions.csv`` row and record (None where it has no outputs), its
     outputs written: ``results`` are the predictions of :func:`readable` items, in order;
     ``paths`` and ``names`` are indexed by an item's ``index``."""
+    writer = InlineWriter()
+    queue_batch(writer, predictor, out, batch, results, paths, names, options)
+    return [outcome for _, outcome, _ in writer.close()]
+
+
+def queue_batch(writer, predictor, out: Path, batch: list[dict], results: list[FilmPrediction], paths: list[str],
+                names: list[str], options: OutputOptions) -> list[tuple]:
+    """:func:`write_batch` through ``writer`` (inference/writer.py): each item's outcome, or the
+    job that writes it, is queued under the item's ``index``; returns what finished meanwhile."""
     films = iter(results)
-    outcomes = []
+    finished = []
     for b in batch:
         path, name = paths[b["index"]], names[b["index"]]
         if "error" in b:
-            outcomes.append((error_row(path, name, b["error"]), None))
+            writer.put(b["index"], (error_row(path, name, b["error"]), None))
         elif "refused" in b:
-            outcomes.append((error_row(path, name, b["refused"], status="refused"), None))
-        else:
-            outcomes.append(write_film(predictor, out, path, name, b, next(films), options))
-    return outcomes
+            writer.put(b["index"], (error_row(path, name, b["refused"], status="refused"), None))
+        else:  # the job keeps what writing reads, not the full-size pixels or the network input
+            item = {key: v for key, v in b.items() if key not in ("pixels", "image")}
+            finished += writer.submit(b["index"], write_film, predictor, out, path, name, item, next(films), options)
+    return finished
 
 
 def write_film(predictor, out: Path, path: str, name: str, item: dict, film: FilmPrediction,
