@@ -206,21 +206,26 @@ def probe_steady(model: str, films: str, batch_size: int, num_workers: int, back
 
 
 def probe_stages(model: str, films: str, batch_size: int) -> dict:
-    """Per-film seconds of each stage in one process (``num_workers=0``), after one warm-up batch.
+    """Per-film seconds of each stage in one process (``num_workers=0``), after one warm-up batch:
+    wall time, and the CPU time of the main thread (``cpu_*``; with one torch thread, all the
+    compute but the output writers').
 
     Reading is ``read_image``; pre-processing the rest of the dataset's item (normalisation,
     letterbox, overlay base); the film network its forward pass; per-vertebra analysis the rest
-    of ``Predictor.predict``; writing the rest of the run (overlays, heatmaps, JSON, tables)."""
+    of ``Predictor.predict``; writing what the main thread spends on the rest of the run
+    (queueing outputs, waiting for the writers, tables); ``cpu_process`` the whole process's CPU."""
     predictor = _predictor(model, "torch")
     spent = {"read": 0.0, "item": 0.0, "film_net": 0.0, "predict": 0.0}
+    cpu = dict(spent)
 
     def timed(key, fn):
         def wrapper(*args, **kwargs):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             try:
                 return fn(*args, **kwargs)
             finally:
                 spent[key] += time.perf_counter() - t
+                cpu[key] += time.thread_time() - c
         return wrapper
 
     predictor_module.read_image = timed("read", predictor_module.read_image)
@@ -233,18 +238,23 @@ def probe_stages(model: str, films: str, batch_size: int) -> dict:
         run_inference(predictor, paths[:batch_size], Path(tmp) / "warm", batch_size=batch_size, num_workers=0,
                       progress=False)
         spent.update(dict.fromkeys(spent, 0.0))
-        t = time.perf_counter()
+        cpu.update(dict.fromkeys(cpu, 0.0))
+        t, c, p = time.perf_counter(), time.thread_time(), time.process_time()
         run_inference(predictor, paths, Path(tmp) / "out", batch_size=batch_size, num_workers=0, progress=False)
-        total = time.perf_counter() - t
+        total, total_cpu, process_cpu = time.perf_counter() - t, time.thread_time() - c, time.process_time() - p
     n = len(paths)
-    return {"read": spent["read"] / n, "preprocess": (spent["item"] - spent["read"]) / n,
-            "film_net": spent["film_net"] / n, "vertebrae": (spent["predict"] - spent["film_net"]) / n,
-            "write": (total - spent["item"] - spent["predict"]) / n, "total": total / n}
+    out = {}
+    for prefix, s, whole in (("", spent, total), ("cpu_", cpu, total_cpu)):
+        out.update({f"{prefix}read": s["read"] / n, f"{prefix}preprocess": (s["item"] - s["read"]) / n,
+                    f"{prefix}film_net": s["film_net"] / n, f"{prefix}vertebrae": (s["predict"] - s["film_net"]) / n,
+                    f"{prefix}write": (whole - s["item"] - s["predict"]) / n, f"{prefix}total": whole / n})
+    out["cpu_process"] = process_cpu / n
+    return out
 
 
 def _predictor(model: str, backend: str):
     if backend == "onnx":
-            return OnnxPredictor(model, device="cpu")
+        return OnnxPredictor(model, device="cpu")
     return Predictor(model, device="cpu")
 
 

@@ -88,7 +88,7 @@ def point_map_loss(log_prob: torch.Tensor, points: torch.Tensor, stride: int, si
     return kl.mean()
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def read_in_batches(readings: list[ReadingSteps], networks: dict[str, nn.Module], device: torch.device) -> list:
     """Run ``readings`` (see :data:`ReadingSteps`) side by side: in each round, the crops of all
     readings that wait on the same network go through it in one call (``MAX_CROPS_PER_CALL`` at
