@@ -24,13 +24,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import tempfile
 import threading
 from pathlib import Path
 
-import torch
+# Set before torch starts its OpenMP threads: a thread that waits spins for a while by default,
+# which on a busy machine, or beside the loader's workers and the output writers on a few cores,
+# more than doubled the CPU time of a run (benchmarks/RESULTS.md, CPU inference speed).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402  (after the OpenMP setting)
 
 from inference.acceptance import NO_SPINE_SCORE
 from models.bundle import ModelError

@@ -63,6 +63,9 @@ SECTION = "## CPU inference speed against torchxrayvision"
 SEED = 3
 SAMPLE_SECONDS = 0.1  # memory sampling period of a measured process tree
 SCALING_FILMS = 8  # films per size in the film-size series
+# what infer.py sets before torch starts, for the in-process probes (which import torch first);
+# the peer runs in the environment as it is, and once more with the same setting
+PASSIVE_ENV = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
 
 # --------------------------------------------------------------------------- films
@@ -136,7 +139,7 @@ def _pss_kb(pid: int) -> int:
     return 0
 
 
-def run_process(cmd: list[str], cwd: Path = ROOT) -> dict:
+def run_process(cmd: list[str], cwd: Path = ROOT, env: dict | None = None) -> dict:
     """Run ``cmd`` to its end: wall seconds, CPU seconds of the whole process tree (user and
     system, its workers included), the peak RSS of its largest process (the kernel's high-water
     mark) and the peak of the tree's summed PSS (shared pages counted once), both in MB, and
@@ -145,7 +148,7 @@ def run_process(cmd: list[str], cwd: Path = ROOT) -> dict:
 
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err, text=True)
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err, text=True, env=env)
         parent = psutil.Process(proc.pid)
         largest = tree = 0
         while True:
@@ -170,14 +173,14 @@ def run_process(cmd: list[str], cwd: Path = ROOT) -> dict:
             "tree_mb": tree / 1024, "stdout": stdout}
 
 
-def median_run(cmd: list[str], repeats: int, out: Path | None = None) -> dict:
+def median_run(cmd: list[str], repeats: int, out: Path | None = None, env: dict | None = None) -> dict:
     """:func:`run_process` ``repeats`` times (``out`` emptied before each): the median wall
     time, every wall time, and the largest memory peaks seen."""
     runs = []
     for _ in range(repeats):
         if out is not None:
             shutil.rmtree(out, ignore_errors=True)
-        runs.append(run_process(cmd))
+        runs.append(run_process(cmd, env=env))
     return {"seconds": statistics.median(r["seconds"] for r in runs), "all": [r["seconds"] for r in runs],
             "cpu_seconds": statistics.median(r["cpu_seconds"] for r in runs),
             "largest_mb": max(r["largest_mb"] for r in runs), "tree_mb": max(r["tree_mb"] for r in runs),
@@ -335,8 +338,8 @@ def main(argv: list[str] | None = None) -> int:
                "size": a.size, "repeats": a.repeats, "whole": {}, "steady": {}}
     out = work / "out"
 
-    def whole(key: str, cmd: list[str]) -> None:
-        r["whole"][key] = median_run(cmd, a.repeats, out)
+    def whole(key: str, cmd: list[str], env: dict | None = None) -> None:
+        r["whole"][key] = median_run(cmd, a.repeats, out, env=env)
         print(f"{key}: {r['whole'][key]['seconds']:.2f} s (runs {', '.join(f'{s:.2f}' for s in r['whole'][key]['all'])}), "
               f"CPU {r['whole'][key]['cpu_seconds']:.1f} s, "
               f"largest {r['whole'][key]['largest_mb']:.0f} MB, tree {r['whole'][key]['tree_mb']:.0f} MB", flush=True)
@@ -346,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         for size in (224, 512):
             whole(f"xrv{size}", [py, "-m", "benchmarks.xrv_peer", str(films), "--size", str(size),
                                  "--out", str(out / "xrv.csv")])
+        whole("xrv224_passive", [py, "-m", "benchmarks.xrv_peer", str(films), "--size", "224",
+                                 "--out", str(out / "xrv.csv")], env=PASSIVE_ENV)
     if "torch" not in a.skip:
         whole("torch", [py, "infer.py", "--model", str(model), "--out", str(out), "--quiet", str(films)])
     onnx_model = None
@@ -362,18 +367,18 @@ def main(argv: list[str] | None = None) -> int:
         if peer:
             for size in (224, 512):
                 run = median_run([py, "-m", "benchmarks.xrv_peer", str(films), "--size", str(size), "--steady"],
-                                 a.repeats)
+                                 a.repeats, env=PASSIVE_ENV)
                 r["steady"][f"xrv{size}"] = last_json(run["stdout"])["seconds_per_film"]
         backends = [("torch", "torch")] + ([("onnx", "onnx")] if onnx_model else [])
         for key, backend in backends:
             m = onnx_model if backend == "onnx" else model
             run = median_run([py, "-m", "benchmarks.speed", "probe", "steady", "--model", str(m), "--films", str(films),
-                              "--backend", backend], a.repeats)
+                              "--backend", backend], a.repeats, env=PASSIVE_ENV)
             r["steady"][key] = last_json(run["stdout"])["seconds_per_film"]
         print("steady state, s/film: " + ", ".join(f"{k} {v:.3f}" for k, v in r["steady"].items()), flush=True)
     if "stages" not in a.skip:
         runs = [last_json(run_process([py, "-m", "benchmarks.speed", "probe", "stages", "--model", str(model),
-                                       "--films", str(films)])["stdout"]) for _ in range(a.repeats)]
+                                       "--films", str(films)], env=PASSIVE_ENV)["stdout"]) for _ in range(a.repeats)]
         r["stages"] = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
         print("stages, s/film: " + ", ".join(f"{k} {v:.3f}" for k, v in r["stages"].items()), flush=True)
     if a.sizes and "sizes" not in a.skip:
@@ -382,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
             folder = make_films(work / f"films-square-{side}", SCALING_FILMS, a.size, square=side, source=films)
             for batch in ((8, 1) if side == max(a.sizes) else (8,)):
                 run = median_run([py, "-m", "benchmarks.speed", "probe", "steady", "--model", str(model), "--films",
-                                  str(folder), "--batch-size", str(batch)], a.repeats)
+                                  str(folder), "--batch-size", str(batch)], a.repeats, env=PASSIVE_ENV)
                 r["sizes"].append({"side": side, "batch": batch,
                                    "seconds_per_film": last_json(run["stdout"])["seconds_per_film"],
                                    "largest_mb": run["largest_mb"], "tree_mb": run["tree_mb"]})
@@ -405,6 +410,7 @@ def _ratio(r: dict, key: str) -> str:
 def write_results(r: dict) -> None:
     names = {"xrv224": "torchxrayvision, DenseNet-121 at 224 px",
              "xrv512": "torchxrayvision, DenseNet-121 at 512 px",
+             "xrv224_passive": "torchxrayvision, DenseNet-121 at 224 px, with OMP_WAIT_POLICY=PASSIVE as infer.py sets it",
              "torch": "this project, torch backend (film and crop networks, overlays, JSON, npy)",
              "onnx": "this project, ONNX backend"}
     lines = [SECTION, "",
@@ -427,7 +433,8 @@ def write_results(r: dict) -> None:
                          f"| {v['tree_mb']:.0f} MB |")
         lines.append("")
     if r["steady"]:
-        lines += ["Steady state (model loaded, one batch run first), seconds per film: " + "; ".join(
+        lines += ["Steady state (model loaded, one batch run first; every process with OMP_WAIT_POLICY=PASSIVE), "
+                  "seconds per film: " + "; ".join(
             f"{names[k].split(' (')[0]} {v:.3f}" for k, v in r["steady"].items()) + ".", ""]
     s = r["startup"]
     lines += [f"Start-up (whole process, median): `import infer` {s['imports']:.2f} s; with the model loaded "

@@ -177,9 +177,8 @@ def decode_state(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_state_into(net: nn.Module, state: dict[str, torch.Tensor], where: str, assign: bool = False) -> None:
-    """Load ``state`` strictly, or raise :class:`BundleError` naming ``where`` and what does not fit.
-    ``assign``: the network's tensors become ``state``'s (for a network built on the meta device)."""
+def load_state_into(net: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load ``state`` strictly, or raise :class:`BundleError` naming ``where`` and what does not fit."""
     own = net.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -189,7 +188,7 @@ def load_state_into(net: nn.Module, state: dict[str, torch.Tensor], where: str, 
         parts = [f"{len(x)} {what}, e.g. {x[0]}" for x, what in
                  ((wrong, "shape mismatch(es)"), (missing, "missing key(s)"), (unexpected, "unexpected key(s)")) if x]
         raise BundleError(f"{where}: weights do not fit {type(net).__name__}: " + "; ".join(parts))
-    net.load_state_dict(state, assign=assign)
+    net.load_state_dict(state)
 
 
 # --------------------------------------------------------------------------- networks
@@ -415,6 +414,20 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
+def _empty_networks(spec: dict) -> dict[str, nn.Module]:
+    """The networks of ``spec`` with uninitialised memory, for the stored weights to fill: built on
+    the meta device (no initialisation), unless one cannot be, or holds a buffer its state dict
+    leaves out (its stored weights would not fill it)."""
+    try:
+        with torch.device("meta"):
+            nets = {name: net.to_empty(device="cpu") for name, net in build_networks(spec).items()}
+    except (RuntimeError, NotImplementedError):
+        return build_networks(spec)
+    if any({n for n, _ in net.named_buffers()} - set(net.state_dict()) for net in nets.values()):
+        return build_networks(spec)
+    return nets
+
+
 def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
     """Load a bundle folder (no pickle). ``verify``: check every file against its sha256."""
     path = Path(path)
@@ -428,12 +441,7 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
             raise BundleError(f"{f}: sha256 does not match {METADATA_FILE} (the file was changed or damaged)")
     if "film_net" not in meta["networks"]:
         raise BundleError(f"{path}: no film_net in {METADATA_FILE}")
-    try:  # on the meta device: no memory and no initialisation for weights that are replaced next
-        with torch.device("meta"):
-            nets = build_networks(meta["networks"])
-        on_meta = True
-    except (RuntimeError, NotImplementedError):  # a network that cannot be built there
-        nets, on_meta = build_networks(meta["networks"]), False
+    nets = _empty_networks(meta["networks"])
     for name, net in nets.items():
         fname = meta["networks"][name].get("file", NETWORK_FILES[name])
         if fname not in files:
@@ -442,9 +450,8 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
             stored = load_file(path / fname)
         except (SafetensorError, OSError, ValueError) as exc:
             raise BundleError(f"{path / fname}: not a readable safetensors file ({exc})") from exc
-        load_state_into(net, decode_state(stored), str(path / fname), assign=on_meta)
-        if any(x.is_meta for x in (*net.parameters(), *net.buffers())):  # a tensor no stored weight replaced
-            raise BundleError(f"{path / fname}: {type(net).__name__} has tensors that its weights do not hold")
+        # copied into the network's own memory: the file's memory map is let go once the weights are in
+        load_state_into(net, decode_state(stored), str(path / fname))
         net.eval()
     calibration = None
     if CALIBRATION_FILE in files:

@@ -23,7 +23,7 @@ from torch import nn
 from data.vertebra_targets import CROP_SIZE
 from models.network import create_encoder, top_down
 
-MAX_CROPS_PER_CALL = 64  # crops per forward pass: past this a CPU gains nothing, and memory grows
+MAX_CROPS_PER_CALL = 32  # crops per forward pass: past this a CPU gains nothing, and memory grows (1.5 MB a crop)
 
 # A reading in steps: a generator that yields (network name, crops (n, 1, s, s) float32), is sent
 # back (points (n, 6, 2), logits (n, 2) or None) as float32 arrays, and returns its result.
