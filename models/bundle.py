@@ -414,20 +414,6 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
-def _empty_networks(spec: dict) -> dict[str, nn.Module]:
-    """The networks of ``spec`` with uninitialised memory, for the stored weights to fill: built on
-    the meta device (no initialisation), unless one cannot be, or holds a buffer its state dict
-    leaves out (its stored weights would not fill it)."""
-    try:
-        with torch.device("meta"):
-            nets = {name: net.to_empty(device="cpu") for name, net in build_networks(spec).items()}
-    except (RuntimeError, NotImplementedError):
-        return build_networks(spec)
-    if any({n for n, _ in net.named_buffers()} - set(net.state_dict()) for net in nets.values()):
-        return build_networks(spec)
-    return nets
-
-
 def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
     """Load a bundle folder (no pickle). ``verify``: check every file against its sha256."""
     path = Path(path)
@@ -441,7 +427,9 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
             raise BundleError(f"{f}: sha256 does not match {METADATA_FILE} (the file was changed or damaged)")
     if "film_net" not in meta["networks"]:
         raise BundleError(f"{path}: no film_net in {METADATA_FILE}")
-    nets = _empty_networks(meta["networks"])
+    # built on the CPU, not the meta device: moving a network off the meta device imports torch's
+    # symbolic-shape machinery (sympy; about 0.5 s), more than initialising two ResNets costs
+    nets = build_networks(meta["networks"])
     for name, net in nets.items():
         fname = meta["networks"][name].get("file", NETWORK_FILES[name])
         if fname not in files:

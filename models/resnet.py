@@ -1,8 +1,8 @@
 """ResNet feature extractors in plain torch, for networks whose weights are loaded from a bundle.
 
 Importing timm costs about 1.5-2 s (it imports torchvision, which imports torch's compiler
-stack), more than the rest of inference's start-up. These modules are timm's ``resnet18``,
-``resnet34`` and ``resnet50`` with ``features_only=True`` layer for layer: the same parameter
+stack), more than the rest of inference's start-up. These modules are timm's ResNets of
+:data:`DEPTHS` (``resnet18``, ``resnet10t``, ...) with ``features_only=True`` layer for layer: the same parameter
 names, the same operations in the same order, so a state dict moves between the two and the
 outputs are equal (tests/test_native_resnet.py). They start with untrained weights that are not
 initialised as timm would: they are built only to receive stored weights. Training builds its
@@ -13,9 +13,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-DEPTHS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),
-          "resnet50": ("bottleneck", (3, 4, 6, 3))}
+# name: (block, blocks per layer, stem (None: one 7 x 7 convolution; "deep" or "deep_tiered": three
+# 3 x 3 convolutions of stem width 32), shortcut downsampling by average pooling ("D" / "T" variants))
+DEPTHS = {"resnet18": ("basic", (2, 2, 2, 2), None, False), "resnet34": ("basic", (3, 4, 6, 3), None, False),
+          "resnet50": ("bottleneck", (3, 4, 6, 3), None, False),
+          "resnet10t": ("basic", (1, 1, 1, 1), "deep_tiered", True),
+          "resnet14t": ("bottleneck", (1, 1, 1, 1), "deep_tiered", True),
+          "resnet18d": ("basic", (2, 2, 2, 2), "deep", True)}
 STEM_CHANNELS = 64
+STEM_WIDTH = 32  # of the deep stems
 
 
 class FeatureInfo:
@@ -86,9 +92,17 @@ class ResNetFeatures(nn.Module):
         super().__init__()
         if name not in DEPTHS:
             raise ValueError(f"no plain-torch {name}; known: {', '.join(DEPTHS)}")
-        kind, depths = DEPTHS[name]
+        kind, depths, stem, avg_down = DEPTHS[name]
         block = BasicBlock if kind == "basic" else Bottleneck
-        self.conv1 = nn.Conv2d(in_chans, STEM_CHANNELS, 7, stride=2, padding=3, bias=False)
+        if stem is None:
+            self.conv1 = nn.Conv2d(in_chans, STEM_CHANNELS, 7, stride=2, padding=3, bias=False)
+        else:
+            first = 3 * (STEM_WIDTH // 4) if stem == "deep_tiered" else STEM_WIDTH
+            self.conv1 = nn.Sequential(
+                nn.Conv2d(in_chans, first, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(first),
+                nn.ReLU(inplace=True), nn.Conv2d(first, STEM_WIDTH, 3, padding=1, bias=False),
+                nn.BatchNorm2d(STEM_WIDTH), nn.ReLU(inplace=True),
+                nn.Conv2d(STEM_WIDTH, STEM_CHANNELS, 3, padding=1, bias=False))
         self.bn1 = nn.BatchNorm2d(STEM_CHANNELS)
         self.act1 = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
@@ -97,7 +111,11 @@ class ResNetFeatures(nn.Module):
         for k, n_blocks in enumerate(depths):
             chans, stride = 64 * 2 ** k, 1 if k == 0 else 2
             downsample = None
-            if stride != 1 or in_chans_now != chans * block.expansion:
+            if (stride != 1 or in_chans_now != chans * block.expansion) and avg_down:
+                pool = nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False) if stride != 1 else nn.Identity()
+                downsample = nn.Sequential(pool, nn.Conv2d(in_chans_now, chans * block.expansion, 1, bias=False),
+                                           nn.BatchNorm2d(chans * block.expansion))
+            elif stride != 1 or in_chans_now != chans * block.expansion:
                 downsample = nn.Sequential(nn.Conv2d(in_chans_now, chans * block.expansion, 1, stride=stride, bias=False),
                                            nn.BatchNorm2d(chans * block.expansion))
             blocks = [block(in_chans_now, chans, stride, downsample)]

@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name, out_indices", [("resnet18", (-3, -2, -1)), ("resnet18", (1, 2, 3, 4)),
-                                               ("resnet34", (1, 2, 3, 4)), ("resnet50", (-3, -2, -1))])
+                                               ("resnet34", (1, 2, 3, 4)), ("resnet50", (-3, -2, -1)),
+                                               ("resnet10t", (-3, -2, -1)), ("resnet10t", (1, 2, 3, 4)),
+                                               ("resnet14t", (1, 2, 3, 4)), ("resnet18d", (-3, -2, -1))])
 def test_a_plain_resnet_is_timms(name, out_indices):
     torch.manual_seed(0)
     reference = timm.create_model(name, pretrained=False, features_only=True, out_indices=out_indices, in_chans=1)
