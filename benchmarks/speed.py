@@ -55,7 +55,7 @@ from inference.loading import open_model
 from inference.onnx import OnnxPredictor
 from inference.pipeline import run_inference
 from inference.predictor import Predictor
-from models.registry import read_registry
+from models.registry import default_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
@@ -279,11 +279,6 @@ def probe_main(argv: list[str]) -> int:
 
 
 # --------------------------------------------------------------------------- the benchmark
-def default_model() -> str | None:
-    names = sorted(read_registry())
-    return names[0] if names else None
-
-
 def have_peer() -> bool:
     return importlib.util.find_spec("torchxrayvision") is not None
 

@@ -118,7 +118,7 @@ def test_a_vertebra_without_measurements_still_references_its_source(grade):
     findings = {"p_fracture": 0.5, "p_acute": 0.1,
                 "vertebrae": [{"level": "L3", "p_fracture": None, "p_acute": None, "genant_grade": grade, "heights": []}]}
     source = _source()
-    sr = dicom_out.structured_report(source, findings)
+    sr = dicom_out.structured_report(source, findings, keep_identifiers=True)  # the source's own UIDs
     group = sr.ContentSequence[-1].ContentSequence[-1]
     assert group.ContentSequence[-1].ValueType == "IMAGE"
     assert group.ContentSequence[-1].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
