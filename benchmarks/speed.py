@@ -420,7 +420,12 @@ def _targets(r: dict) -> list[str]:
                    f"torchxrayvision 224 px with the same OpenMP setting "
                    f"({whole['torch']['seconds'] / whole['xrv224']['seconds']:.2f}x as it runs by default; target 1.3x)")
     if "torch" in r["steady"]:
-        out.append(f"steady state {r['steady']['torch']:.3f} s per film (target 0.12)")
+        implied = ""
+        if "torch" in whole and r.get("startup"):
+            per_film = (whole["torch"]["seconds"] - r["startup"]["with_model"]) / r["films"]
+            implied = f"; the whole run less its start-up gives {per_film:.3f} s per film"
+        out.append(f"steady state {r['steady']['torch']:.3f} s per film in the in-process probe{implied} "
+                   f"(target 0.12)")
     if "torch" in whole:
         out.append(f"largest process {whole['torch']['largest_mb']:.0f} MB at batch 8 (target under 1000 MB)")
     if r.get("startup"):
