@@ -27,7 +27,6 @@ import contextlib
 import os
 import signal
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
@@ -39,23 +38,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402  (after the OpenMP setting)
 
 from inference.acceptance import NO_SPINE_SCORE
+from inference.cli_args import count_at_least, output_folder_problem
 from models.bundle import ModelError
 from models.registry import default_model
 from inference.pipeline import OutputFolderInUse, run_inference
 from inference.predictor import Predictor
-
-
-def _count(minimum: int):
-    """An argparse type: an integer of at least ``minimum``."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
-        return value
-    return parse
 
 
 class Terminated(KeyboardInterrupt):
@@ -85,15 +72,9 @@ def sigterm_as_interrupt():
 
 def usage_problem(args) -> str | None:
     """What makes these options unusable before any film is read (None: nothing)."""
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        return f"--out {out}: exists and is not a folder"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
-            pass
-    except OSError as exc:
-        return f"--out {out}: cannot write there ({exc.strerror or type(exc).__name__})"
+    problem = output_folder_problem(Path(args.out))
+    if problem:
+        return problem
     if args.device.startswith("cuda") and args.backend == "torch":
         if not torch.cuda.is_available():
             return f"--device {args.device}: no CUDA GPU is available here (use --device cpu or auto)"
@@ -110,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--download", action="store_true",
                         help="allow fetching a registry model from its URL (checked by sha256, then cached)")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--batch-size", type=_count(1), default=8)
-    parser.add_argument("--num-workers", type=_count(0), default=2)
+    parser.add_argument("--batch-size", type=count_at_least(1), default=8)
+    parser.add_argument("--num-workers", type=count_at_least(0), default=2)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--sha256", default=None,
                         help="refuse the model unless its sha256 matches (of the checkpoint file, of a bundle's "

@@ -26,7 +26,6 @@ import functools
 import os
 import signal
 import sys
-import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -40,6 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from data.records import FilmRecord, error_row
+from inference.cli_args import count_at_least, output_folder_problem
 from inference.acceptance import NO_SPINE_SCORE
 from inference.parts import (MergeError, MergeSummary, merge_parts, part_dir, rank_share, record_rank_times,
                              write_run_listing)
@@ -232,32 +232,8 @@ def _sigterm_stops(run: ShardedRun):
         signal.signal(signal.SIGTERM, previous)
 
 
-def _count(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
-        return value
-    return parse
-
-
-def _writable_folder(out: Path) -> str | None:
-    if out.exists() and not out.is_dir():
-        return f"--out {out}: exists and is not a folder"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
-            pass
-    except OSError as exc:
-        return f"--out {out}: cannot write there ({exc.strerror or type(exc).__name__})"
-    return None
-
-
 def _devices(text: str):
-    return text if text == "auto" else _count(1)(text)
+    return text if text == "auto" else count_at_least(1)(text)
 
 
 def run_main(argv: list[str]) -> int:
@@ -270,11 +246,11 @@ def run_main(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="output folder (shared by every machine of the run)")
     parser.add_argument("--accelerator", choices=("cpu", "gpu", "auto"), default="auto")
     parser.add_argument("--devices", type=_devices, default="auto", help="processes per machine (auto: every GPU)")
-    parser.add_argument("--num-nodes", type=_count(1), default=1, help="machines")
+    parser.add_argument("--num-nodes", type=count_at_least(1), default=1, help="machines")
     parser.add_argument("--strategy", choices=("ddp", "auto"), default="ddp",
                         help="ddp: one process per device, as launched by Lightning, torchrun or SLURM")
-    parser.add_argument("--batch-size", type=_count(1), default=8)
-    parser.add_argument("--num-workers", type=_count(0), default=2, help="data loader workers per process")
+    parser.add_argument("--batch-size", type=count_at_least(1), default=8)
+    parser.add_argument("--num-workers", type=count_at_least(0), default=2, help="data loader workers per process")
     parser.add_argument("--voi-lut", action="store_true", help="apply the DICOM VOI LUT / window")
     parser.add_argument("--max-pixels", type=int, default=50_000_000)
     parser.add_argument("--resume", action="store_true", help="skip inputs whose outputs are complete")
@@ -290,7 +266,7 @@ def run_main(argv: list[str]) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    problem = _writable_folder(out)
+    problem = output_folder_problem(out)
     if problem:
         parser.error(problem)
     try:

@@ -1,0 +1,32 @@
+"""Command-line checks shared by infer.py and ``python -m inference.sharded``."""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+
+def count_at_least(minimum: int):
+    """An argparse type: an integer of at least ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+    return parse
+
+
+def output_folder_problem(out: Path) -> str | None:
+    """Why ``--out`` cannot take the outputs (created when missing), or None."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out}: exists and is not a folder"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        return f"--out {out}: cannot write there ({exc.strerror or type(exc).__name__})"
+    return None
