@@ -31,7 +31,7 @@ from data.io_utils import atomic_write_image, atomic_write_text
 from data.morphometry import LEVELS
 from data.spine3d.render import generate_image
 
-PHANTOM_VERSION = "3d-1"
+PHANTOM_VERSION = "3d-2"
 PHANTOM_LEVELS: tuple[str, ...] = LEVELS  # T1 ... L5
 VIEWS = ("lateral", "ap", "both")
 __all__ = ["generate_image", "generate_dataset", "PHANTOM_LEVELS", "LOSS_RANGE", "PHANTOM_VERSION", "main"]

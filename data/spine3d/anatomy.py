@@ -282,7 +282,7 @@ def sample_patient(rng: np.random.Generator, view: str) -> Patient:
     return Patient(view=view, vertebrae=verts, axis=axis, scale=scale, density=density,
                    osteoporotic=osteoporotic,
                    cortex_mm=rng.uniform(0.35, 0.6) if osteoporotic else rng.uniform(0.7, 1.2),
-                   texture_contrast=rng.uniform(0.3, 0.45) if osteoporotic else rng.uniform(0.15, 0.28),
+                   texture_contrast=rng.uniform(0.12, 0.2) if osteoporotic else rng.uniform(0.05, 0.12),
                    trunk=trunk, variants=variants)
 
 
@@ -533,10 +533,15 @@ def posterior_solids(v: Vertebra, patient: Patient, m: Mats) -> list[Solid]:
     wall = -POSTERIOR_WALL * b
     mid_line = np.array([0.0, wall - pl - (7.0 if lumbar else 6.0) * s, 0.5 * h])
     for side in (-1.0, 1.0):
+        # pedicle: a capped elliptic tube with a cortical wall. Seen end-on (AP) the wall is
+        # crossed along its whole length, which draws the bright pedicle rings of real AP films.
         ped = np.array([side * (cw + pw), wall - pl / 2, 0.62 * h])
-        semi = (pw, pl / 2 + 2.5, ph)
-        out.append(_local_solid(v, ped, eye, semi, weight=m.cortical - m.soft))
-        out.append(_local_solid(v, ped, eye, (max(pw - 1.1, 0.6), pl / 2 + 1.5, ph - 1.1),
+        tube_axes = np.stack([[1.0, 0, 0], [0, 0, 1.0], [0, 1.0, 0]], 1)  # the tube runs along y
+        caps = (_local_plane(v, [0, wall + 1.0, 0], [0, 1, 0]), _local_plane(v, [0, wall - pl - 1.5, 0], [0, -1, 0]))
+        out.append(_local_solid(v, ped, tube_axes, (pw, ph, pl / 2 + 1.5), "cylinder", planes=caps,
+                                weight=m.cortical - m.soft))
+        wall_mm = min(1.2 * s, 0.45 * pw)
+        out.append(_local_solid(v, ped, tube_axes, (pw - wall_mm, ph - wall_mm, pl / 2 + 1.5), "cylinder", planes=caps,
                                 weight=m.trabecular - m.cortical))
         junction = np.array([side * (cw + pw), wall - pl - 1.5, 0.5 * h])
         e1 = mid_line - junction
@@ -753,9 +758,11 @@ def trunk_solids(patient: Patient, m: Mats, rng: np.random.Generator) -> tuple[l
     for _ in range(t["n_gas"]):
         c = np.array([rng.uniform(-0.7, 0.7) * t["half_width"], rng.uniform(35, max(40.0, y_front - 30)),
                       rng.uniform(l_bottom, l_top)])
-        semi = np.array([rng.uniform(8, 40), rng.uniform(6, 25), rng.uniform(6, 25)]) * s
+        # mostly small, partly filled pockets: large pure-air ellipsoids made black holes far
+        # darker than the bowel gas of real films
+        semi = np.array([rng.uniform(6, 28), rng.uniform(4, 14), rng.uniform(4, 16)]) * s
         R = rotation(*rng.uniform(-0.6, 0.6, 3))
-        fine.append(Solid(np.stack([quadric(c, R, semi)]), np.zeros((0, 4)), -(m.soft - m.air) * rng.uniform(0.6, 1.0),
+        fine.append(Solid(np.stack([quadric(c, R, semi)]), np.zeros((0, 4)), -(m.soft - m.air) * rng.uniform(0.3, 0.8),
                           box_bounds(c, R, semi)))
     # sternum in front of the chest
     st_top, st_bottom = patient.by_level("T2").origin[2], patient.by_level("T9").origin[2]

@@ -1,8 +1,9 @@
 """Films of the 3D phantom: geometry, exact cone-beam projection, acquisition and truth.
 
 One film: a patient is sampled (:mod:`data.spine3d.anatomy`), a window of the spine is chosen
-(the whole thoracolumbar spine around the junction, the lumbar spine down to the sacrum, or the
-thoracic spine with its ribs), a cone-beam geometry (:class:`data.projector.Geometry`: lateral
+(the thoracolumbar spine around the junction, the lumbar spine down to the sacrum, the
+thoracic spine with its ribs, or the whole spine from the upper thoracic levels to L5 or the
+sacrum, as scoliosis films show it), a cone-beam geometry (:class:`data.projector.Geometry`: lateral
 facing either way, or AP; source-detector 1000-1150 mm, the spine 150-250 mm from the detector,
 a few degrees of in-plane tilt and patient rotation) frames it, and the solids' line integrals
 are computed exactly (:mod:`data.spine3d.raycast`). The acquisition adds detector blur, scatter,
@@ -32,10 +33,11 @@ from data.spine3d.anatomy import (Patient, all_solids, body_outline_3d, grades_c
                                   sample_patient, six_points_3d)
 
 VIEW_P_LATERAL = 0.6  # share of lateral films when both views are drawn
-WINDOWS = {  # (first level choices, number of levels or the last level), probability
-    "thoracolumbar": 0.40,
-    "lumbar": 0.35,
-    "thoracic": 0.25,
+WINDOWS = {  # window kind: probability
+    "thoracolumbar": 0.32,
+    "lumbar": 0.28,
+    "thoracic": 0.2,
+    "whole": 0.2,  # T1-T3 down to L5 or the sacrum, as on scoliosis films: 15-18 bodies
 }
 COARSE = 4  # large smooth solids are rendered on a grid this many times coarser
 MAX_ATTEMPTS = 20
@@ -57,9 +59,12 @@ def _window(rng: np.random.Generator) -> tuple[str, list[str]]:
     elif kind == "lumbar":
         first = int(rng.integers(ext.index("T11"), ext.index("L1") + 1))
         last = ext.index("S1")
-    else:
+    elif kind == "thoracic":
         first = int(rng.integers(0, 3))
         last = int(rng.integers(ext.index("T10"), ext.index("T12") + 1))
+    else:
+        first = int(rng.integers(0, 3))
+        last = int(rng.integers(ext.index("L5"), ext.index("S1") + 1))
     return kind, ext[first:last + 1]
 
 
@@ -226,10 +231,12 @@ def generate_image(seed: int, index: int, size: int = 512, view: str = "both") -
         raise RuntimeError(f"phantom film {index} of seed {seed}: no consistent anatomy in {MAX_ATTEMPTS} draws")
     fine, coarse = all_solids(patient, rng)
     plain, textured = _integrals_at(fine, geometry, 1 if rows <= FULL_RES_ROWS else 2)
-    sigma_fine = 0.45 / geometry.pixel_mm_isocentre  # trabecular spacing, about 1 mm
+    # Trabecular texture: a projection sums many trabeculae along each ray, so on real films it
+    # is faint and smooth; a strong fine speckle is what a network would learn to key on.
+    sigma_fine = 0.6 / geometry.pixel_mm_isocentre  # trabecular spacing, about 1-1.5 mm
     texture = 1.0 + patient.texture_contrast * (
-        0.8 * _smooth_noise(rng, (rows, cols), (1.8 * sigma_fine, 0.8 * sigma_fine))
-        + 0.25 * _smooth_noise(rng, (rows, cols), (3.0 / geometry.pixel_mm_isocentre,) * 2))
+        0.7 * _smooth_noise(rng, (rows, cols), (1.8 * sigma_fine, 0.9 * sigma_fine))
+        + 0.35 * _smooth_noise(rng, (rows, cols), (3.0 / geometry.pixel_mm_isocentre,) * 2))
     integrals = plain + textured * np.clip(texture, 0.1, None).astype(np.float32)
     integrals += _integrals_at(coarse, geometry, COARSE)[0]
     image, bits, window = _acquire(integrals, rng, geometry, collimation, size)
