@@ -60,9 +60,10 @@ demo: $(STAMP)
 # 10 MB for 10 M parameters; fp16 would need 20.4 MB) and the card. MODEL_EPOCHS / MODEL_STEPS set the budget of the two stages.
 MODEL := runs/model
 MODEL_NAME ?= spine-vcf-default
-MODEL_VERSION ?= 1.0.0
-MODEL_EPOCHS ?= 1
-MODEL_STEPS ?= 60
+# the exported version; calibration derives the next minor one (2.1.0), the one that ships
+MODEL_VERSION ?= 2.0.0
+MODEL_EPOCHS ?= 10
+MODEL_STEPS ?= 300
 MODEL_STORAGE ?= int8
 model: $(STAMP)
 	$(PY) -m benchmarks.transfer --arms 3d --epochs $(MODEL_EPOCHS) --stages data,train --out $(MODEL)/stage1
@@ -71,7 +72,7 @@ model: $(STAMP)
 		--test-fraction-of $(MODEL)/simulated/manifest.csv=0.2
 	$(PY) train.py fit --config configs/shipped.yaml --trainer.max_steps $(MODEL_STEPS) --trainer.precision $(DEMO_PRECISION) \
 		$$(test -f $(MODEL)/last.ckpt && echo --ckpt_path $(MODEL)/last.ckpt)
-	$(PY) -m training.export --checkpoint $(MODEL)/last.ckpt --out $(MODEL)/bundle-raw --name $(MODEL_NAME) --storage $(MODEL_STORAGE) --overwrite
+	$(PY) -m training.export --checkpoint $(MODEL)/last.ckpt --out $(MODEL)/bundle-raw --name $(MODEL_NAME) --version $(MODEL_VERSION) --storage $(MODEL_STORAGE) --overwrite
 	$(PY) -m calibration --model $(MODEL)/bundle-raw --manifest $(MODEL)/manifest.csv --split val --out $(MODEL)/bundle
 	@echo "shipped-model candidate: $(MODEL)/bundle (benchmark it with python -m benchmarks.shipped_model, then copy it to models/bundles/)"
 

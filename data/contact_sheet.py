@@ -31,17 +31,21 @@ def _tile(pixels: np.ndarray) -> tuple[np.ndarray, object]:
     return cv2.cvtColor((img * 255).astype(np.uint8), cv2.COLOR_GRAY2BGR), box
 
 
-def _generator_name(manifest: Path) -> str:
+def generator_name(manifest: Path) -> str:
+    """"phantom 3D", "phantom 2D" or "phantom", from the set's phantom.json."""
     info = manifest.parent / "phantom.json"
     try:
-        return {"data.phantom": "phantom 3D", "data.phantom2d": "phantom 2D"}.get(
-            json.loads(info.read_text()).get("generator", ""), "phantom")
+        record = json.loads(info.read_text())
     except (OSError, ValueError):
         return "phantom"
+    generator, version = record.get("generator", ""), str(record.get("version", ""))
+    if generator == "data.phantom2d" or (generator == "data.phantom" and not version.startswith("3d")):
+        return "phantom 2D"  # sets written before the 3D phantom took the name data.phantom
+    return "phantom 3D" if generator == "data.phantom" else "phantom"
 
 
 def phantom_tiles(manifest: Path, n: int) -> list[np.ndarray]:
-    name = _generator_name(manifest)
+    name = generator_name(manifest)
     man = load_manifest_table(manifest)
     vpath = manifest.parent / "vertebrae.csv"
     vert = load_vertebrae_table(vpath, manifest) if vpath.is_file() else None
