@@ -18,7 +18,8 @@ the film graph's metadata.
 calls the crop graphs through :class:`OnnxCropNetwork`, which is called as the PyTorch crop
 network is, and the calibration is applied as there. A film graph exported before the crop
 graphs existed (film network only) still runs, without the per-vertebra analysis; a warning
-says so.
+says so. A bundle without graphs (the shipped model keeps its size budget for the weights) or a
+registry name is exported once into the cache (:func:`cached_export`) and run from there.
 """
 from __future__ import annotations
 
@@ -36,11 +37,12 @@ from calibration import predictor_calibration
 from data.io_utils import atomic_write_bytes, missing_file
 from inference.loading import open_model
 from inference.predictor import Predictor
-from models.bundle import (CALIBRATION_FILE, ONNX_FILE, ONNX_FILES, BundleError, ModelError, file_sha256, is_bundle,
-                           read_metadata)
+from models.bundle import (CALIBRATION_FILE, METADATA_FILE, ONNX_FILE, ONNX_FILES, BundleError, ModelError,
+                           file_sha256, is_bundle, load_bundle, read_metadata)
 from models.onnx_export import (CROP_INPUT, CROP_NETWORKS, CROP_OUTPUTS, DEFAULT_OPSET, FILM_GRAPH_OUTPUTS, INPUT_NAME,
                                 META_CALIBRATION, META_CHECKPOINT_ID, META_GRAPHS, META_MODEL, META_NETWORK, MIN_OPSET,
                                 OUTPUT_NAMES, VERTEBRA_LOGITS, bundle_graphs, crop_graphs, onnx_bytes, with_graphs)
+from models.registry import REGISTRY_PATH, cache_root, resolve
 
 
 def companion_path(onnx_path: str | os.PathLike, name: str) -> Path:
@@ -127,13 +129,26 @@ class OnnxCropNetwork:
         return {name: torch.from_numpy(np.asarray(v, dtype=np.float32)) for name, v in zip(CROP_OUTPUTS, out)}
 
 
+def cached_export(folder: Path, opset: int = DEFAULT_OPSET) -> Path:
+    """The standalone ONNX export of the bundle at ``folder``, made on first use and kept in the
+    cache (``$SPINE_VCF_CACHE/onnx/<sha256 of metadata.json>/model.onnx``, with its crop graphs
+    beside it). The film graph is written last, so its presence means the export is whole."""
+    key = file_sha256(folder / METADATA_FILE)
+    target = cache_root() / "onnx" / key / "model.onnx"
+    if not target.is_file():
+        print(f"{folder}: no ONNX graphs in the bundle; exporting them once to {target.parent}", file=sys.stderr)
+        write_standalone(load_bundle(folder), target, opset, "dynamo")
+    return target
+
+
 class OnnxPredictor(Predictor):
     """An exported model run by onnxruntime: :class:`~inference.predictor.Predictor` with its
     networks replaced by the ONNX graphs (the film network by :meth:`film_outputs`, the crop
     network and point refiner by :class:`OnnxCropNetwork`), and everything else shared.
 
     ``onnx_path``: a bundle holding ``film_net.onnx`` (and ``crop_net.onnx``,
-    ``point_refiner.onnx``), or a .onnx file of a standalone export. ``device``: ``"auto"``
+    ``point_refiner.onnx``), a .onnx file of a standalone export, or a bundle without graphs or a
+    registry name (``registry``), exported once into the cache. ``device``: ``"auto"``
     (CUDA when onnxruntime offers it, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; the
     graphs run there (``onnx_device``), the analysis between them on the CPU. ``sha256``: if
     given, the .onnx file (or the bundle's metadata.json) must have this digest.
@@ -143,10 +158,16 @@ class OnnxPredictor(Predictor):
 
     # Predictor.__init__ is not called: it loads the PyTorch networks this predictor replaces
     def __init__(self, onnx_path: str | os.PathLike, device: str = "auto", sha256: str | None = None,
-                 operating_point: str | None = None):
+                 operating_point: str | None = None, registry: str | os.PathLike = REGISTRY_PATH):
         import onnxruntime as ort
 
         source = Path(onnx_path)
+        if not source.exists() and not source.suffix and len(source.parts) == 1:  # a registry name
+            source = resolve(str(onnx_path), registry=registry)
+        if is_bundle(source) and ONNX_FILE not in read_metadata(source)["files"]:
+            if sha256 and file_sha256(source / METADATA_FILE).lower() != sha256.lower():
+                raise BundleError(f"{source}: sha256 of {METADATA_FILE} does not match {sha256}")
+            source, sha256 = cached_export(source), None
         if is_bundle(source):
             self.meta, stored, self.checkpoint_id, self.checkpoint, crop_paths = self._from_bundle(source, sha256)
         else:
@@ -189,10 +210,7 @@ class OnnxPredictor(Predictor):
     def _from_bundle(folder: Path, sha256: str | None) -> tuple[dict, dict | None, str, Path, dict[str, Path]]:
         """(model metadata, stored calibration, model id, film graph path, crop graph paths by
         network name) of a bundle with film_net.onnx."""
-        meta = read_metadata(folder)
-        if ONNX_FILE not in meta["files"]:
-            raise BundleError(f"{folder}: the bundle has no {ONNX_FILE}; export one with "
-                              f"`python -m inference.onnx --model {folder} --bundle-out NEW_BUNDLE` or use --backend torch")
+        meta = read_metadata(folder)  # a bundle without film_net.onnx was exported to the cache instead
         if sha256 and file_sha256(folder / "metadata.json").lower() != sha256.lower():
             raise BundleError(f"{folder}: sha256 of metadata.json does not match {sha256}")
         for name in (*ONNX_FILES.values(), CALIBRATION_FILE):

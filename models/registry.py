@@ -32,8 +32,14 @@ REPO_ROOT = REGISTRY_PATH.parents[1]
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".zip")
 
 
+def cache_root() -> Path:
+    """Where fetched bundles and derived files (ONNX exports) are kept: ``$SPINE_VCF_CACHE``,
+    default ``~/.cache/spine-vcf``."""
+    return Path(os.environ.get("SPINE_VCF_CACHE") or Path.home() / ".cache" / "spine-vcf")
+
+
 def cache_dir() -> Path:
-    return Path(os.environ.get("SPINE_VCF_CACHE") or Path.home() / ".cache" / "spine-vcf") / "bundles"
+    return cache_root() / "bundles"
 
 
 def read_registry(path: str | os.PathLike = REGISTRY_PATH) -> dict[str, dict]:

@@ -175,3 +175,40 @@ def test_bad_checkpoint_exits_2(tmp_path, capsys):
     assert not out.exists()
     with pytest.raises(ModelError, match="not found"):
         OnnxPredictor(tmp_path / "missing.onnx")
+
+
+def test_a_bundle_without_graphs_or_a_registry_name_runs_from_a_cached_export(exported, tmp_path, monkeypatch):
+    """The shipped model carries no .onnx graphs (its 20 MB go to the weights): the ONNX backend
+    exports a bundle without them once into $SPINE_VCF_CACHE, by the digest of its metadata.json,
+    and reads registry names as the PyTorch backend does."""
+    import infer
+
+    monkeypatch.setenv("SPINE_VCF_CACHE", str(tmp_path / "cache"))
+    _, _, with_graphs = exported
+    source = load_bundle(with_graphs)
+    plain = source.derive("copy without graphs", networks=dict(source.networks)).save(tmp_path / "models" / "plain")
+    assert not any(name.endswith(".onnx") for name in json.loads((plain / "metadata.json").read_text())["files"])
+    registry = tmp_path / "models" / "registry.json"
+    registry.write_text(json.dumps({"format": 1, "models": {"plain-model": {
+        "path": "models/plain", "sha256": file_sha256(plain / "metadata.json")}}}))
+
+    first = OnnxPredictor(plain, device="cpu")
+    cached = tmp_path / "cache" / "onnx" / file_sha256(plain / "metadata.json") / "model.onnx"
+    assert first.checkpoint == cached and cached.is_file()
+    stamp = cached.stat().st_mtime_ns
+    by_name = OnnxPredictor("plain-model", device="cpu", registry=registry)
+    assert by_name.checkpoint == cached and cached.stat().st_mtime_ns == stamp  # exported once
+    assert by_name.vertebra_net is not None and by_name.calibrator is not None
+
+    torch_pred = Predictor(plain, device="cpu")
+    x = torch.rand(2, 1, *IMAGE_SIZE, generator=torch.Generator().manual_seed(3))
+    ref, got = torch_pred(x), by_name(x)
+    assert set(got) == set(ref)
+    for key in ref:
+        assert _max_diff(got[key], ref[key]) <= TOLERANCE, key
+    with pytest.raises(ModelError, match="does not match"):
+        OnnxPredictor(plain, device="cpu", sha256="0" * 64)
+    with pytest.raises(ModelError, match="neither a bundle folder nor a model name"):
+        OnnxPredictor("no-such-model", device="cpu", registry=registry)
+    assert infer.main(["--model", str(plain), "--backend", "onnx", "--out", str(tmp_path / "out"),
+                       "--num-workers", "0", "--quiet", str(FILMS_DIR)]) == 0
