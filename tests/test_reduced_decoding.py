@@ -73,6 +73,13 @@ def test_a_small_film_is_never_reduced(tmp_path):
     assert "reduction" not in item["source"]
 
 
+def test_a_reduced_film_is_judged_by_its_original_size(tmp_path):
+    path = tmp_path / "narrow.png"
+    cv2.imwrite(str(path), smooth_film(7200, 80))  # 80 px wide: a radiograph's side, 20 px once reduced 4 times
+    item = InferenceDataset([str(path)], SHIPPED_INPUT, min_decoded_size=min_decoded_size(SHIPPED_INPUT))[0]
+    assert "refused" not in item and item["pixels"].shape == (1800, 20) and item["image_size"] == (7200, 80)
+
+
 # --------------------------------------------------------------------------- the decoders
 def test_a_jpeg_is_decoded_in_the_dct_domain_at_the_smaller_size(tmp_path, monkeypatch):
     film = (smooth_film(1203, 801) >> 4).astype(np.uint8)
