@@ -38,7 +38,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402  (after the OpenMP setting)
 
 from inference.acceptance import NO_SPINE_SCORE
-from inference.cli_args import count_at_least, output_folder_problem
+from inference.cli_args import add_full_resolution, count_at_least, output_folder_problem
 from models.bundle import ModelError
 from models.registry import default_model
 from inference.pipeline import OutputFolderInUse, run_inference
@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--voi-lut", action="store_true", help="apply the DICOM VOI LUT / window")
     parser.add_argument("--max-pixels", type=int, default=50_000_000,
                         help="refuse images larger than this before decoding them")
+    add_full_resolution(parser)
     parser.add_argument("--backend", choices=("torch", "onnx"), default="torch",
                         help="torch: the networks of the model; onnx: their ONNX graphs run by onnxruntime, the "
                              "same outputs (a bundle with the .onnx graphs, or a .onnx file of "
@@ -159,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                                     num_workers=args.num_workers, voi_lut=args.voi_lut, max_pixels=args.max_pixels,
                                     progress=not args.quiet, resume=args.resume,
                                     keep_identifiers=args.keep_identifiers, dicom_sc=args.dicom_sc,
-                                    dicom_sr=args.dicom_sr, min_spine_score=args.min_spine_score)
+                                    dicom_sr=args.dicom_sr, min_spine_score=args.min_spine_score,
+                                    full_resolution=args.full_resolution)
     except OutputFolderInUse as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

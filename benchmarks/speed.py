@@ -1,7 +1,8 @@
 """CPU inference speed, measured as a user would, against torchxrayvision.
 
     python -m benchmarks.speed [--model BUNDLE] [--repeats 5] [--films 40] [--size 1024]
-                               [--sizes 512 1024 2048 3000] [--work runs/speed] [--no-write]
+                               [--sizes 512 1024 2048 3000] [--size-batches 8 1] [--compare-full-resolution]
+                               [--work runs/speed] [--no-write]
 
 Writes ``--films`` phantom films (data/phantom.py, seed 3, ``--size`` px high) as 16-bit
 MONOCHROME2 DX DICOM, then measures, each as whole processes run one after another (median of
@@ -16,7 +17,9 @@ MONOCHROME2 DX DICOM, then measures, each as whole processes run one after anoth
 * **stages** of the torch backend (one process, ``--num-workers 0``): reading, pre-processing,
   film network, per-vertebra analysis, writing;
 * **film size**: seconds and peak memory per film at each of ``--sizes`` (square films, the
-  phantom films resized), at batch 8, and at batch 1 for the largest.
+  phantom films resized), at batch 8, and at batch 1 for the largest (``--size-batches``: each
+  of these batch sizes at every size); a large film is decoded reduced as infer.py does by
+  default, and with ``--compare-full-resolution`` each is measured with ``--full-resolution`` too.
 
 ``--model``: a bundle folder or registry name; the default is the registry's shipped model, when
 one exists. torchxrayvision is used when installed (the ``bench`` extra: ``pip install -e
@@ -51,10 +54,11 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 import inference.predictor as predictor_module
 from data.io_utils import atomic_write_text, atomic_write_with
 from data.phantom import generate_image
+from data.readers import reduction_factor
 from inference.loading import open_model
 from inference.onnx import OnnxPredictor
 from inference.pipeline import run_inference
-from inference.predictor import Predictor
+from inference.predictor import Predictor, min_decoded_size
 from models.registry import default_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,16 +196,17 @@ def last_json(stdout: str) -> dict:
 
 
 # --------------------------------------------------------------------------- in-process probes
-def probe_steady(model: str, films: str, batch_size: int, num_workers: int, backend: str) -> dict:
+def probe_steady(model: str, films: str, batch_size: int, num_workers: int, backend: str,
+                 full_resolution: bool = False) -> dict:
     """Seconds per film once the model is loaded and one batch has run (a fresh output folder)."""
     predictor = _predictor(model, backend)
     paths = sorted(str(p) for p in Path(films).glob("*.dcm"))
     with tempfile.TemporaryDirectory() as tmp:
         run_inference(predictor, paths[:batch_size], Path(tmp) / "warm", batch_size=batch_size,
-                      num_workers=num_workers, progress=False)
+                      num_workers=num_workers, progress=False, full_resolution=full_resolution)
         start = time.perf_counter()
         summary = run_inference(predictor, paths, Path(tmp) / "out", batch_size=batch_size,
-                                num_workers=num_workers, progress=False)
+                                num_workers=num_workers, progress=False, full_resolution=full_resolution)
         seconds = time.perf_counter() - start
     if summary.n_failed:
         raise RuntimeError(f"{summary.n_failed} film(s) failed")
@@ -269,9 +274,10 @@ def probe_main(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--backend", default="torch")
+    p.add_argument("--full-resolution", action="store_true")
     a = p.parse_args(argv)
     if a.what == "steady":
-        result = probe_steady(a.model, a.films, a.batch_size, a.num_workers, a.backend)
+        result = probe_steady(a.model, a.films, a.batch_size, a.num_workers, a.backend, a.full_resolution)
     else:
         result = probe_stages(a.model, a.films, a.batch_size)
     print(json.dumps(result))
@@ -323,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=1024, help="phantom film height in pixels")
     p.add_argument("--sizes", type=int, nargs="*", default=[512, 1024, 2048, 3000],
                    help="square film sides of the film-size series (none: skip it)")
+    p.add_argument("--size-batches", type=int, nargs="*", default=None,
+                   help="batch sizes of the film-size series at every size (default: 8, and 1 for the largest)")
+    p.add_argument("--compare-full-resolution", action="store_true",
+                   help="measure the film-size series with --full-resolution too (no reduced decoding)")
     p.add_argument("--work", default=str(ROOT / "runs" / "speed"), help="films and outputs (kept between runs)")
     p.add_argument("--skip", nargs="*", default=[], choices=("peer", "torch", "onnx", "steady", "stages", "sizes"),
                    help="parts to leave out")
@@ -387,16 +397,23 @@ def main(argv: list[str] | None = None) -> int:
         print("stages, s/film: " + ", ".join(f"{k} {v:.3f}" for k, v in r["stages"].items()), flush=True)
     if a.sizes and "sizes" not in a.skip:
         r["sizes"] = []
+        bundle = open_model(model)
+        floor = min_decoded_size(tuple(bundle.model["image_size"]), bundle.point_refiner is not None)
+        modes = (False, True) if a.compare_full_resolution else (False,)
         for side in a.sizes:
             folder = make_films(work / f"films-square-{side}", SCALING_FILMS, a.size, square=side, source=films)
-            for batch in ((8, 1) if side == max(a.sizes) else (8,)):
-                run = median_run([py, "-m", "benchmarks.speed", "probe", "steady", "--model", str(model), "--films",
-                                  str(folder), "--batch-size", str(batch)], a.repeats, env=PASSIVE_ENV)
-                r["sizes"].append({"side": side, "batch": batch,
-                                   "seconds_per_film": last_json(run["stdout"])["seconds_per_film"],
-                                   "largest_mb": run["largest_mb"], "tree_mb": run["tree_mb"]})
-                print(f"{side} px, batch {batch}: {r['sizes'][-1]['seconds_per_film']:.3f} s/film, "
-                      f"largest {run['largest_mb']:.0f} MB", flush=True)
+            batches = a.size_batches or ((8, 1) if side == max(a.sizes) else (8,))
+            for batch in batches:
+                for full in modes:
+                    run = median_run([py, "-m", "benchmarks.speed", "probe", "steady", "--model", str(model),
+                                      "--films", str(folder), "--batch-size", str(batch)]
+                                     + (["--full-resolution"] if full else []), a.repeats, env=PASSIVE_ENV)
+                    factor = 1 if full else reduction_factor(side, side, floor)
+                    r["sizes"].append({"side": side, "batch": batch, "reduction": factor, "full_resolution": full,
+                                       "seconds_per_film": last_json(run["stdout"])["seconds_per_film"],
+                                       "all": run["all"], "largest_mb": run["largest_mb"], "tree_mb": run["tree_mb"]})
+                    print(f"{side} px, batch {batch}, decoded 1/{factor}: {r['sizes'][-1]['seconds_per_film']:.3f} "
+                          f"s/film, largest {run['largest_mb']:.0f} MB", flush=True)
     r["load"].append(_load_average())
     for v in r["whole"].values():
         v.pop("stdout", None)
@@ -430,7 +447,8 @@ def _targets(r: dict) -> list[str]:
         out.append(f"largest process {whole['torch']['largest_mb']:.0f} MB at batch 8 (target under 1000 MB)")
     if r.get("startup"):
         out.append(f"start-up {r['startup']['with_model']:.2f} s (target 4 s)")
-    big = [row for row in r.get("sizes") or [] if row["batch"] == 1]
+    sizes = [row for row in r.get("sizes") or [] if not row.get("full_resolution")]
+    big = [row for row in sizes if row["batch"] == 1 and row["side"] == max(x["side"] for x in sizes)]
     if big:
         out.append(f"a {big[0]['side']} px film at batch 1 {big[0]['seconds_per_film']:.2f} s (target 0.3 s)")
     return out
@@ -493,10 +511,15 @@ def write_results(r: dict) -> None:
                   f"| CPU of the whole process (every thread) | | {1000 * st['cpu_process']:.0f} ms |", ""]
     if r.get("sizes"):
         lines += ["Cost per film by film size (square films: the phantom films resized; steady state, default "
-                  "workers):", "", "| film | batch | time per film | peak memory, largest process | process tree |",
-                  "|---|---|---|---|---|"]
+                  "workers; decoded as infer.py decodes it by default, or with `--full-resolution`):", "",
+                  "| film | batch | decoded at | time per film | peak memory, largest process | process tree |",
+                  "|---|---|---|---|---|---|"]
         for row in r["sizes"]:
-            lines.append(f"| {row['side']} x {row['side']} | {row['batch']} | {row['seconds_per_film']:.3f} s "
+            factor = row.get("reduction", 1)
+            reduced = -(-row["side"] // factor)
+            decoded = ("full size (`--full-resolution`)" if row.get("full_resolution") else "full size" if factor == 1
+                       else f"1/{factor}: {reduced} x {reduced}")
+            lines.append(f"| {row['side']} x {row['side']} | {row['batch']} | {decoded} | {row['seconds_per_film']:.3f} s "
                          f"| {row['largest_mb']:.0f} MB | {row['tree_mb']:.0f} MB |")
         lines.append("")
     text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n\n"

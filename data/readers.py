@@ -39,6 +39,15 @@ Every result is clipped to [0, 1] and is float32. Any failure is raised as
 :class:`ImageReadError` with a one-line message ``"{path}: {reason}"``; no other exception
 escapes :func:`read_image`. Images with more than ``max_pixels`` pixels are refused from the
 header, before any pixel data are decoded.
+
+Reduced decoding (``min_decoded_size``, used by inference on large films)
+    A film may be decoded reduced 2, 4 or 8 times per axis, the largest factor that keeps it at
+    least ``min_decoded_size`` (:func:`reduction_factor`): JPEG files and JPEG baseline DICOM in
+    the DCT domain (Pillow's ``draft``), JPEG 2000 DICOM at a lower resolution level (Pillow's
+    OpenJPEG ``reduce``), anything else decoded whole and then reduced by block means
+    (:func:`data.transforms.area_reduce`) before anything else is done with it.
+    ``RadiographImage.grid`` says where the decoded pixels lie on the film as stored; pixel
+    spacing and ``info`` stay the original film's.
 """
 from __future__ import annotations
 
@@ -53,6 +62,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from data.transforms import PixelGrid, area_reduce
 
 
 @dataclass(frozen=True)
@@ -131,6 +141,17 @@ class RadiographImage:
     info: dict = field(default_factory=dict)
     # DICOM only: the parsed header without its pixel data, so that nothing reads the file twice
     header: Any = None
+    # where ``pixels`` lie on the film as stored (a reduced decode); None: pixel for pixel
+    grid: PixelGrid | None = None
+
+    def __post_init__(self):
+        if self.grid is None:
+            self.grid = PixelGrid(tuple(int(v) for v in self.pixels.shape[:2]))
+
+    @property
+    def original_size(self) -> tuple[int, int]:
+        """Rows and columns of the film as stored (``pixels`` may be a reduced decode of it)."""
+        return self.grid.original_size
 
 
 # --------------------------------------------------------------------------------------
@@ -177,6 +198,22 @@ def _other_kind(head: bytes) -> str | None:
     return None
 
 
+REDUCTIONS = (8, 4, 2)  # what JPEG's DCT scaling offers, and JPEG 2000's first three resolution levels
+
+
+def reduction_factor(rows: int, cols: int, min_decoded_size: tuple[int, int] | None) -> int:
+    """The largest of 8, 4 and 2 by which a ``rows`` x ``cols`` film may be decoded reduced and
+    still have at least ``min_decoded_size[0]`` rows or ``min_decoded_size[1]`` columns (so that
+    letterboxed into that size it is not enlarged); 1 when none does, or with no minimum."""
+    if min_decoded_size is None:
+        return 1
+    min_rows, min_cols = min_decoded_size
+    for factor in REDUCTIONS:
+        if -(-int(rows) // factor) >= min_rows or -(-int(cols) // factor) >= min_cols:
+            return factor
+    return 1
+
+
 def _check_limit(path, width: int, height: int, max_pixels: int | None) -> None:
     n = int(width) * int(height)
     if max_pixels is not None and n > max_pixels:
@@ -189,9 +226,13 @@ def _check_limit(path, width: int, height: int, max_pixels: int | None) -> None:
 # public entry point
 # --------------------------------------------------------------------------------------
 def read_image(
-    path: str | os.PathLike, voi_lut: bool = False, max_pixels: int | None = 50_000_000
+    path: str | os.PathLike, voi_lut: bool = False, max_pixels: int | None = 50_000_000,
+    min_decoded_size: tuple[int, int] | None = None,
 ) -> RadiographImage:
     """Read a radiograph into float32 pixels in [0, 1], bone bright; see the module docstring.
+
+    ``min_decoded_size`` (rows, columns): decode a large film reduced, as far as
+    :func:`reduction_factor` allows (module docstring, "Reduced decoding"); None: full size.
 
     Multi-frame files (multi-frame DICOM, multi-page TIFF): only the **first** frame / page is
     decoded and returned; ``RadiographImage.frames`` records how many the file holds
@@ -210,10 +251,10 @@ def read_image(
             raise ImageReadError(path, "empty file")
         head = _head(p)
         if is_dicom(p):
-            return _read_dicom(p, voi_lut=voi_lut, max_pixels=max_pixels)
+            return _read_dicom(p, voi_lut=voi_lut, max_pixels=max_pixels, min_decoded_size=min_decoded_size)
         kind = _raster_kind(head)
         if kind is not None:
-            return _read_raster(p, kind, max_pixels=max_pixels)
+            return _read_raster(p, kind, max_pixels=max_pixels, min_decoded_size=min_decoded_size)
         other = _other_kind(head)
         if other is not None:
             raise ImageReadError(
@@ -345,7 +386,28 @@ def _scale_raster(path, arr: np.ndarray) -> tuple[np.ndarray, int | None]:
     raise ImageReadError(path, f"unsupported pixel type {arr.dtype}")
 
 
-def _read_raster(path: Path, kind: str, max_pixels: int | None) -> RadiographImage:
+def _jpeg_reduced(data: bytes, rows: int, cols: int, factor: int) -> np.ndarray | None:
+    """A JPEG decoded ``factor`` times smaller in the DCT domain (each pixel an f x f block's
+    mean), or None where Pillow cannot (the full decode then says what is wrong, if anything)."""
+    from PIL import Image
+
+    want = (-(-cols // factor), -(-rows // factor))
+    try:
+        with _pil_without_bomb_check(), Image.open(io.BytesIO(data)) as im:
+            if im.format != "JPEG" or im.mode not in ("L", "RGB") or im.size != (cols, rows):
+                return None
+            im.draft(im.mode, (cols // factor, rows // factor))  # Pillow picks the largest scale that fits
+            if im.size != want:
+                return None
+            im.load()
+            arr = np.asarray(im)
+    except Exception:
+        return None
+    return arr if arr.shape[:2] == want[::-1] else None
+
+
+def _read_raster(path: Path, kind: str, max_pixels: int | None,
+                 min_decoded_size: tuple[int, int] | None = None) -> RadiographImage:
     width, height, frames = _raster_header(path, kind)
     _check_limit(path, width, height, max_pixels)
     if width == 0 or height == 0:
@@ -353,20 +415,26 @@ def _read_raster(path: Path, kind: str, max_pixels: int | None) -> RadiographIma
     data = path.read_bytes()
     if kind == "jpeg" and _jpeg_truncated(data):
         raise ImageReadError(path, "truncated or corrupt JPEG: no end-of-image marker")
-    arr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-    if arr is None or arr.size == 0:
-        if kind != "tiff":
-            raise ImageReadError(path, f"truncated or corrupt {kind.upper()} file")
-        arr = _decode_with_pil(path, data, kind)
-    elif arr.ndim == 3 and arr.shape[2] in (3, 4):
-        arr = arr[:, :, [2, 1, 0] + ([3] if arr.shape[2] == 4 else [])]  # BGR(A) -> RGB(A)
-    arr = _to_grey(path, arr, kind)
-    if arr.shape != (height, width):
-        raise ImageReadError(
-            path, f"decoded size {arr.shape[1]} x {arr.shape[0]} differs from the header's "
-            f"{width} x {height}"
-        )
-    pixels, bits = _scale_raster(path, arr)
+    factor = reduction_factor(height, width, min_decoded_size)
+    arr = _jpeg_reduced(data, height, width, factor) if kind == "jpeg" and factor > 1 else None
+    drafted = arr is not None  # already reduced, in the DCT domain
+    if arr is not None:
+        arr = _to_grey(path, arr, kind)
+    else:
+        arr = _decode_raster(path, data, kind)
+        if arr.shape != (height, width):
+            raise ImageReadError(
+                path, f"decoded size {arr.shape[1]} x {arr.shape[0]} differs from the header's "
+                f"{width} x {height}"
+            )
+    if factor > 1 and not drafted and arr.dtype.kind == "u":
+        # value / maximum is linear: reduce first, on a quarter of the pixels or fewer
+        reduced = area_reduce(arr.astype(np.float32), factor)
+        pixels, bits = np.clip(reduced / np.float32(np.iinfo(arr.dtype).max), 0.0, 1.0), np.iinfo(arr.dtype).bits
+    else:
+        pixels, bits = _scale_raster(path, arr)
+        if factor > 1 and not drafted:
+            pixels = area_reduce(pixels, factor)
     return RadiographImage(
         pixels=np.ascontiguousarray(pixels),
         path=str(path),
@@ -376,7 +444,20 @@ def _read_raster(path: Path, kind: str, max_pixels: int | None) -> RadiographIma
         photometric="MONOCHROME2",
         frames=frames,
         info={"Rows": int(height), "Columns": int(width)},
+        grid=PixelGrid.reduced_by((height, width), factor) if factor > 1 else None,
     )
+
+
+def _decode_raster(path: Path, data: bytes, kind: str) -> np.ndarray:
+    """The whole image, grey (colour files whose channels agree), as stored."""
+    arr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None or arr.size == 0:
+        if kind != "tiff":
+            raise ImageReadError(path, f"truncated or corrupt {kind.upper()} file")
+        arr = _decode_with_pil(path, data, kind)
+    elif arr.ndim == 3 and arr.shape[2] in (3, 4):
+        arr = arr[:, :, [2, 1, 0] + ([3] if arr.shape[2] == 4 else [])]  # BGR(A) -> RGB(A)
+    return _to_grey(path, arr, kind)
 
 
 # --------------------------------------------------------------------------------------
@@ -570,7 +651,67 @@ def _ensure_transfer_syntax(ds) -> None:
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
 
 
-def _read_dicom(path: Path, voi_lut: bool, max_pixels: int | None) -> RadiographImage:
+def _j2k_header(codestream: bytes) -> tuple[int, int, int, int, int, bool, int] | None:
+    """(columns, rows, x offset, y offset, components, signed, precision) of a JPEG 2000
+    codestream's SIZ segment (of its first component), or None when it does not start with one."""
+    if len(codestream) < 45 or codestream[:4] != b"\xff\x4f\xff\x51":
+        return None
+    cols, rows, x0, y0 = struct.unpack(">IIII", codestream[8:24])
+    components = struct.unpack(">H", codestream[40:42])[0]
+    ssiz = codestream[42]
+    return cols, rows, x0, y0, components, bool(ssiz & 0x80), (ssiz & 0x7F) + 1
+
+
+def _j2k_reduced(codestream: bytes, rows: int, cols: int, factor: int) -> np.ndarray | None:
+    """An unsigned one-component JPEG 2000 codestream decoded ``factor`` times smaller (a lower
+    resolution level: each pixel centred on its block's first pixel), in stored values; None
+    where Pillow's OpenJPEG cannot."""
+    from PIL import Image, features
+
+    header = _j2k_header(codestream)
+    if not features.check("jpg_2000") or header is None or header[:5] != (cols, rows, 0, 0, 1) or header[5] \
+            or header[6] > 16:
+        return None
+    try:
+        with _pil_without_bomb_check(), Image.open(io.BytesIO(codestream)) as im:
+            im.reduce = factor.bit_length() - 1  # resolution levels dropped
+            im.load()
+            arr = np.asarray(im)
+    except Exception:
+        return None
+    if arr.shape != (-(-rows // factor), -(-cols // factor)) or arr.dtype not in (np.uint8, np.uint16):
+        return None
+    return arr >> (8 * arr.itemsize - header[6])  # Pillow widens the samples to 8 or 16 bits
+
+
+def _dicom_reduced(ds, ts, frames: int, rows: int, cols: int, factor: int) -> tuple[np.ndarray | None, bool]:
+    """The first frame decoded ``factor`` times smaller where its codec allows it, and whether
+    each pixel is centred on its block (JPEG baseline's DCT scaling) or on the block's first
+    pixel (JPEG 2000); ``(None, True)`` for the other transfer syntaxes, signed data, or
+    anything Pillow cannot decode (the full decode then says what is wrong, if anything)."""
+    from pydicom import uid
+    from pydicom.encaps import get_frame
+
+    if int(ds.get("PixelRepresentation", 0) or 0) != 0:
+        return None, True
+    j2k = ts in (uid.JPEG2000Lossless, uid.JPEG2000, uid.HTJ2KLossless, uid.HTJ2KLosslessRPCL, uid.HTJ2K)
+    if ts != uid.JPEGBaseline8Bit and not j2k:
+        return None, True
+    try:
+        frame = get_frame(ds.PixelData, 0, number_of_frames=frames)
+    except Exception:
+        return None, True
+    if j2k:
+        arr = _j2k_reduced(frame, rows, cols, factor)
+        if arr is not None and (int(ds.get("BitsAllocated", 16) or 16) > 8) != (arr.dtype == np.uint16):
+            arr = arr.astype(np.uint16 if arr.dtype == np.uint8 else np.uint8)  # the type pydicom gives
+        return arr, False
+    arr = _jpeg_reduced(frame, rows, cols, factor)
+    return (arr, True) if arr is not None and arr.ndim == 2 else (None, True)
+
+
+def _read_dicom(path: Path, voi_lut: bool, max_pixels: int | None,
+                min_decoded_size: tuple[int, int] | None = None) -> RadiographImage:
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
     from pydicom.tag import Tag
@@ -637,14 +778,20 @@ def _read_dicom(path: Path, voi_lut: bool, max_pixels: int | None) -> Radiograph
     pixel_tags = {Tag(kw) for kw in _PIXEL_KEYWORDS}
     if truncated and truncated[0] in pixel_tags:
         raise ImageReadError(path, f"truncated or corrupt pixel data ({ts_text}): {truncated[1]}")
-    try:
-        ds.pixel_array_options(index=0)  # decode only the first frame
-        arr = np.asarray(ds.pixel_array)
-    except Exception as e:
-        problem = "cannot decode pixel data" if ts.is_compressed else (
-            "truncated or corrupt pixel data"
-        )
-        raise ImageReadError(path, f"{problem} ({ts_text}): {_decode_error_text(e)}") from e
+    factor = reduction_factor(rows, cols, min_decoded_size)
+    arr, block_centred = None, True
+    if factor > 1 and "PixelData" in ds and ts.is_compressed:
+        arr, block_centred = _dicom_reduced(ds, ts, frames, rows, cols, factor)
+    decoded_reduced = arr is not None
+    if arr is None:
+        try:
+            ds.pixel_array_options(index=0)  # decode only the first frame
+            arr = np.asarray(ds.pixel_array)
+        except Exception as e:
+            problem = "cannot decode pixel data" if ts.is_compressed else (
+                "truncated or corrupt pixel data"
+            )
+            raise ImageReadError(path, f"{problem} ({ts_text}): {_decode_error_text(e)}") from e
     if arr.ndim == 3 and arr.shape[0] == 1:
         arr = arr[0]
     if arr.ndim != 2:
@@ -685,6 +832,8 @@ def _read_dicom(path: Path, voi_lut: bool, max_pixels: int | None) -> Radiograph
     pixels = np.asarray(pixels, dtype=np.float32)
     if table is not None:
         pixels = np.take(pixels, _table_index(arr))
+    if factor > 1 and not decoded_reduced:
+        pixels = area_reduce(pixels, factor)
 
     bits = ds.get("BitsStored", None)
     for keyword in _PIXEL_KEYWORDS:  # the header travels with the image; the pixels are in ``pixels``
@@ -700,4 +849,5 @@ def _read_dicom(path: Path, voi_lut: bool, max_pixels: int | None) -> Radiograph
         frames=frames,
         info=_info(ds),
         header=ds,
+        grid=PixelGrid.reduced_by((rows, cols), factor, block_centred) if factor > 1 else None,
     )

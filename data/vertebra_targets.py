@@ -80,9 +80,14 @@ def invert_affine(matrix: np.ndarray) -> np.ndarray:
     return cv2.invertAffineTransform(np.asarray(matrix, dtype=np.float64))
 
 
-def extract_crop(image: np.ndarray, matrix: np.ndarray, out: int = CROP_SIZE) -> np.ndarray:
-    """Resample the crop; a large window is blurred first so the downsampling does not alias."""
+def extract_crop(image: np.ndarray, matrix: np.ndarray, out: int = CROP_SIZE, grid=None) -> np.ndarray:
+    """Resample the crop; a large window is blurred first so the downsampling does not alias.
+
+    ``grid`` (a :class:`data.transforms.PixelGrid`): where ``image``'s pixels lie on the film
+    whose pixels ``matrix`` maps from, when the film was decoded reduced; None: the same pixels."""
     matrix = np.asarray(matrix, dtype=np.float64)
+    if grid is not None and grid.reduced:  # from the decoded pixels: through the grid's inverse
+        matrix = matrix @ np.linalg.inv(grid.matrix())
     # the smaller of the two axes' scales (a point-refiner window scales them differently)
     zoom = float(min(np.hypot(matrix[0, 0], matrix[0, 1]), np.hypot(matrix[1, 0], matrix[1, 1])))
     src = image

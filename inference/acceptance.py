@@ -59,7 +59,7 @@ def refusal(image: RadiographImage) -> str | None:
     body_part = str(info.get("BodyPartExamined", "") or "").strip()
     if body_part and _letters(body_part) in OTHER_BODY_PARTS and "SPINE" not in _letters(body_part):
         return f"body part examined {body_part} is not the spine, chest or abdomen"
-    h, w = image.pixels.shape
+    h, w = image.original_size  # the film as stored, however it was decoded
     if min(h, w) < MIN_SIDE_PX:
         return f"image of {w} x {h} px is too small (a side under {MIN_SIDE_PX} px)"
     lo, hi = float(image.pixels.min()), float(image.pixels.max())

@@ -19,6 +19,15 @@ def count_at_least(minimum: int):
     return parse
 
 
+def add_full_resolution(parser: argparse.ArgumentParser) -> None:
+    """``--full-resolution``: decode every film whole (the default decodes a large film reduced
+    where that loses nothing the networks use; inference.predictor.min_decoded_size)."""
+    parser.add_argument("--full-resolution", action="store_true",
+                        help="decode every film at full size (default: a large film is decoded reduced 2, 4 or 8 "
+                             "times where the networks lose nothing; outputs are in the original film's pixels either "
+                             "way)")
+
+
 def output_folder_problem(out: Path) -> str | None:
     """Why ``--out`` cannot take the outputs (created when missing), or None."""
     if out.exists() and not out.is_dir():

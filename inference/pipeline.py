@@ -30,8 +30,10 @@ from tqdm import tqdm
 from data.io_utils import (atomic_save_npy, atomic_write_image, atomic_write_json, atomic_write_text,
                            file_fingerprint)
 from data.discovery import find_inputs
+from data.readers import reduction_factor
 from inference.acceptance import NO_SPINE_SCORE, no_spine_reason
-from inference.predictor import FilmPrediction, InferenceDataset, Predictor, collate_items, worker_init
+from inference.predictor import (FilmPrediction, InferenceDataset, Predictor, collate_items, min_decoded_size,
+                                  worker_init)
 from models.network import HEATMAP_STRIDE
 from inference.vertebrae import fracture_map, fracture_peak
 from inference.drawing import draw_vertebrae, overlay_heatmap
@@ -212,18 +214,29 @@ class OutputOptions:
     max_pixels: int = 50_000_000
     backend: str = "torch"  # or "onnx" (inference/onnx.py): the same outputs to 1e-4, not to the bit
     min_spine_score: float = NO_SPINE_SCORE  # below it a film is no_spine (inference/acceptance.py); 0: off
+    full_resolution: bool = False  # decode every film whole (default: large films reduced, see decoded_size)
 
 
 # options that change nothing written for an input other than DICOM
 DICOM_ONLY_OPTIONS = ("keep_identifiers", "dicom_sc", "dicom_sr", "voi_lut")
+# options a fingerprint records by their effect on the film instead: its ``reduction`` (absent: none)
+PER_FILM_OPTIONS = ("full_resolution",)
 
 
 def fingerprint_options(options: OutputOptions, source_format: str | None) -> dict:
     """The options of a fingerprint: those that shape the outputs of an input of this format."""
-    chosen = dataclasses.asdict(options)
+    chosen = {k: v for k, v in dataclasses.asdict(options).items() if k not in PER_FILM_OPTIONS}
     if source_format != "dicom":
         chosen = {k: v for k, v in chosen.items() if k not in DICOM_ONLY_OPTIONS}
     return chosen
+
+
+def decoded_size(predictor, options: OutputOptions) -> tuple[int, int] | None:
+    """The smallest size a film may be decoded at for ``predictor`` (inference.predictor.min_decoded_size),
+    or None with ``full_resolution``."""
+    if options.full_resolution:
+        return None
+    return min_decoded_size(predictor.image_size, getattr(predictor, "point_refiner", None) is not None)
 
 
 def dicom_output_files(record: FilmRecord) -> list[str]:
@@ -272,15 +285,17 @@ def _decision_of(predictor) -> tuple:
 
 
 def completed_record(out: Path, path: str, name: str, decision: tuple | None = None,
-                     checkpoint_id: str | None = None, options: OutputOptions = OutputOptions()) -> FilmRecord | None:
+                     checkpoint_id: str | None = None, options: OutputOptions = OutputOptions(),
+                     min_size: tuple[int, int] | None = None) -> FilmRecord | None:
     """The record of an input whose outputs are all present (for --resume), read back through
     the schema; None when it must be redone.
 
     The JSON is written last, so its presence means the heatmaps before it are complete.
     ``decision``: the (operating point, threshold) this run decides at, or None; an output
     decided otherwise is not complete. So is one whose ``fingerprint`` names another input file
-    (size, mtime_ns, sha256) or other ``options``, or none. A JSON that does not fit the schema
-    (another version's) is redone."""
+    (size, mtime_ns, sha256) or other ``options``, or none, or a film decoded at another
+    reduction than ``min_size`` (:func:`decoded_size`) gives it. A JSON that does not fit the
+    schema (another version's) is redone."""
     record_path = out / f"{name}.json"
     if not record_path.is_file():
         return None
@@ -298,6 +313,8 @@ def completed_record(out: Path, path: str, name: str, decision: tuple | None = N
     made_from = record.fingerprint or {}
     if made_from.get("options") != fingerprint_options(options, made_from.get("format")):
         return None  # e.g. --dicom-sr added, or --keep-identifiers left out
+    if made_from.get("reduction", 1) != reduction_factor(*record.image_size, min_size):
+        return None  # decoded reduced where this run would not, or the other way round (--full-resolution)
     if not same_source(path, made_from):
         return None  # the input was replaced or edited
     had = record.decision
@@ -314,14 +331,15 @@ def kept_record(predictor, out: Path, path: str, name: str, options: OutputOptio
     input must be redone."""
     _, point, threshold = _decision_of(predictor)
     decision = (point, threshold) if point is not None else None
-    return completed_record(out, path, name, decision, getattr(predictor, "checkpoint_id", None), options)
+    return completed_record(out, path, name, decision, getattr(predictor, "checkpoint_id", None), options,
+                            decoded_size(predictor, options))
 
 
 def run_inference(predictor: Predictor, inputs: list[str], out: str | os.PathLike, batch_size: int = 8,
                   num_workers: int = 0, voi_lut: bool = False, max_pixels: int = 50_000_000,
                   progress: bool = True, resume: bool = False, keep_identifiers: bool = False,
                   dicom_sc: bool = False, dicom_sr: bool = False,
-                  min_spine_score: float = NO_SPINE_SCORE) -> InferenceSummary:
+                  min_spine_score: float = NO_SPINE_SCORE, full_resolution: bool = False) -> InferenceSummary:
     """Run ``predictor`` over every input and write the outputs of docs/formats.md.
 
     ``resume`` skips inputs whose outputs are complete. ``dicom_sc`` / ``dicom_sr`` add a
@@ -329,7 +347,9 @@ def run_inference(predictor: Predictor, inputs: list[str], out: str | os.PathLik
     name, ID and birth date are left out of the JSON, and the SC/SR are a de-identified copy
     (new UIDs, a pseudonymous patient), unless ``keep_identifiers``: docs/formats.md, "DICOM
     outputs and identifiers". A film whose strongest vertebral-body score is below
-    ``min_spine_score`` gets a ``no_spine`` row instead of a probability (0: every film gets one)."""
+    ``min_spine_score`` gets a ``no_spine`` row instead of a probability (0: every film gets one).
+    A large film is decoded reduced where that loses nothing the networks use (:func:`decoded_size`),
+    its outputs still in the original film's pixels; ``full_resolution`` decodes every film whole."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with output_lock(out):
@@ -337,7 +357,7 @@ def run_inference(predictor: Predictor, inputs: list[str], out: str | os.PathLik
                     OutputOptions(keep_identifiers=keep_identifiers, dicom_sc=dicom_sc, dicom_sr=dicom_sr,
                                   voi_lut=voi_lut, max_pixels=max_pixels,
                                   backend=getattr(predictor, "backend", "torch"),
-                                  min_spine_score=min_spine_score))
+                                  min_spine_score=min_spine_score, full_resolution=full_resolution))
 
 
 def _run(predictor, inputs, out: Path, batch_size: int, num_workers: int, voi_lut: bool, max_pixels: int,
@@ -352,7 +372,8 @@ def _run(predictor, inputs, out: Path, batch_size: int, num_workers: int, voi_lu
         records += [r for r in done.values() if r is not None]
         rows += [r.prediction_row() for r in done.values() if r is not None]
         todo = [i for i in todo if done[i] is None]
-    dataset = InferenceDataset([paths[i] for i in todo], predictor.image_size, voi_lut=voi_lut, max_pixels=max_pixels)
+    dataset = InferenceDataset([paths[i] for i in todo], predictor.image_size, voi_lut=voi_lut, max_pixels=max_pixels,
+                               min_decoded_size=decoded_size(predictor, options))
     # one batch ahead per worker: each waiting batch holds its films' full-size pixels in memory
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_items,
                         prefetch_factor=1 if num_workers else None,

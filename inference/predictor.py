@@ -25,6 +25,7 @@ from data.io_utils import file_fingerprint
 from data.readers import ImageReadError, read_image
 from data.records import VertebraRecord
 from data.transforms import letterbox, normalize_intensity
+from data.vertebra_targets import CROP_CONTEXT, CROP_SIZE
 from inference.acceptance import checked_spacing, contrast_refusal, refusal
 from inference.drawing import grey_levels
 from inference.loading import open_model
@@ -36,16 +37,42 @@ OVERLAY_MAX_SIDE = 1024  # overlays are downsized to this long side; the .npy ke
 # film at 384 x 320) and a CPU runs 4 films no slower per film than 8
 FILM_NET_CHUNK = 4
 
+# Reduced decoding of large films (data/readers.py, ``min_decoded_size``). The crop network reads
+# each body in a window of CROP_CONTEXT x its extent, resampled to CROP_SIZE pixels; a film decoded
+# reduced loses nothing it uses while that window still spans at least CROP_MARGIN decoded pixels
+# per crop pixel for the smallest body the film network meets: SMALLEST_BODY_INPUT pixels of its
+# input (the larger of endplate width and height; the smallest on the 2492 training films is 12.3,
+# on the held-out AASCE films 14.9). The film network, at a few hundred pixels, needs less.
+SMALLEST_BODY_INPUT = 12.0
+CROP_MARGIN = 1.0
+
+
+def min_decoded_size(image_size: tuple[int, int], point_refiner: bool = False) -> tuple[int, int] | None:
+    """The smallest size (rows, columns) a film may be decoded at for a model whose film network
+    takes ``image_size``: the film letterboxed into it is not enlarged, so its smallest body keeps
+    ``CROP_MARGIN`` decoded pixels per crop pixel. None (full size) for a model with a point
+    refiner: it places points at the film's own resolution."""
+    if point_refiner:
+        return None
+    multiple = CROP_MARGIN * CROP_SIZE / (CROP_CONTEXT * SMALLEST_BODY_INPUT)  # decoded pixels per input pixel
+    return tuple(int(np.ceil(multiple * side)) for side in image_size)
+
 
 class InferenceDataset(Dataset):
     """Each input read and prepared: a dict with the network ``image``, its letterbox ``box``,
     the normalised ``pixels`` and a downsized ``display``; ``{"index", "error"}`` for an input
     that cannot be read, ``{"index", "refused"}`` for one refused by inference/acceptance.py.
-    An implausible pixel spacing is dropped and named in ``warnings``."""
+    An implausible pixel spacing is dropped and named in ``warnings``.
+
+    ``min_decoded_size`` (:func:`min_decoded_size`): a large film is decoded reduced, no smaller
+    than this; its ``pixels`` and ``display`` are then the reduced film, ``pixel_grid`` says
+    where they lie on the film, and ``box``, ``image_size``, ``pixel_spacing_mm`` and everything
+    computed from them stay in the original film's pixels. None: every film at full size."""
 
     def __init__(self, paths: list[str], image_size: tuple[int, int], voi_lut: bool = False,
-                 max_pixels: int = 50_000_000):
+                 max_pixels: int = 50_000_000, min_decoded_size: tuple[int, int] | None = None):
         self.paths, self.image_size, self.voi_lut, self.max_pixels = paths, tuple(image_size), voi_lut, max_pixels
+        self.min_decoded_size = min_decoded_size
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -57,7 +84,8 @@ class InferenceDataset(Dataset):
         except OSError:
             stat = None  # the reader says what is wrong
         try:
-            img = read_image(path, voi_lut=self.voi_lut, max_pixels=self.max_pixels)
+            img = read_image(path, voi_lut=self.voi_lut, max_pixels=self.max_pixels,
+                             min_decoded_size=self.min_decoded_size)
             source = file_fingerprint(path, stat)
         except ImageReadError as exc:
             return {"index": i, "error": exc.reason}
@@ -71,12 +99,18 @@ class InferenceDataset(Dataset):
             return {"index": i, "refused": refused}
         spacing, warning = checked_spacing(img.pixel_spacing_mm)
         x, box = letterbox(pixels, self.image_size)
-        h, w = pixels.shape
+        box = box.on_original(img.grid)  # maps the original film's pixels, however it was decoded
+        h, w = img.original_size
         f = min(1.0, OVERLAY_MAX_SIDE / max(h, w))
-        display = cv2.resize(pixels, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA) if f < 1 else pixels
+        size = (max(1, round(w * f)), max(1, round(h * f)))
+        display = pixels if size == pixels.shape[::-1] else cv2.resize(
+            pixels, size, interpolation=cv2.INTER_AREA if size[0] < pixels.shape[1] else cv2.INTER_LINEAR)
         display = grey_levels(display)  # what the overlay is drawn on, a quarter of the float's memory
+        if img.grid.reduced:  # the fingerprint names it: --resume redoes a film decoded otherwise
+            source["reduction"] = round(1 / img.grid.scale[0])
         return {"index": i, "image": torch.from_numpy(x)[None], "box": box, "display": display, "pixels": pixels,
-                "image_size": (h, w), "pixel_spacing_mm": spacing, "warnings": [warning] if warning else [],
+                "pixel_grid": img.grid, "image_size": (h, w), "pixel_spacing_mm": spacing,
+                "warnings": [warning] if warning else [],
                 "source": {**source, "format": img.source_format}, "frames": img.frames,
                 "dicom": dict(img.info) if img.source_format == "dicom" else None,
                 # the reader's parsed header (no pixels): identifiers and DICOM outputs read it, not the file
@@ -201,7 +235,7 @@ class Predictor:
         if self.vertebra_net is not None and vertebra_logits is not None:  # every film's vertebrae in shared passes
             analysed = analyse_films(
                 [{"vertebra_logits": vertebra_logits[k], "box": item["box"], "image": item["pixels"],
-                  "pixel_spacing_mm": item.get("pixel_spacing_mm"),
+                  "grid": item.get("pixel_grid"), "pixel_spacing_mm": item.get("pixel_spacing_mm"),
                   "view": (item.get("dicom") or {}).get("ViewPosition")} for k, item in enumerate(items)],
                 HEATMAP_STRIDE, self.vertebra_net, self.device, point_refiner=self.point_refiner)
         results = []

@@ -39,12 +39,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from data.records import FilmRecord, error_row
-from inference.cli_args import count_at_least, output_folder_problem
+from inference.cli_args import add_full_resolution, count_at_least, output_folder_problem
 from inference.acceptance import NO_SPINE_SCORE
 from inference.parts import (MergeError, MergeSummary, merge_parts, part_dir, rank_share, record_rank_times,
                              write_run_listing)
-from inference.pipeline import (FLUSH_SECONDS, OutputFolderInUse, OutputOptions, in_input_order, kept_record,
-                                output_lock, predict_films, readable, run_inputs, write_batch, write_tables)
+from inference.pipeline import (FLUSH_SECONDS, OutputFolderInUse, OutputOptions, decoded_size, in_input_order,
+                                kept_record, output_lock, predict_films, readable, run_inputs, write_batch,
+                                write_tables)
 from inference.predictor import InferenceDataset, Predictor, collate_items, worker_init
 from models.bundle import ModelError
 from models.registry import default_model
@@ -119,7 +120,7 @@ class ShardedRun:
 
     def dataset(self) -> InferenceDataset:
         return InferenceDataset(self.todo_paths, self.predictor.image_size, voi_lut=self.voi_lut,
-                                max_pixels=self.max_pixels)
+                                max_pixels=self.max_pixels, min_decoded_size=decoded_size(self.predictor, self.options))
 
     def add_batch(self, batch: list[dict], predictions: list) -> None:
         """Write the outputs of one predicted batch (``predictions``: one per readable item)."""
@@ -253,6 +254,7 @@ def run_main(argv: list[str]) -> int:
     parser.add_argument("--num-workers", type=count_at_least(0), default=2, help="data loader workers per process")
     parser.add_argument("--voi-lut", action="store_true", help="apply the DICOM VOI LUT / window")
     parser.add_argument("--max-pixels", type=int, default=50_000_000)
+    add_full_resolution(parser)
     parser.add_argument("--resume", action="store_true", help="skip inputs whose outputs are complete")
     parser.add_argument("--keep-identifiers", action="store_true",
                         help="copy patient name, ID and birth date into the outputs (left out by default)")
@@ -291,7 +293,7 @@ def run_main(argv: list[str]) -> int:
         parser.error(" ".join(str(exc).split()))
     options = OutputOptions(keep_identifiers=args.keep_identifiers, dicom_sc=args.dicom_sc, dicom_sr=args.dicom_sr,
                             voi_lut=args.voi_lut, max_pixels=args.max_pixels, backend="torch",
-                            min_spine_score=args.min_spine_score)
+                            min_spine_score=args.min_spine_score, full_resolution=args.full_resolution)
     run = ShardedRun(predictor, args.inputs, out, options, args.resume, args.batch_size, args.num_workers,
                      args.voi_lut, args.max_pixels)
     trainer.callbacks.append(PartWriter(run))

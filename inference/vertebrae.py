@@ -240,9 +240,12 @@ def read_crops(vertebra_net: CropNetwork, image: np.ndarray, points: np.ndarray,
     return read_one(read_crop_steps(image, points, passes, flip), {CROP_NET: vertebra_net}, device)
 
 
-def read_crop_steps(image: np.ndarray, points: np.ndarray, passes: int = 2, flip: bool = False) -> ReadingSteps:
+def read_crop_steps(image: np.ndarray, points: np.ndarray, passes: int = 2, flip: bool = False,
+                    grid=None) -> ReadingSteps:
     """:func:`read_crops` as a reading in steps (models.vertebra_net.read_in_batches): it yields
-    its crops for the network named ``CROP_NET``."""
+    its crops for the network named ``CROP_NET``. ``points`` are in original film pixels;
+    ``grid`` (data.transforms.PixelGrid) says where ``image``'s pixels lie on the film when it
+    was decoded reduced (None: the film's own pixels)."""
     if passes < 1:
         raise ValueError(f"passes must be at least 1, got {passes}")
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 6, 2)
@@ -252,7 +255,7 @@ def read_crop_steps(image: np.ndarray, points: np.ndarray, passes: int = 2, flip
     for k in range(passes):
         # a collapsed stage-1 guess still gets a window a body could fit in
         matrices = [crop_matrix(c, max(CROP_CONTEXT * e, MIN_CROP_SIDE)) for c, e in zip(body_centre(pts), body_extent(pts))]
-        crops = np.stack([extract_crop(image, m) for m in matrices])[:, None].astype(np.float32)
+        crops = np.stack([extract_crop(image, m, grid=grid) for m in matrices])[:, None].astype(np.float32)
         read, logits = yield CROP_NET, crops
         crop_pts = read.astype(np.float64)
         probs = torch.sigmoid(torch.from_numpy(logits)).numpy().astype(np.float64)
@@ -414,7 +417,7 @@ def _measurable(points: np.ndarray) -> np.ndarray:
 
 
 def _fill_gaps(read: dict, scores: np.ndarray, logp: np.ndarray, vertebra_logits: torch.Tensor, box, stride: int,
-               image: np.ndarray):
+               image: np.ndarray, grid=None):
     """The found bodies plus those read in the counted gaps (see :func:`gap_proposals`), in
     head-to-feet order. A filled body is dropped when the crop network moved it away from its
     window (``FILL_DRIFT``) or onto a found body. Filled bodies vote for no level (the level
@@ -424,7 +427,7 @@ def _fill_gaps(read: dict, scores: np.ndarray, logp: np.ndarray, vertebra_logits
     proposals, drift = gap_proposals(read["points"])
     if not len(proposals):
         return read, scores, logp
-    extra = yield from read_crop_steps(image, proposals, passes=CROP_PASSES, flip=FLIP_CROPS)
+    extra = yield from read_crop_steps(image, proposals, passes=CROP_PASSES, flip=FLIP_CROPS, grid=grid)
     moved = np.linalg.norm(body_centre(extra["points"]) - body_centre(proposals), axis=1)
     extra_scores = _scores_at(vertebra_logits, box, stride, body_centre(extra["points"]))
     merged = {k: np.concatenate([read[k], extra[k]]) for k in read}
@@ -522,15 +525,17 @@ def _measurable_in_spine_order(read: dict, scores: np.ndarray, logp: np.ndarray)
 def analyse_film(vertebra_logits: torch.Tensor, box, stride: int, vertebra_net: CropNetwork,
                  image: np.ndarray, device: torch.device, pixel_spacing_mm=None,
                  min_score: float = MIN_DETECTION_SCORE, fill_gaps: bool = True,
-                 point_refiner: CropNetwork | None = None, view: str | None = None) -> dict:
-    """All four steps for one film. ``image``: the normalised original pixels; ``box``: the
-    letterbox that made the network input. Returns ``vertebrae`` and the film's level summary.
+                 point_refiner: CropNetwork | None = None, view: str | None = None, grid=None) -> dict:
+    """All four steps for one film. ``image``: the normalised film pixels; ``box``: the
+    letterbox that made the network input, from original film pixels; ``grid``
+    (data.transforms.PixelGrid): where ``image``'s pixels lie on the film when it was decoded
+    reduced. Returns ``vertebrae`` (in original pixels) and the film's level summary.
 
     ``point_refiner`` (models/point_refiner.py), when given, re-reads every body's points in
     its own frame after the crop network and the gap filling; the probabilities stay the crop
     network's. :func:`analyse_films` analyses many films with shared forward passes."""
     steps = film_steps(vertebra_logits, box, stride, image, pixel_spacing_mm, min_score=min_score,
-                       fill_gaps=fill_gaps, point_refiner=point_refiner, view=view)
+                       fill_gaps=fill_gaps, point_refiner=point_refiner, view=view, grid=grid)
     return read_one(steps, _networks(vertebra_net, point_refiner), device)
 
 
@@ -539,10 +544,10 @@ def analyse_films(films: list[dict], stride: int, vertebra_net: CropNetwork, dev
     """:func:`analyse_film` for many films at once, their crops read in shared forward passes
     (models.vertebra_net.read_in_batches); the results equal one film's at a time. Each film is
     a dict of :func:`analyse_film`'s arguments (``vertebra_logits``, ``box``, ``image``, and
-    optionally ``pixel_spacing_mm`` and ``view``). Returns each film's result, or the exception
-    its analysis raised."""
+    optionally ``pixel_spacing_mm``, ``view`` and ``grid``). Returns each film's result, or the
+    exception its analysis raised."""
     steps = [film_steps(f["vertebra_logits"], f["box"], stride, f["image"], f.get("pixel_spacing_mm"),
-                        point_refiner=point_refiner, view=f.get("view")) for f in films]
+                        point_refiner=point_refiner, view=f.get("view"), grid=f.get("grid")) for f in films]
     return read_in_batches(steps, _networks(vertebra_net, point_refiner), device)
 
 
@@ -552,7 +557,7 @@ def _networks(vertebra_net: CropNetwork, point_refiner: CropNetwork | None) -> d
 
 def film_steps(vertebra_logits: torch.Tensor, box, stride: int, image: np.ndarray, pixel_spacing_mm=None,
                min_score: float = MIN_DETECTION_SCORE, fill_gaps: bool = True,
-               point_refiner: CropNetwork | None = None, view: str | None = None) -> ReadingSteps:
+               point_refiner: CropNetwork | None = None, view: str | None = None, grid=None) -> ReadingSteps:
     """:func:`analyse_film` as a reading in steps: it yields its crops for the networks named
     ``CROP_NET`` and ``REFINER_KEY`` and returns the film's result."""
     found = decode_detections(vertebra_logits, stride, min_score=min_score)
@@ -563,15 +568,15 @@ def film_steps(vertebra_logits: torch.Tensor, box, stride: int, image: np.ndarra
     rough = rough[order]
     scores = np.array([found[k]["score"] for k in order])
     logp = np.stack([found[k]["level_logp"] for k in order])
-    read = yield from read_crop_steps(image, rough, passes=CROP_PASSES, flip=FLIP_CROPS)
+    read = yield from read_crop_steps(image, rough, passes=CROP_PASSES, flip=FLIP_CROPS, grid=grid)
     read, scores, logp = _measurable_in_spine_order(read, scores, logp)
     if not len(scores):
         return {"vertebrae": [], "level_confidence": None, "levels_trusted": False}
     if fill_gaps:
-        read, scores, logp = yield from _fill_gaps(read, scores, logp, vertebra_logits, box, stride, image)
+        read, scores, logp = yield from _fill_gaps(read, scores, logp, vertebra_logits, box, stride, image, grid)
     if point_refiner is not None:
         # the refiner may collapse a body or pull two onto one vertebra: checked as the crop reads were
-        refined = yield from refine_steps(point_refiner, image, read["points"])
+        refined = yield from refine_steps(point_refiner, image, read["points"], grid=grid)
         read, scores, logp = _measurable_in_spine_order({**read, "points": refined}, scores, logp)
         if not len(scores):
             return {"vertebrae": [], "level_confidence": None, "levels_trusted": False}

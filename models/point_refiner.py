@@ -129,9 +129,10 @@ def refine_points(net: torch.nn.Module, image: np.ndarray, points: np.ndarray, d
 
 
 def refine_steps(net: torch.nn.Module, image: np.ndarray, points: np.ndarray, passes: int | None = None,
-                 flip: bool | None = None) -> ReadingSteps:
+                 flip: bool | None = None, grid=None) -> ReadingSteps:
     """:func:`refine_points` as a reading in steps: it yields its windows for the network named
-    ``REFINER_KEY`` (``net`` gives the window, passes and flip) and returns the refined points."""
+    ``REFINER_KEY`` (``net`` gives the window, passes and flip) and returns the refined points.
+    ``grid``: where ``image``'s pixels lie on the film of ``points`` (data.vertebra_targets.extract_crop)."""
     passes = int(getattr(net, "passes", REFINE_PASSES)) if passes is None else passes
     flip = bool(getattr(net, "flip", False)) if flip is None else flip
     context = tuple(getattr(net, "context", (WIDTH_CONTEXT, HEIGHT_CONTEXT)))
@@ -143,7 +144,7 @@ def refine_steps(net: torch.nn.Module, image: np.ndarray, points: np.ndarray, pa
     size = int(getattr(net, "crop_size", REFINE_SIZE))
     for k in range(passes):
         mats = frame_matrices(pts, out=size, context=context)
-        crops = np.stack([extract_crop(image, m, out=size) for m in mats])[:, None].astype(np.float32)
+        crops = np.stack([extract_crop(image, m, out=size, grid=grid) for m in mats])[:, None].astype(np.float32)
         read, _ = yield REFINER_KEY, crops
         read = read.astype(np.float64)
         if flip and k == passes - 1:
