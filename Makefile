@@ -11,7 +11,7 @@ DEMO_AASCE_N ?= 20
 DEMO_PRECISION ?= $(shell grep -q avx512_bf16 /proc/cpuinfo 2>/dev/null && echo bf16-mixed || echo 32-true)
 
 AASCE ?= ../shared/data/aasce
-.PHONY: demo model test test-all benchmark benchmark-mixed mixed-data clean
+.PHONY: demo model pack-aasce test test-all benchmark benchmark-mixed mixed-data clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON) (set PYTHON=python3.x)"; exit 1; }
@@ -58,6 +58,8 @@ demo: $(STAMP)
 # stage 2 goes on from its weights on the 3D phantom plus the real AASCE films with simulated fractures,
 # holding out 20 % of the AASCE patients. Then calibration on the validation films, export (int8 weights:
 # 10 MB for 10 M parameters; fp16 would need 20.4 MB) and the card. MODEL_EPOCHS / MODEL_STEPS set the budget of the two stages.
+# On a GPU machine that receives only the repository: the same steps by benchmarks/gpu_model.sh, with the
+# AASCE films carried re-encoded (make pack-aasce) and the packages it lacks as wheels (its header says how).
 MODEL := runs/model
 MODEL_NAME ?= spine-vcf-default
 # the exported version; calibration derives the next minor one (2.1.0), the one that ships
@@ -75,6 +77,11 @@ model: $(STAMP)
 	$(PY) -m training.export --checkpoint $(MODEL)/last.ckpt --out $(MODEL)/bundle-raw --name $(MODEL_NAME) --version $(MODEL_VERSION) --storage $(MODEL_STORAGE) --overwrite
 	$(PY) -m calibration --model $(MODEL)/bundle-raw --manifest $(MODEL)/manifest.csv --split val --out $(MODEL)/bundle
 	@echo "shipped-model candidate: $(MODEL)/bundle (benchmark it with python -m benchmarks.shipped_model, then copy it to models/bundles/)"
+
+# The AASCE films re-encoded (at most 1024 px on the longer side, JPEG; about 16 MB) for a run that must
+# carry them, such as the GPU run of make model (benchmarks/gpu_model.sh).
+pack-aasce: $(STAMP)
+	$(PY) -m data.pack_aasce --aasce $(AASCE) --out runs/carry/aasce
 
 test: $(STAMP)
 	$(PY) -m pytest -q

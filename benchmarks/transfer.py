@@ -3,8 +3,8 @@ retired 2D phantom, with the same config (configs/transfer.yaml) and the same bu
 (``--epochs`` over ``--films`` films), read on real films.
 
     python -m benchmarks.transfer [--arms 3d,2d] [--films 1600] [--epochs 2] [--threads 1]
-        [--aasce ../shared/data/aasce] [--verse ../shared/data/verse] [--out runs/transfer]
-        [--stages data,train,evaluate,results]
+        [--train-args '--trainer.accelerator gpu ...'] [--aasce ../shared/data/aasce]
+        [--verse ../shared/data/verse] [--out runs/transfer] [--stages data,train,evaluate,results]
 
 For each arm (``OUT/<arm>/``):
 
@@ -12,7 +12,8 @@ For each arm (``OUT/<arm>/``):
    ``--films`` films of seed 1 at 512 px;
 2. train: ``train.py fit`` with configs/transfer.yaml, resumed from ``last.ckpt`` when a run
    was cut short; ``--threads`` CPU threads (``OMP_NUM_THREADS``) so that two arms can run side
-   by side and still get the same compute each;
+   by side and still get the same compute each; ``--train-args``: further ``train.py`` options
+   after the config's (they win), e.g. the loader and accelerator of a GPU run;
 3. evaluate: the last checkpoint exported as a bundle, ``infer.py --min-spine-score 0`` (what
    each model localises, with no film turned away as "no spine") on every AASCE film (real
    AP anatomy, no fractures; their corners are the truth), ``evaluate.py`` on all of them and on
@@ -104,15 +105,19 @@ def stage_data(arm: str, arm_dir: Path, films: int) -> None:
         f"{arm}: phantom films")
 
 
-def stage_train(arm: str, arm_dir: Path, epochs: int, threads: int) -> dict:
+def stage_train(arm: str, arm_dir: Path, epochs: int, threads: int, train_args: str = "") -> dict:
     config = arm_config(arm_dir, epochs)
-    cmd = [sys.executable, "train.py", "fit", "--config", config, "--trainer.precision", precision()]
+    extra = shlex.split(train_args)
+    cmd = [sys.executable, "train.py", "fit", "--config", config, "--trainer.precision", precision(), *extra]
+    used_precision = next((extra[i + 1] for i in range(len(extra) - 2, -1, -1) if extra[i] == "--trainer.precision"),
+                          precision())
     if (arm_dir / "last.ckpt").is_file():
         cmd += ["--ckpt_path", arm_dir / "last.ckpt"]
     before = os.times()
     seconds = run(cmd, f"{arm}: training", env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
     info = {"wall_seconds_last_leg": round(seconds, 1), "threads": threads, "epochs": epochs, "steps": checkpoint_steps(arm_dir / "last.ckpt"),
-            "precision": precision(), "cpu_seconds": round(sum(os.times()[2:4]) - sum(before[2:4]), 1)}
+            "precision": used_precision, "train_args": train_args,
+            "cpu_seconds": round(sum(os.times()[2:4]) - sum(before[2:4]), 1)}
     atomic_write_text(arm_dir / "train_info.json", json.dumps(info, indent=1))
     return info
 
@@ -303,6 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--films", type=int, default=1600)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--train-args", default="", help="further train.py options, one string (after the config's; they win)")
     parser.add_argument("--aasce", type=Path, default=ROOT.parent / "shared" / "data" / "aasce")
     parser.add_argument("--verse", type=Path, default=ROOT.parent / "shared" / "data" / "verse")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "transfer")
@@ -324,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
         if "data" in stages:
             stage_data(arm, arm_dir, args.films)
         if "train" in stages:
-            entry["training"] = stage_train(arm, arm_dir, args.epochs, args.threads)
+            entry["training"] = stage_train(arm, arm_dir, args.epochs, args.threads, args.train_args)
         elif (arm_dir / "train_info.json").is_file():
             entry["training"] = json.loads((arm_dir / "train_info.json").read_text())
         if "evaluate" in stages:
