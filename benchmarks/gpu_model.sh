@@ -163,6 +163,7 @@ trap 'echo "[gpu_model] stopped by a signal" >&2; exit 143' TERM INT
 
 export PYTHONUNBUFFERED=1
 if [ "$DRY_RUN" != 1 ]; then
+    : > "$timings"
     if [ "$WHEELS" != 0 ] && compgen -G ".whl/*.whl" > /dev/null; then
         stage wheels "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
             --target /tmp/site .whl/*.whl
@@ -170,7 +171,6 @@ if [ "$DRY_RUN" != 1 ]; then
     fi
     [ -f "$AASCE/filenames.csv" ] || { echo "error: $AASCE/filenames.csv: not found (carry the packed AASCE folder; see the top of this script)" >&2; exit 2; }
     command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    : > "$timings"
 fi
 
 # Fractures simulated on the AASCE films need the CPU only: they run beside stage 1.
