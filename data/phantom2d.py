@@ -1,8 +1,10 @@
 """The first, 2D procedural phantom of lateral thoracolumbar spine radiographs, with exact
 per-vertebra truth.
 
-The default phantom is now the 3D one (``data.phantom``, ``data/spine3d``); this drawing is kept,
-byte for byte, for the comparison of models trained on either and for tests that need its films. Each image is drawn from a seed alone (image ``i`` of seed ``s`` is the
+Retired: the phantom is now the 3D one (``data.phantom``, ``data/spine3d``), and nothing trains
+on this drawing by default. It is kept, byte for byte, as the baseline arm of
+``benchmarks.transfer`` (docs/studies/2026-12-06-transfer.md) and for tests that need small,
+fast films with exact truth. Each image is drawn from a seed alone (image ``i`` of seed ``s`` is the
 same whatever ``n`` is), and is written in the project's manifest and ``vertebrae.csv``
 formats (see README, "Data formats").
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -586,6 +589,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=512, help="image height in pixels (width is 0.8x)")
     parser.add_argument("--workers", type=int, default=None)
     args = parser.parse_args(argv)
+    print("note: the 2D phantom is retired (kept as the transfer benchmark's baseline and for tests); "
+          "python -m data.phantom draws the 3D one", file=sys.stderr)
     out = generate_dataset(args.out, args.n, args.seed, args.size, args.workers)
     print(f"wrote {args.n} phantom films to {out} (manifest.csv, vertebrae.csv)")
 
