@@ -23,7 +23,7 @@ from typing import Any
 
 from calibration.methods import beta_formula, platt_formula
 from data.io_utils import atomic_write_text, missing_file
-from models.bundle import Bundle, ModelError, load_bundle
+from models.bundle import Bundle, ModelError, load_bundle, replace_card
 
 REPO = Path(__file__).resolve().parents[1]
 LIBRARIES = ("torch", "lightning", "timm", "monai", "numpy", "torchmetrics", "scikit-learn")
@@ -481,9 +481,11 @@ def _versions(bundle) -> str:
 
 
 # --------------------------------------------------------------------------- card
-def bundle_card(bundle, metrics_json: str | Path | None = None, training_data: str | None = None) -> str:
+def bundle_card(bundle, metrics_json: str | Path | None = None, training_data: str | None = None,
+                measured: str | None = None) -> str:
     """The Markdown model card of ``bundle`` (a :class:`models.bundle.Bundle`), with the metrics
-    of ``metrics_json`` when given."""
+    of ``metrics_json`` when given, and ``measured`` (Markdown: what benchmarks measured on data
+    the model never saw) as its last section."""
     metrics = json.loads(Path(metrics_json).read_text(encoding="utf-8")) if metrics_json else None
     meta = bundle.model
     title = f"# Model card: {bundle.name} {bundle.version} ({meta.get('backbone', 'unknown backbone')}, {bundle.id[:12]})"
@@ -517,13 +519,16 @@ def bundle_card(bundle, metrics_json: str | Path | None = None, training_data: s
                   "Not evaluated when this card was written: run `evaluate.py` on held-out data and rewrite the card "
                   "with `python -m evaluation.model_card --model BUNDLE --metrics metrics.json`.", ""]
     parts += [_limitations(comp), "", _versions(bundle), ""]
+    if measured:
+        parts += ["## Measured on data it never saw", "", measured.strip(), ""]
     return "\n".join(parts)
 
 
-def build_model_card(model, metrics_json: str | Path | None = None, training_data: str | None = None) -> str:
+def build_model_card(model, metrics_json: str | Path | None = None, training_data: str | None = None,
+                     measured: str | None = None) -> str:
     """The card of ``model``: a :class:`~models.bundle.Bundle` or a bundle folder."""
     bundle = model if isinstance(model, Bundle) else load_bundle(model)
-    return bundle_card(bundle, metrics_json, training_data)
+    return bundle_card(bundle, metrics_json, training_data, measured)
 
 
 def save_with_card(bundle: Bundle, out: str | Path, storage: str | None = None, overwrite: bool = False) -> Path:
@@ -535,20 +540,32 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description="Write a Markdown model card (research only; not for clinical use).")
     parser.add_argument("--model", required=True, help="a bundle folder")
     parser.add_argument("--metrics", default=None, help="metrics.json written by evaluate.py")
-    parser.add_argument("--out", required=True, help="output Markdown file, e.g. MODEL_CARD.md")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", help="output Markdown file, e.g. MODEL_CARD.md")
+    target.add_argument("--into-bundle", action="store_true",
+                        help="replace the bundle's own card (README.md, and its digest in metadata.json); "
+                             "the weights and the bundle's id are unchanged")
+    parser.add_argument("--measured", default=None,
+                        help="a Markdown file: what benchmarks measured on data the model never saw (the card's last section)")
     parser.add_argument("--training-data", default=None,
                         help="text describing the training data (default: counted from the training manifest: "
                              "phantom, simulated-on-real and real films, and their views)")
+    parser.add_argument("--training-data-file", default=None, help="the same text, from a Markdown file")
     args = parser.parse_args(argv)
     if args.metrics and not Path(args.metrics).is_file():
         parser.exit(2, f"error: {args.metrics}: {missing_file(args.metrics, 'metrics file')} (write it with evaluate.py)\n")
+    for path, what in ((args.training_data_file, "training-data file"), (args.measured, "measured file")):
+        if path and not Path(path).is_file():
+            parser.exit(2, f"error: {path}: {missing_file(path, what)}\n")
+    training_data = Path(args.training_data_file).read_text() if args.training_data_file else args.training_data
+    measured = Path(args.measured).read_text() if args.measured else None
     try:
-        card = build_model_card(args.model, args.metrics, args.training_data)
+        card = build_model_card(args.model, args.metrics, training_data, measured)
     except ModelError as exc:
         parser.exit(2, f"error: {exc}\n")
     except ValueError as exc:  # json.JSONDecodeError
         parser.exit(2, f"error: {args.metrics}: not a metrics.json of evaluate.py ({exc})\n")
-    path = atomic_write_text(args.out, card)
+    path = replace_card(args.model, card) if args.into_bundle else atomic_write_text(args.out, card)
     print(f"wrote {path}")
     return path
 

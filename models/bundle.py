@@ -38,6 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from data.io_utils import atomic_write_text
 from models.network import WEIGHTS_LOADED, FractureNet
 from models.point_refiner import build_refiner
 from models.vertebra_net import VertebraNet
@@ -366,6 +367,18 @@ def _readable(folder: Path) -> None:
     folder.chmod(0o777 & ~umask)
     for f in folder.iterdir():
         f.chmod(0o666 & ~umask)
+
+
+def replace_card(folder: str | os.PathLike, text: str) -> Path:
+    """Put ``text`` in place of the model card of the bundle at ``folder``, and its digest in
+    metadata.json. The weights and calibration are not rewritten, so the bundle's id stays (a
+    re-save would re-encode int8 weights, which need not give the same bytes)."""
+    folder = Path(folder)
+    meta = read_metadata(folder)
+    atomic_write_text(folder / CARD_FILE, text)
+    meta["files"][CARD_FILE] = file_sha256(folder / CARD_FILE)
+    atomic_write_text(folder / METADATA_FILE, json.dumps(_json_safe(meta), indent=1, sort_keys=True) + "\n")
+    return folder / CARD_FILE
 
 
 def weights_id(files: dict[str, str]) -> str:

@@ -232,3 +232,31 @@ def test_model_card_cli_names_bad_inputs(tmp_path, capsys):
                          "--out", str(tmp_path / "c.md")])
     assert "missing: not a bundle folder (not found)" in capsys.readouterr().err
     assert not (tmp_path / "card.md").exists() and not (tmp_path / "c.md").exists()
+
+
+def test_card_written_into_the_bundle_keeps_its_weights_and_id(tmp_path, capsys):
+    """--into-bundle replaces README.md and its digest in metadata.json and nothing else: the
+    bundle still loads (every digest checked) with the same id, and a re-save is not needed."""
+    from evaluation import model_card
+    from models.bundle import file_sha256, load_bundle
+
+    bundle = export_checkpoint(_tiny_checkpoint(tmp_path / "model.ckpt"), tmp_path / "bundle")
+    before = json.loads((bundle / "metadata.json").read_text())
+    weights = {name: file_sha256(bundle / name) for name in before["files"] if name.endswith(".safetensors")}
+    (tmp_path / "training.md").write_text("Two stages on synthetic films, 3 minutes.")
+    (tmp_path / "measured.md").write_text("Image AUROC 0.5 on 40 unseen films (benchmarks/RESULTS.md).")
+    model_card.main(["--model", str(bundle), "--into-bundle", "--training-data-file", str(tmp_path / "training.md"),
+                     "--measured", str(tmp_path / "measured.md")])
+    after = json.loads((bundle / "metadata.json").read_text())
+    card = (bundle / "README.md").read_text()
+    assert "Two stages on synthetic films, 3 minutes." in card
+    assert card.rstrip().endswith("Image AUROC 0.5 on 40 unseen films (benchmarks/RESULTS.md).")
+    assert "## Measured on data it never saw" in card
+    assert after["id"] == before["id"] and after["files"]["README.md"] == file_sha256(bundle / "README.md")
+    assert {k: v for k, v in after["files"].items() if k != "README.md"} == \
+        {k: v for k, v in before["files"].items() if k != "README.md"}
+    assert {name: file_sha256(bundle / name) for name in weights} == weights
+    assert load_bundle(bundle).id == before["id"]
+    with pytest.raises(SystemExit) as exit_info:
+        model_card.main(["--model", str(bundle), "--into-bundle", "--measured", str(tmp_path / "none.md")])
+    assert exit_info.value.code == 2 and "none.md" in capsys.readouterr().err
