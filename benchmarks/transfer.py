@@ -296,7 +296,7 @@ def write_results(section: str, title: str = SECTION) -> None:
     start = text.find(title + "\n")
     if start >= 0:
         end = text.find("\n## ", start + len(title))
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+        text = text[:start] + section.rstrip("\n") + "\n" + ("\n" + text[end + 1:] if end >= 0 else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
     atomic_write_text(RESULTS, text)
