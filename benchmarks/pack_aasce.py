@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import re
 import shlex
 import sys
 from pathlib import Path
@@ -21,13 +20,12 @@ import cv2
 import numpy as np
 
 from benchmarks.phantom_benchmark import machine
-from data.io_utils import atomic_write_text
+from benchmarks.transfer import write_results
 from data.landmarks import points_array, read_aasce
 from data.pack_aasce import DEFAULT_MAX_SIDE, DEFAULT_QUALITY, film_names, pack_aasce, packed_size
 from data.readers import read_image
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## AASCE films packed for a GPU run"
 
 
@@ -94,15 +92,6 @@ def results_section(rows: dict[int, dict], pack: dict, n_films: int, command: st
     return "\n".join(lines) + "\n"
 
 
-def write_results(section: str) -> None:
-    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n\n"
-    if SECTION in text:
-        text = re.sub(re.escape(SECTION) + r".*?(?=\n## |\Z)", lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    atomic_write_text(RESULTS, text.rstrip("\n") + "\n")
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.pack_aasce", description=__doc__.split("\n\n")[0])
     p.add_argument("--aasce", type=Path, default=ROOT.parent / "shared" / "data" / "aasce")
@@ -122,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     section = results_section(rows, pack, n_films, command.strip(), read)
     print(section)
     if args.write:
-        write_results(section)
+        write_results(section, SECTION)
     return {"sweep": rows, "pack": pack, "read": read}
 
 
