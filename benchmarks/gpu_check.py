@@ -24,7 +24,6 @@ import datetime as dt
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -38,6 +37,7 @@ import torch
 
 import train
 from benchmarks.loader import per_worker, through_loader
+from benchmarks.results_file import replace_section
 from data.cache import open_cache
 from data.dataset import RadiographDataset, collate_skipping_failures
 from data.io_utils import atomic_write_json, atomic_write_text
@@ -345,16 +345,6 @@ def results_section(r: dict) -> str:
             lines.append(f"\n{name}: failed ({r[name]['error']}).")
     return "\n".join(lines) + "\n"
 
-
-def write_results(section: str) -> None:
-    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n\n"
-    if SECTION in text:
-        text = re.sub(re.escape(SECTION) + r".*?(?=\n## |\Z)", lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    atomic_write_text(RESULTS, text.rstrip("\n") + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/out/gpu_check",
@@ -365,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results-from", default=None, help="write RESULTS.md's section from this gpu_check.json")
     args = p.parse_args(argv)
     if args.results_from:
-        write_results(results_section(json.loads(Path(args.results_from).read_text())))
+        replace_section(results_section(json.loads(Path(args.results_from).read_text())))
         print(f"wrote the section '{SECTION}' of {RESULTS}")
         return 0
     settings = QUICK if args.quick else FULL

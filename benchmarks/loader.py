@@ -22,7 +22,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -36,9 +35,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from benchmarks.phantom_benchmark import ensure_data, machine
+from benchmarks.results_file import replace_section
 from data.cache import cache_folder, open_cache
 from data.dataset import RadiographDataset, collate_skipping_failures
-from data.io_utils import atomic_write_text
 from data.manifest import load_manifest
 from data.readers import read_image
 from data.transforms import normalize_intensity
@@ -215,16 +214,6 @@ def results_section(r: dict, command: str) -> str:
         "with a core of its own, and whether 16 of them keep a GPU fed, is measured on the device (next section)."]
     return "\n".join(lines + [""] + notes + closing) + "\n"
 
-
-def write_results(section: str) -> None:
-    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n\n"
-    if SECTION in text:
-        text = re.sub(re.escape(SECTION) + r".*?(?=\n## |\Z)", lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    atomic_write_text(RESULTS, text.rstrip("\n") + "\n")
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=48, help="phantom films")
@@ -246,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     r = run(args)
     if args.write:
         command = "python -m benchmarks.loader " + shlex.join(argv if argv is not None else sys.argv[1:])
-        write_results(results_section(r, command.strip()))
+        replace_section(results_section(r, command.strip()))
     return r
 
 

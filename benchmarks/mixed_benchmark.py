@@ -32,7 +32,6 @@ import argparse
 import datetime as dt
 import json
 import math
-import re
 import shlex
 import shutil
 import subprocess
@@ -46,6 +45,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 
 from benchmarks.phantom_benchmark import ensure_data, machine
+from benchmarks.results_file import replace_section
 from data.io_utils import atomic_write_text
 from data.tables import absolute_path, load_vertebrae_table, path_key, read_text_table
 from evaluation import bootstrap as B
@@ -593,13 +593,7 @@ def _rel(p) -> str:
 
 
 def write_results(r: dict, section: str = SECTION) -> None:
-    block = results_section(r, section)
-    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n\n"
-    if section in text:
-        text = re.sub(re.escape(section) + r".*?(?=\n## |\Z)", lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    atomic_write_text(RESULTS, text.rstrip("\n") + "\n")
+    replace_section(results_section(r, section))
 
 
 # --------------------------------------------------------------------------- main

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from benchmarks.phantom_benchmark import machine
-from benchmarks.transfer import write_results
+from benchmarks.results_file import replace_section
 from data.landmarks import points_array, read_aasce
 from data.pack_aasce import DEFAULT_MAX_SIDE, DEFAULT_QUALITY, film_names, pack_aasce, packed_size
 from data.readers import read_image
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     section = results_section(rows, pack, n_films, command.strip(), read)
     print(section)
     if args.write:
-        write_results(section, SECTION)
+        replace_section(section)
     return {"sweep": rows, "pack": pack, "read": read}
 
 

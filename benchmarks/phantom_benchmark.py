@@ -16,7 +16,6 @@ import datetime as dt
 import json
 import os
 import platform
-import re
 import shlex
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from benchmarks.results_file import replace_section
 from data.io_utils import atomic_write_text
 from data.phantom import generate_dataset
 from evaluation import metrics
@@ -190,13 +190,7 @@ def write_results(r: dict, section: str = SECTION) -> None:
         f"| inference s / image (incl. reading and writing outputs) | {r['inference_seconds_per_image']:.3f} | |",
         "",
     ]
-    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n\n"
-    block = "\n".join(lines)
-    if section in text:
-        text = re.sub(re.escape(section) + r".*?(?=\n## |\Z)", block, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    atomic_write_text(RESULTS, text.rstrip("\n") + "\n")
+    replace_section("\n".join(lines))
 
 
 if __name__ == "__main__":

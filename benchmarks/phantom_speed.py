@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from benchmarks.phantom_benchmark import machine
-from data.io_utils import atomic_write_image, atomic_write_text
+from benchmarks.results_file import replace_section
+from data.io_utils import atomic_write_image
 from data.phantom import generate_image
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -63,15 +64,7 @@ def write_results(r: dict, command: str) -> None:
              f"(CPU time: {r['seconds_per_film']:.2f} s per film over {r['n']} films of seed {r['seed']}; by view: {views}; "
              f"wall-clock on the loaded machine: {r['wall_seconds_per_film']:.2f} s per film). "
              "Target: 2 films per second per core at 1024 px.", ""]
-    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
-    section = "\n".join(lines)
-    if SECTION in text:
-        start = text.index(SECTION)
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("\n" + text[nxt + 1:] if nxt >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    atomic_write_text(RESULTS, text)
+    replace_section("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -33,6 +32,7 @@ import time
 from pathlib import Path
 
 from benchmarks.phantom_benchmark import machine
+from benchmarks.results_file import replace_section
 from data.io_utils import atomic_write_text
 from data.phantom import generate_dataset
 from inference.parts import PARTS_DIR, RUN_FILE
@@ -137,13 +137,7 @@ def write_results(r: dict) -> None:
         "than free cores can cost several times the CPU per film, spent waiting in torch's thread pool.",
         "",
     ]
-    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n\n"
-    block = "\n".join(lines)
-    if SECTION in text:
-        text = re.sub(re.escape(SECTION) + r".*?(?=\n## |\Z)", lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    atomic_write_text(RESULTS, text.rstrip("\n") + "\n")
+    replace_section("\n".join(lines))
 
 
 if __name__ == "__main__":

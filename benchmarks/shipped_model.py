@@ -31,7 +31,8 @@ from pathlib import Path
 
 from benchmarks.mixed_benchmark import grade_group_auroc, load_dataset, write_subset
 from benchmarks.phantom_benchmark import machine
-from benchmarks.transfer import log, run, write_results
+from benchmarks.results_file import replace_section
+from benchmarks.transfer import log, run
 from data.io_utils import atomic_write_text
 from data.manifest import is_held_out
 from models.bundle import load_bundle
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"{args.aasce} not found: the AASCE rows are left out")
     atomic_write_text(out / "shipped_result.json", json.dumps(result, indent=1, default=str))
     if not args.no_results:
-        write_results(results_section(result), SECTION)
+        replace_section(results_section(result))
         log(f"wrote the section {SECTION!r} of {RESULTS}")
     return result
 

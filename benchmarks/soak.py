@@ -28,7 +28,6 @@ import datetime as dt
 import json
 import os
 import random
-import re
 import shlex
 import shutil
 import signal
@@ -46,7 +45,7 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from benchmarks.phantom_benchmark import machine
-from data.io_utils import atomic_write_text
+from benchmarks.results_file import replace_section
 from data.phantom import generate_dataset
 from inference.dicom_out import DEID_KEY_FILE
 from inference.pipeline import LOCK_FILE
@@ -377,17 +376,6 @@ def summary_lines(r: dict) -> list[str]:
         f"| result | {'PASS' if r['passed'] else 'FAIL: ' + '; '.join(c['problems'][:5])} |", "",
     ]
 
-
-def write_results(lines: list[str]) -> None:
-    block = "\n".join(lines)
-    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n\n"
-    if SECTION in text:
-        text = re.sub(re.escape(SECTION) + r".*?(?=\n## |\Z)", lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    atomic_write_text(RESULTS, text.rstrip("\n") + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--good", type=int, default=30, help="good phantom films")
@@ -442,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         for problem in result["problems"]:
             print(f"problem: {problem}")
         if not args.no_results:
-            write_results(lines)
+            replace_section("\n".join(lines))
             print(f"written to {RESULTS}")
         return 0 if passed else 1
     finally:

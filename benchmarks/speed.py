@@ -34,7 +34,6 @@ import importlib.util
 import json
 import os
 import platform
-import re
 import shlex
 import shutil
 import statistics
@@ -52,7 +51,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 import inference.predictor as predictor_module
-from data.io_utils import atomic_write_text, atomic_write_with
+from benchmarks.results_file import replace_section
+from data.io_utils import atomic_write_with
 from data.phantom import generate_image
 from data.readers import reduction_factor
 from inference.loading import open_model
@@ -522,13 +522,7 @@ def write_results(r: dict) -> None:
             lines.append(f"| {row['side']} x {row['side']} | {row['batch']} | {decoded} | {row['seconds_per_film']:.3f} s "
                          f"| {row['largest_mb']:.0f} MB | {row['tree_mb']:.0f} MB |")
         lines.append("")
-    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n\n"
-    block = "\n".join(lines)
-    if SECTION in text:
-        text = re.sub(re.escape(SECTION) + r".*?(?=\n## |\Z)", lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    atomic_write_text(RESULTS, text.rstrip("\n") + "\n")
+    replace_section("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ import pandas as pd
 import yaml
 
 from benchmarks.phantom_benchmark import machine
+from benchmarks.results_file import replace_section
 from data.geometry import as_points, body_centre, table_points
 from data.io_utils import atomic_write_text
 from data.tables import absolute_path, path_key, read_text_table
@@ -288,20 +289,6 @@ def results_section(result: dict) -> str:
                          f"{t.get('precision')}, {t.get('cpu_seconds')} CPU seconds in its last leg.")
     return "\n".join(lines) + "\n"
 
-
-def write_results(section: str, title: str = SECTION) -> None:
-    """Put ``section`` (which starts with the line ``title``) into RESULTS.md in place of the
-    section of that title, or at its end."""
-    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
-    start = text.find(title + "\n")
-    if start >= 0:
-        end = text.find("\n## ", start + len(title))
-        text = text[:start] + section.rstrip("\n") + "\n" + ("\n" + text[end + 1:] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    atomic_write_text(RESULTS, text)
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.transfer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arms", default="3d,2d")
@@ -340,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["arms"][arm] = entry
     atomic_write_text(out / "transfer_result.json", json.dumps(result, indent=1))
     if "results" in stages:
-        write_results(results_section(result))
+        replace_section(results_section(result))
         log(f"wrote the section {SECTION!r} of {RESULTS}")
     return result
 
