@@ -6,6 +6,22 @@ import pytest
 
 
 @pytest.fixture
+def dicom_reads(monkeypatch):
+    """The paths pydicom.dcmread is called with during the test, in order."""
+    import pydicom
+
+    reads = []
+    real = pydicom.dcmread
+
+    def counting(path, *args, **kwargs):
+        reads.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", counting)
+    return reads
+
+
+@pytest.fixture
 def tiny_eval_set(tmp_path):
     """A tiny labelled set with the outputs of an imaginary ``infer.py`` run (docs/formats.md).
 

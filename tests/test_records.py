@@ -119,11 +119,10 @@ def test_vertebrae_csv_from_memory_equals_the_one_from_the_jsons(tmp_path):
     pd.testing.assert_frame_equal(ours, want)
 
 
-def test_run_resume_and_one_header_read_per_dicom(tmp_path, monkeypatch):
+def test_run_resume_and_one_header_read_per_dicom(tmp_path, dicom_reads):
     """A run's vertebrae.csv equals the rows of its JSONs read back; --resume keeps every output
     and rewrites the same tables; a DICOM film's header is parsed once per run, DICOM outputs and
     identifiers included."""
-    import pydicom
 
     from inference.pipeline import run_inference
     from inference.predictor import Predictor
@@ -137,14 +136,7 @@ def test_run_resume_and_one_header_read_per_dicom(tmp_path, monkeypatch):
         (films / p.name).write_bytes(p.read_bytes())
     phantom_as_dicom(pngs[0], films / "study1.dcm")
     predictor = with_content_readers(Predictor(parity_checkpoint(tmp_path / "parity.ckpt"), device="cpu"))
-    reads = []
-    real = pydicom.dcmread
-
-    def counting(path, *args, **kwargs):
-        reads.append(str(path))
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(pydicom, "dcmread", counting)
+    reads = dicom_reads
     out = tmp_path / "out"
     summary = run_inference(predictor, [str(films)], out, batch_size=2, progress=False, keep_identifiers=True,
                             dicom_sc=True, dicom_sr=True)
