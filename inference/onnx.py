@@ -93,8 +93,12 @@ def onnx_session(path: Path, providers: list):
     """An onnxruntime session of the graph at ``path``, or :class:`BundleError` naming it."""
     import onnxruntime as ort
 
+    options = ort.SessionOptions()
+    # idle threads sleep instead of spinning, as OMP_WAIT_POLICY=PASSIVE makes torch's do: the
+    # loader workers share the cores, and a spinning pool takes their time
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        return ort.InferenceSession(str(path), providers=providers)
+        return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:
         raise BundleError(f"{path}: onnxruntime cannot load it ({type(exc).__name__}: {exc})") from exc
 

@@ -8,6 +8,7 @@ inference/pipeline.py's job.
 """
 from __future__ import annotations
 
+import copy
 import ctypes
 import os
 import signal
@@ -30,6 +31,7 @@ from inference.acceptance import checked_spacing, contrast_refusal, refusal
 from inference.drawing import grey_levels
 from inference.loading import open_model
 from inference.vertebrae import analyse_films, image_probabilities, with_morphometry
+from models.fusion import fold_batch_norms
 from models.network import HEATMAP_STRIDE, FractureNet
 
 OVERLAY_MAX_SIDE = 1024  # overlays are downsized to this long side; the .npy keeps full detail
@@ -182,9 +184,14 @@ class Predictor:
         self.bundle = open_model(model, sha256=sha256, allow_download=allow_download)
         self.checkpoint = self.bundle.path or Path(str(model))
         self.meta = self.bundle.model
-        self.net = self.bundle.film_net
-        self.vertebra_net = self.bundle.crop_net
-        self.point_refiner = self.bundle.point_refiner if self.vertebra_net is not None else None
+        # the networks run with their norms folded into their convolutions; a bundle the caller
+        # holds keeps its own (it may be saved again), so its networks are folded as copies
+        networks = self.bundle.networks if self.bundle is not model else copy.deepcopy(self.bundle.networks)
+        for net in networks.values():
+            fold_batch_norms(net.eval())
+        self.net = networks["film_net"]
+        self.vertebra_net = networks.get("crop_net")
+        self.point_refiner = networks.get("point_refiner") if self.vertebra_net is not None else None
         stored = self.bundle.calibration if calibrated else None
         self.calibrator, self.operating_point = predictor_calibration(stored, self.checkpoint, operating_point)
         self.checkpoint_id = self.bundle.id
