@@ -27,8 +27,10 @@ def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45,
     if label:
         thickness = max(1, int(2 * scale))
         font = label_font_scale(label, out.shape[1] - 16, max(0.4, 0.8 * scale), thickness)
-        cv2.putText(out, label, (8, max(16, int(28 * scale))), cv2.FONT_HERSHEY_SIMPLEX, font,
-                    (255, 255, 255), thickness, cv2.LINE_AA)
+        origin = (8, max(16, int(28 * scale)))
+        # white on a black outline: readable on the bright top edge of a film as on the dark
+        cv2.putText(out, label, origin, cv2.FONT_HERSHEY_SIMPLEX, font, (0, 0, 0), thickness + 2, cv2.LINE_AA)
+        cv2.putText(out, label, origin, cv2.FONT_HERSHEY_SIMPLEX, font, (255, 255, 255), thickness, cv2.LINE_AA)
     return out
 
 

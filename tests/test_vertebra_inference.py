@@ -1165,3 +1165,14 @@ def test_overlay_label_fits_a_narrow_film():
     font = label_font_scale(label, 348 - 16, 0.8, 2)
     assert font < 0.8 and cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font, 2)[0][0] <= 348 - 16
     assert label_font_scale("p 0.1", 1000, 0.8, 2) == 0.8  # a label that fits keeps its size
+
+
+def test_the_probabilities_line_is_readable_on_a_white_film():
+    """The title is white on a black outline: on a film whose top edge is white it still shows."""
+    from inference.drawing import overlay_heatmap
+
+    white_film = overlay_heatmap(np.full((600, 500), 1.0), np.zeros((600, 500)), label="p(fracture) 0.42")
+    title = white_film[:40]
+    dark = (title < 60).all(axis=2)
+    assert dark.sum() > 100  # the outline of every letter
+    assert (title == 255).all(axis=2).sum() > 100  # and the white letters inside it
