@@ -372,6 +372,8 @@ def _run(predictor, inputs, out: Path, batch_size: int, num_workers: int, voi_lu
         records += [r for r in done.values() if r is not None]
         rows += [r.prediction_row() for r in done.values() if r is not None]
         todo = [i for i in todo if done[i] is None]
+    # at once: a run killed before its first flush leaves its own tables, not an earlier run's
+    write_tables(out, *in_input_order(rows, records, paths))
     dataset = InferenceDataset([paths[i] for i in todo], predictor.image_size, voi_lut=voi_lut, max_pixels=max_pixels,
                                min_decoded_size=decoded_size(predictor, options))
     # one batch ahead per worker: each waiting batch holds its films' full-size pixels in memory

@@ -123,6 +123,44 @@ def test_an_interrupted_run_keeps_the_tables_of_the_films_it_finished(parity, tm
     assert not (out / pipeline.LOCK_FILE).exists()
 
 
+def test_a_run_killed_before_its_first_flush_leaves_its_own_tables_not_an_earlier_runs(parity, tmp_path,
+                                                                                       monkeypatch):
+    """The tables a SIGKILL would leave, read while the first film is written: they are this
+    run's (its kept films and unlisted inputs), never an earlier run's into the same folder."""
+    import shutil
+    from pathlib import Path
+
+    import pandas as pd
+
+    import inference.pipeline as pipeline
+    from inference.predictor import Predictor
+
+    predictor = Predictor(parity["bundle"], device="cpu")
+    films = sorted(FILMS_DIR.glob("*.png"))
+    earlier, later = tmp_path / "earlier", tmp_path / "later"
+    earlier.mkdir(), later.mkdir()
+    shutil.copy(films[0], earlier / "old.png")
+    shutil.copy(films[1], later / "kept.png")
+    shutil.copy(films[2], later / "new.png")
+    out = tmp_path / "out"
+    pipeline.run_inference(predictor, [str(earlier), str(later / "kept.png")], out, num_workers=0, progress=False)
+
+    seen = []
+    real = pipeline._write_outputs
+
+    def look_then_write(*args, **kwargs):
+        seen.append(pd.read_csv(out / "predictions.csv"))  # what a kill at this moment leaves
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_write_outputs", look_then_write)
+    pipeline.run_inference(predictor, [str(later), str(tmp_path / "absent.png")], out, num_workers=0,
+                           progress=False, resume=True)
+    files = [Path(p).name for p in seen[0].image]
+    assert "old.png" not in files  # the earlier run's film
+    assert dict(zip(files, seen[0].status)) == {"absent.png": "error", "kept.png": "ok"}
+    assert [Path(p).name for p in pd.read_csv(out / "predictions.csv").image] == ["absent.png", "kept.png", "new.png"]
+
+
 def test_an_output_folder_inside_the_input_folder_is_not_read_as_input(parity, tmp_path):
     import shutil
 
