@@ -151,6 +151,18 @@ def test_a_broken_quote_and_a_bad_mask_value_join_the_one_problem_list(tmp_path)
         "row 3: image file not found: missing.png",
         "vertebrae.csv row 2: mask_value 'abc' is not an integer (a label of the mask)"]
     assert err.value.lines()[0] == f"{tmp_path / 'manifest.csv'}: 2 problem(s):"
+    # both in one file: the rows before the broken quote are still checked
+    write(tmp_path / "vertebrae.csv", VERTEBRA_HEADER + ",mask_value\n"
+          f"a.png,L1,1,wedge,1,{NUMS},abc\n"
+          f"a.png,L2,0,normal,,{NUMS},4\n"
+          f'a.png,L3,0,normal,,{NUMS},"5\n'
+          f"a.png,L4,0,normal,,{NUMS},6\n")
+    with pytest.raises(ManifestError) as err:
+        load_manifest(tmp_path / "manifest.csv")
+    assert err.value.problems == [
+        "row 3: image file not found: missing.png",
+        "vertebrae.csv row 2: mask_value 'abc' is not an integer (a label of the mask)",
+        "vertebrae.csv row 4: a quoted field is never closed (an unbalanced quote runs to the end of the file)"]
 
 
 def _two_patient_set(folder, patients=("p1", "p2")):
