@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 from pathlib import Path
+
+import torch
 
 
 def count_at_least(minimum: int):
@@ -17,6 +20,46 @@ def count_at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
         return value
     return parse
+
+
+def number_between(low: float, high: float):
+    """An argparse type: a finite number from ``low`` to ``high``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"{text} is not a number from {low:g} to {high:g}")
+        return value
+    return parse
+
+
+def device_problem(device: str, backend: str = "torch") -> str | None:
+    """Why ``--device`` cannot run the networks with ``backend`` here, or None."""
+    if device == "auto":
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda") or (parsed.type == "cpu" and parsed.index):
+        return f"--device {device}: not a device (auto, cpu, cuda or cuda:N)"
+    if parsed.type == "cpu":
+        return None
+    if backend == "onnx":
+        import onnxruntime  # only with --backend onnx
+
+        available = onnxruntime.get_available_providers()
+        if "CUDAExecutionProvider" not in available:
+            return (f"--device {device}: this onnxruntime has no CUDAExecutionProvider (has {', '.join(available)}); "
+                    f"install onnxruntime-gpu or use --device cpu")
+        return None
+    if not torch.cuda.is_available():
+        return f"--device {device}: no CUDA GPU is available here (use --device cpu or auto)"
+    if (parsed.index or 0) >= torch.cuda.device_count():
+        return f"--device {device}: there are {torch.cuda.device_count()} CUDA GPU(s) here, numbered from 0"
+    return None
 
 
 def add_full_resolution(parser: argparse.ArgumentParser) -> None:

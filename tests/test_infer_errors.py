@@ -17,16 +17,39 @@ def parity(tmp_path_factory):
     (["--batch-size", "0"], "--batch-size: 0 is below 1"),
     (["--num-workers", "-1"], "--num-workers: -1 is below 0"),
     (["--device", "cuda"], "no CUDA GPU is available here"),
+    (["--device", "tpu"], "--device tpu: not a device (auto, cpu, cuda or cuda:N)"),
+    (["--device", "cpu:banana"], "--device cpu:banana: not a device"),
+    (["--backend", "onnx", "--device", "cuda"], "this onnxruntime has no CUDAExecutionProvider"),
+    (["--max-pixels", "0"], "--max-pixels: 0 is below 1"),
+    (["--min-spine-score", "nan"], "--min-spine-score: nan is not a number from 0 to 1"),
+    (["--min-spine-score", "1.5"], "--min-spine-score: 1.5 is not a number from 0 to 1"),
 ])
 def test_infer_usage_errors_are_one_line_and_exit_2(parity, tmp_path, capsys, options, message):
     import infer
 
-    if "cuda" in options and torch.cuda.is_available():
+    if "cuda" in options and "onnx" not in options and torch.cuda.is_available():
         pytest.skip("a GPU is present")
+    if "onnx" in options:
+        import onnxruntime
+
+        if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            pytest.skip("onnxruntime runs on a GPU here")
     with pytest.raises(SystemExit) as exc:
         infer.main(["--model", str(parity["bundle"]), "--out", str(tmp_path / "out"), *options, str(FILMS_DIR)])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "predictions.csv").exists()  # refused before any film is read
+
+
+def test_sharded_inference_refuses_the_same_options_in_one_line(tmp_path, capsys):
+    from inference import sharded
+
+    for options, message in ((["--max-pixels", "-5"], "--max-pixels: -5 is below 1"),
+                             (["--min-spine-score", "inf"], "--min-spine-score: inf is not a number from 0 to 1")):
+        with pytest.raises(SystemExit) as exc:
+            sharded.main(["--out", str(tmp_path / "out"), *options, str(FILMS_DIR)])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and message in err and "Traceback" not in err
 
 
 def test_infer_refuses_an_out_that_is_a_file_or_unwritable_before_reading_films(parity, tmp_path, capsys, monkeypatch):
