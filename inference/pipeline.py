@@ -108,16 +108,17 @@ def output_lock(out: Path):
     dead pid) is taken over."""
     lock = out / LOCK_FILE
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for _ in range(2):
+    for attempt in range(LOCK_ATTEMPTS):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             try:
-                other = json.loads(lock.read_text())
+                text = lock.read_text()
+                other = json.loads(text)
             except (OSError, ValueError):
-                other = {}
-            if other.get("host") == me["host"] and not _alive(other.get("pid")):
-                lock.unlink(missing_ok=True)  # its run is gone
+                text, other = None, {}
+            if text is not None and other.get("host") == me["host"] and not _alive(other.get("pid")):
+                _remove_dead_lock(lock, text)  # its run is gone
                 continue
             raise OutputFolderInUse(
                 f"{out}: in use by another run (pid {other.get('pid', '?')} on {other.get('host', '?')}, started "
@@ -126,10 +127,38 @@ def output_lock(out: Path):
         with os.fdopen(fd, "w") as fh:
             json.dump(me, fh)
         break
+    else:
+        raise OutputFolderInUse(f"{out}: other runs are taking over the lock of a run that is gone; try again")
     try:
         yield
     finally:
         lock.unlink(missing_ok=True)
+
+
+LOCK_ATTEMPTS = 20
+TAKEOVER_GRACE_SECONDS = 10.0  # a takeover guard older than this was left by a run killed while taking over
+
+
+def _remove_dead_lock(lock: Path, dead: str) -> None:
+    """Remove ``lock`` if it still holds ``dead`` (the text of a run that is gone). Runs that take
+    a dead run's lock over do it one at a time, under ``LOCK.takeover``, so that none removes the
+    lock another has just taken; a run that finds another taking over waits a moment."""
+    guard = lock.with_name(lock.name + ".takeover")
+    try:
+        fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        with contextlib.suppress(OSError):
+            if time.time() - guard.stat().st_mtime > TAKEOVER_GRACE_SECONDS:
+                guard.unlink()
+        time.sleep(0.05)
+        return
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            if lock.read_text() == dead:
+                lock.unlink()
+    finally:
+        os.close(fd)
+        guard.unlink(missing_ok=True)
 
 
 def _alive(pid) -> bool:

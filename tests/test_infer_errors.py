@@ -120,6 +120,39 @@ def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_first(parity, t
     assert (out / "predictions.csv").is_file() and not (out / LOCK_FILE).exists()
 
 
+def test_of_two_runs_taking_over_a_dead_runs_lock_at_once_one_is_refused(tmp_path, monkeypatch):
+    """Run B finds the lock of a dead run; before B removes it, run A has taken it over. B must
+    not remove A's lock: it is refused, naming A."""
+    import contextlib
+    import json
+    import os
+    import socket
+
+    import inference.pipeline as pipeline
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / pipeline.LOCK_FILE).write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname(),
+                                                      "started": "2026-12-06 07:00:00"}))
+    real_alive = pipeline._alive
+    run_a = contextlib.ExitStack()
+    judged = []
+
+    def alive_while_a_takes_over(pid):
+        judged.append(pid)
+        if len(judged) == 1:  # B has read the dead run's lock and asks whether that run lives
+            run_a.enter_context(pipeline.output_lock(out))  # meanwhile A takes the lock over
+        return real_alive(pid)
+
+    monkeypatch.setattr(pipeline, "_alive", alive_while_a_takes_over)
+    with run_a:
+        with pytest.raises(pipeline.OutputFolderInUse, match=f"pid {os.getpid()} "):
+            with pipeline.output_lock(out):  # B
+                pass
+        assert json.loads((out / pipeline.LOCK_FILE).read_text())["pid"] == os.getpid()  # A's lock stands
+    assert sorted(p.name for p in out.iterdir()) == []  # released, nothing left beside it
+
+
 def test_an_interrupted_run_keeps_the_tables_of_the_films_it_finished(parity, tmp_path, monkeypatch):
     import pandas as pd
 
