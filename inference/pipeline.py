@@ -82,17 +82,18 @@ def _short_stem(stem: str, path: str) -> str:
 def output_names(paths: list[str]) -> list[str]:
     """A file stem per input, unique by construction: stems shared by several inputs get a
     hash of the path, and a hashed name that meets another input's own stem gets a longer
-    hash; over-long stems are cut and hashed."""
+    hash; over-long stems are cut and hashed. Names are compared regardless of case, as a
+    case-insensitive file system (macOS, Windows, many shares) holding ``--out`` sees them."""
     stems = [_short_stem(Path(p).stem or Path(p).name, p) for p in paths]
     names = list(stems)
     for digits in (8, 16, 40):
-        seen = Counter(names)
+        seen = Counter(n.casefold() for n in names)
         clash = {n for n, c in seen.items() if c > 1}
         if not clash:
             break
-        names = [f"{s}_{_path_hash(p, digits)}" if n in clash else n
+        names = [f"{s}_{_path_hash(p, digits)}" if n.casefold() in clash else n
                  for n, s, p in zip(names, stems, paths)]
-    if len(set(names)) != len(names):  # inputs listed twice: the same path
+    if len({n.casefold() for n in names}) != len(names):  # inputs listed twice: the same path
         raise ValueError("output names: an input is listed twice")
     return names
 

@@ -90,6 +90,9 @@ def test_output_names_are_unique_by_construction_and_short():
     assert len(set(names)) == len(names) == 4
     assert all(len(n.encode()) <= MAX_NAME_BYTES for n in names)
     assert output_names(["/x/b.png", "/y/c.png"]) == ["b", "c"]  # plain stems where nothing clashes
+    # stems that differ only in case would share files on a case-insensitive --out
+    upper, lower = output_names(["/x/Film.png", "/x/film.png"])
+    assert upper.casefold() != lower.casefold() and upper.startswith("Film_") and lower.startswith("film_")
 
 
 def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_first(parity, tmp_path, capsys):
