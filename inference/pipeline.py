@@ -509,8 +509,15 @@ def write_film(predictor, out: Path, path: str, name: str, item: dict, film: Fil
     try:
         record = _write_outputs(predictor, out, path, name, item, film, options)
     except Exception as exc:  # e.g. a full disk: record it, keep going
+        remove_film_outputs(out, name)  # none left half-made beside an error row
         return error_row(path, name, f"writing outputs failed: {type(exc).__name__}: {exc}"), None
     return record.prediction_row(), record
+
+
+def remove_film_outputs(out: Path, name: str) -> None:
+    """Remove the files of film ``name`` (its JSON first: without it the rest is incomplete)."""
+    for suffix in (".json", "_heatmap.npy", "_heatmap.png", "_sc.dcm", "_sr.dcm"):
+        (out / f"{name}{suffix}").unlink(missing_ok=True)
 
 
 def in_input_order(rows: list[dict], records: list[FilmRecord], paths: list[str]) -> tuple[list[dict], list[FilmRecord]]:
@@ -539,13 +546,30 @@ def _inside(point: list[float], image_hw) -> list[float]:
 
 
 def non_finite_outputs(film: FilmPrediction) -> str:
-    """The film's outputs that are NaN or infinite, named ("" when all are finite)."""
+    """The film's outputs that are NaN or infinite, named ("" when all are finite): its
+    probabilities, heatmap and level confidence, and every number of its vertebrae (points,
+    heights, ratios, probabilities), which its JSON, table rows and drawing carry."""
     bad = [f"{k}={v}" for k, v in film.probs.items() if not np.isfinite(v)]
     if film.heatmap is not None and not np.isfinite(film.heatmap).all():
         bad.append("heatmap")
-    bad += [f"vertebra {v.level} p_fracture={v.p_fracture}" for v in film.vertebrae
-            if not (np.isfinite(v.p_fracture) and np.isfinite(v.p_acute))]
+    if film.level_confidence is not None and not np.isfinite(film.level_confidence):
+        bad.append(f"level_confidence={film.level_confidence}")
+    for v in film.vertebrae:
+        fields = [key for key, value in v.to_json_dict().items() if not _all_finite(value)]
+        bad += [f"vertebra {v.level} {key}" + (f"={getattr(v, key)}" if key.startswith("p_") else "")
+                for key in fields]
     return ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+
+
+def _all_finite(value) -> bool:
+    """Whether every number in ``value`` (a number, or lists and dicts of them) is finite."""
+    if isinstance(value, dict):
+        return all(_all_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_all_finite(v) for v in value)
+    if isinstance(value, (float, np.floating)):
+        return bool(np.isfinite(value))
+    return True
 
 
 def write_vertebrae_table(path: Path, records: list[FilmRecord]) -> None:

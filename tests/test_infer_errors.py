@@ -81,6 +81,46 @@ def test_a_model_with_a_nan_weight_gives_error_rows_and_valid_json(parity, tmp_p
     assert not list((tmp_path / "out").glob("*.json"))
 
 
+def test_a_non_finite_vertebra_point_or_height_is_an_error_row_and_leaves_no_files(parity, tmp_path, monkeypatch):
+    """Finite probabilities but a NaN in a vertebra's points, or an infinite height loss: an error
+    row naming them, never a drawing crash, bare NaN in a JSON, or heatmaps without a JSON."""
+    import json
+
+    import pandas as pd
+
+    import inference.pipeline as pipeline
+    from inference.predictor import Predictor
+    from tests.parity.parity_model import with_content_readers
+
+    predictor = with_content_readers(Predictor(parity["bundle"], device="cpu"))
+    real = predictor.predict
+
+    def damaged(items):
+        films = real(items)
+        for k, film in enumerate(films):
+            assert film.vertebrae
+            if k % 2:
+                film.vertebrae[0].points[0][0] = float("nan")
+            else:
+                film.vertebrae[-1].height_loss = float("inf")
+        return films
+
+    predictor.predict = damaged
+    out = tmp_path / "out"
+    summary = pipeline.run_inference(predictor, [str(FILMS_DIR)], out, batch_size=2, num_workers=0, progress=False)
+    assert summary.n_ok == 0 and summary.failed_by_status == {"error": 4}
+    reasons = pd.read_csv(out / "errors.csv").error
+    assert reasons.str.match(r"the model gave non-finite outputs \(vertebra \S+ (points|height_loss)\)").all()
+    assert sorted(p.name for p in out.iterdir()) == ["errors.csv", "predictions.csv", "vertebrae.csv"]
+
+    # a film whose JSON cannot be written after its heatmaps were: those are removed with it
+    predictor.predict = real
+    monkeypatch.setattr(pipeline, "atomic_write_json", lambda *a, **k: json.dumps(float("nan"), allow_nan=False))
+    summary = pipeline.run_inference(predictor, [str(FILMS_DIR)], out, num_workers=0, progress=False)
+    assert summary.n_ok == 0 and (pd.read_csv(out / "errors.csv").error.str.contains("not JSON compliant")).all()
+    assert sorted(p.name for p in out.iterdir()) == ["errors.csv", "predictions.csv", "vertebrae.csv"]
+
+
 def test_output_names_are_unique_by_construction_and_short():
     from inference.pipeline import MAX_NAME_BYTES, _path_hash, output_names
 
