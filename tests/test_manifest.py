@@ -205,3 +205,17 @@ def test_train_prints_manifest_problems_one_a_line_and_exits_2(tmp_path, capsys)
     assert "Traceback" not in err
     assert err.splitlines()[-3:] == [f"error: {manifest}: 2 problem(s):", "  row 4: image file not found: gone.png",
                                      "  row 4: fracture has unknown value 'maybe' (expected 1, 0 or empty)"]
+
+
+def test_train_prints_a_validation_manifest_sharing_training_patients_as_an_error(tmp_path, capsys):
+    import train
+    from tests.training_config import compose_config
+
+    manifest = _two_patient_set(tmp_path / "data")
+    config = compose_config(tmp_path / "run", manifest, trainer={"max_epochs": 1},
+                            data={"num_workers": 0, "val_manifest": str(manifest)})
+    assert train.run(["fit", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-3] == f"error: {manifest}: 2 problem(s):"
+    assert "a validation image must not be trained on" in err.splitlines()[-1]
