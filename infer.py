@@ -73,7 +73,7 @@ def sigterm_as_interrupt():
 
 def usage_problem(args) -> str | None:
     """What makes these options unusable before any film is read (None: nothing)."""
-    problem = output_folder_problem(Path(args.out))
+    problem = output_folder_problem(Path(args.out), args.inputs)
     if problem:
         return problem
     return device_problem(args.device, args.backend)

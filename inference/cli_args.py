@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import tempfile
 from pathlib import Path
 
@@ -71,10 +72,16 @@ def add_full_resolution(parser: argparse.ArgumentParser) -> None:
                              "way)")
 
 
-def output_folder_problem(out: Path) -> str | None:
-    """Why ``--out`` cannot take the outputs (created when missing), or None."""
+def output_folder_problem(out: Path, inputs: list[str] = ()) -> str | None:
+    """Why ``--out`` cannot take the outputs (created when missing), or None. It may lie inside
+    an input folder (it is not walked) but not be one of ``inputs``: the next run would read
+    its outputs as films."""
     if out.exists() and not out.is_dir():
         return f"--out {out}: exists and is not a folder"
+    for given in inputs:
+        if out.is_dir() and Path(given).is_dir() and os.path.samefile(given, out):
+            return (f"--out {out}: is an input folder ({given}); the next run would read its outputs as films: "
+                    f"use a folder of its own (one inside the input folder is skipped)")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):

@@ -44,21 +44,21 @@ from data.records import (PREDICTION_COLUMNS, VERTEBRA_COLUMNS, FilmRecord,
 
 
 
-def collect_inputs(inputs: list[str | os.PathLike]) -> tuple[list[str], list[tuple[str, str]]]:
+def collect_inputs(inputs: list[str | os.PathLike], skip_folder: str | os.PathLike | None = None
+                   ) -> tuple[list[str], list[tuple[str, str]]]:
     """Expand files, folders (recursively), manifest CSVs and DICOMDIRs into image paths.
 
     Returns ``(paths, problems)``: problems are inputs that could not be listed, with a reason.
-    See :func:`data.discovery.find_inputs` for the rules."""
-    return find_inputs([os.fspath(i) for i in inputs])
+    See :func:`data.discovery.find_inputs` for the rules (and ``skip_folder``)."""
+    return find_inputs([os.fspath(i) for i in inputs], skip_folder=skip_folder)
 
 
 def run_inputs(inputs: list[str | os.PathLike], out: Path) -> tuple[list[str], list[str], list[tuple[str, str]]]:
     """The inputs of a run into ``out``: their image paths, their output names
     (:func:`output_names`) and the inputs that could not be listed, with a reason. An output
-    folder inside an input folder is skipped: its overlays are not inputs of the next run."""
-    paths, problems = collect_inputs(inputs)
-    own = out.resolve()
-    paths = [p for p in paths if not Path(p).resolve().is_relative_to(own)]
+    folder inside an input folder is not walked: its overlays are not inputs of the next run;
+    films in folders inside ``out``, or named inside it, are inputs as any other."""
+    paths, problems = collect_inputs(inputs, skip_folder=out)
     return paths, output_names(paths), problems
 
 

@@ -268,7 +268,7 @@ def run_main(argv: list[str]) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    problem = output_folder_problem(out)
+    problem = output_folder_problem(out, args.inputs)
     if problem:
         parser.error(problem)
     try:

@@ -276,6 +276,30 @@ def test_an_output_folder_inside_the_input_folder_is_not_read_as_input(parity, t
     assert len(table) == 4 and (table.status == "ok").all()
 
 
+def test_films_under_the_output_folder_are_read_and_an_input_folder_is_no_output_folder(parity, tmp_path, capsys):
+    """Only the output folder's own subtree is skipped while walking: films in a folder inside
+    --out, or named inside it, are inputs; --out naming an input folder is a usage error."""
+    import shutil
+
+    import pandas as pd
+
+    import infer
+
+    root = tmp_path / "study"
+    shutil.copytree(FILMS_DIR, root / "films")
+    options = ["--model", str(parity["bundle"]), "--quiet", "--num-workers", "0"]
+    assert infer.main(options + ["--out", str(root), str(root / "films")]) == 0  # once: 0 inputs, "0 ok"
+    assert len(pd.read_csv(root / "predictions.csv")) == 4
+    film = root / "named.png"  # an input named explicitly inside --out
+    shutil.copy(FILMS_DIR / "phantom_s7_00000.png", film)
+    assert infer.main(options + ["--out", str(root), "--resume", str(root / "films"), str(film)]) == 0
+    assert (pd.read_csv(root / "predictions.csv").status == "ok").sum() == 5
+    with pytest.raises(SystemExit) as exc:
+        infer.main(options + ["--out", str(root / "films"), str(root / "films")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "is an input folder" in err and "Traceback" not in err
+
+
 def test_the_heatmap_peak_of_a_blank_film_lies_inside_the_image(parity, tmp_path):
     import json
 
