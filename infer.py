@@ -38,7 +38,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402  (after the OpenMP setting)
 
 from inference.acceptance import NO_SPINE_SCORE
-from inference.cli_args import add_full_resolution, count_at_least, output_folder_problem
+from inference.cli_args import (add_full_resolution, count_at_least, device_problem, number_between,
+                                output_folder_problem)
 from models.bundle import ModelError
 from models.registry import default_model
 from inference.pipeline import OutputFolderInUse, run_inference
@@ -72,13 +73,10 @@ def sigterm_as_interrupt():
 
 def usage_problem(args) -> str | None:
     """What makes these options unusable before any film is read (None: nothing)."""
-    problem = output_folder_problem(Path(args.out))
+    problem = output_folder_problem(Path(args.out), args.inputs)
     if problem:
         return problem
-    if args.device.startswith("cuda") and args.backend == "torch":
-        if not torch.cuda.is_available():
-            return f"--device {args.device}: no CUDA GPU is available here (use --device cpu or auto)"
-    return None
+    return device_problem(args.device, args.backend)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="refuse the model unless its sha256 matches (of the checkpoint file, of a bundle's "
                              "metadata.json, or of the .onnx file)")
     parser.add_argument("--voi-lut", action="store_true", help="apply the DICOM VOI LUT / window")
-    parser.add_argument("--max-pixels", type=int, default=50_000_000,
+    parser.add_argument("--max-pixels", type=count_at_least(1), default=50_000_000,
                         help="refuse images larger than this before decoding them")
     add_full_resolution(parser)
     parser.add_argument("--backend", choices=("torch", "onnx"), default="torch",
@@ -115,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--operating-point", choices=("high_sensitivity", "balanced", "high_specificity"),
                         default=None, help="threshold of the per-image decision (a calibrated checkpoint only; "
                                            "default: the one stored by `python -m calibration.fit`)")
-    parser.add_argument("--min-spine-score", type=float, default=NO_SPINE_SCORE,
+    parser.add_argument("--min-spine-score", type=number_between(0, 1), default=NO_SPINE_SCORE,
                         help="a film whose strongest vertebral-body score is below this gets status no_spine and no "
                              f"probability (default {NO_SPINE_SCORE:g}; 0 turns the rule off, e.g. for an untrained "
                              "model)")
@@ -134,10 +132,6 @@ def main(argv: list[str] | None = None) -> int:
         if model is None:
             parser.error("no model named and none ships in models/registry.json: give --model BUNDLE")
         print(f"model: {model} (the shipped model; name another with --model)", file=sys.stderr)
-    if args.checkpoint and args.backend == "torch":
-        print(f"note: {args.checkpoint} is a training checkpoint, converted to a bundle in memory; export it once "
-              f"with `python -m training.export --checkpoint {args.checkpoint} --out BUNDLE` and use --model BUNDLE",
-              file=sys.stderr)
     try:
         if args.backend == "onnx":
             from inference.onnx import OnnxPredictor
@@ -150,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.checkpoint and args.backend == "torch":  # said once it loaded: a file that is none is refused alone
+        print(f"note: {args.checkpoint} is a training checkpoint, converted to a bundle in memory; export it once "
+              f"with `python -m training.export --checkpoint {args.checkpoint} --out BUNDLE` and use --model BUNDLE",
+              file=sys.stderr)
     if predictor.calibrator is not None:
         cal, point = predictor.calibrator, predictor.operating_point
         print(f"calibrated ({cal.method}); decisions at operating point {point} "

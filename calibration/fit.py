@@ -112,6 +112,7 @@ from data.tables import load_vertebrae_table, path_key
 from evaluation.metrics import OPERATING_POINTS, expected_calibration_error, operating_points
 from evaluation.model_card import save_with_card
 from evaluation.vertebrae import match_vertebrae
+from inference.cli_args import count_at_least, device_problem
 from inference.loading import open_model
 from inference.predictor import FilmPrediction, InferenceDataset, Predictor, collate_items
 from inference.vertebrae import image_probabilities, with_morphometry
@@ -417,11 +418,14 @@ def main(argv: list[str] | None = None) -> int:
                              "manifest's patient-grouped validation split")
     parser.add_argument("--out", default=None, help="the new bundle folder (default <name>_calibrated beside the input)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--batch-size", type=count_at_least(1), default=8)
+    parser.add_argument("--num-workers", type=count_at_least(0), default=0)
     parser.add_argument("--sha256", default=None,
                         help="refuse the model unless its sha256 matches (checkpoint file, or a bundle's metadata.json)")
     args = parser.parse_args(argv)
+    problem = device_problem(args.device)
+    if problem:
+        parser.error(problem)
     try:
         path, cal = calibrate_model(args.model or args.checkpoint, args.manifest, out=args.out, method=args.method,
                                          default_point=args.operating_point, split=args.split, device=args.device,

@@ -27,6 +27,8 @@ Rules
       Inside a folder, a DICOMDIR's files are found by the walk as well; each is listed
       once (where the walk puts it); referenced files the walk did not find (in a hidden
       folder, say) come after everything found under that folder.
+    * The **output folder** (``skip_folder``) is not walked when met inside an input folder,
+      and is a problem when given as an input folder; files named inside it are listed.
 """
 from __future__ import annotations
 
@@ -50,22 +52,36 @@ def named_suffixes() -> set[str]:
     return image_suffixes() | {s for s in DICOM_SUFFIXES if s}
 
 
-def find_inputs(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+def find_inputs(inputs: list[str], skip_folder: str | os.PathLike | None = None
+                ) -> tuple[list[str], list[tuple[str, str]]]:
     """Expand files, folders, manifest CSVs and DICOMDIRs into image paths.
 
-    Returns ``(paths, problems)``; see the module docstring for the rules."""
-    finder = _Finder()
+    ``skip_folder`` (an output folder) is not walked: met inside an input folder its subtree is
+    left out, and given as an input folder itself it is a problem. Files named in it (directly,
+    by a manifest or a DICOMDIR) are still listed. Returns ``(paths, problems)``; see the module
+    docstring for the rules."""
+    finder = _Finder(skip_folder)
     for item in inputs:
         finder.add_input(os.fspath(item))
     return list(dict.fromkeys(finder.paths)), list(dict.fromkeys(finder.problems))
 
 
+def _identity(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(device, inode) of ``path``, the same for every name of one folder; None if it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 # ------------------------------------------------------------------------------------------
 class _Finder:
-    def __init__(self) -> None:
+    def __init__(self, skip_folder: str | os.PathLike | None = None) -> None:
         self.paths: list[str] = []
         self.problems: list[tuple[str, str]] = []
         self._walked: set[tuple[int, int]] = set()
+        self._skipped = _identity(skip_folder) if skip_folder is not None else None
 
     def problem(self, path: str, reason: str) -> None:
         self.problems.append((str(path), " ".join(str(reason).split())))
@@ -75,6 +91,9 @@ class _Finder:
         path = os.path.abspath(item)
         kind, err = _kind(path)
         if kind == "dir":
+            if self._skipped is not None and _identity(path) == self._skipped:
+                self.problem(item, "the output folder: its files are outputs, not inputs")
+                return
             self.walk(path)
         elif kind == "file":
             if Path(path).suffix.lower() == ".csv":
@@ -126,7 +145,8 @@ class _Finder:
             elif _looks_like_image_name(entry.name):  # broken / looping symlink, stat error
                 self.problem(path, err)
         for sub in subdirs:
-            self.walk(sub)
+            if self._skipped is None or _identity(sub) != self._skipped:  # the output folder's files are not inputs
+                self.walk(sub)
         for dicomdir in dicomdirs:  # after the walk: the walk's order wins for shared files
             self.dicomdir(dicomdir)
 

@@ -17,7 +17,7 @@ import pandas as pd
 from data.io_utils import missing_file
 from data.morphometry import EXTRA_LEVELS, LEVELS, MORPHOLOGIES
 from data.tables import (MANIFEST_COLUMNS, TRUTH_VERTEBRA_COLUMNS, ManifestError, absolute_path, label_value,
-                         path_key, read_text_table)
+                         path_key, read_text_table, read_text_table_before_break)
 
 REQUIRED_COLUMNS = MANIFEST_COLUMNS
 SPLITS = ("train", "val", "test")
@@ -125,14 +125,16 @@ def _load_vertebrae(path: Path, root: Path, images: set[str], problems: list[str
     if not path.is_file():
         problems.append(f"{path}: {missing_file(path, 'vertebrae file')}")
         return None
-    try:
-        raw = read_text_table(path, ManifestError)
-    except ManifestError as exc:  # e.g. an unbalanced quote: one more problem of the manifest's list
-        problems += [f"{path.name} {p}" for p in exc.problems]
+    # a file that breaks partway (an unbalanced quote): its break and the problems of the rows before it,
+    # all in the manifest's one list
+    raw, broken = read_text_table_before_break(path, ManifestError)
+    broken = [f"{path.name} {p}" for p in broken]
+    if raw is None:
+        problems += broken
         return None
     missing = [c for c in VERTEBRA_COLUMNS if c not in raw.columns]
     if missing:
-        problems.append(f"{path.name}: missing column(s): {', '.join(missing)}")
+        problems += [f"{path.name}: missing column(s): {', '.join(missing)}", *broken]
         return None
     out = []
     valid_levels = set(LEVELS) | set(EXTRA_LEVELS)
@@ -185,6 +187,9 @@ def _load_vertebrae(path: Path, root: Path, images: set[str], problems: list[str
             else:
                 problems.append(f"{where}: mask_value {mask_value!r} is not an integer (a label of the mask)")
         out.append(rec)
+    if broken:  # the rows after the break are unknown: no consistency check against the manifest
+        problems += broken
+        return None
     return pd.DataFrame(out)
 
 

@@ -16,6 +16,8 @@ Problems are collected and raised together as one :class:`TableError` naming the
 from __future__ import annotations
 
 import csv
+import io
+import itertools
 import math
 import os
 from pathlib import Path
@@ -36,6 +38,7 @@ __all__ = [
     "absolute_path",
     "path_key",
     "read_text_table",
+    "read_text_table_before_break",
     "unparsable_csv",
     "label_value",
     "label_column",
@@ -104,6 +107,14 @@ def read_text_table(path: str | os.PathLike, error: type[TableError] = TableErro
 def unparsable_csv(path: str | os.PathLike, exc: Exception) -> str:
     """The problem of a CSV that pandas cannot parse, naming the row (line of the file, the
     header being row 1) where it breaks; pandas names a row of its own count, or none."""
+    found = _csv_break(path)
+    if found is not None:
+        return found[1]
+    return f"cannot parse CSV: {type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def _csv_break(path: str | os.PathLike) -> tuple[int, str] | None:
+    """``(row, problem)``: the line where Python's CSV reader finds the file broken, or None."""
     try:
         with open(path, newline="", encoding="utf-8", errors="replace") as fh:
             reader = csv.reader(fh, strict=True)
@@ -112,11 +123,34 @@ def unparsable_csv(path: str | os.PathLike, exc: Exception) -> str:
                 start = reader.line_num + 1
     except csv.Error as err:
         if "end of data" in str(err):
-            return f"row {start}: a quoted field is never closed (an unbalanced quote runs to the end of the file)"
-        return f"row {start}: cannot parse CSV ({err})"
+            return start, f"row {start}: a quoted field is never closed (an unbalanced quote runs to the end of the file)"
+        return start, f"row {start}: cannot parse CSV ({err})"
     except OSError:
         pass
-    return f"cannot parse CSV: {type(exc).__name__}: {' '.join(str(exc).split())}"
+    return None
+
+
+def read_text_table_before_break(path: str | os.PathLike,
+                                 error: type[TableError] = TableError) -> tuple[pd.DataFrame | None, list[str]]:
+    """:func:`read_text_table` for a reader that lists every problem: ``(table, problems)``. A CSV
+    that breaks partway (e.g. an unbalanced quote) gives the rows before the break, so that their
+    problems are reported with it, and the break as its problem; the table is None when no row
+    before the break can be read. Row k of the table is still line k + 2 of the file."""
+    try:
+        return read_text_table(path, error), []
+    except error as exc:
+        problems = exc.problems
+    found = _csv_break(path)
+    if found is None or found[0] <= 2:
+        return None, problems
+    try:
+        with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+            before = "".join(itertools.islice(fh, found[0] - 1))
+        df = pd.read_csv(io.StringIO(before), dtype=str, keep_default_na=False, na_filter=False)
+    except Exception:  # the rows before the break do not parse either: the break is the one problem
+        return None, problems
+    df.columns = [str(c).strip() for c in df.columns]
+    return df, problems
 
 
 def require_columns(df: pd.DataFrame, columns: Iterable[str], path, error: type[TableError] = TableError) -> None:

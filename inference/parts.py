@@ -50,9 +50,12 @@ def part_dir(out: str | os.PathLike, rank: int) -> Path:
 
 
 def write_run_listing(out: Path, paths: list[str], names: list[str], world_size: int, info: dict) -> None:
-    """``parts/inputs.csv`` and ``parts/run.json`` of a run starting now (atomically), and the
-    part folders of an earlier run with more ranks removed."""
+    """``parts/inputs.csv`` and ``parts/run.json`` of a run starting now (atomically); the merged
+    tables of an earlier run into ``out`` (they would be taken for this run's until its merge)
+    and the part folders of an earlier run with more ranks removed."""
     parts = out / PARTS_DIR
+    for table in TABLES:
+        (out / table).unlink(missing_ok=True)
     atomic_write_text(parts / INPUTS_FILE, pd.DataFrame({"image": paths, "name": names}).to_csv(index=False))
     atomic_write_json(parts / RUN_FILE, {"ranks": world_size, "inputs": len(paths), **info})
     for folder in parts.glob("rank-*"):

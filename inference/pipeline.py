@@ -44,21 +44,21 @@ from data.records import (PREDICTION_COLUMNS, VERTEBRA_COLUMNS, FilmRecord,
 
 
 
-def collect_inputs(inputs: list[str | os.PathLike]) -> tuple[list[str], list[tuple[str, str]]]:
+def collect_inputs(inputs: list[str | os.PathLike], skip_folder: str | os.PathLike | None = None
+                   ) -> tuple[list[str], list[tuple[str, str]]]:
     """Expand files, folders (recursively), manifest CSVs and DICOMDIRs into image paths.
 
     Returns ``(paths, problems)``: problems are inputs that could not be listed, with a reason.
-    See :func:`data.discovery.find_inputs` for the rules."""
-    return find_inputs([os.fspath(i) for i in inputs])
+    See :func:`data.discovery.find_inputs` for the rules (and ``skip_folder``)."""
+    return find_inputs([os.fspath(i) for i in inputs], skip_folder=skip_folder)
 
 
 def run_inputs(inputs: list[str | os.PathLike], out: Path) -> tuple[list[str], list[str], list[tuple[str, str]]]:
     """The inputs of a run into ``out``: their image paths, their output names
     (:func:`output_names`) and the inputs that could not be listed, with a reason. An output
-    folder inside an input folder is skipped: its overlays are not inputs of the next run."""
-    paths, problems = collect_inputs(inputs)
-    own = out.resolve()
-    paths = [p for p in paths if not Path(p).resolve().is_relative_to(own)]
+    folder inside an input folder is not walked: its overlays are not inputs of the next run;
+    films in folders inside ``out``, or named inside it, are inputs as any other."""
+    paths, problems = collect_inputs(inputs, skip_folder=out)
     return paths, output_names(paths), problems
 
 
@@ -82,17 +82,18 @@ def _short_stem(stem: str, path: str) -> str:
 def output_names(paths: list[str]) -> list[str]:
     """A file stem per input, unique by construction: stems shared by several inputs get a
     hash of the path, and a hashed name that meets another input's own stem gets a longer
-    hash; over-long stems are cut and hashed."""
+    hash; over-long stems are cut and hashed. Names are compared regardless of case, as a
+    case-insensitive file system (macOS, Windows, many shares) holding ``--out`` sees them."""
     stems = [_short_stem(Path(p).stem or Path(p).name, p) for p in paths]
     names = list(stems)
     for digits in (8, 16, 40):
-        seen = Counter(names)
+        seen = Counter(n.casefold() for n in names)
         clash = {n for n, c in seen.items() if c > 1}
         if not clash:
             break
-        names = [f"{s}_{_path_hash(p, digits)}" if n in clash else n
+        names = [f"{s}_{_path_hash(p, digits)}" if n.casefold() in clash else n
                  for n, s, p in zip(names, stems, paths)]
-    if len(set(names)) != len(names):  # inputs listed twice: the same path
+    if len({n.casefold() for n in names}) != len(names):  # inputs listed twice: the same path
         raise ValueError("output names: an input is listed twice")
     return names
 
@@ -108,16 +109,17 @@ def output_lock(out: Path):
     dead pid) is taken over."""
     lock = out / LOCK_FILE
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for _ in range(2):
+    for attempt in range(LOCK_ATTEMPTS):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             try:
-                other = json.loads(lock.read_text())
+                text = lock.read_text()
+                other = json.loads(text)
             except (OSError, ValueError):
-                other = {}
-            if other.get("host") == me["host"] and not _alive(other.get("pid")):
-                lock.unlink(missing_ok=True)  # its run is gone
+                text, other = None, {}
+            if text is not None and other.get("host") == me["host"] and not _alive(other.get("pid")):
+                _remove_dead_lock(lock, text)  # its run is gone
                 continue
             raise OutputFolderInUse(
                 f"{out}: in use by another run (pid {other.get('pid', '?')} on {other.get('host', '?')}, started "
@@ -126,10 +128,38 @@ def output_lock(out: Path):
         with os.fdopen(fd, "w") as fh:
             json.dump(me, fh)
         break
+    else:
+        raise OutputFolderInUse(f"{out}: other runs are taking over the lock of a run that is gone; try again")
     try:
         yield
     finally:
         lock.unlink(missing_ok=True)
+
+
+LOCK_ATTEMPTS = 20
+TAKEOVER_GRACE_SECONDS = 10.0  # a takeover guard older than this was left by a run killed while taking over
+
+
+def _remove_dead_lock(lock: Path, dead: str) -> None:
+    """Remove ``lock`` if it still holds ``dead`` (the text of a run that is gone). Runs that take
+    a dead run's lock over do it one at a time, under ``LOCK.takeover``, so that none removes the
+    lock another has just taken; a run that finds another taking over waits a moment."""
+    guard = lock.with_name(lock.name + ".takeover")
+    try:
+        fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        with contextlib.suppress(OSError):
+            if time.time() - guard.stat().st_mtime > TAKEOVER_GRACE_SECONDS:
+                guard.unlink()
+        time.sleep(0.05)
+        return
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            if lock.read_text() == dead:
+                lock.unlink()
+    finally:
+        os.close(fd)
+        guard.unlink(missing_ok=True)
 
 
 def _alive(pid) -> bool:
@@ -372,6 +402,8 @@ def _run(predictor, inputs, out: Path, batch_size: int, num_workers: int, voi_lu
         records += [r for r in done.values() if r is not None]
         rows += [r.prediction_row() for r in done.values() if r is not None]
         todo = [i for i in todo if done[i] is None]
+    # at once: a run killed before its first flush leaves its own tables, not an earlier run's
+    write_tables(out, *in_input_order(rows, records, paths))
     dataset = InferenceDataset([paths[i] for i in todo], predictor.image_size, voi_lut=voi_lut, max_pixels=max_pixels,
                                min_decoded_size=decoded_size(predictor, options))
     # one batch ahead per worker: each waiting batch holds its films' full-size pixels in memory
@@ -477,8 +509,15 @@ def write_film(predictor, out: Path, path: str, name: str, item: dict, film: Fil
     try:
         record = _write_outputs(predictor, out, path, name, item, film, options)
     except Exception as exc:  # e.g. a full disk: record it, keep going
+        remove_film_outputs(out, name)  # none left half-made beside an error row
         return error_row(path, name, f"writing outputs failed: {type(exc).__name__}: {exc}"), None
     return record.prediction_row(), record
+
+
+def remove_film_outputs(out: Path, name: str) -> None:
+    """Remove the files of film ``name`` (its JSON first: without it the rest is incomplete)."""
+    for suffix in (".json", "_heatmap.npy", "_heatmap.png", "_sc.dcm", "_sr.dcm"):
+        (out / f"{name}{suffix}").unlink(missing_ok=True)
 
 
 def in_input_order(rows: list[dict], records: list[FilmRecord], paths: list[str]) -> tuple[list[dict], list[FilmRecord]]:
@@ -507,13 +546,30 @@ def _inside(point: list[float], image_hw) -> list[float]:
 
 
 def non_finite_outputs(film: FilmPrediction) -> str:
-    """The film's outputs that are NaN or infinite, named ("" when all are finite)."""
+    """The film's outputs that are NaN or infinite, named ("" when all are finite): its
+    probabilities, heatmap and level confidence, and every number of its vertebrae (points,
+    heights, ratios, probabilities), which its JSON, table rows and drawing carry."""
     bad = [f"{k}={v}" for k, v in film.probs.items() if not np.isfinite(v)]
     if film.heatmap is not None and not np.isfinite(film.heatmap).all():
         bad.append("heatmap")
-    bad += [f"vertebra {v.level} p_fracture={v.p_fracture}" for v in film.vertebrae
-            if not (np.isfinite(v.p_fracture) and np.isfinite(v.p_acute))]
+    if film.level_confidence is not None and not np.isfinite(film.level_confidence):
+        bad.append(f"level_confidence={film.level_confidence}")
+    for v in film.vertebrae:
+        fields = [key for key, value in v.to_json_dict().items() if not _all_finite(value)]
+        bad += [f"vertebra {v.level} {key}" + (f"={getattr(v, key)}" if key.startswith("p_") else "")
+                for key in fields]
     return ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+
+
+def _all_finite(value) -> bool:
+    """Whether every number in ``value`` (a number, or lists and dicts of them) is finite."""
+    if isinstance(value, dict):
+        return all(_all_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_all_finite(v) for v in value)
+    if isinstance(value, (float, np.floating)):
+        return bool(np.isfinite(value))
+    return True
 
 
 def write_vertebrae_table(path: Path, records: list[FilmRecord]) -> None:

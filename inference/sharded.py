@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from data.records import FilmRecord, error_row
-from inference.cli_args import add_full_resolution, count_at_least, output_folder_problem
+from inference.cli_args import add_full_resolution, count_at_least, number_between, output_folder_problem
 from inference.acceptance import NO_SPINE_SCORE
 from inference.parts import (MergeError, MergeSummary, merge_parts, part_dir, rank_share, record_rank_times,
                              write_run_listing)
@@ -253,7 +253,7 @@ def run_main(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=count_at_least(1), default=8)
     parser.add_argument("--num-workers", type=count_at_least(0), default=2, help="data loader workers per process")
     parser.add_argument("--voi-lut", action="store_true", help="apply the DICOM VOI LUT / window")
-    parser.add_argument("--max-pixels", type=int, default=50_000_000)
+    parser.add_argument("--max-pixels", type=count_at_least(1), default=50_000_000)
     add_full_resolution(parser)
     parser.add_argument("--resume", action="store_true", help="skip inputs whose outputs are complete")
     parser.add_argument("--keep-identifiers", action="store_true",
@@ -262,13 +262,13 @@ def run_main(argv: list[str]) -> int:
     parser.add_argument("--dicom-sr", action="store_true", help="also write a DICOM Comprehensive SR (TID 1500)")
     parser.add_argument("--operating-point", choices=("high_sensitivity", "balanced", "high_specificity"),
                         default=None, help="threshold of the per-image decision (a calibrated model only)")
-    parser.add_argument("--min-spine-score", type=float, default=NO_SPINE_SCORE,
+    parser.add_argument("--min-spine-score", type=number_between(0, 1), default=NO_SPINE_SCORE,
                         help=f"a film whose strongest vertebral-body score is below this gets status no_spine "
                              f"(default {NO_SPINE_SCORE:g}; 0 turns the rule off)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    problem = output_folder_problem(out)
+    problem = output_folder_problem(out, args.inputs)
     if problem:
         parser.error(problem)
     try:

@@ -497,3 +497,15 @@ def test_stored_form_is_read_and_written_unchanged():
         d = {**d, "operating_points": points, "default": "balanced", "n_images": 12,
              "vertebra_combiner": None, "fitted_on": "/x/m.csv"}
         assert Calibrator.from_dict(d).to_dict() == d
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--device", "tpu"], "--device tpu: not a device"),
+    (["--batch-size", "0"], "--batch-size: 0 is below 1"),
+    (["--num-workers", "-1"], "--num-workers: -1 is below 0"),
+])
+def test_calibration_refuses_unusable_options_in_one_line_before_reading_the_model(tmp_path, capsys, options, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["--checkpoint", str(tmp_path / "absent.ckpt"), "--manifest", str(tmp_path / "absent.csv"), *options])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and "Traceback" not in err

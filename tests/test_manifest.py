@@ -151,6 +151,18 @@ def test_a_broken_quote_and_a_bad_mask_value_join_the_one_problem_list(tmp_path)
         "row 3: image file not found: missing.png",
         "vertebrae.csv row 2: mask_value 'abc' is not an integer (a label of the mask)"]
     assert err.value.lines()[0] == f"{tmp_path / 'manifest.csv'}: 2 problem(s):"
+    # both in one file: the rows before the broken quote are still checked
+    write(tmp_path / "vertebrae.csv", VERTEBRA_HEADER + ",mask_value\n"
+          f"a.png,L1,1,wedge,1,{NUMS},abc\n"
+          f"a.png,L2,0,normal,,{NUMS},4\n"
+          f'a.png,L3,0,normal,,{NUMS},"5\n'
+          f"a.png,L4,0,normal,,{NUMS},6\n")
+    with pytest.raises(ManifestError) as err:
+        load_manifest(tmp_path / "manifest.csv")
+    assert err.value.problems == [
+        "row 3: image file not found: missing.png",
+        "vertebrae.csv row 2: mask_value 'abc' is not an integer (a label of the mask)",
+        "vertebrae.csv row 4: a quoted field is never closed (an unbalanced quote runs to the end of the file)"]
 
 
 def _two_patient_set(folder, patients=("p1", "p2")):
@@ -193,3 +205,17 @@ def test_train_prints_manifest_problems_one_a_line_and_exits_2(tmp_path, capsys)
     assert "Traceback" not in err
     assert err.splitlines()[-3:] == [f"error: {manifest}: 2 problem(s):", "  row 4: image file not found: gone.png",
                                      "  row 4: fracture has unknown value 'maybe' (expected 1, 0 or empty)"]
+
+
+def test_train_prints_a_validation_manifest_sharing_training_patients_as_an_error(tmp_path, capsys):
+    import train
+    from tests.training_config import compose_config
+
+    manifest = _two_patient_set(tmp_path / "data")
+    config = compose_config(tmp_path / "run", manifest, trainer={"max_epochs": 1},
+                            data={"num_workers": 0, "val_manifest": str(manifest)})
+    assert train.run(["fit", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-3] == f"error: {manifest}: 2 problem(s):"
+    assert "a validation image must not be trained on" in err.splitlines()[-1]

@@ -50,9 +50,15 @@ def test_infer_refuses_a_checkpoint_whose_calibration_holds_a_string_in_one_line
     torch.save(ckpt, path)
     code = infer.main(["--checkpoint", str(path), "--out", str(tmp_path / "out"), "--quiet", str(FILMS_DIR)])
     err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err
+    assert code == 2 and "Traceback" not in err and "training checkpoint, converted" not in err
     (line,) = [x for x in err.splitlines() if x.startswith("error:")]
     assert "beta calibration parameter a is '1.3', a str; it must be a number" in line and str(path) in line
+    # nor is it exported into a bundle that inference would refuse later
+    from training import export
+
+    assert export.main(["--checkpoint", str(path), "--out", str(tmp_path / "bundle")]) == 2
+    assert "beta calibration parameter a is '1.3'" in capsys.readouterr().err
+    assert not (tmp_path / "bundle").exists()
 
 
 def test_an_onnx_model_a_text_file_and_a_folder_given_as_a_checkpoint_are_named(tmp_path):

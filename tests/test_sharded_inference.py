@@ -130,6 +130,20 @@ def test_rank_shares_cover_every_input_once():
         assert max(map(len, shares)) - min(map(len, shares)) <= 1
 
 
+def test_a_starting_run_removes_an_earlier_runs_merged_tables_and_extra_parts(tmp_path):
+    from inference.parts import write_run_listing
+
+    for name in TABLES:
+        (tmp_path / name).write_text("image,name\n/old/film.png,film\n")
+    for rank in range(3):
+        part_dir(tmp_path, rank).mkdir(parents=True)
+        (part_dir(tmp_path, rank) / "predictions.csv").write_text("image\n")
+    write_run_listing(tmp_path, ["/new/a.png"], ["a"], 2, {})
+    assert not any((tmp_path / name).exists() for name in TABLES)  # a kill now leaves no stale merged tables
+    assert sorted(p.name for p in (tmp_path / PARTS_DIR).iterdir()) == ["inputs.csv", "rank-00000", "rank-00001",
+                                                                       "run.json"]
+
+
 def test_two_processes_write_what_one_process_writes(archive, two_processes):
     out, proc = two_processes
     log = proc.stdout + proc.stderr

@@ -17,7 +17,8 @@ import datetime as dt
 import sys
 from pathlib import Path
 
-from calibration.calibrator import CALIBRATION_KEY  # where checkpoints kept a calibration
+from calibration.calibrator import CALIBRATION_KEY, Calibrator  # CALIBRATION_KEY: where checkpoints kept one
+from calibration.methods import CalibrationError
 from evaluation.model_card import bundle_card, manifest_composition
 from models.bundle import (INTENDED_USE, MODALITIES, OUTPUTS, TASK, Bundle, BundleError, ModelError, file_sha256,
                            network_spec)
@@ -78,7 +79,13 @@ def bundle_from_checkpoint(checkpoint: str | Path, sha256: str | None = None, na
     }
     if isinstance(refiner_entry, dict):
         metadata["point_refiner_training"] = refiner_entry.get("training") or {}
-    return Bundle(metadata=metadata, networks=networks, calibration=ckpt.get(CALIBRATION_KEY))
+    calibration = ckpt.get(CALIBRATION_KEY)
+    if calibration is not None:
+        try:  # refused here, not first by the inference that reads the bundle
+            Calibrator.from_dict(calibration)
+        except CalibrationError as exc:
+            raise CalibrationError(f"{checkpoint}: {exc}") from None
+    return Bundle(metadata=metadata, networks=networks, calibration=calibration)
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, storage: str = "fp32", name: str | None = None,

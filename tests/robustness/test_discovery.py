@@ -59,6 +59,22 @@ def test_folder_walk_sorted_recursive_hidden_skipped(tmp_path):
     assert all(os.path.isabs(p) for p in paths)
 
 
+def test_the_skipped_output_folder_is_not_walked_but_its_named_files_and_its_parent_are(tmp_path):
+    root = tmp_path / "in"
+    for rel in ["a.png", "out/a_heatmap.png", "out/deeper/b_heatmap.png", "other/c.png"]:
+        png(root / rel)
+    (tmp_path / "link").symlink_to(root / "out")
+    for skip in (root / "out", tmp_path / "link"):  # however the output folder is named
+        paths, problems = find_inputs([str(root)], skip_folder=skip)
+        assert paths == [str(root / "a.png"), str(root / "other" / "c.png")] and problems == []
+    named = root / "out" / "a_heatmap.png"
+    paths, problems = find_inputs([str(root / "other"), str(named), str(root / "out")], skip_folder=root / "out")
+    assert paths == [str(root / "other" / "c.png"), str(named)]  # named files are listed
+    assert reasons_for(problems, root / "out") == ["the output folder: its files are outputs, not inputs"]
+    paths, _ = find_inputs([str(root / "other")], skip_folder=root)  # an input folder inside the output folder
+    assert paths == [str(root / "other" / "c.png")]
+
+
 def test_inputs_deduplicated_and_absolute(tmp_path, monkeypatch):
     a = png(tmp_path / "d" / "a.png")
     monkeypatch.chdir(tmp_path)
