@@ -15,9 +15,9 @@ check passes when:
 * each SIGTERM exits with 143, no DataLoader worker outlives a killed run, and no temporary
   file or lock is left at the end.
 
-Without ``--model`` the model is a seeded, untrained FractureSystem exported as a bundle, its
-body-centre bias raised so that it finds bodies (as the parity model of tests/parity does): no
-trained model ships yet. The summary is printed and written to benchmarks/RESULTS.md (with
+Without ``--model`` the model is the shipped one (the registry's default); ``--model untrained``
+makes a seeded, untrained FractureSystem exported as a bundle, its body-centre bias raised so
+that it finds bodies (as the parity model of tests/parity does). The summary is printed and written to benchmarks/RESULTS.md (with
 ``--no-results``, only printed). Linux only (it reads /proc to find the workers). Not part of
 the test suite: it takes minutes.
 """
@@ -49,6 +49,7 @@ from benchmarks.results_file import replace_section
 from data.phantom import generate_dataset
 from inference.dicom_out import DEID_KEY_FILE
 from inference.pipeline import LOCK_FILE
+from models.registry import default_model
 from training.export import export_checkpoint
 from training.system import FractureSystem
 
@@ -381,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--good", type=int, default=30, help="good phantom films")
     p.add_argument("--size", type=int, default=384, help="phantom film size in pixels")
     p.add_argument("--kills", type=int, default=8, help="at most this many runs are killed; the next one finishes")
-    p.add_argument("--model", default=None, help="a bundle (default: a seeded, untrained model made here)")
+    p.add_argument("--model", default=None, help="a bundle or registry name (default: the shipped model); "
+                                                  "'untrained': a seeded, untrained model made here")
     p.add_argument("--workers", type=int, default=2, help="infer.py --num-workers")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--threads", type=int, default=1, help="OMP threads of each infer.py process")
@@ -399,12 +401,14 @@ def main(argv: list[str] | None = None) -> int:
         for stale in ("inputs", "ref", "soak", "logs"):
             shutil.rmtree(work / stale, ignore_errors=True)
         good, hostile = build_inputs(work / "inputs", work, args.good, args.size, args.seed)
-        if args.model:
-            model, model_text = Path(args.model), f"bundle `{args.model}`"
-        else:
+        shipped = default_model()
+        if args.model == "untrained" or (args.model is None and shipped is None):
             model = seeded_bundle(work / "model", args.seed)
             model_text = (f"seeded, untrained FractureSystem (seed {args.seed}, body-centre bias raised so that it "
-                          "finds bodies), exported as a bundle; no trained model ships yet")
+                          "finds bodies), exported as a bundle")
+        else:
+            model = Path(args.model or shipped)
+            model_text = f"`{model}`" + (" (the shipped model, the registry's default)" if args.model is None else "")
         print(f"{len(good)} good films, {len(hostile)} hostile files in {work / 'inputs'}")
         reference_seconds = uninterrupted(model, work / "inputs", work / "ref", args)
         print(f"uninterrupted run: {reference_seconds:.0f} s")

@@ -43,6 +43,7 @@ from models.onnx_export import (CROP_INPUT, CROP_NETWORKS, CROP_OUTPUTS, DEFAULT
                                 META_CALIBRATION, META_CHECKPOINT_ID, META_GRAPHS, META_MODEL, META_NETWORK, MIN_OPSET,
                                 OUTPUT_NAMES, VERTEBRA_LOGITS, bundle_graphs, crop_graphs, onnx_bytes, with_graphs)
 from models.registry import REGISTRY_PATH, cache_root, resolve
+from models.vertebra_net import MIN_CROPS_PER_CALL
 
 
 def companion_path(onnx_path: str | os.PathLike, name: str) -> Path:
@@ -108,6 +109,8 @@ class OnnxCropNetwork:
     ``(n, 1, S, S)`` crop tensor in, ``points`` ``(n, 6, 2)`` and ``logits`` ``(n, 2)`` tensors
     out. It carries the attributes the per-vertebra analysis reads: ``crop_size`` and, for the
     point refiner, ``context``, ``passes`` and ``flip``."""
+
+    min_crops_per_call = MIN_CROPS_PER_CALL  # small calls padded, as the PyTorch networks' are
 
     def __init__(self, session, path: Path, expected: str):
         self.session = session

@@ -24,6 +24,11 @@ from data.vertebra_targets import CROP_SIZE
 from models.network import create_encoder, top_down
 
 MAX_CROPS_PER_CALL = 32  # crops per forward pass: past this a CPU gains nothing, and memory grows (1.5 MB a crop)
+# oneDNN picks its convolution kernels by batch size, and below 16 crops they round differently
+# (up to 3e-5 crop pixels): a network that asks for it (``min_crops_per_call``) gets smaller
+# calls padded, so that a crop reads the same whichever films share its call (a resumed run
+# repeats an uninterrupted one)
+MIN_CROPS_PER_CALL = 16
 
 # A reading in steps: a generator that yields (network name, crops (n, 1, s, s) float32), is sent
 # back (points (n, 6, 2), logits (n, 2) or None) as float32 arrays, and returns its result.
@@ -31,6 +36,8 @@ ReadingSteps = Generator[tuple[str, np.ndarray], tuple[np.ndarray, np.ndarray | 
 
 
 class VertebraNet(nn.Module):
+    min_crops_per_call = MIN_CROPS_PER_CALL  # read_in_batches pads smaller calls (see above)
+
     def __init__(self, backbone: str = "resnet18", width: int = 64, dropout: float = 0.2,
                  crop_size: int = CROP_SIZE, in_chans: int = 1, pretrained: str | None = None):
         super().__init__()
@@ -140,9 +147,21 @@ def _forward(net: nn.Module, crops: np.ndarray, device: torch.device) -> tuple[n
     if not len(crops):
         return np.zeros((0, 6, 2), np.float32), np.zeros((0, 2), np.float32)
     points, logits = [], []
-    for start in range(0, len(crops), MAX_CROPS_PER_CALL):
-        out = net(torch.from_numpy(np.ascontiguousarray(crops[start:start + MAX_CROPS_PER_CALL])).to(device))
-        points.append(out["points"].float().cpu().numpy())
+    least = getattr(net, "min_crops_per_call", 1)
+    for chunk in call_sizes(len(crops)):
+        part = np.ascontiguousarray(crops[:chunk])
+        crops = crops[chunk:]
+        padded = np.concatenate([part, np.zeros((least - chunk, *part.shape[1:]), part.dtype)]) if chunk < least else part
+        out = net(torch.from_numpy(padded).to(device))
+        points.append(out["points"][:chunk].float().cpu().numpy())
         if out.get("logits") is not None:
-            logits.append(out["logits"].float().cpu().numpy())
+            logits.append(out["logits"][:chunk].float().cpu().numpy())
     return np.concatenate(points), (np.concatenate(logits) if len(logits) == len(points) else None)
+
+
+def call_sizes(n: int) -> list[int]:
+    """How ``n`` crops are split into forward passes: as few as ``MAX_CROPS_PER_CALL`` allows,
+    of near-equal size, so that only a call of fewer than ``MIN_CROPS_PER_CALL`` crops in all
+    needs padding (``n`` over the maximum gives parts of more than half of it, none smaller)."""
+    calls = -(-n // MAX_CROPS_PER_CALL)
+    return [n // calls + (k < n % calls) for k in range(calls)]
