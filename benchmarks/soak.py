@@ -1,7 +1,7 @@
 """Soak check of infer.py: kill it at random (SIGKILL and SIGTERM), resume until complete, and
 compare every good film's outputs with those of an uninterrupted run.
 
-    python -m benchmarks.soak [--good 30] [--size 384] [--kills 8] [--model BUNDLE] [--work DIR]
+    python -m benchmarks.soak [--good 80] [--size 384] [--kills 8] [--model BUNDLE] [--work DIR]
 
 The input folder mixes good films (phantom films of data/phantom.py, some as DICOM, some under
 odd unicode or very long names) with hostile files (truncated PNG, zero-byte files, text named
@@ -379,7 +379,7 @@ def summary_lines(r: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--good", type=int, default=30, help="good phantom films")
+    p.add_argument("--good", type=int, default=80, help="good phantom films (enough that the shipped model is still reading when the kills come)")
     p.add_argument("--size", type=int, default=384, help="phantom film size in pixels")
     p.add_argument("--kills", type=int, default=8, help="at most this many runs are killed; the next one finishes")
     p.add_argument("--model", default=None, help="a bundle or registry name (default: the shipped model); "
