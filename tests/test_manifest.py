@@ -130,39 +130,28 @@ VERTEBRA_HEADER = "image,level,genant_grade,morphology,acute,x_min,y_min,x_max,y
 NUMS = ",".join(["1"] * 16)
 
 
-def test_a_broken_quote_and_a_bad_mask_value_join_the_one_problem_list(tmp_path):
+QUOTE_NEVER_CLOSED = "a quoted field is never closed (an unbalanced quote runs to the end of the file)"
+NOT_A_LABEL = "mask_value 'abc' is not an integer (a label of the mask)"
+
+
+@pytest.mark.parametrize("rows, vertebra_problems", [
+    ([f"a.png,L1,1,wedge,1,{NUMS},3", f'"a.png,L2,0,normal,,{NUMS},4', f"a.png,L3,0,normal,,{NUMS},5"],
+     [f"vertebrae.csv row 3: {QUOTE_NEVER_CLOSED}"]),
+    ([f"a.png,L1,1,wedge,1,{NUMS},abc", f"a.png,L2,0,normal,,{NUMS},4.0"],
+     [f"vertebrae.csv row 2: {NOT_A_LABEL}"]),
+    # both in one file: the rows before the broken quote are still checked
+    ([f"a.png,L1,1,wedge,1,{NUMS},abc", f"a.png,L2,0,normal,,{NUMS},4", f'a.png,L3,0,normal,,{NUMS},"5',
+      f"a.png,L4,0,normal,,{NUMS},6"],
+     [f"vertebrae.csv row 2: {NOT_A_LABEL}", f"vertebrae.csv row 4: {QUOTE_NEVER_CLOSED}"]),
+])
+def test_a_broken_quote_and_a_bad_mask_value_join_the_one_problem_list(tmp_path, rows, vertebra_problems):
     (tmp_path / "a.png").write_bytes(b"x")
     write(tmp_path / "manifest.csv", "image,patient_id,fracture,acute\na.png,p1,1,0\nmissing.png,p2,0,\n")
-    write(tmp_path / "vertebrae.csv", VERTEBRA_HEADER + ",mask_value\n"
-          f"a.png,L1,1,wedge,1,{NUMS},3\n"
-          f'"a.png,L2,0,normal,,{NUMS},4\n'      # the quote is never closed
-          f"a.png,L3,0,normal,,{NUMS},5\n")
+    write(tmp_path / "vertebrae.csv", VERTEBRA_HEADER + ",mask_value\n" + "".join(row + "\n" for row in rows))
     with pytest.raises(ManifestError) as err:
         load_manifest(tmp_path / "manifest.csv")
-    assert err.value.problems == [
-        "row 3: image file not found: missing.png",
-        "vertebrae.csv row 3: a quoted field is never closed (an unbalanced quote runs to the end of the file)"]
-    write(tmp_path / "vertebrae.csv", VERTEBRA_HEADER + ",mask_value\n"
-          f"a.png,L1,1,wedge,1,{NUMS},abc\n"
-          f"a.png,L2,0,normal,,{NUMS},4.0\n")
-    with pytest.raises(ManifestError) as err:
-        load_manifest(tmp_path / "manifest.csv")
-    assert err.value.problems == [
-        "row 3: image file not found: missing.png",
-        "vertebrae.csv row 2: mask_value 'abc' is not an integer (a label of the mask)"]
-    assert err.value.lines()[0] == f"{tmp_path / 'manifest.csv'}: 2 problem(s):"
-    # both in one file: the rows before the broken quote are still checked
-    write(tmp_path / "vertebrae.csv", VERTEBRA_HEADER + ",mask_value\n"
-          f"a.png,L1,1,wedge,1,{NUMS},abc\n"
-          f"a.png,L2,0,normal,,{NUMS},4\n"
-          f'a.png,L3,0,normal,,{NUMS},"5\n'
-          f"a.png,L4,0,normal,,{NUMS},6\n")
-    with pytest.raises(ManifestError) as err:
-        load_manifest(tmp_path / "manifest.csv")
-    assert err.value.problems == [
-        "row 3: image file not found: missing.png",
-        "vertebrae.csv row 2: mask_value 'abc' is not an integer (a label of the mask)",
-        "vertebrae.csv row 4: a quoted field is never closed (an unbalanced quote runs to the end of the file)"]
+    assert err.value.problems == ["row 3: image file not found: missing.png", *vertebra_problems]
+    assert err.value.lines()[0] == f"{tmp_path / 'manifest.csv'}: {1 + len(vertebra_problems)} problem(s):"
 
 
 def _two_patient_set(folder, patients=("p1", "p2")):
