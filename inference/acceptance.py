@@ -39,6 +39,9 @@ OTHER_BODY_PARTS = frozenset({
     "TIBIA", "FIBULA", "ANKLE", "FOOT", "HEEL", "CALCANEUS", "TOE", "BREAST", "HEART",
 })
 MIN_SIDE_PX = 64  # the shorter side of a film; a spine radiograph is hundreds of pixels
+# radiographs, real or phantom, from 128 px up: 0.80 or more; uniform noise about 0; noise
+# blurred by a 1 px Gaussian 0.78 (docs/formats.md, "Refused inputs")
+MIN_NEIGHBOUR_CORRELATION = 0.3
 PLAUSIBLE_SPACING_MM = (0.02, 2.0)  # detector pixels of radiographs are 0.05-0.2 mm; downsized copies a few x more
 # below this strongest vertebral-body score (the score at which a body is detected) the film shows no spine
 NO_SPINE_SCORE = MIN_DETECTION_SCORE
@@ -70,11 +73,27 @@ def refusal(image: RadiographImage) -> str | None:
 
 def contrast_refusal(normalised: np.ndarray) -> str | None:
     """Why a film whose contrast-normalised pixels (data.transforms.normalize_intensity) are
-    blank is refused: at least 99 % of its pixels share one value, so the network would see
-    an empty image."""
+    blank or noise is refused: at least 99 % of its pixels share one value, so the network
+    would see an empty image; or neighbouring pixels are uncorrelated (below
+    ``MIN_NEIGHBOUR_CORRELATION``), as in noise and never in a radiograph."""
     if float(normalised.max()) <= 0.0:
         return "no contrast: at least 99 % of the pixels have one value"
+    r = neighbour_correlation(normalised)
+    if r < MIN_NEIGHBOUR_CORRELATION:
+        return f"no structure: neighbouring pixels are uncorrelated (r = {r:.2f}), as in noise, not a radiograph"
     return None
+
+
+def neighbour_correlation(pixels: np.ndarray, max_rows: int = 256) -> float:
+    """Pearson correlation of each pixel with its right-hand neighbour, on at most ``max_rows``
+    evenly spaced rows (1.0 for an image with no variation along its rows)."""
+    rows = np.asarray(pixels[::max(1, pixels.shape[0] // max_rows)], dtype=np.float64)
+    if rows.ndim != 2 or rows.shape[1] < 2:
+        return 1.0
+    left, right = rows[:, :-1].ravel(), rows[:, 1:].ravel()
+    left, right = left - left.mean(), right - right.mean()
+    scale = np.sqrt(float(left @ left) * float(right @ right))
+    return float(left @ right) / scale if scale > 0 else 1.0
 
 
 def checked_spacing(spacing_mm) -> tuple[tuple[float, float] | None, str | None]:

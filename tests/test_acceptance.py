@@ -12,7 +12,9 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from inference.acceptance import MIN_SIDE_PX, checked_spacing, no_spine_reason
+from data.phantom import generate_image
+from data.transforms import normalize_intensity
+from inference.acceptance import MIN_SIDE_PX, checked_spacing, neighbour_correlation, no_spine_reason
 from inference.predictor import InferenceDataset
 
 NETWORK_INPUT = (128, 104)
@@ -109,7 +111,8 @@ def test_body_part_examined_refuses_only_what_is_clearly_not_the_spine(tmp_path,
                                             (400, MIN_SIDE_PX - 1, False), (MIN_SIDE_PX, MIN_SIDE_PX, True)])
 def test_images_with_a_side_under_the_minimum_are_refused(tmp_path, h, w, accepted):
     png = tmp_path / "small.png"
-    cv2.imwrite(str(png), (np.random.default_rng(0).random((h, w)) * 255).astype(np.uint8))
+    noise = np.random.default_rng(0).random((h, w)).astype(np.float32)
+    cv2.imwrite(str(png), (cv2.GaussianBlur(noise, (0, 0), 2) * 255).astype(np.uint8))  # structure, as a film has
     item = prepared(png)
     if accepted:
         assert "image" in item
@@ -130,6 +133,28 @@ def test_a_constant_dicom_and_a_nearly_constant_film_are_refused(tmp_path):
     almost[0, :100] = 255  # 0.3 % of the pixels: the contrast normalisation would see nothing
     cv2.imwrite(str(tmp_path / "almost.png"), almost)
     refused(tmp_path / "almost.png", "no contrast")
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_noise_without_structure_is_refused(tmp_path, dtype):
+    """Uniform noise has no spatial structure (neighbouring pixels uncorrelated), which no
+    radiograph lacks: refused, though its contrast is full."""
+    top = np.iinfo(dtype).max
+    png = tmp_path / "noise.png"
+    cv2.imwrite(str(png), (np.random.default_rng(1).random((512, 400)) * top).astype(dtype))
+    reason = refused(png, "no structure", "uncorrelated")
+    assert "r = 0.0" in reason or "r = -0.0" in reason
+
+
+def test_a_film_with_structure_and_noise_is_read(tmp_path):
+    """Blurred noise (structure at 2 px) and a phantom film with its quantum noise are read."""
+    noise = np.random.default_rng(1).random((512, 400)).astype(np.float32)
+    cv2.imwrite(str(tmp_path / "blurred.png"), (cv2.GaussianBlur(noise, (0, 0), 2) * 255).astype(np.uint8))
+    assert "image" in prepared(tmp_path / "blurred.png")
+    film = np.asarray(generate_image(5, 0, size=128)["image"], np.float32)  # the smallest films are the roughest
+    assert neighbour_correlation(normalize_intensity(film)) >= 0.75
+    assert neighbour_correlation(noise) < 0.05
+    assert neighbour_correlation(np.tile(np.arange(9.0), (4, 1)).T) == 1.0  # no variation along the rows
 
 
 def test_nan_pixels_are_an_error_of_the_reader(tmp_path):

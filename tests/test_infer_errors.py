@@ -308,8 +308,10 @@ def test_the_heatmap_peak_of_a_blank_film_lies_inside_the_image(parity, tmp_path
 
     import infer
 
-    blank = tmp_path / "wide.png"  # faint noise (a constant film is refused); mostly padding at the network input
-    cv2.imwrite(str(blank), 128 + np.random.default_rng(0).integers(0, 3, (64, 640), dtype=np.uint8))
+    # a faint ramp with faint noise (a constant film, or noise alone, is refused); mostly padding at the network input
+    blank = tmp_path / "wide.png"
+    ramp = np.linspace(120, 136, 640)[None, :] + np.random.default_rng(0).integers(0, 3, (64, 640))
+    cv2.imwrite(str(blank), ramp.astype(np.uint8))
     assert infer.main(["--model", str(parity["bundle"]), "--out", str(tmp_path / "out"), "--quiet",
                        "--num-workers", "0", str(blank)]) == 0
     record = json.loads((tmp_path / "out" / "wide.json").read_text())
@@ -329,7 +331,8 @@ def test_a_film_of_extreme_aspect_ratio_is_read_and_a_failing_film_leaves_no_fil
 
     wide = tmp_path / "films" / "wide.png"
     wide.parent.mkdir()
-    cv2.imwrite(str(wide), (np.random.default_rng(0).random((64, 51200)) * 255).astype(np.uint8))
+    ramp = np.linspace(0, 200, 51200)[None, :] + 50 * np.random.default_rng(0).random((64, 51200))
+    cv2.imwrite(str(wide), ramp.astype(np.uint8))
     args = ["--model", str(parity["bundle"]), "--quiet", "--num-workers", "0", str(wide)]
     assert infer.main(args + ["--out", str(tmp_path / "a")]) == 0  # 800:1 once failed in OpenCV's resize
     assert (tmp_path / "a" / "wide.json").is_file()
