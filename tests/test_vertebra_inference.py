@@ -21,10 +21,10 @@ from data.morphometry import LEVELS, grade_vertebrae
 from data.phantom2d import generate_dataset
 from data.vertebra_targets import CROP_CONTEXT, CROP_SIZE, OFFSET_SCALE, VERTEBRA_CHANNELS
 from data.transforms import Letterbox
-from inference.vertebrae import (FILL_DRIFT, MAX_GAP_FILL, OVERHANG, TRUSTED_LEVEL_CONFIDENCE, analyse_film, assign_levels,
+from inference.vertebrae import (FILL_DRIFT, MAX_BODY_OVERLAP, MAX_GAP_FILL, OVERHANG, TRUSTED_LEVEL_CONFIDENCE, analyse_film, assign_levels,
                               count_positions,
                               decode_detections, describe_vertebrae, fracture_map, fracture_peak, gap_proposals,
-                              combine_with_morphometry, image_probabilities, read_crops,
+                              combine_with_morphometry, duplicate_bodies, image_probabilities, read_crops,
                               spine_order, with_morphometry)
 from inference.drawing import GRADE_COLOURS, draw_vertebrae
 from data.records import VertebraRecord
@@ -1176,3 +1176,17 @@ def test_the_probabilities_line_is_readable_on_a_white_film():
     dark = (title < 60).all(axis=2)
     assert dark.sum() > 100  # the outline of every letter
     assert (title == 255).all(axis=2).sum() > 100  # and the white letters inside it
+
+
+def test_a_body_overlapping_a_better_one_is_dropped_and_neighbours_are_kept():
+    """Two readings of one vertebra, half a body apart (too far for the centre rule), share
+    0.43 of their outlines: the lower-scoring one goes. True neighbours touch at most."""
+    top, slid, below = _box(100, 100, 60, 40), _box(103, 122, 60, 40), _box(100, 160, 60, 40)
+    assert np.linalg.norm(slid.mean(0) - top.mean(0)) > 0.5 * 40  # the centre rule misses it
+    bodies = np.stack([top, slid, below])
+    assert duplicate_bodies(bodies, np.array([0.9, 0.6, 0.8])).tolist() == [False, True, False]
+    # the slid reading scored highest: it stays and the body it covers goes; the one it touches stays
+    assert duplicate_bodies(bodies, np.array([0.5, 0.9, 0.4])).tolist() == [True, False, False]
+    # neighbours sharing a tenth of their outlines (a tilted disc space) are two bodies
+    touching = _box(100, 136, 60, 40)
+    assert MAX_BODY_OVERLAP > 0.1 and not duplicate_bodies(np.stack([top, touching]), np.array([0.9, 0.8])).any()
