@@ -280,6 +280,7 @@ def duplicate_bodies(points: np.ndarray, scores: np.ndarray) -> np.ndarray:
     outline (a reading that slid half onto its neighbour)."""
     centres = body_centre(points)
     body_heights = body_height(points)
+    extents = body_extent(points)
     outlines = [np.asarray(p, np.float32)[[0, 2, 5, 3]] for p in points]  # p1 p3 p6 p4
     areas = np.array([abs(cv2.contourArea(o)) for o in outlines])
     scores = np.asarray(scores)
@@ -290,7 +291,9 @@ def duplicate_bodies(points: np.ndarray, scores: np.ndarray) -> np.ndarray:
         d = np.linalg.norm(centres - centres[k], axis=1)
         close = (d < 0.5 * np.maximum(body_heights, body_heights[k])) & (scores <= scores[k])
         close[k] = False
-        for j in np.flatnonzero(~close & ~dup & (scores <= scores[k])):
+        # outlines farther apart than their half-diagonals together cannot meet (bar strongly skewed ones)
+        near = d < 0.75 * (extents + extents[k])
+        for j in np.flatnonzero(near & ~close & ~dup & (scores <= scores[k])):
             if j != k and _overlap(outlines[k], outlines[j], min(areas[k], areas[j])) > MAX_BODY_OVERLAP:
                 close[j] = True
         dup |= close
