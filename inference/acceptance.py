@@ -84,11 +84,20 @@ def contrast_refusal(normalised: np.ndarray) -> str | None:
     return None
 
 
-def neighbour_correlation(pixels: np.ndarray, max_rows: int = 256) -> float:
-    """Pearson correlation of each pixel with its right-hand neighbour, on at most ``max_rows``
-    evenly spaced rows (1.0 for an image with no variation along its rows)."""
+def neighbour_correlation(pixels: np.ndarray, max_lines: int = 256) -> float:
+    """Pearson correlation of each pixel with its neighbour, along the rows and along the
+    columns (at most ``max_lines`` evenly spaced lines each), whichever is higher: detail
+    periodic in one direction (grid lines) does not make a film look like noise. 1.0 for an
+    image with no variation along either."""
+    pixels = np.asarray(pixels)
+    if pixels.ndim != 2:
+        return 1.0
+    return max(_row_correlation(pixels, max_lines), _row_correlation(pixels.T, max_lines))
+
+
+def _row_correlation(pixels: np.ndarray, max_rows: int) -> float:
     rows = np.asarray(pixels[::max(1, pixels.shape[0] // max_rows)], dtype=np.float64)
-    if rows.ndim != 2 or rows.shape[1] < 2:
+    if rows.shape[1] < 2:
         return 1.0
     left, right = rows[:, :-1].ravel(), rows[:, 1:].ravel()
     left, right = left - left.mean(), right - right.mean()

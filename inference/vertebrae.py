@@ -281,7 +281,8 @@ def duplicate_bodies(points: np.ndarray, scores: np.ndarray) -> np.ndarray:
     centres = body_centre(points)
     body_heights = body_height(points)
     extents = body_extent(points)
-    outlines = [np.asarray(p, np.float32)[[0, 2, 5, 3]] for p in points]  # p1 p3 p6 p4
+    # hulls of p1 p3 p6 p4: the intersection below is exact for convex outlines only
+    outlines = [cv2.convexHull(np.asarray(p, np.float32)[[0, 2, 5, 3]]) for p in points]
     areas = np.array([abs(cv2.contourArea(o)) for o in outlines])
     scores = np.asarray(scores)
     dup = np.zeros(len(points), dtype=bool)
@@ -306,7 +307,7 @@ def _overlap(a: np.ndarray, b: np.ndarray, smaller_area: float) -> float:
         return 0.0
     try:
         shared, _ = cv2.intersectConvexConvex(a, b)
-    except cv2.error:  # an outline that is not convex (a badly read body): no overlap rule
+    except cv2.error:  # degenerate outlines (collinear points): no overlap rule
         return 0.0
     return float(shared) / smaller_area
 
@@ -442,6 +443,14 @@ def _measurable(points: np.ndarray) -> np.ndarray:
     return (heights(points).min(axis=1) >= 1.0) & np.isfinite(points).all(axis=(1, 2))
 
 
+def kept_bodies(points: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """The bodies that can be measured and are no higher-scoring measurable body's duplicate (a
+    spurious sliver must not remove the body it lies on)."""
+    keep = _measurable(points)
+    keep[keep] = ~duplicate_bodies(points[keep], np.asarray(scores)[keep])
+    return keep
+
+
 def _fill_gaps(read: dict, scores: np.ndarray, logp: np.ndarray, vertebra_logits: torch.Tensor, box, stride: int,
                image: np.ndarray, grid=None):
     """The found bodies plus those read in the counted gaps (see :func:`gap_proposals`), in
@@ -459,7 +468,7 @@ def _fill_gaps(read: dict, scores: np.ndarray, logp: np.ndarray, vertebra_logits
     merged = {k: np.concatenate([read[k], extra[k]]) for k in read}
     # found bodies outrank filled ones, whatever their heatmap scores
     rank = np.concatenate([scores + 2.0, extra_scores])
-    keep = _measurable(merged["points"]) & ~duplicate_bodies(merged["points"], rank)
+    keep = kept_bodies(merged["points"], rank)
     keep[len(scores):] &= moved <= drift
     keep[:len(scores)] = True
     if not keep[len(scores):].any():
@@ -543,7 +552,7 @@ def _measurable_in_spine_order(read: dict, scores: np.ndarray, logp: np.ndarray)
     """The bodies of ``read`` that can be measured and are not a higher-scoring body's
     duplicate, in head-to-feet order (read points can swap two neighbours' order; the level
     counting needs it), with their ``scores`` and level ``logp``."""
-    keep = _measurable(read["points"]) & ~duplicate_bodies(read["points"], scores)
+    keep = kept_bodies(read["points"], scores)
     order = np.flatnonzero(keep)[spine_order(read["points"][keep])] if keep.any() else np.flatnonzero(keep)
     return {k: v[order] for k, v in read.items()}, scores[order], logp[order]
 

@@ -147,7 +147,8 @@ def _forward(net: nn.Module, crops: np.ndarray, device: torch.device) -> tuple[n
     if not len(crops):
         return np.zeros((0, 6, 2), np.float32), np.zeros((0, 2), np.float32)
     points, logits = [], []
-    least = getattr(net, "min_crops_per_call", 1)
+    # oneDNN's kernel choice is what padding evens out; cuDNN chooses by batch size anyway
+    least = getattr(net, "min_crops_per_call", 1) if torch.device(device).type == "cpu" else 1
     for chunk in call_sizes(len(crops)):
         part = np.ascontiguousarray(crops[:chunk])
         crops = crops[chunk:]

@@ -119,9 +119,13 @@ def test_calls_of_any_size_read_a_crop_the_same(n):
         points, logits = yield "net", batch
         return points, logits
 
+    # every crop of the call reads as it does alone (crop 0) and as in a call of all 70
     (alone,) = read_in_batches([reading(crops[:1])], {"net": net}, CPU)
+    (every,) = read_in_batches([reading(crops)], {"net": net}, CPU)
     (together,) = read_in_batches([reading(crops[:n])], {"net": net}, CPU)
     np.testing.assert_array_equal(together[0][:1], alone[0])
     np.testing.assert_array_equal(together[1][:1], alone[1])
+    np.testing.assert_array_equal(together[0], every[0][:n])
+    np.testing.assert_array_equal(together[1], every[1][:n])
     sizes = call_sizes(n)
     assert sum(sizes) == n and max(sizes) <= MAX_CROPS_PER_CALL and (len(sizes) == 1 or min(sizes) >= MIN_CROPS_PER_CALL)

@@ -24,7 +24,7 @@ from data.transforms import Letterbox
 from inference.vertebrae import (FILL_DRIFT, MAX_BODY_OVERLAP, MAX_GAP_FILL, OVERHANG, TRUSTED_LEVEL_CONFIDENCE, analyse_film, assign_levels,
                               count_positions,
                               decode_detections, describe_vertebrae, fracture_map, fracture_peak, gap_proposals,
-                              combine_with_morphometry, duplicate_bodies, image_probabilities, read_crops,
+                              combine_with_morphometry, duplicate_bodies, image_probabilities, kept_bodies, read_crops,
                               spine_order, with_morphometry)
 from inference.drawing import GRADE_COLOURS, draw_vertebrae
 from data.records import VertebraRecord
@@ -1190,3 +1190,18 @@ def test_a_body_overlapping_a_better_one_is_dropped_and_neighbours_are_kept():
     # neighbours sharing a tenth of their outlines (a tilted disc space) are two bodies
     touching = _box(100, 136, 60, 40)
     assert MAX_BODY_OVERLAP > 0.1 and not duplicate_bodies(np.stack([top, touching]), np.array([0.9, 0.8])).any()
+
+
+def test_a_sliver_that_cannot_be_measured_does_not_remove_the_body_it_lies_on():
+    """A spurious reading squashed under a pixel, scored above the body it lies in, is dropped
+    as unmeasurable, and the body stays (the overlap rule looks at measurable bodies only)."""
+    real, sliver = _box(100, 100, 60, 40), _box(110, 118, 30, 0.8)
+    assert kept_bodies(np.stack([real, sliver]), np.array([0.8, 0.9])).tolist() == [True, False]
+
+
+def test_a_non_convex_outline_is_compared_by_its_hull():
+    """OpenCV's convex intersection gives a wrong area for a non-convex outline (here the whole
+    square, where a hundredth of it is shared): outlines are compared by their hulls (0.12)."""
+    dart = np.array([[0, 0], [5, 1.5], [10, 0], [0, 10], [1.5, 5], [3, 3]], dtype=np.float64)  # p6 dented in
+    square = _box(9, 3, 4, 4)
+    assert duplicate_bodies(np.stack([dart, square]), np.array([0.9, 0.8])).tolist() == [False, False]
