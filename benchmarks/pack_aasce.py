@@ -22,7 +22,7 @@ import numpy as np
 from benchmarks.phantom_benchmark import machine
 from benchmarks.results_file import replace_section
 from data.landmarks import points_array, read_aasce
-from data.pack_aasce import DEFAULT_MAX_SIDE, DEFAULT_QUALITY, film_names, pack_aasce, packed_size
+from data.pack_aasce import DEFAULT_MAX_SIDE, DEFAULT_QUALITY, film_names, jpeg_bytes, pack_aasce, packed_grey
 from data.readers import read_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,14 +37,11 @@ def sweep(aasce: Path, qualities: list[int], max_side: int) -> dict[int, dict]:
     psnr = {q: [] for q in qualities}
     mae = {q: [] for q in qualities}
     for name in tqdm(film_names(aasce), desc="sweep", unit="film"):
-        grey = np.round(read_image(aasce / "images" / name).pixels * 255).astype(np.uint8)
-        nh, nw = packed_size(*grey.shape, max_side)
-        if (nh, nw) != grey.shape:
-            grey = cv2.resize(grey, (nw, nh), interpolation=cv2.INTER_AREA)
+        grey = packed_grey(read_image(aasce / "images" / name).pixels, max_side)
         for q in qualities:
-            ok, buf = cv2.imencode(".jpg", grey, [cv2.IMWRITE_JPEG_QUALITY, q, cv2.IMWRITE_JPEG_OPTIMIZE, 1])
+            buf = jpeg_bytes(grey, q)
             sizes[q] += len(buf)
-            diff = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE).astype(np.float64) - grey
+            diff = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_GRAYSCALE).astype(np.float64) - grey
             mse = float(np.mean(diff ** 2))
             psnr[q].append(10 * np.log10(255 ** 2 / max(mse, 1e-12)))
             mae[q].append(float(np.mean(np.abs(diff))))

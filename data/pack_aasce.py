@@ -27,7 +27,6 @@ training sees the same resolution from the copy as from the originals.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -57,17 +56,28 @@ def packed_size(height: int, width: int, max_side: int) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def encode_film(pixels: np.ndarray, max_side: int, quality: int) -> bytes:
-    """JPEG bytes of a film (float [0, 1], greyscale) scaled to ``max_side``."""
+def packed_grey(pixels: np.ndarray, max_side: int) -> np.ndarray:
+    """A film (float [0, 1], greyscale) as the 8-bit grey levels the copy encodes, scaled to
+    ``max_side``."""
     grey = np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8)
     h, w = grey.shape
     nh, nw = packed_size(h, w, max_side)
     if (nh, nw) != (h, w):
         grey = cv2.resize(grey, (nw, nh), interpolation=cv2.INTER_AREA)
+    return grey
+
+
+def jpeg_bytes(grey: np.ndarray, quality: int) -> bytes:
+    """``grey`` (uint8) as an optimised JPEG of ``quality``."""
     ok, buf = cv2.imencode(".jpg", grey, [cv2.IMWRITE_JPEG_QUALITY, int(quality), cv2.IMWRITE_JPEG_OPTIMIZE, 1])
     if not ok:
-        raise OSError(f"could not encode a {nw} x {nh} JPEG")
+        raise OSError(f"could not encode a {grey.shape[1]} x {grey.shape[0]} JPEG")
     return buf.tobytes()
+
+
+def encode_film(pixels: np.ndarray, max_side: int, quality: int) -> bytes:
+    """JPEG bytes of a film (float [0, 1], greyscale) scaled to ``max_side``."""
+    return jpeg_bytes(packed_grey(pixels, max_side), quality)
 
 
 def film_names(aasce: Path) -> list[str]:
