@@ -35,19 +35,22 @@ RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Phantom benchmark, default config with the vertebra stage"
 
 
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), or the platform's word for it."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    import torch
+
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+    return f"{os.cpu_count()} CPU cores ({cpu_name()}), {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def ensure_data(path: Path, n: int, seed: int, size: int) -> Path:

@@ -51,6 +51,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 import inference.predictor as predictor_module
+from benchmarks.phantom_benchmark import cpu_name
 from benchmarks.results_file import replace_section
 from data.io_utils import atomic_write_with
 from data.phantom import generate_image
@@ -308,13 +309,7 @@ def _load_average() -> str:
 
 
 def machine() -> str:
-    cpu = platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{os.cpu_count()} CPU cores ({cpu}), no GPU used, torch {torch.__version__} with "
+    return (f"{os.cpu_count()} CPU cores ({cpu_name()}), no GPU used, torch {torch.__version__} with "
             f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
 
 
