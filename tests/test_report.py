@@ -566,3 +566,12 @@ def test_evaluate_counts_what_it_leaves_out_by_reason(tiny_eval_set, tmp_path, c
             "refused); 1 no spine found (status no_spine); 1 not in predictions.csv; 2 p_fracture empty, NaN or "
             "infinite; 1 prediction row not in the manifest; 1 repeated prediction row of an image") in printed
     assert "Left out, by reason" in (out / "report.html").read_text()
+
+
+def test_gallery_titles_cut_long_names_in_the_middle():
+    from evaluation.report.plots import short_name
+
+    name = "00010_sunhl-1th-09-Jan-2017-197_C_AP_0"
+    cut = short_name(name)
+    assert len(cut) == 30 and cut.startswith("00010_sunhl-1") and cut.endswith("2017-197_C_AP_0") and "…" in cut
+    assert short_name("phantom_s12_00017") == "phantom_s12_00017"

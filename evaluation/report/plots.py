@@ -183,6 +183,14 @@ def plot_vertebrae(section: dict, fig=None):
     return fig
 
 
+def short_name(name: str, most: int = 30) -> str:
+    """``name`` cut in the middle to at most ``most`` characters (its start and its end stay)."""
+    if len(name) <= most:
+        return name
+    head = (most - 1) // 2
+    return f"{name[:head]}…{name[-(most - 1 - head):]}"
+
+
 def error_gallery(gallery: dict, fig=None):
     """Overlays of the worst false negatives (top row) and false positives (bottom row) of
     ``result["gallery"]``. Returns the Figure."""
@@ -203,8 +211,9 @@ def error_gallery(gallery: dict, fig=None):
                 ax.imshow(mpimg.imread(it["overlay"]), cmap="gray")
             else:
                 ax.text(0.5, 0.5, "no overlay", ha="center", va="center", fontsize="small")
-            flag = {True: " (error at balanced thr.)", False: " (correct at balanced thr.)"}.get(it.get("error"), "")
-            ax.set_title(f"{title}\n{it['name']}{flag}\np_fracture {it['p_fracture']:.3f} | {it['truth']}",
+            flag = {True: "\nerror at balanced thr.", False: "\ncorrect at balanced thr."}.get(it.get("error"), "")
+            # a title per column: a long file name would run into its neighbours'
+            ax.set_title(f"{title}\n{short_name(it['name'])}{flag}\np_fracture {it['p_fracture']:.3f} | {it['truth']}",
                          fontsize="x-small")
     return fig
 
